@@ -1,0 +1,83 @@
+"""Shipped data loaders and config validation."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+
+import numpy as np
+import pytest
+
+from xrdmatch import N_BINS
+from xrdmatch.config import Config, ConfigError, load_config
+from xrdmatch.platform.data import LabelledDataError, iter_structures, load_labelled
+
+
+def test_labels_are_converted_to_one_is_superionic(labelled, labelled_csv):
+    assert len(labelled) == 112
+    assert labelled.X.shape == (112, N_BINS) and labelled.X.dtype == np.float32
+    # The CSV says 0 = superionic; ours says 1 = superionic, and the cut is 5e-5 S/cm.
+    with open(labelled_csv) as fh:
+        raw = {r["name"]: int(r["label"]) for r in csv.DictReader(fh)}
+    for i, y in zip(labelled.ids, labelled.y):
+        assert y == 1 - raw[i]
+    assert int(labelled.y.sum()) == 23
+    sup = labelled.conductivity[labelled.y == 1]
+    non = labelled.conductivity[labelled.y == 0]
+    assert sup.min() >= 5e-5 > non.max()
+
+
+def test_groups_merge_polymorphs(labelled):
+    g = dict(zip(labelled.formulas, labelled.groups))
+    assert g["Li3N"] == "Li3N"
+    idx = [i for i, f in enumerate(labelled.groups) if f == "Li3N"]
+    assert len(idx) == 2  # alpha and beta Li3N share one group
+    assert len(set(labelled.groups)) < len(labelled)
+
+
+def _write_bad(tmp_path, labelled_csv, mutate):
+    rows = list(csv.reader(open(labelled_csv)))
+    mutate(rows)
+    p = tmp_path / "bad.csv"
+    with open(p, "w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    return p
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda rows: rows[5].__setitem__(4, "2"), "row 6"),
+        (lambda rows: rows[3].__setitem__(100, "nan"), "row 4"),
+        (lambda rows: rows[7].__setitem__(2, rows[2][2]), "row 8"),
+        (lambda rows: [r.pop() for r in rows], "4500"),
+    ],
+    ids=["label-outside-01", "nan", "duplicated-id", "wrong-length"],
+)
+def test_bad_labelled_file_names_the_row(tmp_path, labelled_csv, mutate, message):
+    p = _write_bad(tmp_path, labelled_csv, mutate)
+    with pytest.raises(LabelledDataError, match=message):
+        load_labelled(p)
+
+
+def test_database_streams_structures(database_path):
+    first = list(itertools.islice(iter_structures(database_path), 3))
+    assert [sid for sid, _ in first][0].startswith("mp-")
+    for _, s in first:
+        assert "Li" in {el.symbol for el in s.composition.elements}
+
+
+def test_configs_load_and_defaults_match(repo_root):
+    for p in sorted((repo_root / "configs").glob("*.yaml")):
+        load_config(p)
+    assert load_config(repo_root / "configs" / "default.yaml").campaign.rounds == Config().campaign.rounds
+
+
+def test_unknown_key_and_wrong_type_fail_naming_the_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("training:\n  netwrok: fast\n")
+    with pytest.raises(ConfigError, match="training.netwrok"):
+        load_config(p)
+    p.write_text("campaign:\n  rounds: many\n")
+    with pytest.raises(ConfigError, match="campaign.rounds"):
+        load_config(p)

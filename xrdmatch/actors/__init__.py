@@ -1,0 +1,1 @@
+"""Ray actors: XRD generation, screening and MD validation workers (kept thin)."""

@@ -1,0 +1,227 @@
+"""Typed, validated configuration: the only place for numbers that users tune.
+
+Every section is a pydantic model with ``extra="forbid"`` so that an unknown key or
+a wrong type fails at load time, before any work starts, naming the key.
+YAML files in ``configs/`` are read with ``yaml.safe_load``.
+Each section belongs to one stage; keep the defaults here equal to
+``configs/default.yaml`` (a test checks it).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatabaseConfig(StrictModel):
+    """The unlabelled crystal database: shipped JSONL, a folder of CIF/POSCAR, or an ASE db."""
+
+    path: str = "data/mp_li_structures.jsonl.xz"
+    limit: int | None = Field(default=None, ge=1, description="use only the first N structures")
+
+
+class LabelsConfig(StrictModel):
+    path: str = "data/xrdmatch_lbs.csv"
+    #: Weight of each label source in the supervised loss; 0 excludes the source.
+    source_weights: dict[str, float] = Field(
+        default_factory=lambda: {"paper": 1.0, "experiment": 1.0, "aimd": 1.0, "mlip-md": 0.5, "imported": 1.0}
+    )
+
+
+class RayConfig(StrictModel):
+    #: None: RAY_ADDRESS if set, else a local Ray started on demand.
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray (None: all)")
+
+
+class XRDConfig(StrictModel):
+    workers: int | None = Field(default=None, ge=1, description="actors in the pool (None: one per CPU)")
+    batch_size: int = Field(default=500, ge=1, description="structures per Ray task / Parquet shard")
+    max_retries: int = Field(default=3, ge=0)
+
+
+class AugmentConfig(StrictModel):
+    """Weak and strong pattern augmentations (paper's defaults)."""
+
+    threshold: float = Field(default=0.1, ge=0, lt=1, description="zero every normalised value below this")
+    w_noise_prob: float = 0.5
+    w_noise_peak: float = Field(default=0.1, gt=0, le=1, description="max height of weak noise peaks")
+    w_noise_frac: float = Field(default=0.01, ge=0, le=1, description="fraction of empty bins that get noise")
+    w_move_prob: float = 0.5
+    w_move_min: int = Field(default=50, ge=0)
+    w_move_gap: int = Field(default=200, ge=0, description="max shift in bins (paper: 150-250)")
+    s_scale_prob: float = 0.5
+    s_scale_frac: float = Field(default=0.16, ge=0, le=1)
+    s_scale_max: float = Field(default=3.0, ge=1)
+    s_delete_prob: float = 0.5
+    s_delete_frac: float = Field(default=0.16, ge=0, le=1)
+    s_gap_prob: float = 0.5
+    s_gap_max: int = Field(default=550, ge=0, description="max cut/insert gap in bins (paper: 500-600)")
+    s_noise_prob: float = 0.5
+
+
+class TrainingConfig(StrictModel):
+    network: Literal["fast", "vgg11", "vgg16_paper"] = "fast"
+    algorithm: Literal["supervised", "fixmatch", "flexmatch"] = "flexmatch"
+    iterations: int = Field(default=300, ge=1)
+    batch_labelled: int = Field(default=32, ge=1)
+    batch_unlabelled: int = Field(default=96, ge=0)
+    lr: float = Field(default=3e-4, gt=0)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    alpha: float = Field(default=1.0, ge=0, description="weight of the unlabelled loss")
+    threshold: float = Field(default=0.95, gt=0, le=1, description="(base) pseudo-label confidence")
+    flexmatch_warmup: bool = True
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    pseudo_label_rounds: int = Field(default=1, ge=1, description="iterative pseudo-label refinement rounds")
+    ensemble_size: int = Field(default=5, ge=1)
+    unlabelled_limit: int | None = Field(default=None, ge=1, description="subsample the unlabelled set")
+    num_workers: int = Field(default=1, ge=1, description="Ray Train workers per member")
+    use_gpu: Literal["auto", "true", "false"] = "auto"
+    seed: int = 0
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class EvaluationConfig(StrictModel):
+    folds: int = Field(default=5, ge=2)
+    repeats: int = Field(default=3, ge=1)
+    seed: int = 0
+    methods: list[str] = Field(default_factory=lambda: ["supervised", "fixmatch", "flexmatch", "flexmatch-ensemble"])
+
+
+class TrackingConfig(StrictModel):
+    #: None: MLFLOW_TRACKING_URI if set, else SQLite in the run directory.
+    tracking_uri: str | None = None
+    experiment: str = "xrdmatch"
+    registry_name: str = "xrdmatch-superionic"
+    #: A challenger becomes champion only if this metric beats the champion's.
+    promotion_metric: str = "grouped_cv_macro_f1"
+    promotion_min_delta: float = 0.0
+
+
+class StoreConfig(StrictModel):
+    #: None: SQLite file in the run directory; or a SQLAlchemy URL (postgresql://...).
+    url: str | None = None
+
+
+class ValidationConfig(StrictModel):
+    calculator: str = "chgnet"
+    temperatures: list[float] = Field(default_factory=lambda: [600.0, 800.0, 1000.0, 1200.0])
+    timestep_fs: float = Field(default=2.0, gt=0)
+    equilibration_steps: int = Field(default=200, ge=0)
+    production_steps: int = Field(default=1000, ge=1)
+    thermostat: Literal["langevin", "nose-hoover", "berendsen"] = "nose-hoover"
+    min_atoms: int = Field(default=50, ge=1)
+    min_length: float = Field(default=8.0, ge=0, description="minimum supercell lattice length (Angstrom)")
+    relax: bool = False
+    sigma_threshold: float = Field(default=5e-5, gt=0, description="S/cm at 300 K for 'superionic'")
+    lease_s: float = Field(default=600.0, gt=0)
+    heartbeat_s: float = Field(default=30.0, gt=0)
+    workers: int = Field(default=1, ge=1)
+    cpus_per_job: float = Field(default=1.0, gt=0)
+    gpus_per_job: float = Field(default=0.0, ge=0)
+
+
+class CampaignConfig(StrictModel):
+    rounds: int = Field(default=2, ge=1)
+    candidates_per_round: int = Field(default=2, ge=1)
+    label_budget: int | None = Field(default=None, ge=1)
+    acquisition: Literal["top", "uncertain", "ucb"] = "top"
+    ucb_k: float = 1.0
+    similarity_threshold: float = Field(default=0.95, gt=0, le=1)
+    required_elements: list[str] = Field(default_factory=lambda: ["Li"])
+    forbidden_elements: list[str] = Field(
+        default_factory=lambda: ["Tc", "Pm", "Po", "At", "Rn", "Fr", "Ra", "Ac", "Th", "Pa", "U", "Np", "Pu"]
+    )
+    max_sites_md: int = Field(default=60, ge=1)
+
+
+class Config(StrictModel):
+    run_dir: str = "runs/default"
+    seed: int = 0
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    xrd: XRDConfig = Field(default_factory=XRDConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    campaign: CampaignConfig = Field(default_factory=CampaignConfig)
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file and the key."""
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {key}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """Relative data paths in configs resolve against the current directory, then the repo."""
+    p = Path(path).expanduser()
+    if p.is_absolute() or p.exists():
+        return p
+    in_repo = REPO_ROOT / p
+    return in_repo if in_repo.exists() else p
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (safe loader), apply nested overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = resolve_path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(p) as fh:
+            loaded = yaml.safe_load(fh)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"invalid config {source}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def config_to_flat_params(cfg: Config) -> dict[str, str]:
+    """Flatten the resolved config into dotted keys (for MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, obj: Any) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(obj)
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

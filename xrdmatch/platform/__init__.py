@@ -1,0 +1,1 @@
+"""Campaign orchestration, stores, data loaders and CLI wiring."""

@@ -1,0 +1,1 @@
+"""Physics: the XRD engine and ASE-driven MD validation."""

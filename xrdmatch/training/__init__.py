@@ -1,0 +1,1 @@
+"""XRDMatch: augmentations, networks, semi-supervised training, ensembles, evaluation."""
