@@ -1,0 +1,84 @@
+"""SQLAlchemy plumbing shared by every store (queue, labels, campaign state).
+
+The same code serves SQLite (embedded default, one machine) and PostgreSQL (a cluster).
+Each store module declares its tables on :data:`Base` and calls :func:`connect`.
+The schema is versioned in ``schema_version``; bump :data:`SCHEMA_VERSION` with a
+migration step in :func:`_migrate` when a table changes.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import lru_cache
+
+from sqlalchemy import Integer, String, create_engine, event, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+SCHEMA_VERSION = 1
+_lock = threading.Lock()
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+    component: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+@lru_cache(maxsize=16)
+def engine_for(url: str) -> Engine:
+    """One engine per URL per process. SQLite gets WAL + a busy timeout so several
+    processes (workers, the campaign) can share the file."""
+    if url.startswith("sqlite"):
+        eng = create_engine(url, connect_args={"timeout": 30}, future=True)
+        event.listen(eng, "connect", _sqlite_pragmas)
+    else:
+        eng = create_engine(url, pool_pre_ping=True, future=True)
+    return eng
+
+
+def _migrate(engine: Engine, found: int | None) -> None:
+    """Upgrade an older schema in place. Version 1 is the first; nothing to do yet."""
+
+
+def connect(url: str) -> sessionmaker:
+    """Create missing tables (all stores), check the schema version, return a session factory."""
+    engine = engine_for(url)
+    with _lock:
+        Base.metadata.create_all(engine)
+        with engine.begin() as conn:
+            row = conn.execute(select(SchemaVersion.version).where(SchemaVersion.component == "xrdmatch")).first()
+            found = row[0] if row else None
+            if found is not None and found > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"store {url} has schema version {found}, newer than this xrdmatch ({SCHEMA_VERSION}); upgrade xrdmatch"
+                )
+            _migrate(engine, found)
+            if found is None:
+                conn.execute(SchemaVersion.__table__.insert().values(component="xrdmatch", version=SCHEMA_VERSION))
+            elif found < SCHEMA_VERSION:
+                conn.execute(
+                    SchemaVersion.__table__.update()
+                    .where(SchemaVersion.component == "xrdmatch")
+                    .values(version=SCHEMA_VERSION)
+                )
+    return sessionmaker(bind=engine, expire_on_commit=False, future=True)
+
+
+def store_url(cfg) -> str:
+    """The campaign store URL of a config: ``store.url`` or SQLite in the run directory."""
+    from xrdmatch.platform.paths import RunPaths
+
+    return cfg.store.url or RunPaths.of(cfg.run_dir).store_url

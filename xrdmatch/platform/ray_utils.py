@@ -1,0 +1,47 @@
+"""One way to reach Ray: a cluster when RAY_ADDRESS / config says so, else a local Ray."""
+
+from __future__ import annotations
+
+import os
+
+#: Set in every Ray worker: BLAS/OpenMP oversubscription halves throughput on small machines.
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "NUMEXPR_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None):
+    """Connect to (or start) Ray once per process; idempotent.
+
+    ``address`` (config) wins over ``RAY_ADDRESS``; with neither, a local Ray starts with
+    ``num_cpus`` CPUs, no dashboard, and single-threaded BLAS in its workers.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    addr = address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    if addr:
+        ray.init(address=addr, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+    return ray
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("CPU", 1))
