@@ -1,21 +1,30 @@
 #!/usr/bin/env bash
-# Creates .venv with pinned dependencies (idempotent; re-installs only when the pins change).
-# torch==2.13.0 goes in first: on our machines it resolves to a local CPU wheel, while an
-# unpinned torch would pull several GB of CUDA packages.
+# The install step: creates .venv with the pinned dependencies (idempotent: re-installs only when
+# pyproject.toml or requirements.lock change). torch==2.13.0 goes in first: on our machines it
+# resolves to a local CPU wheel, while an unpinned torch would pull several GB of CUDA packages.
+# TORCH_INDEX_URL (optional) points pip at another torch index (the Docker image uses the CPU one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+
+pipq() {  # pip, quiet, without the noise of unreachable local indexes; keeps pip's exit status
+  local log; log=$(mktemp)
+  if ! .venv/bin/python -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+    grep -v '^WARNING: Location' "$log" >&2; rm -f "$log"; return 1
+  fi
+  rm -f "$log"
+}
+
 stamp=.venv/.xrdmatch-stamp
 want=$(cat pyproject.toml requirements.lock | sha1sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.lock 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e . 2>&1 | grep -v -E '^WARNING: Location|BuildBackendWarning' || true
-  .venv/bin/python -c "import xrdmatch, torch, ray, mlflow, pymatgen.core, ase, chgnet" 
+  echo "bootstrap: installing pinned dependencies into .venv (first run takes a few minutes)"
+  pipq --upgrade pip
+  pipq torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+  pipq -r requirements.lock
+  pipq --no-deps -e .
+  .venv/bin/python -c "import xrdmatch, torch, ray, mlflow, pymatgen.core, ase, chgnet, pymatgen.analysis.diffusion"
   echo "$want" > "$stamp"
 fi

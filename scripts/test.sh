@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 bash scripts/system_deps.sh
+eval "$(bash scripts/postgres.sh)"   # PostgreSQL on 127.0.0.1 for the cluster-mode store tests
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 export RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 exec .venv/bin/python -m pytest -q -rs --durations=25 "$@"

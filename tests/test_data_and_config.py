@@ -81,3 +81,14 @@ def test_unknown_key_and_wrong_type_fail_naming_the_key(tmp_path):
     p.write_text("campaign:\n  rounds: many\n")
     with pytest.raises(ConfigError, match="campaign.rounds"):
         load_config(p)
+
+
+def test_env_references_expand_and_missing_ones_name_the_key(tmp_path, monkeypatch):
+    p = tmp_path / "c.yaml"
+    p.write_text("store:\n  url: ${XRDM_TEST_URL}\ntracking:\n  experiment: ${XRDM_UNSET:-fallback}\n")
+    monkeypatch.setenv("XRDM_TEST_URL", "postgresql://u@127.0.0.1/db")
+    cfg = load_config(p)
+    assert cfg.store.url == "postgresql://u@127.0.0.1/db" and cfg.tracking.experiment == "fallback"
+    monkeypatch.delenv("XRDM_TEST_URL")
+    with pytest.raises(ConfigError, match="store.url"):
+        load_config(p)

@@ -10,6 +10,7 @@ Each section belongs to one stage; keep the defaults here equal to
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -68,6 +69,8 @@ class AugmentConfig(StrictModel):
     s_gap_prob: float = 0.5
     s_gap_max: int = Field(default=550, ge=0, description="max cut/insert gap in bins (paper: 500-600)")
     s_noise_prob: float = 0.5
+    s_noise_frac: float = Field(default=0.01, ge=0, le=1, description="fraction of empty bins that get strong noise")
+    s_noise_peak: float = Field(default=0.15, gt=0, le=1, description="max height of strong noise peaks")
 
 
 class TrainingConfig(StrictModel):
@@ -88,6 +91,9 @@ class TrainingConfig(StrictModel):
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers per member")
     use_gpu: Literal["auto", "true", "false"] = "auto"
     seed: int = 0
+    pseudo_label_weight: float = Field(default=0.5, ge=0, description="loss weight of round>1 pseudo-labels")
+    balance_classes: bool = Field(default=True, description="class-balanced sampling of the labelled batch")
+    checkpoint_every: int = Field(default=50, ge=1, description="Ray Train checkpoint interval (steps)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
@@ -98,6 +104,16 @@ class EvaluationConfig(StrictModel):
     methods: list[str] = Field(default_factory=lambda: ["supervised", "fixmatch", "flexmatch", "flexmatch-ensemble"])
 
 
+class MeasuredConfig(StrictModel):
+    """Measured powder patterns -> the stick grid the model knows (``xrdmatch predict``)."""
+
+    min_points: int = Field(default=20, ge=3, description="fewest (2-theta, intensity) rows accepted")
+    background_window_deg: float = Field(default=3.0, gt=0, description="rolling-minimum baseline window")
+    smooth_points: int = Field(default=5, ge=0, description="Savitzky-Golay window in 0.02-deg bins (0: off)")
+    peak_prominence: float = Field(default=0.02, gt=0, lt=1, description="min peak prominence / max intensity")
+    peak_min_distance_deg: float = Field(default=0.1, gt=0, description="closest two peaks may be")
+
+
 class TrackingConfig(StrictModel):
     #: None: MLFLOW_TRACKING_URI if set, else SQLite in the run directory.
     tracking_uri: str | None = None
@@ -106,6 +122,10 @@ class TrackingConfig(StrictModel):
     #: A challenger becomes champion only if this metric beats the champion's.
     promotion_metric: str = "grouped_cv_macro_f1"
     promotion_min_delta: float = 0.0
+    promotion_greater_is_better: bool = True
+    #: p_superionic >= this -> superionic = 1 (stored in the registered model's config).
+    decision_threshold: float = Field(default=0.5, gt=0, lt=1)
+    measured: MeasuredConfig = Field(default_factory=MeasuredConfig)
 
 
 class StoreConfig(StrictModel):
@@ -188,8 +208,30 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
     return in_repo if in_repo.exists() else p
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(obj: Any, source: str, key: str = "") -> Any:
+    """Expand ``${VAR}`` / ``${VAR:-default}`` in string values (cluster endpoints, no secrets in files)."""
+    if isinstance(obj, dict):
+        return {k: _expand_env(v, source, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_expand_env(v, source, f"{key}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, str) and "${" in obj:
+        def sub(m: re.Match[str]) -> str:
+            val = os.environ.get(m.group(1))
+            if val is None:
+                if m.group(2) is None:
+                    raise ConfigError(f"invalid config {source}: {key}: environment variable {m.group(1)} is not set")
+                val = m.group(2)
+            return val
+
+        return _ENV_REF.sub(sub, obj)
+    return obj
+
+
 def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config (safe loader), apply nested overrides, validate."""
+    """Read a YAML config (safe loader), expand ${ENV} references, apply nested overrides, validate."""
     data: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -203,7 +245,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"invalid config {source}: top level must be a mapping, got {type(loaded).__name__}")
-        data = loaded
+        data = _expand_env(loaded, source)
     if overrides:
         data = _merge(data, overrides)
     try:

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One entry point for compose, Kubernetes and bare hosts.
+#   entrypoint.sh head     [ray start args...]   Ray head (GCS, dashboard, client server)
+#   entrypoint.sh worker   [ray start args...]   Ray worker joining RAY_HEAD_ADDRESS (host:port)
+#   entrypoint.sh mlflow   [mlflow server args]  MLflow tracking server (MLFLOW_BACKEND_STORE_URI)
+#   entrypoint.sh campaign [campaign args...]    xrdmatch campaign run --config $XRDMATCH_CONFIG
+#   entrypoint.sh validate [validate args...]    extra validation workers on the campaign store
+#   entrypoint.sh health                          exit 0 when this container's service answers
+# RAY_BLOCK=1 (default in containers) keeps `ray start` in the foreground; tests set RAY_BLOCK=0.
+set -euo pipefail
+mode=${1:-head}
+shift || true
+block=()
+[ "${RAY_BLOCK:-1}" = 1 ] && block=(--block)
+export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
+
+case "$mode" in
+  head)
+    exec ray start --head \
+      ${RAY_NODE_IP:+--node-ip-address="$RAY_NODE_IP"} \
+      --port="${RAY_PORT:-6379}" \
+      --dashboard-host="${RAY_DASHBOARD_HOST:-127.0.0.1}" \
+      --ray-client-server-port="${RAY_CLIENT_PORT:-10001}" \
+      ${RAY_NUM_CPUS:+--num-cpus="$RAY_NUM_CPUS"} \
+      ${RAY_NUM_GPUS:+--num-gpus="$RAY_NUM_GPUS"} \
+      --disable-usage-stats "${block[@]}" "$@"
+    ;;
+  worker)
+    : "${RAY_HEAD_ADDRESS:?set RAY_HEAD_ADDRESS=host:port of the Ray head}"
+    exec ray start --address="$RAY_HEAD_ADDRESS" \
+      ${RAY_NODE_IP:+--node-ip-address="$RAY_NODE_IP"} \
+      ${RAY_NUM_CPUS:+--num-cpus="$RAY_NUM_CPUS"} \
+      ${RAY_NUM_GPUS:+--num-gpus="$RAY_NUM_GPUS"} \
+      --disable-usage-stats "${block[@]}" "$@"
+    ;;
+  mlflow)
+    : "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI (postgresql://...)}"
+    exec mlflow server \
+      --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
+      --artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION:-/mlflow/artifacts}" \
+      --serve-artifacts \
+      --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" \
+      ${MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"} "$@"
+    ;;
+  campaign)
+    exec xrdmatch campaign run --config "${XRDMATCH_CONFIG:-configs/cluster.yaml}" \
+      ${XRDMATCH_RUN_DIR:+--dir "$XRDMATCH_RUN_DIR"} "$@"
+    ;;
+  validate)
+    exec xrdmatch validate work --config "${XRDMATCH_CONFIG:-configs/cluster.yaml}" \
+      ${XRDMATCH_RUN_DIR:+--dir "$XRDMATCH_RUN_DIR"} "$@"
+    ;;
+  health)
+    if pgrep -f "mlflow server" >/dev/null 2>&1 || pgrep -f "mlflow.server" >/dev/null 2>&1; then
+      exec curl -fsS "http://127.0.0.1:${MLFLOW_PORT:-5000}/health" >/dev/null
+    fi
+    exec ray health-check ${RAY_HEAD_ADDRESS:+--address "$RAY_HEAD_ADDRESS"}
+    ;;
+  *)
+    echo "usage: entrypoint.sh head|worker|mlflow|campaign|validate|health [args...]" >&2
+    exit 2
+    ;;
+esac

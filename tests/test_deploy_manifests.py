@@ -1,0 +1,96 @@
+"""docker/ and docker/k8s/: parsed and cross-checked against the entry point and the README.
+
+There is no Docker engine or Kubernetes here, so these tests check what can be checked:
+valid YAML, the services/kinds the cluster needs, loopback-only published ports, no
+secrets, and that every command is a mode the entry-point script implements.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+DOCKER = REPO / "docker"
+
+
+def entrypoint_modes() -> set[str]:
+    text = (DOCKER / "entrypoint.sh").read_text()
+    case = text[text.index('case "$mode" in') :]
+    return set(re.findall(r"^\s{2}([a-z]+)\)", case, flags=re.M))
+
+
+def test_entrypoint_is_valid_bash_and_rejects_unknown_modes():
+    assert {"head", "worker", "mlflow", "campaign", "validate", "health"} <= entrypoint_modes()
+    subprocess.run(["bash", "-n", str(DOCKER / "entrypoint.sh")], check=True)
+    r = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), "nonsense"], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_compose_services_ports_and_gpu_profile():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"postgres", "mlflow", "ray-head", "ray-worker", "ray-gpu-worker"} <= set(services)
+    modes = entrypoint_modes()
+    for name in ("mlflow", "ray-head", "ray-worker", "ray-gpu-worker"):
+        assert services[name]["command"][0] in modes, name
+        assert services[name]["build"]["dockerfile"] == "docker/Dockerfile"
+    # Published ports bind loopback only; MLflow and PostgreSQL publish nothing.
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
+    assert "ports" not in services["mlflow"] and "ports" not in services["postgres"]
+    assert services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+    # ray-worker must be scalable: no fixed container name.
+    assert "container_name" not in services["ray-worker"]
+    gpu = services["ray-gpu-worker"]
+    assert gpu["profiles"] == ["gpu"]
+    dev = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert "gpu" in dev["capabilities"]
+
+
+def test_no_secrets_committed():
+    assert (DOCKER / ".env.example").is_file()
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    assert "docker/.env" not in tracked
+    for f in ("compose.yaml", "k8s/raycluster.yaml", "k8s/rayjob.yaml"):
+        text = "\n".join(ln for ln in (DOCKER / f).read_text().splitlines() if not ln.lstrip().startswith("#"))
+        # passwords only as ${VAR} references or secretKeyRef, never literal
+        for m in re.finditer(r"postgresql://([^@\s]+)@", text):
+            assert "${" in m.group(1) or ":" not in m.group(1), (f, m.group(0))
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_manifests(name):
+    doc = yaml.safe_load((DOCKER / "k8s" / name).read_text())
+    assert doc["apiVersion"] == "ray.io/v1"
+    spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+    assert doc["kind"] in {"RayCluster", "RayJob"}
+    modes = entrypoint_modes()
+    head = spec["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["command"][-1].endswith("entrypoint.sh") and head["args"][0] == "head"
+    groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
+    assert {"cpu", "gpu"} <= set(groups)
+    for g in groups.values():
+        c = g["template"]["spec"]["containers"][0]
+        assert c["args"][0] in modes and c["args"][0] == "worker"
+        env = {e["name"] for e in c["env"]}
+        assert {"MLFLOW_TRACKING_URI", "XRDMATCH_STORE_URL", "RAY_HEAD_ADDRESS"} <= env
+    assert groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    if doc["kind"] == "RayJob":
+        assert doc["spec"]["entrypoint"].split()[-1] in modes
+
+
+def test_dockerfile_installs_with_the_readme_command():
+    docker = (DOCKER / "Dockerfile").read_text()
+    readme = (REPO / "README.md").read_text()
+    install = "bash scripts/bootstrap.sh"
+    assert re.search(r"^RUN " + re.escape(install), docker, flags=re.M)
+    code = "\n".join(re.findall(r"```bash\n(.*?)```", readme, flags=re.S))
+    assert install in code
+    assert re.search(r"^USER (?!root)\w+", docker, flags=re.M), "image must run as a non-root user"
+    assert "HEALTHCHECK" in docker and "ARG BASE_IMAGE" in docker
