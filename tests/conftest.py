@@ -35,3 +35,41 @@ def labelled(labelled_csv):
     from xrdmatch.platform.data import load_labelled
 
     return load_labelled(labelled_csv)
+
+
+# ---- MLflow tracking / registry (owner: MLflow registry) --------------------------------------
+
+
+def _tiny_ensemble(labelled, seed: int, path: Path) -> Path:
+    from xrdmatch.config import TrainingConfig
+    from xrdmatch.training.ensemble import train_ensemble
+
+    tcfg = TrainingConfig(network="fast", algorithm="supervised", iterations=5, ensemble_size=2,
+                          batch_labelled=16, seed=seed)
+    train_ensemble(labelled.X, labelled.y, None, tcfg, use_ray=False).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_registry(tmp_path_factory, labelled):
+    """A run dir whose MLflow registry holds three versions of two real tiny ensembles (A, A, B):
+    v1 (macro-F1 0.50) champion at first, v2 (0.40) stays challenger, v3 (0.60, ensemble B) becomes champion."""
+    from types import SimpleNamespace
+
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.paths import RunPaths
+    from xrdmatch.platform.registry import register_ensemble
+    from xrdmatch.platform.tracking import lineage_tags
+
+    root = tmp_path_factory.mktemp("mlflow_registry")
+    ens_a = _tiny_ensemble(labelled, 0, root / "ens_a")
+    ens_b = _tiny_ensemble(labelled, 1, root / "ens_b")
+    cfg = load_config(None, {"run_dir": str(root / "run")})
+    # the run dir's default store, spelled out so that an MLFLOW_TRACKING_URI in the environment cannot win
+    cfg.tracking.tracking_uri = RunPaths.of(cfg.run_dir).mlflow_tracking_uri
+    lineage = lineage_tags(labelled, labelled.X[:7])
+    steps = []
+    for ens, f1 in ((ens_a, 0.50), (ens_a, 0.40), (ens_b, 0.60)):
+        rv = register_ensemble(cfg, ens, {"grouped_cv_macro_f1": f1, "grouped_cv_pr_auc": f1 / 2}, lineage)
+        steps.append(rv)
+    return SimpleNamespace(cfg=cfg, run_dir=root / "run", ens_a=ens_a, ens_b=ens_b, versions=steps, lineage=lineage)

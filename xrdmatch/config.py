@@ -98,10 +98,30 @@ class TrainingConfig(StrictModel):
 
 
 class EvaluationConfig(StrictModel):
+    """`xrdmatch evaluate` (xrdmatch.training.evaluation). Seeds are fixed here, before a run."""
+
+    # --- grouped-cv (honest): repeated stratified k-fold grouped by reduced formula ---
     folds: int = Field(default=5, ge=2)
     repeats: int = Field(default=3, ge=1)
     seed: int = 0
+    #: "<algorithm>" = one member; "<algorithm>-ensemble" = training.ensemble_size members, majority vote.
     methods: list[str] = Field(default_factory=lambda: ["supervised", "fixmatch", "flexmatch", "flexmatch-ensemble"])
+    #: "fixed": decision threshold 0.5 (nothing selected); "inner": threshold maximising macro-F1 on an
+    #: inner grouped split of the training fold (never the test fold), applied to the full-fold model.
+    threshold_selection: Literal["fixed", "inner"] = "fixed"
+    inner_folds: int = Field(default=4, ge=2, description="inner split = 1 of this many folds of the training fold")
+    #: An ensemble calls superionic when at least ceil(vote_fraction * members) members do (paper: 5 of 10).
+    vote_fraction: float = Field(default=0.5, gt=0, le=1)
+    # --- cost knobs (None: use the training section's value) ---
+    iterations: int | None = Field(default=None, ge=1, description="training iterations per member")
+    unlabelled_limit: int | None = Field(default=None, ge=1, description="unlabelled patterns per member")
+    ensemble_size: int | None = Field(default=None, ge=1)
+    # --- paper: the authors' protocol replayed ---
+    paper_seed: int = Field(default=0, description="np.random.seed of the authors' shuffle of the 112")
+    paper_pool: tuple[int, int] = (19, 74)
+    paper_draw: tuple[int, int] = (10, 10)
+    paper_members: int = Field(default=10, ge=1)
+    paper_methods: list[str] = Field(default_factory=lambda: ["flexmatch-ensemble"])
 
 
 class MeasuredConfig(StrictModel):
@@ -111,6 +131,7 @@ class MeasuredConfig(StrictModel):
     background_window_deg: float = Field(default=3.0, gt=0, description="rolling-minimum baseline window")
     smooth_points: int = Field(default=5, ge=0, description="Savitzky-Golay window in 0.02-deg bins (0: off)")
     peak_prominence: float = Field(default=0.02, gt=0, lt=1, description="min peak prominence / max intensity")
+    peak_min_snr: float = Field(default=5.0, ge=0, description="min peak prominence / counting-noise sigma")
     peak_min_distance_deg: float = Field(default=0.1, gt=0, description="closest two peaks may be")
 
 
@@ -123,7 +144,8 @@ class TrackingConfig(StrictModel):
     promotion_metric: str = "grouped_cv_macro_f1"
     promotion_min_delta: float = 0.0
     promotion_greater_is_better: bool = True
-    #: p_superionic >= this -> superionic = 1 (stored in the registered model's config).
+    #: A member calls superionic at p >= this; the ensemble when ceil(evaluation.vote_fraction x members)
+    #: members do (stored in the registered model's config).
     decision_threshold: float = Field(default=0.5, gt=0, lt=1)
     measured: MeasuredConfig = Field(default_factory=MeasuredConfig)
 
@@ -134,35 +156,80 @@ class StoreConfig(StrictModel):
 
 
 class ValidationConfig(StrictModel):
+    """MD validation of one candidate (xrdmatch.simulation.validate); physics fields enter protocol_hash."""
+
+    #: "chgnet" (MLIP, default), "gpaw" (ab initio MD), "vasp", or a dotted path to any ASE calculator class.
     calculator: str = "chgnet"
-    temperatures: list[float] = Field(default_factory=lambda: [600.0, 800.0, 1000.0, 1200.0])
+    #: Keyword arguments for the calculator (e.g. GPAW mode/xc/kpts, VASP INCAR tags).
+    calculator_kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: Optional label override: "mlip-md" or "aimd" (None: chosen per calculator).
+    method: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    torch_threads: int = Field(default=1, ge=1, description="torch threads of an MLIP calculator")
+    temperatures: list[float] = Field(default_factory=lambda: [600.0, 800.0, 1000.0, 1200.0], min_length=1)
     timestep_fs: float = Field(default=2.0, gt=0)
-    equilibration_steps: int = Field(default=200, ge=0)
-    production_steps: int = Field(default=1000, ge=1)
+    equilibration_steps: int = Field(default=500, ge=0)
+    production_steps: int = Field(default=5000, ge=1)
+    #: Trajectory frame (= checkpoint and analysis sampling) every this many MD steps.
+    traj_interval: int = Field(default=10, ge=1)
     thermostat: Literal["langevin", "nose-hoover", "berendsen"] = "nose-hoover"
+    #: Thermostat time constant in fs (Nose-Hoover tdamp, Berendsen taut); Langevin friction = 1/this.
+    thermostat_time_fs: float = Field(default=100.0, gt=0)
+    seed: int = 0
     min_atoms: int = Field(default=50, ge=1)
     min_length: float = Field(default=8.0, ge=0, description="minimum supercell lattice length (Angstrom)")
+    max_atoms: int = Field(default=400, ge=1, description="refuse a structure whose supercell needs more atoms")
+    min_distance: float = Field(default=0.6, gt=0, description="refuse input with atoms closer than this (A)")
+    max_order_sites: int = Field(default=200, ge=1, description="largest supercell tried to order a disordered input")
     relax: bool = False
+    relax_optimizer: Literal["FIRE", "BFGS"] = "FIRE"
+    relax_fmax: float = Field(default=0.1, gt=0, description="eV/A")
+    relax_steps: int = Field(default=200, ge=1)
+    # --- analysis (do not change the trajectories; not in protocol_hash) ---
     sigma_threshold: float = Field(default=5e-5, gt=0, description="S/cm at 300 K for 'superionic'")
+    min_li_msd: float = Field(default=2.0, ge=0, description="A^2: Li MSD below this at a T = too few hops there")
+    max_framework_msd: float = Field(default=4.0, gt=0, description="A^2: framework MSD above this = melted")
+    min_fit_temperatures: int = Field(default=2, ge=2)
+    min_r2: float = Field(default=0.9, ge=0, le=1, description="minimum R^2 of the Arrhenius fit (3+ points)")
+    explode_temperature_factor: float = Field(default=5.0, gt=1, description="abort MD if T > this x target")
+    # --- queue (xrdmatch.platform.queue, xrdmatch.actors.validation_workers; not in protocol_hash) ---
+    #: A running job whose worker stops renewing its lease for this long is taken by another worker.
     lease_s: float = Field(default=600.0, gt=0)
+    #: Workers renew their lease (and store progress) at most this often during MD.
     heartbeat_s: float = Field(default=30.0, gt=0)
-    workers: int = Field(default=1, ge=1)
-    cpus_per_job: float = Field(default=1.0, gt=0)
-    gpus_per_job: float = Field(default=0.0, ge=0)
+    workers: int = Field(default=1, ge=1, description="Ray validation actors of `xrdmatch validate work`")
+    cpus_per_job: float = Field(default=1.0, gt=0, description="Ray num_cpus of each worker actor")
+    gpus_per_job: float = Field(default=0.0, ge=0, description="Ray num_gpus of each worker actor")
+    max_attempts: int = Field(default=3, ge=1, description="claims of a job before a lost worker fails it")
+    max_restarts: int = Field(default=3, ge=0, description="Ray restarts of a crashed worker actor")
+    poll_s: float = Field(default=5.0, gt=0, description="idle workers look for claimable jobs this often")
 
 
 class CampaignConfig(StrictModel):
+    """The active-learning loop: rounds of train -> screen -> select -> validate -> relabel."""
+
     rounds: int = Field(default=2, ge=1)
     candidates_per_round: int = Field(default=2, ge=1)
-    label_budget: int | None = Field(default=None, ge=1)
+    label_budget: int | None = Field(default=None, ge=1, description="max structures sent to MD over the campaign")
     acquisition: Literal["top", "uncertain", "ucb"] = "top"
-    ucb_k: float = 1.0
-    similarity_threshold: float = Field(default=0.95, gt=0, le=1)
+    ucb_k: float = Field(default=1.0, ge=0, description="ucb = mean + k * spread")
+    similarity_threshold: float = Field(default=0.95, gt=0, le=1, description="max cosine similarity of two picks' patterns")
+    candidate_pool: int = Field(default=512, ge=1, description="best eligible structures compared for diversity")
     required_elements: list[str] = Field(default_factory=lambda: ["Li"])
     forbidden_elements: list[str] = Field(
         default_factory=lambda: ["Tc", "Pm", "Po", "At", "Rn", "Fr", "Ra", "Ac", "Th", "Pa", "U", "Np", "Pu"]
     )
-    max_sites_md: int = Field(default=60, ge=1)
+    exclude_radioactive: bool = Field(default=True, description="also forbid every element pymatgen marks radioactive")
+    max_sites_md: int = Field(default=60, ge=1, description="max sites of the unit cell sent to MD")
+    screen_batch_size: int = Field(default=1000, ge=1, description="patterns per screening task")
+    screen_actors: int | None = Field(default=None, ge=1, description="screening actors (None: one per CPU)")
+    screen_gpus_per_actor: float = Field(default=0.0, ge=0, description="GPUs per screening actor (>0: score on CUDA)")
+    #: Champion metric per round: a cheap fixed grouped CV on the labels (not the full evaluation).
+    eval_folds: int = Field(default=3, ge=0, description="grouped-CV folds for the champion metric; 0 skips it")
+    eval_iterations: int | None = Field(default=None, ge=1, description="training iterations per CV fold (None: training.iterations)")
+    eval_ensemble_size: int = Field(default=1, ge=1, description="members per CV fold model")
+    poll_s: float = Field(default=2.0, gt=0, description="how often to poll the validation queue")
+    validation_timeout_s: float | None = Field(default=None, gt=0, description="give up waiting for verdicts after this")
 
 
 class Config(StrictModel):

@@ -155,6 +155,7 @@ def select_candidates(
     max_sites: int | None = None,
     labelled_groups: Iterable[str] = (),
     exclude: np.ndarray | None = None,
+    pool: int = 512,
 ) -> Selection:
     """Score, filter, pick diverse: the whole acquisition step."""
     score = acquisition_score(p_mean, p_std, strategy, k)
@@ -162,5 +163,5 @@ def select_candidates(
         presence, vocab, n_sites, groups, required=required, forbidden=forbidden,
         max_sites=max_sites, labelled_groups=labelled_groups, exclude=exclude,
     )
-    idx = diverse_top(score, mask, X, groups, n, similarity_threshold)
+    idx = diverse_top(score, mask, X, groups, n, similarity_threshold, pool=pool)
     return Selection(indices=idx, scores=score[idx], n_eligible=int(mask.sum()))

@@ -1,4 +1,90 @@
-"""`xrdmatch campaign run|status|report` (owner: campaign)."""
+"""`xrdmatch campaign run|status|report` (owner: campaign).
+
+Heavy libraries are imported inside the commands so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(help="Active-learning campaign: screen, select, validate, relabel, retrain.", no_args_is_help=True)
+
+ConfigOpt = typer.Option("configs/default.yaml", "--config", "-c", help="YAML config (validated on load)")
+DirOpt = typer.Option(None, "--dir", "-d", help="run directory (default: the config's run_dir)")
+
+
+def _load(config: str, run_dir: str | None):
+    from xrdmatch.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    if run_dir:
+        cfg = cfg.model_copy(update={"run_dir": str(Path(run_dir).expanduser().resolve())})
+    return cfg
+
+
+@app.command()
+def run(config: str = ConfigOpt, run_dir: str | None = DirOpt,
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars")) -> None:
+    """Run the campaign, or resume it at the first unfinished stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from xrdmatch.platform.campaign import CampaignError, run_campaign
+    from xrdmatch.platform.lock import RunDirLocked
+
+    cfg = _load(config, run_dir)
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        timings = run_campaign(cfg, echo=lambda s: console.print(s, markup=False), progress=progress)
+    except RunDirLocked as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(3) from None
+    except CampaignError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    table = Table(title=f"stage timings ({cfg.run_dir})")
+    table.add_column("stage")
+    table.add_column("seconds (all rounds)", justify="right")
+    for stage, s in timings["per_stage"].items():
+        table.add_row(stage, f"{s:.1f}")
+    table.add_row("total", f"{timings['total_s']:.1f}")
+    console.print(table)
+
+
+@app.command()
+def status(config: str = ConfigOpt, run_dir: str | None = DirOpt) -> None:
+    """Rounds, current stage, queue by state, labels by source, champion version and metrics."""
+    from rich.console import Console
+
+    from xrdmatch.platform.report import campaign_status
+
+    cfg = _load(config, run_dir)
+    console = Console(highlight=False, soft_wrap=True)
+    try:
+        lines = campaign_status(cfg)
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    for line in lines:
+        console.print(line, markup=False)
+
+
+@app.command()
+def report(config: str = ConfigOpt, run_dir: str | None = DirOpt,
+           out: str | None = typer.Option(None, "--out", "-o", help="HTML file (default RUN_DIR/report.html)")) -> None:
+    """Write a self-contained HTML report (images inlined) of the campaign."""
+    from xrdmatch.platform.report import write_report
+
+    cfg = _load(config, run_dir)
+    try:
+        path = write_report(cfg, out)
+    except FileNotFoundError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"report written to {path}")

@@ -1,7 +1,101 @@
-"""`xrdmatch evaluate` (owner: evaluation)."""
+"""`xrdmatch evaluate` (owner: evaluation): the paper's protocol replayed, or honest grouped CV."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+
 import typer
 
 
-def evaluate() -> None:
-    """Evaluate methods with the paper's protocol or honest grouped CV."""
-    raise typer.Exit("not implemented yet")
+class Protocol(str, Enum):
+    paper = "paper"
+    grouped_cv = "grouped-cv"
+
+
+def evaluate(
+    protocol: Protocol = typer.Option(Protocol.grouped_cv, "--protocol", "-p", help="paper | grouped-cv"),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (default: embedded defaults)"),
+    run_dir: Path | None = typer.Option(None, "--dir", help="run directory (overrides run_dir of the config)"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="JSON result (default: RUN_DIR/evaluation/<protocol>.json)"),
+    markdown: Path | None = typer.Option(None, "--markdown", help="also write the results table as markdown"),
+    from_json: Path | None = typer.Option(
+        None, "--from-json", help="render an existing result JSON (table / --markdown) without training"
+    ),
+    repeats: int | None = typer.Option(None, "--repeats", min=1, help="override evaluation.repeats"),
+    folds: int | None = typer.Option(None, "--folds", min=2, help="override evaluation.folds"),
+) -> None:
+    """Evaluate methods with the paper's protocol or honest grouped CV; print a table, write JSON.
+
+    Member predictions are cached in RUN_DIR/evaluation/<protocol>/members, so an interrupted
+    evaluation resumes where it stopped when the same command is run again.
+    """
+    from rich.console import Console
+
+    from xrdmatch.training.evaluation import results_markdown, write_json
+
+    console = Console()
+    err = Console(stderr=True)
+    if from_json is not None:
+        try:
+            result = json.loads(Path(from_json).read_text())
+            _ = result["protocol"], result["results"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            err.print(f"[red]--from-json {from_json}: not an evaluation result ({e})")
+            raise typer.Exit(2) from None
+    else:
+        overrides: dict = {"evaluation": {}}
+        if run_dir is not None:
+            overrides["run_dir"] = str(run_dir)
+        if repeats is not None:
+            overrides["evaluation"]["repeats"] = repeats
+        if folds is not None:
+            overrides["evaluation"]["folds"] = folds
+        result = _run(protocol, config, overrides, err)
+        out = out or _default_out(result, protocol)
+        write_json(result, out)
+        err.print(f"wrote {out}")
+    _print_table(console, result)
+    if markdown is not None:
+        markdown.parent.mkdir(parents=True, exist_ok=True)
+        markdown.write_text(results_markdown(result))
+        err.print(f"wrote {markdown}")
+
+
+def _run(protocol: Protocol, config: Path | None, overrides: dict, err) -> dict:
+    from xrdmatch.config import ConfigError, load_config
+    from xrdmatch.training.evaluation import evaluate_grouped_cv, evaluate_paper
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        err.print(f"[red]{e}")
+        raise typer.Exit(2) from None
+    fn = evaluate_paper if protocol == Protocol.paper else evaluate_grouped_cv
+    try:
+        result = fn(cfg, log_fn=lambda s: err.print(s, highlight=False))
+    except ValueError as e:  # impossible split / unknown method: the message names the input
+        err.print(f"[red]evaluate --protocol {protocol.value}: {e}")
+        raise typer.Exit(2) from None
+    result["run_dir"] = str(Path(cfg.run_dir).resolve())
+    return result
+
+
+def _default_out(result: dict, protocol: Protocol) -> Path:
+    return Path(result["run_dir"]) / "evaluation" / f"{protocol.value}.json"
+
+
+def _print_table(console, result: dict) -> None:
+    from rich.table import Table
+
+    from xrdmatch.training.evaluation import table_rows
+
+    head, rows = table_rows(result)
+    t = Table(title=f"xrdmatch evaluate --protocol {result['protocol']}  "
+                    f"({result.get('wall_time_s', 0) / 60:.1f} min)")
+    for h in head:
+        t.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)

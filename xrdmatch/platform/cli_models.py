@@ -1,17 +1,162 @@
-"""`xrdmatch models`, `predict`, `ui` (owner: MLflow registry)."""
+"""`xrdmatch models`, `predict`, `ui` (owner: MLflow registry).
+
+Heavy libraries (mlflow, pandas, pymatgen) are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
 import typer
 
+ConfigOpt = typer.Option("configs/default.yaml", "--config", "-c", help="YAML config (validated on load)")
+DirOpt = typer.Option(None, "--dir", "-d", help="run directory (default: the config's run_dir)")
 
-def models() -> None:
+
+def _load(config: str, run_dir: str | None):
+    from xrdmatch.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    if run_dir:
+        cfg = cfg.model_copy(update={"run_dir": str(Path(run_dir).expanduser().resolve())})
+    return cfg
+
+
+def _quiet_mlflow() -> None:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     """List registered model versions with aliases, metrics and label counts."""
-    raise typer.Exit("not implemented yet")
+    from datetime import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from xrdmatch.platform.registry import list_versions
+    from xrdmatch.platform.tracking import tracking_uri
+
+    _quiet_mlflow()
+    cfg = _load(config, run_dir)
+    console = Console(highlight=False)
+    versions = list_versions(cfg)
+    if not versions:
+        console.print(f"no registered versions of {cfg.tracking.registry_name} in {tracking_uri(cfg)}", markup=False)
+        return
+    metric_names = sorted({m for v in versions for m in v.metrics})
+    pm = cfg.tracking.promotion_metric
+    metric_names = ([pm] if pm in metric_names else []) + [m for m in metric_names if m != pm][:3]
+    table = Table(title=f"{cfg.tracking.registry_name} ({tracking_uri(cfg)})")
+    for col in ["version", "aliases", "created", *metric_names, "labelled (sources)", "unlabelled", "run"]:
+        table.add_column(col, justify="right" if col in metric_names else "left")
+    for v in versions:
+        lab = v.lineage.get("lineage.labelled_count", "?")
+        srcs = v.lineage.get("lineage.label_sources", "")
+        created = datetime.fromtimestamp(v.created_ms / 1000).strftime("%Y-%m-%d %H:%M") if v.created_ms else ""
+        table.add_row(
+            v.version, ", ".join(v.aliases), created,
+            *[f"{v.metrics[m]:.3f}" if m in v.metrics else "-" for m in metric_names],
+            f"{lab} ({srcs})", v.lineage.get("lineage.unlabelled_count", "?"), (v.run_id or "")[:8],
+        )
+    console.print(table)
+    console.print(f"promotion rule: {versions[0].tags.get('promotion.rule', '-')}", markup=False)
 
 
-def predict() -> None:
-    """Predict superionic probability for structures or measured patterns."""
-    raise typer.Exit("not implemented yet")
+def predict(
+    inputs: list[str] = typer.Argument(..., help="structure files (CIF, POSCAR, extxyz...), folders, JSONL databases, "
+                                                 "or measured scans (.xy .xye .csv .txt .dat: 2-theta, intensity)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="model URI [models:/<tracking.registry_name>@champion]"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="CSV file [stdout]"),
+    wavelength: Optional[str] = typer.Option(None, "--wavelength", "-w",
+                                             help="wavelength of measured scans: Angstrom or anode (CuKa, MoKa, Co...) [CuKa]"),
+    config: str = ConfigOpt,
+    run_dir: Optional[str] = DirOpt,
+) -> None:
+    """Predict superionic probability for structures or measured patterns.
+
+    CSV columns: source, id, p_superionic, p_std, superionic (1 = superionic), error. A bad input
+    gets a row with ``error`` and no probability; exit status 1 only if every input failed.
+    """
+    import sys
+
+    from xrdmatch.platform.measured import MeasuredPatternError, wavelength_angstrom
+    from xrdmatch.platform.predict import collect_items, load_model, predict_items
+    from xrdmatch.platform.registry import default_model_uri
+    from xrdmatch.platform.tracking import configure
+
+    _quiet_mlflow()
+    cfg = _load(config, run_dir)
+    try:
+        lam = wavelength_angstrom(wavelength)
+    except MeasuredPatternError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    configure(cfg)
+    uri = model or default_model_uri(cfg)
+    try:
+        mdl = load_model(uri)
+    except Exception as e:
+        typer.echo(f"error: cannot load model {uri}: {type(e).__name__}: {e}", err=True)
+        raise typer.Exit(2) from None
+    items = collect_items(inputs, lam, cfg.tracking.measured)
+    rows = predict_items(mdl, items)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        rows.to_csv(out, index=False)
+    else:
+        rows.to_csv(sys.stdout, index=False)
+    failed = rows["error"].astype(bool)
+    for _, r in rows[failed].iterrows():
+        typer.echo(f"error: {r['source']} [{r['id']}]: {r['error']}", err=True)
+    where = f" -> {out}" if out is not None else ""
+    typer.echo(f"predicted {int((~failed).sum())} of {len(rows)} inputs with {uri}{where}"
+               + (f"; {int(failed.sum())} failed (see the error column)" if failed.any() else ""), err=True)
+    if len(rows) == 0 or failed.all():
+        raise typer.Exit(1)
 
 
-def ui() -> None:
-    """Start the MLflow UI on the run directory's store (127.0.0.1)."""
-    raise typer.Exit("not implemented yet")
+def ui(
+    config: str = ConfigOpt,
+    run_dir: Optional[str] = DirOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="bind address (127.0.0.1: this machine only)"),
+    port: int = typer.Option(5000, "--port", "-p", min=1, max=65535),
+) -> None:
+    """Start the MLflow UI on the run directory's store (127.0.0.1 by default).
+
+    Runs ``mlflow server`` with the run's backend store and artifact root in place of this
+    process (Ctrl-C stops it).
+    """
+    import shutil
+    import sys
+
+    from xrdmatch.platform.paths import RunPaths
+    from xrdmatch.platform.tracking import configure
+
+    _quiet_mlflow()
+    cfg = _load(config, run_dir)
+    uri = configure(cfg)  # creates the store and experiment if the run dir is new
+    if uri.startswith(("http://", "https://", "databricks")):
+        typer.echo(f"tracking server already at {uri}: open it in a browser")
+        return
+    paths = RunPaths.of(cfg.run_dir)
+    paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    cmd = [exe or sys.executable, *([] if exe else ["-m", "mlflow"]), "server",
+           "--backend-store-uri", uri, "--default-artifact-root", paths.mlflow_artifacts.as_uri(),
+           "--host", host, "--port", str(port), "--workers", "1"]
+    # the server's background job runner (GenAI scorers: a pool of huey workers) is not needed here
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})", err=False)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)

@@ -1,4 +1,174 @@
-"""`xrdmatch validate submit|work|status` (owner: MD validation queue)."""
+"""`xrdmatch validate submit|work|status|requeue` (owner: MD validation queue)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
 import typer
 
 app = typer.Typer(help="MD validation queue: submit candidates, run workers, show status.", no_args_is_help=True)
+
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: built-in defaults)")
+DirOpt = typer.Option(None, "--dir", "-d", help="run directory (overrides run_dir of the config)")
+
+
+def _config(config: Path | None, run_dir: Path | None):
+    from xrdmatch.config import ConfigError, load_config
+
+    try:
+        return load_config(config, {"run_dir": str(run_dir)} if run_dir else None)
+    except ConfigError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(2) from None
+
+
+def _lookup_ids(db_path: str, ids: list[str]) -> dict[str, dict]:
+    """Records of ``ids`` from the configured database, streamed; stops once all are found."""
+    from xrdmatch.platform.data import iter_records
+
+    want, found = set(ids), {}
+    for rec in iter_records(db_path):
+        sid = str(rec.get("id"))
+        if sid in want:
+            found[sid] = rec
+            if len(found) == len(want):
+                break
+    return found
+
+
+@app.command()
+def submit(
+    items: list[str] = typer.Argument(..., help="database ids (e.g. mp-1185319) or structure files pymatgen reads"),
+    priority: int = typer.Option(0, "--priority", "-p", help="higher runs first"),
+    campaign_round: int | None = typer.Option(None, "--round", help="campaign round to record with the job"),
+    config: Path | None = ConfigOpt,
+    run_dir: Path | None = DirOpt,
+) -> None:
+    """Queue structures for MD validation under the config's protocol (idempotent)."""
+    from xrdmatch.platform import queue
+    from xrdmatch.platform.db import store_url
+
+    cfg = _config(config, run_dir)
+    url = store_url(cfg)
+    files = [i for i in items if Path(i).is_file()]
+    ids = [i for i in items if i not in files]
+    structures: list[tuple[str, object]] = []
+    errors: list[str] = []
+    for f in files:
+        try:
+            from pymatgen.core import Structure
+
+            structures.append((Path(f).stem, Structure.from_file(f)))
+        except Exception as err:
+            errors.append(f"{f}: not a structure file pymatgen can read ({type(err).__name__}: {err})")
+    if ids:
+        found = _lookup_ids(cfg.database.path, ids)
+        for sid in ids:
+            if sid in found:
+                structures.append((sid, found[sid]))
+            else:
+                errors.append(f"{sid}: neither a file nor an id of the database {cfg.database.path}")
+    before = {j.id for j in queue.list_jobs(url)}
+    for sid, s in structures:
+        try:
+            jid = queue.submit(url, sid, s, cfg.validation, priority=priority, campaign_round=campaign_round)
+        except queue.QueueError as err:
+            errors.append(str(err))
+            continue
+        typer.echo(f"{sid}: job {jid}" + (" (already queued)" if jid in before else ""))
+    for e in errors:
+        typer.echo(f"error: {e}", err=True)
+    if errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+def work(
+    workers: int | None = typer.Option(None, "--workers", "-n", help="Ray worker actors (default: validation.workers)"),
+    until_empty: bool = typer.Option(True, "--until-empty/--forever", help="stop when no job is queued or running"),
+    max_jobs: int | None = typer.Option(None, "--max-jobs", help="stop after this many finished jobs"),
+    config: Path | None = ConfigOpt,
+    run_dir: Path | None = DirOpt,
+) -> None:
+    """Run Ray validation workers that pull jobs from the queue."""
+    from xrdmatch.actors.validation_workers import run_workers
+
+    cfg = _config(config, run_dir)
+
+    def show(o) -> None:
+        what = o.verdict if o.state in ("done", "inconclusive") else o.error
+        typer.echo(f"job {o.job_id} {o.structure_id}: {o.state} ({what}) in {o.runtime_s:.1f} s", err=o.state == "failed")
+
+    summary = run_workers(cfg, n=workers, until_empty=until_empty, max_jobs=max_jobs, on_outcome=show)
+    states = ", ".join(f"{s} {summary.count(s)}" for s in ("done", "inconclusive", "failed") if summary.count(s))
+    typer.echo(f"finished {len(summary.outcomes)} job(s){': ' + states if states else ''}")
+
+
+def _eta(job, now: float) -> str:
+    p = job.progress or {}
+    f, f0 = float(p.get("fraction", 0.0)), float(p.get("fraction_at_claim", 0.0))
+    if job.state != "running" or not job.started_at or f <= f0:
+        return "-"
+    secs = (now - job.started_at) * (1.0 - f) / (f - f0)
+    return f"{secs / 60:.1f} min" if secs >= 90 else f"{secs:.0f} s"
+
+
+@app.command()
+def status(
+    state: list[str] | None = typer.Option(None, "--state", help="only these states (repeatable)"),
+    limit: int | None = typer.Option(None, "--limit", help="at most this many jobs"),
+    config: Path | None = ConfigOpt,
+    run_dir: Path | None = DirOpt,
+) -> None:
+    """Table of validation jobs: state, progress, ETA, verdict, sigma(300 K), error."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from xrdmatch.platform import queue
+    from xrdmatch.platform.db import store_url
+
+    cfg = _config(config, run_dir)
+    url = store_url(cfg)
+    jobs = queue.list_jobs(url, states=state or None, limit=limit)
+    now = queue.store_now(url)
+    table = Table(title=f"validation jobs ({url})")
+    for col in ("id", "structure", "formula", "state", "T done", "progress", "ETA", "verdict", "sigma_300 S/cm", "attempts", "error"):
+        table.add_column(col, overflow="fold")
+    colour = {"done": "green", "failed": "red", "running": "cyan", "inconclusive": "yellow"}
+    for j in jobs:
+        p = j.progress or {}
+        n_t = len(j.protocol.get("temperatures", []))
+        done = ", ".join(f"{t:.0f}" for t in p.get("temperatures_done", [])) or "-"
+        prog = "-"
+        if j.state == "running" and p.get("temperature") is not None:
+            prog = f"{p['temperature']:.0f} K {p.get('step', 0)}/{p.get('nsteps', 0)}"
+            if j.lease_expires is not None and j.lease_expires < now:
+                prog += " (lease expired)"
+        table.add_row(
+            str(j.id), j.structure_id, j.formula, f"[{colour.get(j.state, 'white')}]{j.state}[/]",
+            f"{done} ({len(p.get('temperatures_done', []))}/{n_t})", prog, _eta(j, now), j.verdict or "-",
+            f"{j.sigma_300:.2e}" if j.sigma_300 is not None else "-", str(j.attempts), (j.error or "")[:200],
+        )
+    console = Console(width=200) if not Console().is_terminal else Console()
+    console.print(table)
+    counts = queue.counts_by_state(url)
+    console.print("  ".join(f"{s}: {n}" for s, n in counts.items()))
+
+
+@app.command()
+def requeue(
+    state: list[str] = typer.Option(["failed"], "--state", help="states to put back in the queue (repeatable)"),
+    config: Path | None = ConfigOpt,
+    run_dir: Path | None = DirOpt,
+) -> None:
+    """Queue finished jobs again (e.g. failed ones after installing a missing calculator)."""
+    from xrdmatch.platform import queue
+    from xrdmatch.platform.db import store_url
+
+    cfg = _config(config, run_dir)
+    try:
+        n = queue.requeue(store_url(cfg), tuple(state))
+    except queue.QueueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"requeued {n} job(s)")

@@ -71,3 +71,23 @@ def _read_holder(fd: int) -> dict:
         return json.loads(raw.decode() or "{}")
     except (OSError, ValueError):
         return {}
+
+
+def lock_holder(path: str | os.PathLike[str]) -> dict | None:
+    """Who holds the lock ({pid, host, started}) or None if nobody does (e.g. a crashed run).
+
+    Probes with a shared non-blocking flock released at once, so it never blocks a holder.
+    """
+    p = Path(path)
+    if not p.exists():
+        return None
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd) or {"pid": "?", "host": "?"}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

@@ -30,7 +30,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     if addr:
         ray.init(address=addr, runtime_env=runtime_env, log_to_driver=True)
     else:
+        # address="local": never attach silently to a `ray start` cluster found in /tmp/ray;
+        # joining a cluster is explicit (RAY_ADDRESS or ray.address in the config).
         ray.init(
+            address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
             runtime_env=runtime_env,

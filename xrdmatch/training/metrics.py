@@ -61,17 +61,20 @@ def summarise_repeats(rows: list[dict], keys=METRICS) -> dict[str, float]:
     folds = pooled_mean_std(rows, keys)
     for k in keys:
         out[f"{k}_fold_std"] = folds[f"{k}_std"]
+        if len(per_rep) == 1:  # one repeat has no spread between repeats: report the folds'
+            out[f"{k}_std"] = folds[f"{k}_std"]
+    out["std_over"] = "repeats" if len(per_rep) > 1 else "folds"
     return out
 
 
 def best_threshold(y_true, score, grid=None) -> float:
-    """The decision threshold maximising macro-F1 on (inner validation) data; ties -> closest to 0.5."""
+    """The decision threshold (call superionic when score > t) maximising macro-F1 on (inner validation) data; ties -> closest to 0.5."""
     y_true = np.asarray(y_true).astype(int)
     score = np.asarray(score, float)
     grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if grid is None else np.asarray(grid, float)
     best, best_f = 0.5, -1.0
     for t in sorted(grid, key=lambda t: abs(t - 0.5)):
-        f = binary_metrics(y_true, score >= t)["macro_f1"]
+        f = binary_metrics(y_true, score > t)["macro_f1"]
         if f > best_f + 1e-12:
             best, best_f = float(t), f
     return best

@@ -1,0 +1,239 @@
+"""The campaign state machine: store records, run-dir lock, and an end-to-end campaign that is
+killed with SIGKILL at two stages and resumed (real Ray, MLflow, CHGNet MD, SQLite store)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xrdmatch.platform.campaign_store import DONE, RUNNING, CampaignStore, campaign_id_for
+from xrdmatch.platform.lock import RunDirLock, RunDirLocked, lock_holder
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_lock_is_exclusive_names_the_holder_and_dies_with_it(tmp_path):
+    lock = tmp_path / "campaign.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys,time; from xrdmatch.platform.lock import RunDirLock; "
+         f"l = RunDirLock({str(lock)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunDirLocked, match=rf"in use by pid {holder.pid} on "):
+            RunDirLock(lock).acquire()
+        assert lock_holder(lock)["pid"] == holder.pid  # what `campaign status` shows
+        os.killpg(holder.pid, signal.SIGKILL)  # a crash never leaves a stale lock
+        holder.wait(10)
+        assert lock_holder(lock) is None
+        with RunDirLock(lock):
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+
+
+def test_store_records_stages_once_and_keeps_campaigns_apart(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"  # one database, two campaigns (e.g. one PostgreSQL)
+    a = CampaignStore(url, campaign_id_for(tmp_path / "a"))
+    b = CampaignStore(url, campaign_id_for(tmp_path / "b"))
+    assert a.cid != b.cid and campaign_id_for(tmp_path / "a") == a.cid  # stable per run dir
+    for s in (a, b):
+        s.ensure_campaign(str(tmp_path), {})
+        s.ensure_round(1)
+    assert a.start_stage(1, "train") == 1
+    assert a.start_stage(1, "train") == 2  # re-entered after a crash: attempt 2
+    cand = {"rank": 0, "structure_id": "mp-1", "formula": "Li2O", "p_mean": 0.9, "p_std": 0.1, "score": 0.9}
+    a.start_stage(1, "select")
+    a.finish_stage(1, "select", {"picks": ["mp-1"]}, 1.5, candidates=[cand])
+    assert a.stage(1, "select").status == DONE and a.stage(1, "select").result == {"picks": ["mp-1"]}
+    with pytest.raises(RuntimeError, match="already done"):
+        a.start_stage(1, "select")
+    assert [c.structure_id for c in a.candidates()] == ["mp-1"]
+    assert b.candidates() == [] and b.stages() == []
+    assert a.stage(1, "train").status == RUNNING
+
+
+# ------------------------------------------------------------------------------ end to end
+def tiny_config(tmp_path: Path) -> Path:
+    cfg = {
+        "seed": 0,
+        "database": {"path": str(REPO / "data/mp_li_structures.jsonl.xz"), "limit": 240},
+        "labels": {"path": str(REPO / "data/xrdmatch_lbs.csv")},
+        "ray": {"num_cpus": 2},
+        "xrd": {"batch_size": 120},
+        "training": {"network": "fast", "algorithm": "fixmatch", "iterations": 4, "ensemble_size": 1,
+                     "batch_labelled": 16, "batch_unlabelled": 16, "unlabelled_limit": 128, "checkpoint_every": 2},
+        "validation": {"calculator": "chgnet", "temperatures": [1100.0, 1300.0], "equilibration_steps": 2,
+                       "production_steps": 20, "traj_interval": 2, "min_atoms": 8, "min_length": 0.0,
+                       "lease_s": 4.0, "heartbeat_s": 0.5, "poll_s": 0.5, "workers": 1, "max_attempts": 5},
+        "campaign": {"rounds": 1, "candidates_per_round": 1, "max_sites_md": 10, "eval_folds": 0,
+                     "screen_batch_size": 120, "poll_s": 0.5},
+    }
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _start(cfg: Path, run_dir: Path, log: Path) -> subprocess.Popen:
+    fh = open(log, "a")
+    return subprocess.Popen([sys.executable, "-m", "xrdmatch.cli", "campaign", "run", "--config", str(cfg),
+                             "--dir", str(run_dir), "--no-progress"], stdout=fh, stderr=subprocess.STDOUT,
+                            env=_env(), cwd=str(run_dir.parent), start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the campaign and everything it started (its own session: Ray, workers)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+
+
+def _wait_for(pred, proc, log: Path, what: str, timeout: float = 150.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        got = pred()
+        if got:
+            return got
+        if proc.poll() is not None:
+            raise AssertionError(f"campaign exited ({proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    _kill(proc)
+    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+
+
+def _store(run_dir: Path) -> CampaignStore | None:
+    cid = campaign_id_for(run_dir, create=False)
+    if cid is None or not (run_dir / "store.db").exists():
+        return None
+    return CampaignStore(f"sqlite:///{run_dir / 'store.db'}", cid)
+
+
+def _snapshot(store: CampaignStore) -> dict:
+    return {(s.round, s.stage): (s.result, s.finished_at, s.attempts) for s in store.stages() if s.status == DONE}
+
+
+def _stage_running(run_dir: Path, rnd: int, stage: str):
+    st = _store(run_dir)
+    rec = st.stage(rnd, stage) if st else None
+    return st if rec is not None and rec.status == RUNNING else None
+
+
+@pytest.mark.slow
+def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
+    from xrdmatch.platform import queue
+    from xrdmatch.platform.labels import list_labels
+
+    cfg = tiny_config(tmp_path)
+    run_dir = tmp_path / "run"
+    log = tmp_path / "campaign.log"
+
+    # 1) kill -9 while round 1 trains; meanwhile a second campaign on the dir is refused
+    proc = _start(cfg, run_dir, log)
+    store = _wait_for(lambda: _stage_running(run_dir, 1, "train"), proc, log, "round 1 train running")
+    second = subprocess.run([sys.executable, "-m", "xrdmatch.cli", "campaign", "run", "--config", str(cfg),
+                             "--dir", str(run_dir)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert second.returncode == 3, second.stderr
+    assert f"in use by pid {proc.pid}" in second.stderr
+    before_a = _snapshot(store)
+    assert (1, "patterns") in before_a
+    _kill(proc)
+    parent_run = store.campaign().mlflow_run_id
+    assert parent_run
+
+    # 2) resume; kill -9 while round 1 validates (MD job claimed by a worker)
+    proc = _start(cfg, run_dir, log)
+
+    def md_running():
+        st = _stage_running(run_dir, 1, "validate")
+        return st if st and any(j.state == "running" for j in queue.list_jobs(st.url)) else None
+
+    store = _wait_for(md_running, proc, log, "round 1 MD job running")
+    before_b = _snapshot(store)
+    _kill(proc)
+    for key, rec in before_a.items():
+        assert before_b[key] == rec, f"finished stage {key} was redone"
+    assert {(1, s) for s in ("patterns", "train", "register", "screen", "select")} <= set(before_b)
+
+    # 3) resume to the end
+    proc = _start(cfg, run_dir, log)
+    rc = proc.wait(240)
+    out = log.read_text()
+    assert rc == 0, out[-4000:]
+    assert "resuming" in out and "stage timings" in out
+    store = _store(run_dir)
+    final = _snapshot(store)
+    for key, rec in before_b.items():
+        assert final[key] == rec, f"finished stage {key} was redone"
+    attempts = {(s.round, s.stage): s.attempts for s in store.stages()}
+    assert attempts[(1, "train")] == 2 and attempts[(1, "validate")] == 2
+    assert all(v == 1 for k, v in attempts.items() if k not in {(1, "train"), (1, "validate")}), attempts
+    assert {r for r, _ in final} == {1} and len(final) == 7
+
+    # exactly once: one job per candidate, at most one label per structure
+    cands = store.candidates()
+    assert [c.round for c in cands] == [1]
+    jobs = queue.list_jobs(store.url)
+    assert sorted(j.structure_id for j in jobs) == sorted(c.structure_id for c in cands)
+    assert all(j.state in queue.FINISHED for j in jobs)
+    labels = list_labels(store.url)
+    assert len({lab.structure_id for lab in labels}) == len(labels) == sum(j.state == "done" for j in jobs)
+    for c in cands:
+        assert c.verdict is not None
+    assert store.stage(1, "label").result["new_labels"] == len(labels)
+
+    # scores pointer + Parquet per round
+    import hashlib
+
+    for s in store.all_scores():
+        assert hashlib.sha256(Path(s.path).read_bytes()).hexdigest() == s.sha256 and s.n == 240
+
+    # MLflow: the same parent run, one child per round, one registered version per round
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
+    assert store.campaign().mlflow_run_id == parent_run
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("xrdmatch")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run}'")
+    assert sorted(r.data.tags["xrdmatch.round"] for r in children) == ["1"]
+    versions = client.search_model_versions("name='xrdmatch-superionic'")
+    assert len(versions) == 1  # register was not redone
+    assert {v.run_id for v in versions} == {r.info.run_id for r in children}
+
+    # status and report read it all back
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.report import campaign_status, write_report
+
+    rcfg = load_config(cfg, {"run_dir": str(run_dir)})
+    status = "\n".join(campaign_status(rcfg))
+    assert "round 1: patterns: done" in status and "champion: xrdmatch-superionic v1" in status
+    assert "queue: queued 0, running 0" in status
+    html_text = write_report(rcfg).read_text()
+    assert cands[0].structure_id in html_text and cands[0].formula in html_text
+
+    # another run dir sees none of this campaign's jobs or labels
+    other = tmp_path / "other"
+    other.mkdir()
+    assert queue.counts_by_state(f"sqlite:///{other / 'store.db'}")["done"] == 0
+    assert list_labels(f"sqlite:///{other / 'store.db'}") == []

@@ -1,0 +1,115 @@
+"""Diffusion analysis and verdicts on trajectories with a known answer.
+
+The frames are generated, not simulated: Li performs a Gaussian random walk with a chosen
+D(T) = D0 exp(-Ea/kT) on a fixed framework, so the right diffusivities, activation energy and
+Nernst-Einstein conductivity are known and the pymatgen-analysis-diffusion chain must find them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from ase import Atoms
+from pymatgen.core import Lattice, Structure
+
+from xrdmatch.config import ValidationConfig
+from xrdmatch.simulation.diffusion import analyze_temperature, arrhenius_png, decide
+
+KB = 8.617333262e-5  # eV/K
+DT_FS, SKIP = 2.0, 10  # 20 fs between frames
+N_FRAMES = 500  # 10 ps
+
+
+def host() -> Structure:
+    """32 Li + 32 framework atoms on a 10 A cubic cell."""
+    g = (np.stack(np.meshgrid(*[np.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.25) / 4
+    return Structure(Lattice.cubic(10.0), ["Li"] * 32 + ["S"] * 32, np.vstack([g[::2], g[1::2]]))
+
+
+def walk(d_cm2s: float, temperature: float, seed: int, framework_d: float = 0.0) -> list[Atoms]:
+    """Frames of a random walk with the given Li (and framework) diffusivity in cm^2/s."""
+    s = host()
+    rng = np.random.default_rng(seed)
+    n = len(s)
+    dt = DT_FS * SKIP
+    sd = np.array([math.sqrt(2 * 10 * (d_cm2s if sp.symbol == "Li" else framework_d) * dt) for sp in s.species])
+    steps = rng.normal(size=(N_FRAMES - 1, n, 3)) * sd[None, :, None]
+    pos = s.cart_coords[None] + np.concatenate([np.zeros((1, n, 3)), np.cumsum(steps, axis=0)])
+    return [Atoms(symbols=[sp.symbol for sp in s.species], positions=p, cell=s.lattice.matrix, pbc=True) for p in pos]
+
+
+def arrhenius_d(ea: float, d0: float, t: float) -> float:
+    return d0 * math.exp(-ea / (KB * t))
+
+
+TEMPS = [600.0, 800.0, 1000.0, 1200.0]
+
+
+def analyses(ea: float, d0: float, **kw):
+    return [analyze_temperature(walk(arrhenius_d(ea, d0, t), t, i, **kw), t, DT_FS, SKIP) for i, t in enumerate(TEMPS)]
+
+
+def test_recovers_known_diffusivity_and_activation_energy(tmp_path):
+    cfg = ValidationConfig()
+    res = analyses(0.25, 1e-3)
+    for a in res:
+        true = arrhenius_d(0.25, 1e-3, a.temperature)
+        assert a.smoothed == "max"
+        assert a.diffusivity == pytest.approx(true, rel=0.25)
+        assert a.diffusivity_err > 0 and a.framework_msd < 1e-12
+    verdict, reason, fit = decide(res, host(), cfg)
+    assert fit.ea_ev == pytest.approx(0.25, abs=0.04)
+    assert fit.ea_err_ev is not None and fit.r2 > 0.95
+    # Nernst-Einstein at 300 K for 32 Li+ in 1000 A^3 with the fitted Arrhenius law
+    e, kb = 1.602176634e-19, 1.380649e-23
+    d300 = fit.prefactor * math.exp(-fit.ea_ev / (KB * 300)) * 1e-4  # m^2/s
+    sigma = 32 / 1e-27 * e**2 * d300 / (kb * 300) / 100  # S/cm
+    assert fit.sigma_300 == pytest.approx(sigma, rel=1e-6)
+    assert fit.sigma_300_range[0] < fit.sigma_300 < fit.sigma_300_range[1]
+    assert verdict == "superionic" and "sigma(300 K)" in reason  # ~1e-2 S/cm
+    png = arrhenius_png(res, fit, tmp_path / "a.png", "test")
+    assert png and (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_high_barrier_is_not_superionic():
+    # Fast at 1200 K (3e-5 cm^2/s) but Ea = 0.7 eV: sigma(300 K) ~ 1e-9 S/cm.
+    d0 = 3e-5 / math.exp(-0.7 / (KB * 1200))
+    res = [analyze_temperature(walk(arrhenius_d(0.7, d0, t), t, i), t, DT_FS, SKIP) for i, t in enumerate([1000.0, 1100.0, 1200.0])]
+    verdict, reason, fit = decide(res, host(), ValidationConfig())
+    assert verdict == "not_superionic", reason
+    assert fit.sigma_300 < 1e-6
+
+
+def test_too_few_hops_is_inconclusive():
+    res = analyses(0.6, 1e-3)  # D(1200 K) ~ 3e-6 cm^2/s: MSD ~ 0.02 A^2 in 10 ps
+    verdict, reason, fit = decide(res, host(), ValidationConfig())
+    assert verdict == "inconclusive" and "too few Li hops" in reason and fit is None
+
+
+def test_melted_framework_is_inconclusive():
+    res = analyses(0.25, 1e-3, framework_d=5e-5)
+    verdict, reason, _ = decide(res, host(), ValidationConfig())
+    assert verdict == "inconclusive" and "melted" in reason
+
+
+def test_non_arrhenius_is_inconclusive():
+    # D falls with T (negative Ea), then a scattered D(T) with a poor R^2.
+    down = [analyze_temperature(walk(d, t, i), t, DT_FS, SKIP) for i, (t, d) in enumerate(zip(TEMPS, [4e-4, 3e-4, 2e-4, 1e-4]))]
+    verdict, reason, _ = decide(down, host(), ValidationConfig())
+    assert verdict == "inconclusive" and "Ea" in reason
+    zigzag = [analyze_temperature(walk(d, t, i), t, DT_FS, SKIP) for i, (t, d) in enumerate(zip(TEMPS, [1e-4, 1e-5, 1e-3, 1.2e-4]))]
+    verdict, reason, _ = decide(zigzag, host(), ValidationConfig())
+    assert verdict == "inconclusive" and "R^2" in reason
+
+
+def test_md_failure_is_inconclusive_with_reason():
+    verdict, reason, fit = decide([], host(), ValidationConfig(), ["cell exploded at 1200 K"])
+    assert verdict == "inconclusive" and "exploded" in reason and fit is None
+
+
+def test_short_runs_fall_back_to_unsmoothed_msd():
+    frames = walk(1e-4, 1000.0, 0)[:20]  # 380 fs: too short for smoothed="max" (needs >= 1 ps lags)
+    a = analyze_temperature(frames, 1000.0, DT_FS, SKIP)
+    assert a.smoothed == "none" and a.diffusivity > 0 and a.n_frames == 20

@@ -1,0 +1,323 @@
+"""Evaluation: split properties, metrics against hand-computed cases, protocols end to end (CLI)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from xrdmatch.training.metrics import best_threshold, binary_metrics, summarise_repeats
+from xrdmatch.training.splits import (
+    grouped_stratified_kfold,
+    inner_split,
+    paper_label_draws,
+    paper_pool,
+    repeated_grouped_splits,
+)
+
+# ---------------------------------------------------------------- splits
+
+
+@pytest.mark.parametrize("folds", [2, 5])
+def test_grouped_cv_on_the_112_never_splits_a_formula_and_is_stratified(labelled, folds):
+    y, g = labelled.y, np.asarray(labelled.groups)
+    splits = repeated_grouped_splits(y, g, folds=folds, repeats=3, seed=0)
+    assert len(splits) == 3 * folds
+    prevalence = y.mean()
+    for r in range(3):
+        reps = [s for s in splits if s.repeat == r]
+        tests = np.concatenate([s.test for s in reps])
+        assert sorted(tests.tolist()) == list(range(len(y)))  # a partition: every compound tested once
+        for s in reps:
+            assert len(np.intersect1d(s.train, s.test)) == 0
+            assert len(s.train) + len(s.test) == len(y)
+            assert not set(g[s.train]) & set(g[s.test]), "a reduced formula straddles train/test"
+            # stratified: each test fold's superionic share within 1 compound-ish of the overall 20.5 %
+            n_pos = int(y[s.test].sum())
+            expected = prevalence * len(s.test)
+            assert abs(n_pos - expected) <= 1.5, (r, s.fold, n_pos, expected)
+    # the repeats are different partitions
+    assert not all(np.array_equal(a.test, b.test) for a, b in zip(splits[:folds], splits[folds : 2 * folds]))
+
+
+def test_polymorphs_share_a_fold(labelled):
+    g = np.asarray(labelled.groups)
+    for tr, te in grouped_stratified_kfold(labelled.y, g, 5, seed=3):
+        for formula in ("Li3N", "Li7La3Zr2O12", "Li3PS4"):
+            members = np.flatnonzero(g == formula)
+            assert np.isin(members, te).all() or not np.isin(members, te).any()
+
+
+def test_splits_are_deterministic_given_the_seed(labelled):
+    a = repeated_grouped_splits(labelled.y, labelled.groups, 5, 2, seed=7)
+    b = repeated_grouped_splits(labelled.y, labelled.groups, 5, 2, seed=7)
+    c = repeated_grouped_splits(labelled.y, labelled.groups, 5, 2, seed=8)
+    assert all(np.array_equal(x.test, z.test) for x, z in zip(a, b))
+    assert not all(np.array_equal(x.test, z.test) for x, z in zip(a, c))
+
+
+def test_inner_split_stays_inside_the_training_fold(labelled):
+    y, g = labelled.y, np.asarray(labelled.groups)
+    for s in repeated_grouped_splits(y, g, 5, 1, seed=0):
+        itr, iva = inner_split(s.train, y, g, n_splits=4, seed=11)
+        assert np.isin(itr, s.train).all() and np.isin(iva, s.train).all()
+        assert not np.isin(iva, s.test).any() and not np.isin(itr, s.test).any()
+        assert sorted(np.concatenate([itr, iva]).tolist()) == sorted(s.train.tolist())
+        assert not set(g[itr]) & set(g[iva])
+        assert 0 < y[iva].sum() < len(iva)
+
+
+def test_impossible_splits_fail_with_a_clear_message():
+    y = np.array([1, 0, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="class 1 has only 1 groups"):
+        grouped_stratified_kfold(y, list("abcdef"), 2, 0)
+    with pytest.raises(ValueError, match="folds must be"):
+        grouped_stratified_kfold(y, list("aabbcc"), 4, 0)
+
+
+def test_paper_pool_replays_numpy_seed_0(labelled):
+    y = labelled.y
+    np.random.seed(0)
+    perm = np.random.permutation(len(y))  # the authors' global-state call
+    pool, hold = paper_pool(y, seed=0)
+    assert len(pool) == 93 and len(hold) == 19
+    assert int(y[pool].sum()) == 19 and int(y[hold].sum()) == 4
+    first_pos = [i for i in perm if y[i] == 1][:19]
+    first_neg = [i for i in perm if y[i] == 0][:74]
+    assert sorted(pool.tolist()) == sorted(first_pos + first_neg)
+    draws = paper_label_draws(y, pool, n_members=10, seed=0)
+    assert len(draws) == 10
+    for d in draws:
+        assert len(d) == 20 and int(y[d].sum()) == 10 and np.isin(d, pool).all()
+    assert len({tuple(d) for d in draws}) == 10
+    again = paper_label_draws(y, pool, n_members=10, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(draws, again))
+
+
+def test_grouped_cv_plan_never_trains_or_selects_on_the_test_fold(labelled):
+    from xrdmatch.config import load_config
+    from xrdmatch.training.evaluation import EvalData, parse_methods, plan_grouped_cv, training_config
+
+    cfg = load_config(None, {"evaluation": {"threshold_selection": "inner", "folds": 5, "repeats": 2}})
+    tcfg = training_config(cfg)
+    data = EvalData(X=labelled.X, y=labelled.y, ids=labelled.ids, formulas=labelled.formulas,
+                    groups=np.asarray(labelled.groups), X_unlab=labelled.X[:4], data_hash="d", unlab_hash="u",
+                    unlab_source="test")
+    methods = parse_methods(cfg.evaluation.methods, tcfg.ensemble_size)
+    splits, jobs, inner = plan_grouped_cv(cfg, tcfg, data, methods)
+    by_fold = {(s.repeat, s.fold): s for s in splits}
+    # supervised 1 + fixmatch 1 + flexmatch 5 (the single flexmatch model is member 0), x2 phases
+    assert len(jobs) == len(splits) * 2 * (1 + 1 + tcfg.ensemble_size)
+    assert len({j.digest for j in jobs}) == len(jobs)
+    for j in jobs:
+        r, f, phase = j.key.split("/")[:3]
+        s = by_fold[(int(r[1:]), int(f[1:]))]
+        assert np.isin(j.train, s.train).all() and not np.isin(j.train, s.test).any()
+        if phase == "inner":  # model selection data: inside the training fold only
+            assert np.isin(j.predict, s.train).all()
+            assert np.array_equal(j.predict, inner[(s.repeat, s.fold)][1])
+        else:
+            assert np.array_equal(j.predict, s.test)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_metrics_against_hand_computed_case():
+    # 10 compounds, 4 superionic. Predictions: TP=3, FN=1, FP=1, TN=5.
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
+    pred = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0, 0])
+    m = binary_metrics(y, pred, score=None)
+    p1, r1 = 3 / 4, 3 / 4
+    f1_pos = 2 * p1 * r1 / (p1 + r1)  # 0.75
+    p0, r0 = 5 / 6, 5 / 6
+    f1_neg = 2 * p0 * r0 / (p0 + r0)  # 0.8333
+    assert m["precision"] == pytest.approx(0.75)
+    assert m["recall"] == pytest.approx(0.75)
+    assert m["f1_superionic"] == pytest.approx(f1_pos)
+    assert m["macro_f1"] == pytest.approx((f1_pos + f1_neg) / 2)
+    assert m["prevalence"] == pytest.approx(0.4)
+
+
+def test_pr_auc_is_average_precision():
+    # ranking by score: 1 (pos), 0.8 (neg), 0.6 (pos), 0.2 (neg): AP = (1/1 + 2/3) / 2
+    m = binary_metrics([1, 0, 1, 0], [1, 1, 1, 0], score=[1.0, 0.8, 0.6, 0.2])
+    assert m["pr_auc"] == pytest.approx((1 + 2 / 3) / 2)
+    perfect = binary_metrics([0, 0, 1, 1], [0, 0, 1, 1], score=[0.1, 0.2, 0.7, 0.9])
+    assert perfect["pr_auc"] == pytest.approx(1.0) and perfect["macro_f1"] == pytest.approx(1.0)
+    assert math.isnan(binary_metrics([0, 0], [0, 1], score=[0.1, 0.9])["pr_auc"])
+
+
+def test_no_predicted_superionic_counts_as_zero_not_crash():
+    m = binary_metrics([1, 0, 0], [0, 0, 0], score=[0.4, 0.1, 0.2])
+    assert m["precision"] == 0 and m["recall"] == 0 and m["f1_superionic"] == 0
+    assert m["macro_f1"] == pytest.approx((0 + 0.8) / 2)
+
+
+def test_summary_is_mean_and_std_over_repeats():
+    rows = [
+        {"repeat": 0, "macro_f1": 0.6}, {"repeat": 0, "macro_f1": 0.8},  # repeat mean 0.7
+        {"repeat": 1, "macro_f1": 0.9}, {"repeat": 1, "macro_f1": 0.9},  # repeat mean 0.9
+    ]
+    s = summarise_repeats(rows, keys=("macro_f1",))
+    assert s["macro_f1"] == pytest.approx(0.8)
+    assert s["macro_f1_std"] == pytest.approx(0.1)
+    assert s["macro_f1_fold_std"] == pytest.approx(np.std([0.6, 0.8, 0.9, 0.9]))
+    assert s["std_over"] == "repeats"
+    one = summarise_repeats(rows[:2], keys=("macro_f1",))  # one repeat: the folds' spread
+    assert one["macro_f1_std"] == pytest.approx(0.1) and one["std_over"] == "folds"
+
+
+def test_best_threshold_maximises_macro_f1():
+    y = np.array([0, 0, 0, 1, 1])
+    score = np.array([0.1, 0.2, 0.3, 0.35, 0.4])
+    t = best_threshold(y, score)
+    assert 0.3 <= t < 0.35
+    assert binary_metrics(y, score > t)["macro_f1"] == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------- protocols end to end (real Ray, real training)
+
+TINY = {
+    "ray": {"num_cpus": 2},
+    "database": {"limit": 24},
+    "xrd": {"batch_size": 12, "workers": 1},
+    "training": {"iterations": 2, "batch_labelled": 8, "batch_unlabelled": 8, "ensemble_size": 2},
+    "evaluation": {
+        "folds": 2, "repeats": 1, "unlabelled_limit": 16, "paper_members": 2,
+        "methods": ["supervised", "flexmatch", "flexmatch-ensemble"],
+    },
+}
+
+
+def _tiny_config(tmp_path, extra=None, run_dir=None):
+    import yaml
+
+    from xrdmatch.config import _merge
+
+    data = _merge(TINY, {"run_dir": str(run_dir or tmp_path / "run")})
+    if extra:
+        data = _merge(data, extra)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    return tmp_path_factory.mktemp("eval_run")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ray
+    ray.shutdown()
+
+
+def _kill_after_first_member(args, cache_dir, timeout=240):
+    """Run the CLI in its own session; SIGKILL the whole group once one member is cached."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "xrdmatch.cli", *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    try:
+        while time.time() - t0 < timeout and proc.poll() is None:
+            if cache_dir.is_dir() and any(cache_dir.glob("*.npz")):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return proc.returncode
+
+
+def test_cli_grouped_cv_resumes_after_kill_9_and_writes_the_json_shape(tmp_path, ray_local, shared_run):
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    cfg = _tiny_config(tmp_path, {"training": {"iterations": 5}}, run_dir=shared_run)
+    out, md = tmp_path / "cv.json", tmp_path / "cv.md"
+    args = ["evaluate", "--protocol", "grouped-cv", "--config", str(cfg), "--out", str(out), "--markdown", str(md)]
+    cache = shared_run / "evaluation" / "grouped-cv" / "members"
+    rc = _kill_after_first_member(args, cache)
+    assert rc == -9 and not out.exists(), "the first run should have been killed mid-way"
+    n_cached = len([f for f in cache.glob("*.npz") if not f.name.endswith(".tmp.npz")])
+    assert 1 <= n_cached < 6
+    res = CliRunner().invoke(app, args)  # same command again: resumes
+    assert res.exit_code == 0, res.output
+    assert f"6 member trainings: {n_cached} cached, {6 - n_cached} to run" in res.output
+    r = json.loads(out.read_text())
+    assert r["protocol"] == "grouped-cv"
+    assert [x["method"] for x in r["results"]] == ["supervised", "flexmatch", "flexmatch-ensemble"]
+    for x in r["results"]:
+        for k in ("macro_f1", "macro_f1_std", "f1_superionic", "f1_superionic_std", "precision", "recall", "pr_auc"):
+            assert isinstance(x[k], float) and 0.0 <= x[k] <= 1.0, (x["method"], k, x[k])
+    assert {"machine", "wall_time_s", "config", "folds", "per_fold", "predictions"} <= set(r)
+    assert r["config"]["evaluation"]["folds"] == 2 and r["member_trainings"] == 2 * (1 + 2)
+    # per-sample predictions: each of the 112 compounds scored exactly once per method (1 repeat)
+    p = r["predictions"]["flexmatch-ensemble"]
+    assert sorted(p["id"]) == sorted(set(p["id"])) and len(p["id"]) == 112
+    assert all(0.0 <= v <= 1.0 for v in p["p"]) and set(p["votes"]) <= {0, 1, 2}
+    # the single flexmatch model is member 0 of the ensemble: fewer trainings, same seeds
+    assert len(p["pred"]) == len(r["predictions"]["flexmatch"]["pred"])
+    # no formula of a test fold is in its training fold (checked on the written folds)
+    for f in r["folds"]:
+        assert f["n_train"] + f["n_test"] == 112 and f["n_superionic_test"] >= 1
+    table = md.read_text()
+    assert table.startswith("| method | macro-F1 |") and "flexmatch-ensemble" in table and "wall time" in table
+    # same command again: every member prediction comes from the cache, identical numbers
+    out2 = tmp_path / "cv2.json"
+    res2 = CliRunner().invoke(app, args[:-4] + ["--out", str(out2)])
+    assert res2.exit_code == 0, res2.output
+    assert "6 cached, 0 to run" in res2.output
+    r2 = json.loads(out2.read_text())
+    assert [x["macro_f1"] for x in r2["results"]] == [x["macro_f1"] for x in r["results"]]
+    # --from-json renders without training
+    res3 = CliRunner().invoke(app, ["evaluate", "--from-json", str(out)])
+    assert res3.exit_code == 0 and "supervised" in res3.output and "macro-F1" in res3.output
+
+
+def test_paper_protocol_reports_what_the_paper_reports(tmp_path, ray_local, shared_run):
+    from xrdmatch.config import load_config
+    from xrdmatch.training.evaluation import evaluate_paper, results_markdown
+
+    # same run directory as the grouped-cv test: the XRD patterns cache is reused
+    cfg = load_config(_tiny_config(tmp_path, {"evaluation": {"paper_methods": ["flexmatch-ensemble"]}},
+                                   run_dir=shared_run))
+    r = evaluate_paper(cfg)
+    assert r["protocol"] == "paper" and r["paper_reported"]["macro_f1_all112"] == 0.918
+    (x,) = r["results"]
+    for k in ("macro_f1", "macro_f1_std", "f1_superionic", "precision", "recall", "pr_auc",
+              "macro_f1_all112", "macro_f1_unseen", "member_macro_f1_unseen"):
+        assert 0.0 <= x[k] <= 1.0, k
+    assert x["macro_f1"] == x["macro_f1_unseen"]
+    # 2 members x 20 labels from the 93-compound pool: >= 19 held-out + pool leftovers are unseen
+    assert 112 - 40 <= x["n_unseen"] <= 112 - 20 and x["votes_needed"] == 1
+    assert len(r["split"]["pool"]) == 93 and len(r["split"]["holdout"]) == 19
+    trained = r["predictions"]["flexmatch-ensemble"]["trained_on"]
+    assert sum(trained) == 112 - x["n_unseen"]
+    assert "paper (published" in results_markdown(r)
+
+
+def test_unknown_method_is_a_clear_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    cfg = _tiny_config(tmp_path, {"evaluation": {"methods": ["supervised", "meanteacher"]}})
+    res = CliRunner().invoke(app, ["evaluate", "--config", str(cfg), "--out", str(tmp_path / "x.json")])
+    assert res.exit_code == 2
+    assert "meanteacher" in res.output and not (tmp_path / "x.json").exists()

@@ -1,0 +1,228 @@
+"""MD validation: input checks, calculators, thermostats and kill -9 resume (real CHGNet, tiny cells)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("chgnet")
+
+from pymatgen.core import Lattice, Structure  # noqa: E402
+
+from xrdmatch.config import ValidationConfig  # noqa: E402
+from xrdmatch.simulation.md import choose_supercell, read_frames  # noqa: E402
+from xrdmatch.simulation.validate import (  # noqa: E402
+    CalculatorUnavailable,
+    ValidationInputError,
+    protocol_hash,
+    run_validation,
+)
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def li2o(a: float = 4.61) -> Structure:
+    """Antifluorite Li2O, 12 atoms in the conventional cell."""
+    return Structure.from_spacegroup("Fm-3m", Lattice.cubic(a), ["Li", "O"], [[0.25, 0.25, 0.25], [0, 0, 0]])
+
+
+def tiny_cfg(**kw) -> ValidationConfig:
+    base = dict(
+        temperatures=[1000.0, 1400.0],
+        equilibration_steps=4,
+        production_steps=20,
+        traj_interval=2,
+        min_atoms=1,
+        min_length=4.0,
+        torch_threads=1,
+    )
+    base.update(kw)
+    return ValidationConfig(**base)
+
+
+# ------------------------------------------------------------------ supercell and input
+
+
+def test_choose_supercell_smallest_diagonal():
+    # 4 x 4 x 8 A cell with 6 sites: lengths >= 8 needs 2x2x1 (24 atoms); 50 atoms needs more.
+    assert choose_supercell((4.0, 4.0, 8.0), 6, 1, 8.0, 1000) == (2, 2, 1)
+    m = choose_supercell((4.0, 4.0, 8.0), 6, 50, 8.0, 1000)
+    assert 6 * np.prod(m) >= 50 and all(L * k >= 8.0 for L, k in zip((4, 4, 8), m))
+    assert m == (3, 3, 1)  # 54 atoms: the smallest count reaching 50 (3x2x2 would be 72)
+    with pytest.raises(ValidationInputError, match="max_atoms"):
+        choose_supercell((4.0, 4.0, 4.0), 6, 50, 8.0, 40)
+
+
+def test_bad_inputs_are_refused_with_reason(tmp_path):
+    cfg = tiny_cfg()
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    with pytest.raises(ValidationInputError, match="no Li"):
+        run_validation(nacl, cfg, tmp_path / "a", "nacl")
+    close = Structure(Lattice.cubic(5.0), ["Li", "O"], [[0, 0, 0], [0.05, 0, 0]])
+    with pytest.raises(ValidationInputError, match="too close.*0.250"):
+        run_validation(close, cfg, tmp_path / "b", "close")
+    assert not list((tmp_path / "b").glob("*K"))  # refused before any MD
+
+
+def test_disordered_input_is_ordered_or_refused(tmp_path):
+    from xrdmatch.simulation.md import order_structure
+
+    # Rock-salt (Li0.5Na0.5)Cl: orderable in a 2-formula cell.
+    dis = Structure(Lattice.cubic(5.4), [{"Li": 0.5, "Na": 0.5}] * 4 + ["Cl"] * 4,
+                    [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5],
+                     [0.5, 0.5, 0.5], [0, 0, 0.5], [0, 0.5, 0], [0.5, 0, 0]])
+    ordered, note = order_structure(dis, 64)
+    assert ordered.is_ordered and "ordered" in note
+    assert ordered.composition.reduced_formula == dis.composition.reduced_formula
+    # Occupancy 1/7 needs >= 7 copies of the site: refused under a small site limit.
+    odd = Structure(Lattice.cubic(4.0), [{"Li": 1 / 7, "Na": 6 / 7}, "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    with pytest.raises(ValidationInputError, match="cannot be ordered within max_order_sites=8"):
+        order_structure(odd, 8)
+
+
+# ------------------------------------------------------------------ calculators
+
+
+def test_unavailable_calculators_say_how_to_install(tmp_path, monkeypatch):
+    from xrdmatch.simulation.calculators import get_calculator
+
+    for v in ("ASE_VASP_COMMAND", "VASP_COMMAND", "VASP_SCRIPT"):
+        monkeypatch.delenv(v, raising=False)
+    with pytest.raises(CalculatorUnavailable, match="ASE_VASP_COMMAND"):
+        get_calculator("vasp")
+    with pytest.raises(CalculatorUnavailable, match="pip install notapackage"):
+        get_calculator("notapackage.Calc")
+    with pytest.raises(CalculatorUnavailable, match="unknown calculator"):
+        get_calculator("nonsense")
+    # Any ASE calculator by dotted path (a real one: ASE's EMT), labelled ab initio unless an MLIP.
+    calc, info = get_calculator("ase.calculators.emt.EMT")
+    assert type(calc).__name__ == "EMT" and info.method == "aimd"
+    try:
+        import gpaw  # noqa: F401
+    except ImportError:
+        with pytest.raises(CalculatorUnavailable, match="pip install gpaw"):
+            run_validation(li2o(), tiny_cfg(calculator="gpaw"), tmp_path / "g", "li2o")
+
+
+def test_gpaw_tiny_aimd(tmp_path):
+    pytest.importorskip("gpaw", reason="GPAW not installed (optional extra: pip install gpaw + PAW datasets)")
+    cfg = tiny_cfg(calculator="gpaw", temperatures=[1000.0], equilibration_steps=0, production_steps=2,
+                   traj_interval=1, calculator_kwargs={"mode": 200, "kpts": [1, 1, 1]})
+    s = Structure(Lattice.cubic(3.5), ["Li", "Li"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    r = run_validation(s, cfg, tmp_path, "li-bcc")
+    assert r.method == "aimd" and r.temperatures_done == [1000.0]
+
+
+# ------------------------------------------------------------------ MD
+
+
+@pytest.mark.parametrize("thermostat", ["langevin", "berendsen"])
+def test_thermostats_run_and_label(tmp_path, thermostat):
+    relax = thermostat == "berendsen"  # also exercise the fixed-cell pre-relaxation once
+    cfg = tiny_cfg(thermostat=thermostat, temperatures=[1200.0], equilibration_steps=0, production_steps=6,
+                   relax=relax, relax_steps=3)
+    r = run_validation(li2o(), cfg, tmp_path, "li2o")
+    assert (tmp_path / "relaxed.traj").exists() == relax
+    assert r.calculator == "chgnet" and r.method == "mlip-md" and r.n_atoms == 12
+    assert r.temperatures_done == [1200.0]
+    assert len(read_frames(tmp_path / "1200K" / "md.traj")) == 4  # frames at steps 0, 2, 4, 6
+    json.dumps(r.to_dict())
+
+
+def test_exploding_cell_is_inconclusive(tmp_path):
+    # One Li pushed to 1.28 A from an O passes the input check (> min_distance) but the repulsion
+    # heats the 12-atom cell to > 3x the target within two steps: the verdict must say so.
+    s = li2o()
+    s.translate_sites([4], [-0.09, -0.09, -0.09])
+    cfg = tiny_cfg(temperatures=[300.0, 600.0], explode_temperature_factor=3.0)
+    r = run_validation(s, cfg, tmp_path, "pushed")
+    assert r.verdict == "inconclusive"
+    assert "exploded at 300 K" in r.reason
+    assert r.temperatures_done == [] and not (tmp_path / "600K").exists()
+    state = json.loads((tmp_path / "300K" / "state.json").read_text())
+    assert state["status"] == "failed" and "exploded" in state["reason"]
+    # Idempotent: the recorded failure is returned again without recomputing.
+    r2 = run_validation(s, cfg, tmp_path, "pushed", progress=lambda *a: pytest.fail("recomputed"))
+    assert r2.reason == r.reason
+
+
+RUNNER = textwrap.dedent(
+    """
+    import sys, torch
+    torch.set_num_threads(1)
+    from pymatgen.core import Lattice, Structure
+    from xrdmatch.config import ValidationConfig
+    from xrdmatch.simulation.validate import run_validation
+    s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.61), ["Li", "O"], [[0.25, 0.25, 0.25], [0, 0, 0]])
+    cfg = ValidationConfig.model_validate_json(sys.argv[2])
+    def progress(T, step, n):
+        print(f"P {T} {step}", flush=True)
+    run_validation(s, cfg, sys.argv[1], "li2o", progress=progress)
+    print("DONE", flush=True)
+    """
+)
+
+
+def test_kill9_resumes_from_last_frame(tmp_path):
+    cfg = tiny_cfg()
+    work = tmp_path / "w"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(work), cfg.model_dump_json()],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    deadline = time.monotonic() + 90
+    try:
+        for line in proc.stdout:
+            parts = line.split()
+            if parts and parts[0] == "P" and float(parts[1]) == 1400.0 and int(parts[2]) >= 8:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            assert time.monotonic() < deadline, "runner too slow"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    hot = work / "1400K" / "md.traj"
+    before = read_frames(hot)
+    assert 5 <= len(before) < 13
+    assert json.loads((work / "1000K" / "state.json").read_text())["status"] == "done"
+
+    calls: list[tuple[float, int]] = []
+    beats: list[float] = []
+    r = run_validation(li2o(), cfg, work, "li2o", progress=lambda T, s, n: calls.append((T, s)),
+                       heartbeat=lambda: beats.append(time.time()))
+    # 1000 K was finished: not touched. 1400 K continued after the last saved frame, nothing redone.
+    assert all(T == 1400.0 for T, _ in calls)
+    assert calls[0][1] == 2 * len(before)  # first new frame = step after the last saved one
+    after = read_frames(hot)
+    assert len(after) == 13  # frames at steps 0, 2, ..., 24 (4 equilibration + 20 production)
+    for a, b in zip(before, after[: len(before)]):
+        assert np.array_equal(a.positions, b.positions)
+    assert beats  # the queue's lease is renewed
+    assert r.temperatures_done == [1000.0, 1400.0]
+    assert set(r.diffusivity) == {1000.0, 1400.0} and all(d > 0 for d in r.diffusivity.values())
+    assert r.verdict in {"superionic", "not_superionic", "inconclusive"} and r.reason
+    assert Path(r.arrhenius_png).is_file()
+    saved = json.loads((work / "result.json").read_text())
+    assert saved["verdict"] == r.verdict and saved["protocol"] == protocol_hash(cfg)
+    # Idempotent: a third call computes nothing.
+    calls.clear()
+    run_validation(li2o(), cfg, work, "li2o", progress=lambda T, s, n: calls.append((T, s)))
+    assert calls == []
+
+
+def test_protocol_hash_tracks_physics_only():
+    a = tiny_cfg()
+    assert protocol_hash(a) == protocol_hash(tiny_cfg(sigma_threshold=1e-3, heartbeat_s=5, workers=3))
+    assert protocol_hash(a) != protocol_hash(tiny_cfg(timestep_fs=1.0))
+    assert protocol_hash(a) != protocol_hash(tiny_cfg(thermostat="langevin"))
+    assert protocol_hash(a) != protocol_hash(tiny_cfg(temperatures=[1000.0, 1300.0]))

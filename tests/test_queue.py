@@ -1,0 +1,209 @@
+"""The validation queue and the label store: idempotency, leases, exclusive claims.
+
+Runs on SQLite; with ``XRDMATCH_TEST_PG_URL`` set (``scripts/postgres.sh``) every store test
+also runs on PostgreSQL, each in a schema of its own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+import uuid
+
+import pytest
+
+from xrdmatch.config import ValidationConfig
+from xrdmatch.platform import queue
+from xrdmatch.platform.labels import LabelInputError, LabelRecord, add_label, import_labels, list_labels
+
+PG_URL = os.environ.get("XRDMATCH_TEST_PG_URL")
+BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
+
+LI3N = {  # alpha-Li3N, shipped record format
+    "id": "li3n",
+    "formula": "Li3N",
+    "lattice": [[3.65, 0.0, 0.0], [-1.825, 3.161, 0.0], [0.0, 0.0, 3.87]],
+    "species": ["Li", "Li", "Li", "N"],
+    "frac_coords": [[0, 0, 0.5], [1 / 3, 2 / 3, 0], [2 / 3, 1 / 3, 0], [0, 0, 0]],
+}
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request, tmp_path):
+    """A fresh, empty store: a SQLite file, or a PostgreSQL schema dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    from sqlalchemy import create_engine, text
+
+    from xrdmatch.platform.db import engine_for
+
+    schema = f"xq_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as c:
+        c.execute(text(f"CREATE SCHEMA {schema}"))
+    url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{schema}"
+    yield url
+    engine_for(url).dispose()
+    with admin.begin() as c:
+        c.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+    admin.dispose()
+
+
+def _proto(**kw) -> ValidationConfig:
+    return ValidationConfig(**kw)
+
+
+def test_submit_is_idempotent_and_keyed_by_protocol(store_url):
+    a = queue.submit(store_url, "li3n", LI3N, _proto(), priority=1)
+    b = queue.submit(store_url, "li3n", LI3N, _proto(), priority=5)
+    assert a == b
+    assert queue.counts_by_state(store_url)["queued"] == 1
+    c = queue.submit(store_url, "li3n", LI3N, _proto(temperatures=[900.0, 1300.0]))
+    assert c != a  # another protocol is another job
+    job = queue.get_job(store_url, a)
+    assert job.record["species"] == LI3N["species"] and job.formula == "Li3N"
+    assert job.protocol["temperatures"] == [600.0, 800.0, 1000.0, 1200.0]
+    assert job.state == "queued" and job.attempts == 0
+
+
+def test_submit_rejects_a_malformed_record_naming_it(store_url):
+    with pytest.raises(queue.QueueError, match="bad-1"):
+        queue.submit(store_url, "bad-1", {"species": ["Li"]}, _proto())
+
+
+def test_claim_order_lease_expiry_and_lost_worker(store_url):
+    low = queue.submit(store_url, "low", LI3N, _proto(), priority=0)
+    high = queue.submit(store_url, "high", LI3N, _proto(), priority=9)
+    j1 = queue.claim(store_url, "w1", lease_s=0.5)
+    assert j1.id == high and j1.state == "running" and j1.attempts == 1 and j1.worker_id == "w1"
+    j2 = queue.claim(store_url, "w2", lease_s=60)
+    assert j2.id == low
+    assert queue.claim(store_url, "w3", lease_s=60) is None  # both leased
+    assert queue.heartbeat(store_url, high, "w1", lease_s=0.5, progress={"temperature": 600.0, "step": 3})
+    assert not queue.heartbeat(store_url, high, "w2", lease_s=60)  # not w2's job
+    assert queue.get_job(store_url, high).progress["step"] == 3
+    time.sleep(1.0)  # w1 "dies": its lease runs out
+    j3 = queue.claim(store_url, "w3", lease_s=60)
+    assert j3.id == high and j3.worker_id == "w3" and j3.attempts == 2
+    assert j3.progress["step"] == 3  # progress survives for the resume / ETA
+    assert not queue.heartbeat(store_url, high, "w1", lease_s=60)  # w1 learns it lost the job
+
+
+def test_job_that_keeps_losing_workers_fails_after_max_attempts(store_url):
+    jid = queue.submit(store_url, "li3n", LI3N, _proto())
+    for attempt in (1, 2):
+        job = queue.claim(store_url, f"w{attempt}", lease_s=0.2, max_attempts=2)
+        assert job.id == jid and job.attempts == attempt
+        time.sleep(0.4)
+    assert queue.claim(store_url, "w3", lease_s=60, max_attempts=2) is None
+    job = queue.get_job(store_url, jid)
+    assert job.state == "failed" and "lease expired" in job.error
+
+
+def _result(sid: str, verdict: str = "superionic") -> dict:
+    return {
+        "structure_id": sid, "formula": "Li3N", "verdict": verdict, "reason": "test", "method": "mlip-md",
+        "calculator": "chgnet", "calculator_version": "0.4.2", "temperatures": [600.0, 900.0],
+        "diffusivity": {"600.0": 1e-6, "900.0": 1e-5}, "diffusivity_err": {"600.0": 1e-7, "900.0": 1e-6},
+        "ea_ev": 0.25, "ea_err_ev": 0.02, "sigma_300": 1e-3, "sigma_300_range": [5e-4, 2e-3],
+        "n_atoms": 64, "runtime_s": 12.0,
+    }
+
+
+def test_completing_twice_yields_one_label(store_url):
+    from xrdmatch.platform.labels import label_from_result
+
+    jid = queue.submit(store_url, "li3n", LI3N, _proto())
+    job = queue.claim(store_url, "w1", lease_s=60)
+    lab = label_from_result(_result("li3n"), protocol_hash=job.protocol_hash, job_id=jid, record=job.record)
+    assert queue.complete(store_url, jid, "w1", _result("li3n"), lab)
+    assert not queue.complete(store_url, jid, "w2", _result("li3n"), lab)  # a second run of the same job
+    labels = list_labels(store_url)
+    assert len(labels) == 1
+    got = labels[0]
+    assert (got.structure_id, got.label, got.method, got.formula) == ("li3n", 1, "mlip-md", "Li3N")
+    assert got.sigma_300_range == (5e-4, 2e-3) and got.diffusivity == {600.0: 1e-6, 900.0: 1e-5}
+    assert got.record["species"] == LI3N["species"] and got.job_id == jid
+    assert queue.get_job(store_url, jid).state == "done"
+    # the same (structure, protocol) added directly is still one label
+    _, created = add_label(store_url, lab)
+    assert not created and len(list_labels(store_url)) == 1
+
+
+def test_inconclusive_is_a_result_not_a_label(store_url):
+    from xrdmatch.platform.labels import label_from_result
+
+    jid = queue.submit(store_url, "li3n", LI3N, _proto())
+    job = queue.claim(store_url, "w1", lease_s=60)
+    res = _result("li3n", verdict="inconclusive") | {"reason": "too few Li hops at 600 K"}
+    lab = label_from_result(res, protocol_hash=job.protocol_hash, job_id=jid, record=job.record)
+    assert lab is None
+    queue.complete(store_url, jid, "w1", res, lab)
+    job = queue.get_job(store_url, jid)
+    assert job.state == "inconclusive" and job.result["verdict"] == "inconclusive" and "hops" in job.error
+    assert list_labels(store_url) == []
+
+
+def test_fail_and_requeue(store_url):
+    jid = queue.submit(store_url, "li3n", LI3N, _proto())
+    queue.claim(store_url, "w1", lease_s=60)
+    assert queue.fail(store_url, jid, "w1", "CalculatorUnavailable: gpaw is not installed")
+    assert queue.counts_by_state(store_url)["failed"] == 1
+    with pytest.raises(queue.QueueError, match="running"):
+        queue.requeue(store_url, ("running",))
+    assert queue.requeue(store_url, ("failed",)) == 1
+    job = queue.claim(store_url, "w2", lease_s=60)
+    assert job.id == jid and job.attempts == 2 and job.error is None
+
+
+def test_label_import_is_validated_and_idempotent(store_url, tmp_path):
+    good = tmp_path / "exp.csv"
+    good.write_text("structure_id,formula,sigma_300,label\nicsd-1,Li10GeP2S12,1.2e-2,\nicsd-2,Li3N,,0\n")
+    assert import_labels(store_url, good) == (2, 0)
+    assert import_labels(store_url, good) == (0, 2)
+    labs = {r.structure_id: r for r in list_labels(store_url, methods=["experiment"])}
+    assert labs["icsd-1"].label == 1 and labs["icsd-2"].label == 0 and labs["icsd-1"].source == "exp.csv:2"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("structure_id,formula,label\nx-1,Li2O,1\nx-2,Li2S,7\n")
+    with pytest.raises(LabelInputError, match="row 3 .x-2.: label '7'"):
+        import_labels(store_url, bad)
+    assert len(list_labels(store_url)) == 2  # nothing of the bad file was written
+    with pytest.raises(LabelInputError, match="unknown method"):
+        add_label(store_url, LabelRecord("y", "Li2O", "guess", 1, "p"))
+
+
+def _claimer(url: str, worker: str, conn, barrier) -> None:
+    queue.counts_by_state(url)  # connect (imports, engine) before the start line
+    barrier.wait()
+    got = []
+    while True:
+        job = queue.claim(url, worker, lease_s=600)
+        if job is None:
+            break
+        got.append(job.id)
+    conn.send(got)
+    conn.close()
+
+
+def test_claim_is_exclusive_across_processes(store_url):
+    n_jobs, n_procs = 120, 4
+    proto = _proto()
+    ids = {queue.submit(store_url, f"s{i}", LI3N, proto) for i in range(n_jobs)}
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(n_procs)
+    pipes, procs = [], []
+    for w in range(n_procs):
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_claimer, args=(store_url, f"w{w}", child, barrier))
+        p.start()
+        pipes.append(parent)
+        procs.append(p)
+    claimed = [pipe.recv() for pipe in pipes]
+    for p in procs:
+        p.join(60)
+    flat = [j for got in claimed for j in got]
+    assert sorted(flat) == sorted(ids)  # every job claimed exactly once
+    assert sum(bool(got) for got in claimed) >= 2  # and the claims really were concurrent
+    assert queue.counts_by_state(store_url)["running"] == n_jobs

@@ -1,0 +1,178 @@
+"""Training loop, algorithms, resume, ensemble save/load, training set, Ray Train jobs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from xrdmatch.config import TrainingConfig, load_config
+from xrdmatch.training.ensemble import Ensemble, train_ensemble
+from xrdmatch.training.trainer import (
+    flexmatch_thresholds,
+    sampling_probs,
+    state_to_tensors,
+    tensors_to_state,
+    train_member,
+)
+
+L = 4501
+
+
+def synthetic(n: int, seed: int = 0):
+    """Class 1: peaks in bins 500-1500; class 0: peaks in 3000-4000 (separable under shifts)."""
+    g = np.random.default_rng(seed)
+    y = (np.arange(n) % 4 == 0).astype(np.int64)  # imbalanced like the paper (1 : 3)
+    X = np.zeros((n, L), np.float32)
+    for i in range(n):
+        lo = 500 if y[i] else 3000
+        X[i, g.integers(lo, lo + 1000, size=20)] = g.uniform(0.2, 1.0, size=20)
+    return X, y
+
+
+def tiny(**kw) -> TrainingConfig:
+    base = dict(iterations=6, batch_labelled=16, batch_unlabelled=16, ensemble_size=1, checkpoint_every=2)
+    return TrainingConfig(**{**base, **kw})
+
+
+def test_flexmatch_thresholds_follow_the_paper():
+    sel = torch.full((10,), -1)
+    assert torch.equal(flexmatch_thresholds(sel, 0.95, True), torch.zeros(2))  # start: all unused
+    sel[:4] = 0
+    sel[4:6] = 1  # counts: -1: 4, 0: 4, 1: 2
+    thr = flexmatch_thresholds(sel, 0.95, warmup=True)
+    s = torch.tensor([4 / 4, 2 / 4])
+    assert torch.allclose(thr, 0.95 * s / (2 - s))  # convex mapping of the learning effect
+    sel[6:9] = 1
+    sel[9] = -1  # counts: -1: 1, 0: 4, 1: 5 -> without warm-up the -1 count is left out
+    assert torch.allclose(flexmatch_thresholds(sel, 0.95, False), 0.95 * torch.tensor([0.8 / 1.2, 1.0]))
+
+
+def test_class_balanced_sampling_gives_each_class_half():
+    y = torch.tensor([1] * 23 + [0] * 89)
+    p = sampling_probs(y, torch.ones(112), balance=True)
+    assert torch.isclose(p[y == 1].sum(), torch.tensor(0.5)) and torch.isclose(p.sum(), torch.tensor(1.0))
+    w = torch.ones(112)
+    w[:5] = 0  # a zero-weight source is never drawn
+    assert (sampling_probs(y, w, balance=True)[:5] == 0).all()
+
+
+def test_supervised_member_learns_a_separable_task():
+    X, y = synthetic(48)
+    m = train_member(X, y, None, tiny(algorithm="supervised", iterations=60, lr=1e-3), seed=0)
+    ens = Ensemble([m], network="fast")
+    Xt, yt = synthetic(40, seed=1)
+    acc = ((ens.predict_proba(Xt)["p_mean"] > 0.5) == yt).mean()
+    assert acc >= 0.9
+    assert m.history[0]["loss_s"] > m.history[-1]["loss_s"]
+
+
+@pytest.mark.parametrize("algorithm", ["fixmatch", "flexmatch"])
+def test_semi_supervised_step_logs_and_is_deterministic(algorithm):
+    X, y = synthetic(32)
+    Xu, _ = synthetic(40, seed=3)
+    logged = []
+    cfg = tiny(algorithm=algorithm, threshold=0.6)
+    a = train_member(X, y, Xu, cfg, seed=1, log_fn=lambda s, m: logged.append((s, m)))
+    b = train_member(X, y, Xu, cfg, seed=1)
+    assert [s for s, _ in logged] == list(range(1, 7))
+    for _, m in logged:
+        assert {"loss_s", "loss_u", "mask_rate", "pseudo_0", "pseudo_1", "threshold_0"} <= set(m)
+        assert 0.0 <= m["mask_rate"] <= 1.0
+        assert m["pseudo_0"] + m["pseudo_1"] == round(m["mask_rate"] * 16)
+    if algorithm == "flexmatch":
+        assert logged[0][1]["mask_rate"] == 1.0  # FlexMatch starts with zero class thresholds
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+
+
+def test_empty_unlabelled_falls_back_to_supervised():
+    X, y = synthetic(16)
+    with pytest.warns(UserWarning, match="supervised"):
+        m = train_member(X, y, np.zeros((0, L), np.float32), tiny(iterations=2), seed=0)
+    assert all(h["loss_u"] == 0 for h in m.history)
+
+
+def test_pseudo_label_rounds_add_confident_unlabelled():
+    X, y = synthetic(32)
+    Xu, _ = synthetic(30, seed=4)
+    m = train_member(X, y, Xu, tiny(algorithm="supervised", iterations=30, lr=1e-3, pseudo_label_rounds=2,
+                                    threshold=0.6), seed=0)
+    assert len(m.history) == 60
+    assert m.history[29]["pool_pseudo"] == 0 and m.history[30]["pool_pseudo"] > 0
+
+
+def test_resume_from_a_state_continues_exactly():
+    """5 steps + checkpoint + 5 resumed steps == 10 straight steps (CPU, seeded)."""
+    X, y = synthetic(24)
+    Xu, _ = synthetic(20, seed=2)
+    cfg = tiny(iterations=10, checkpoint_every=5)
+    saved = {}
+
+    def keep(step, state):
+        if step == 5:
+            saved.update(zip(("t", "meta"), state_to_tensors(state)))
+
+    straight = train_member(X, y, Xu, cfg, seed=3, checkpoint_fn=keep)
+    resumed = train_member(X, y, Xu, cfg, seed=3, resume=tensors_to_state(saved["t"], saved["meta"]))
+    assert [h["step"] for h in resumed.history] == list(range(1, 11))
+    assert resumed.history[-1]["attempt_start"] == 5
+    for k, v in straight.state_dict.items():
+        assert torch.allclose(v.float(), resumed.state_dict[k].float(), atol=1e-6), k
+
+
+def test_ensemble_save_load_roundtrip_without_pickle(tmp_path):
+    X, y = synthetic(24)
+    ens = train_ensemble(X, y, None, tiny(algorithm="supervised", iterations=3, ensemble_size=2), use_ray=False)
+    assert ens.members[0].seed != ens.members[1].seed
+    out = ens.save(tmp_path / "ens")
+    assert sorted(p.suffix for p in out.iterdir()) == [".json"] * 3 + [".safetensors"] * 2
+    back = Ensemble.load(out)
+    a, b = ens.predict_proba(X), back.predict_proba(X)
+    np.testing.assert_allclose(a["p_mean"], b["p_mean"], rtol=1e-6)
+    assert set(a) >= {"p_mean", "p_std", "votes"} and a["votes"].max() <= 2
+    assert (a["p_std"] > 0).any()  # members differ
+    assert len(back.members[1].history) == 3
+    with pytest.raises(FileNotFoundError):
+        Ensemble.load(tmp_path)
+
+
+def test_build_training_set_adds_validated_labels_with_source_weights(tmp_path):
+    from xrdmatch.platform.labels import LabelRecord, add_label
+    from xrdmatch.platform.patterns import PatternTable
+    from xrdmatch.training.dataset import build_training_set
+
+    cfg = load_config(overrides={"run_dir": str(tmp_path), "labels": {"source_weights": {
+        "paper": 1.0, "aimd": 2.0, "mlip-md": 0.0}}})
+    from xrdmatch.platform.db import store_url
+
+    url = store_url(cfg)
+    add_label(url, LabelRecord("mp-1", "Li2O", "aimd", 1, "h"))
+    add_label(url, LabelRecord("mp-2", "LiCl", "mlip-md", 0, "h"))  # weight 0: excluded
+    add_label(url, LabelRecord("mp-3", "LiF", "aimd", 0, "h"))  # no pattern: skipped
+    pt = PatternTable(ids=["mp-2", "mp-1"], formulas=["LiCl", "Li2O"], X=np.eye(2, L, dtype=np.float32))
+    ls, w = build_training_set(cfg, pt)
+    assert len(ls) == 113 and ls.ids[-1] == "mp-1" and ls.sources[-1] == "aimd" and ls.y[-1] == 1
+    assert ls.X[-1, 1] == 1.0 and w[-1] == 2.0 and (w[:-1] == 1.0).all()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_train_two_workers_checkpoints_and_resumes_after_a_fault(ray_local, tmp_path):
+    """TorchTrainer with 2 CPU workers (DDP); the loop raises once after the checkpoint at step 4;
+    Ray restarts it and it continues from step 4, not 0."""
+    X, y = synthetic(24)
+    Xu, _ = synthetic(20, seed=5)
+    cfg = tiny(num_workers=2, iterations=6, checkpoint_every=2)
+    ens = train_ensemble(X, y, Xu, cfg, run_dir=tmp_path, run_name="t", fault_after_step=4)
+    hist = ens.members[0].history
+    assert [h["step"] for h in hist] == [1, 2, 3, 4, 5, 6]
+    assert [h["attempt_start"] for h in hist] == [0, 0, 0, 0, 4, 4]  # resumed at the checkpoint
+    assert any((tmp_path / "ray_results" / "t-member0").glob("checkpoint_*"))
+    assert ens.predict_proba(X[:3])["p_mean"].shape == (3,)

@@ -1,0 +1,211 @@
+"""MD validation queue end to end: real CHGNet MD through ASE, real Ray actors, real MLflow.
+
+A tiny protocol (2 temperatures, a few Langevin steps, a small supercell) keeps each job at a
+few seconds; the analysis thresholds are opened so that a few femtoseconds give a verdict.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from xrdmatch.config import Config, load_config
+from xrdmatch.platform import queue
+from xrdmatch.platform.db import store_url
+from xrdmatch.platform.labels import list_labels
+
+SMALL = ("mp-1009009", "mp-10182")  # LiF (2 sites), LiZnP (3 sites)
+
+TINY = {
+    "temperatures": [600.0, 1500.0],
+    "thermostat": "langevin",
+    "equilibration_steps": 2,
+    "production_steps": 16,
+    "traj_interval": 2,
+    "min_atoms": 8,
+    "min_length": 0.0,
+    "min_li_msd": 0.0,
+    "min_r2": 0.0,
+    "max_framework_msd": 1000.0,
+    "lease_s": 6.0,
+    "heartbeat_s": 0.5,
+    "poll_s": 0.5,
+}
+
+
+def _cfg(tmp_path: Path, **validation) -> Config:
+    return load_config(None, {"run_dir": str(tmp_path / "run"), "ray": {"num_cpus": 2},
+                              "validation": TINY | validation})
+
+
+@pytest.fixture(scope="module")
+def records(database_path) -> dict[str, dict]:
+    from xrdmatch.platform.data import iter_records
+
+    out = {}
+    for rec in iter_records(database_path):
+        if rec["id"] in SMALL:
+            out[rec["id"]] = rec
+            if len(out) == len(SMALL):
+                return out
+    raise AssertionError(f"{SMALL} not in {database_path}")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from xrdmatch.platform.ray_utils import init_ray
+
+    # Ray's memory monitor kills the busiest workers when the *machine* passes 95 % memory;
+    # on a shared CI box that is other jobs' memory, not ours: the kernel's OOM killer stays.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    ray = init_ray(None, 2)
+    yield ray
+    ray.shutdown()
+
+
+def _mlflow_runs(cfg: Config):
+    from mlflow.tracking import MlflowClient
+
+    from xrdmatch.platform.tracking import tracking_uri
+
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_two_structures_end_to_end(tmp_path, records, ray_local):
+    from typer.testing import CliRunner
+
+    from xrdmatch.actors.validation_workers import run_workers
+    from xrdmatch.cli import app
+
+    cfg = _cfg(tmp_path)
+    url = store_url(cfg)
+    ids = [queue.submit(url, sid, records[sid], cfg.validation) for sid in SMALL]
+    summary = run_workers(cfg, n=2)
+    assert sorted(o.state for o in summary.outcomes) == ["done", "done"], summary
+
+    labels = {lab.structure_id: lab for lab in list_labels(url)}
+    assert set(labels) == set(SMALL)
+    for sid, lab in labels.items():
+        assert lab.method == "mlip-md" and lab.calculator == "chgnet" and lab.calculator_version
+        assert lab.label == (lab.verdict == "superionic") and lab.sigma_300 > 0 and lab.ea_ev > 0
+        assert sorted(lab.diffusivity) == [600.0, 1500.0] and lab.runtime_s > 0
+        assert lab.record["species"] == records[sid]["species"] and lab.job_id in ids
+    for jid in ids:
+        job = queue.get_job(url, jid)
+        assert job.state == "done" and job.attempts == 1
+        assert job.progress["temperatures_done"] == [600.0, 1500.0] and job.progress["fraction"] == 1.0
+
+    client, runs = _mlflow_runs(cfg)
+    by_name = {r.info.run_name: r for r in runs}
+    assert set(by_name) == {f"validate-{sid}" for sid in SMALL}
+    for sid in SMALL:
+        run = by_name[f"validate-{sid}"]
+        assert run.data.tags["structure_id"] == sid and run.data.tags["method"] == "mlip-md"
+        assert run.data.tags["verdict"] == labels[sid].verdict
+        assert {"ea_ev", "sigma_300", "D_600K", "D_1500K"} <= set(run.data.metrics)
+        assert "arrhenius.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert queue.get_job(url, ids[SMALL.index(sid)]).mlflow_run_id == run.info.run_id
+
+    # resubmitting is a no-op; the status table shows the finished jobs
+    assert [queue.submit(url, sid, records[sid], cfg.validation) for sid in SMALL] == ids
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    res = CliRunner().invoke(app, ["validate", "status", "--config", str(cfg_file)])
+    assert res.exit_code == 0, res.output
+    for sid in SMALL:
+        assert sid in res.output
+    assert "done: 2" in res.output
+
+
+def test_bad_inputs_fail_with_reasons_and_the_next_job_completes(tmp_path, records, ray_local):
+    from xrdmatch.actors.validation_workers import run_workers
+
+    cfg = _cfg(tmp_path)
+    url = store_url(cfg)
+    lif = records["mp-1009009"]
+    no_li = lif | {"species": ["Na" if s == "Li" else s for s in lif["species"]]}
+    squeezed = lif | {"frac_coords": [lif["frac_coords"][0], [c + 0.01 for c in lif["frac_coords"][0]]]}
+    gpaw = cfg.validation.model_copy(update={"calculator": "gpaw"})
+    bad = {
+        queue.submit(url, "no-li", no_li, cfg.validation, priority=5): "contains no Li",
+        queue.submit(url, "squeezed", squeezed, cfg.validation, priority=5): "atoms too close",
+        queue.submit(url, "mp-1009009", lif, gpaw, priority=5): "CalculatorUnavailable: calculator 'gpaw' is not installed",
+    }
+    good = queue.submit(url, "mp-1009009", lif, cfg.validation, priority=0)  # runs after the bad ones
+    summary = run_workers(cfg, n=1)
+    assert [o.job_id for o in summary.outcomes][-1] == good
+    for jid, reason in bad.items():
+        job = queue.get_job(url, jid)
+        assert job.state == "failed" and reason in job.error, (job.structure_id, job.error)
+    assert queue.get_job(url, good).state == "done"
+    assert [lab.structure_id for lab in list_labels(url)] == ["mp-1009009"]
+    _, runs = _mlflow_runs(cfg)
+    failed = [r for r in runs if r.data.tags.get("state") == "failed"]
+    assert len(failed) == 3 and {r.info.status for r in failed} == {"FAILED"}
+
+
+def _wait_for(pred, timeout: float, proc: subprocess.Popen, log: Path):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = pred()
+        if got:
+            return got
+        if proc.poll() is not None:
+            raise AssertionError(f"worker exited early ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out; worker log:\n{log.read_text()[-3000:]}")
+
+
+def test_killed_worker_job_is_finished_by_another_after_the_lease(tmp_path, records, ray_local):
+    from xrdmatch.actors.validation_workers import run_workers
+
+    cfg = _cfg(tmp_path, production_steps=30)
+    url = store_url(cfg)
+    sid = "mp-10182"
+    jid = queue.submit(url, sid, records[sid], cfg.validation)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    log = tmp_path / "worker.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_memory_monitor_refresh_ms": "0"}
+    xrdmatch = Path(sys.executable).with_name("xrdmatch")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(xrdmatch), "validate", "work", "--workers", "1", "--config", str(cfg_file)],
+                                stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        def mid_md():
+            job = queue.get_job(url, jid)
+            return job if job.state == "running" and job.progress.get("step", 0) >= 4 else None
+
+        job = _wait_for(mid_md, 180, proc, log)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its local Ray (raylet, GCS) ...
+        proc.wait()
+    actor_pid = int(job.worker_id.split(":")[1])
+    try:
+        os.kill(actor_pid, signal.SIGKILL)  # ... and the Ray actor running the MD (its own process group)
+    except ProcessLookupError:
+        pass
+    time.sleep(0.5)
+    job = queue.get_job(url, jid)
+    assert job.state == "running" and job.attempts == 1 and 0 < job.progress["fraction"] < 1
+    killed_at, killed_t = job.progress["fraction"], job.progress["temperature"]
+
+    summary = run_workers(cfg, n=1)  # waits for the dead worker's lease, then takes the job over
+    assert [(o.job_id, o.state) for o in summary.outcomes] == [(jid, "done")]
+    job = queue.get_job(url, jid)
+    assert job.state == "done" and job.attempts == 2 and int(job.worker_id.split(":")[1]) != actor_pid
+    # the second worker resumed the MD from its checkpoint instead of starting over
+    assert job.progress["fraction_at_claim"] == killed_at
+    t_first, step_first = job.progress["first_progress"]
+    assert t_first > killed_t or (t_first == killed_t and step_first > cfg.validation.traj_interval), job.progress
+    labels = list_labels(url)
+    assert len(labels) == 1 and labels[0].structure_id == sid and labels[0].job_id == jid

@@ -1,0 +1,247 @@
+"""The XRD stage end to end: real local Ray, real pymatgen, real files, kill -9 resume."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xrdmatch.platform.data import iter_records, structure_from_record
+from xrdmatch.platform.patterns import (
+    PatternsError,
+    ensure_patterns,
+    iter_pattern_batches,
+    load_errors,
+    load_patterns,
+    read_manifest,
+)
+from xrdmatch.platform.xrd_stage import StageError, run_xrd_stage
+from xrdmatch.simulation.xrd import xrd_pattern
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from xrdmatch.platform.ray_utils import WORKER_ENV
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)}, logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def records(database_path):
+    return list(itertools.islice(iter_records(database_path), 60))
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below ``root`` (Linux /proc)."""
+    parent: dict[int, int] = {}
+    cmd: dict[int, str] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+                parent[int(d.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+                cmd[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, ValueError, IndexError):
+                continue
+    out = []
+    for pid in parent:
+        p = pid
+        while p in parent and p not in (0, 1, root):
+            p = parent[p]
+        if p == root and pid != root:
+            out.append((pid, cmd[pid]))
+    return out
+
+
+def _shard_stats(out: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted((out / "shards").glob("part-*.parquet"))}
+
+
+def test_jsonl_slice_each_id_once_and_patterns_equal_engine(ray_local, database_path, records, tmp_path):
+    out = tmp_path / "patterns"
+    s = run_xrd_stage(database_path, out, workers=2, batch_size=16, limit=50, progress=False)
+    assert s.done and s.entries == 50 and s.patterns == 50 and s.failures == 0
+    assert s.shards == 4 and s.computed_shards == 4 and s.duplicate_ids == 0
+
+    table = load_patterns(out)
+    assert table.ids == [r["id"] for r in records[:50]]  # database order, each id once
+    assert table.formulas == [r["formula"] for r in records[:50]]
+    assert table.X.dtype == np.float32 and table.X.shape == (50, 4501)
+    for i in (0, 17, 49):
+        np.testing.assert_allclose(table.X[i], xrd_pattern(structure_from_record(records[i])), atol=1e-6)
+
+    man = read_manifest(out)
+    assert man["done"] and man["batch_size"] == 16 and man["source"]["limit"] == 50
+    assert [sh["count"] for sh in man["shards"]] == [16, 16, 16, 2]
+    assert man["totals"] == {"entries": 50, "patterns": 50, "errors": 0, "shards": 4}
+    assert [len(b) for b in iter_pattern_batches(out)] == [16, 16, 16, 2]
+
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(out / "shards" / "part-000000.parquet")
+    assert schema.names == ["id", "formula", "pattern"] and schema.field("pattern").type.list_size == 4501
+
+    # Idempotent: a finished folder is not recomputed, not even rewritten.
+    before = _shard_stats(out)
+    again = run_xrd_stage(database_path, out, workers=2, batch_size=16, limit=50, progress=False)
+    assert again.done and again.computed_shards == 0 and _shard_stats(out) == before
+
+    with pytest.raises(StageError, match="another run"):
+        run_xrd_stage(database_path, out, batch_size=10, limit=50, progress=False)
+
+
+def test_bad_entries_recorded_rest_completes(ray_local, records, tmp_path):
+    from pymatgen.core import Structure
+
+    folder = tmp_path / "cifs"
+    folder.mkdir()
+    good = {}
+    for name, rec, fmt in [("mp-a.cif", records[0], "cif"), ("POSCAR_b", records[1], "poscar"), ("mp-c.cif", records[2], "cif")]:
+        structure_from_record(rec).to(filename=str(folder / name), fmt=fmt)
+        good[Path(name).stem] = xrd_pattern(Structure.from_file(str(folder / name)))
+    (folder / "empty.cif").write_text("")
+    (folder / "garbage.cif").write_text("loop_\n_nonsense\n")
+    (folder / "POSCAR_nosites").write_text("no sites\n1.0\n4 0 0\n0 4 0\n0 0 4\nLi\n0\nDirect\n")
+
+    out = tmp_path / "out"
+    s = run_xrd_stage(folder, out, workers=1, batch_size=2, progress=False)
+    assert s.done and s.entries == 6 and s.patterns == 3 and s.failures == 3
+    table = load_patterns(out)
+    assert sorted(table.ids) == sorted(good)
+    for sid, x in zip(table.ids, table.X):
+        np.testing.assert_allclose(x, good[sid], atol=1e-6)
+    errors = load_errors(out).set_index("id")["reason"].to_dict()
+    assert errors == {
+        "empty": "empty.cif: empty file",
+        "garbage": errors["garbage"],
+        "POSCAR_nosites": "POSCAR_nosites: structure has no sites",
+    }
+    assert "unreadable by pymatgen" in errors["garbage"]
+
+    # a bad JSON line in a JSONL database
+    db = tmp_path / "db.jsonl.gz"
+    with gzip.open(db, "wt") as fh:
+        fh.write(json.dumps(records[0]) + "\n" + '{"id": "mp-cut", "lattice": [[1, 0\n' + json.dumps(records[1]) + "\n")
+    s = run_xrd_stage(db, tmp_path / "out2", workers=1, batch_size=500, progress=False)
+    assert s.done and s.patterns == 2 and s.failures == 1
+    assert load_patterns(tmp_path / "out2").ids == [records[0]["id"], records[1]["id"]]
+    err = load_errors(tmp_path / "out2")
+    assert err["id"].tolist() == ["mp-cut"] and "db.jsonl.gz:2: not valid JSON" in err["reason"][0]
+
+
+def test_ase_database_patterns(ray_local, records, tmp_path):
+    import ase.db
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    path = tmp_path / "structures.db"
+    with ase.db.connect(str(path)) as db:
+        for r in records[:5]:
+            db.write(AseAtomsAdaptor.get_atoms(structure_from_record(r)), mp_id=r["id"])
+    s = run_xrd_stage(path, tmp_path / "out", workers=1, batch_size=2, progress=False)
+    assert s.done and s.patterns == 5
+    table = load_patterns(tmp_path / "out")
+    assert table.ids == [r["id"] for r in records[:5]]
+    for r, x in zip(records[:5], table.X):
+        np.testing.assert_allclose(x, xrd_pattern(structure_from_record(r)), atol=1e-6)
+
+
+def test_resume_after_kill9(ray_local, database_path, tmp_path):
+    """kill -9 the CLI once shards exist; the rerun finishes without recomputing them, each id once."""
+    out = tmp_path / "patterns"
+    limit, bs = 400, 5
+    args = ["--db", str(database_path), "--out", str(out), "--limit", str(limit), "--batch-size", str(bs), "--workers", "1"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xrdmatch.cli", "xrd", *args, "--no-progress"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(_shard_stats(out)) < 3 if (out / "shards").is_dir() else True:
+            assert proc.poll() is None, "the XRD command exited before it could be killed"
+            assert time.monotonic() < deadline, "no shards after 120 s"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the local Ray it started (its own session)
+        except ProcessLookupError:
+            pass
+    before = _shard_stats(out)
+    man = read_manifest(out)
+    assert 3 <= len(before) < limit // bs, "the run must be killed in the middle"
+    assert not man["done"]
+    with pytest.raises(PatternsError, match="not finished"):
+        load_patterns(out)
+
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    res = CliRunner().invoke(app, ["xrd", *args, "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert f"XRD done: {limit} structures" in res.output
+    after = _shard_stats(out)
+    assert len(after) == limit // bs
+    assert {k: after[k] for k in before} == before  # finished shards untouched (same inode, mtime)
+    ids = load_patterns(out).ids
+    assert len(ids) == limit and len(set(ids)) == limit
+    assert ids == [r["id"] for r in itertools.islice(iter_records(database_path), limit)]
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_ensure_patterns_caches_in_run_dir(ray_local, tmp_path):
+    from xrdmatch.config import load_config
+
+    cfg = load_config(overrides={"run_dir": str(tmp_path / "run"), "database": {"limit": 12}, "xrd": {"batch_size": 5}})
+    t1 = ensure_patterns(cfg, progress=False)
+    assert len(t1) == 12
+    shards = sorted((tmp_path / "run" / "patterns").glob("*/shards/*.parquet"))
+    assert len(shards) == 3
+    stats = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in shards]
+    t2 = ensure_patterns(cfg, progress=False)
+    assert t2.ids == t1.ids and np.array_equal(t2.X, t1.X)
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in shards] == stats
+
+
+def test_lost_actor_batch_is_redone(ray_local, database_path, tmp_path):
+    """SIGKILL one XRD actor mid-run: Ray restarts it, its batch is redone, each id lands once."""
+    import threading
+
+    out = tmp_path / "patterns"
+    killed: list[int] = []
+
+    def kill_one_actor() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            n = len(list((out / "shards").glob("*.parquet"))) if (out / "shards").is_dir() else 0
+            actors = [pid for pid, cmd in _descendants(os.getpid()) if cmd.startswith("ray::XRDWorker")] if n >= 2 else []
+            if actors:
+                os.kill(actors[0], signal.SIGKILL)  # a process this test's Ray started
+                killed.append(actors[0])
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_one_actor)
+    killer.start()
+    s = run_xrd_stage(database_path, out, workers=2, batch_size=10, limit=300, progress=False)
+    killer.join()
+    assert killed, "no actor was killed"
+    assert s.done and s.patterns == 300 and not s.failed_batches
+    ids = load_patterns(out).ids
+    assert len(ids) == 300 and len(set(ids)) == 300

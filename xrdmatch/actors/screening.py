@@ -1,0 +1,126 @@
+"""Batched screening of a whole database with a trained ensemble on Ray actors.
+
+The ensemble goes into the object store once (``ray.put``) and every actor resolves that one
+reference at start-up; each task then scores a block of hundreds/thousands of patterns, so
+per-task overhead is negligible next to the forward passes. Results come back as small
+arrays (mean probability, spread, votes) and are written to one Parquet file per round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class _Scorer:
+    """Holds one ensemble; ``score`` returns (p_mean, p_std, votes) for a block of patterns."""
+
+    def __init__(self, ensemble, torch_threads: int = 1, device: str = "cpu"):
+        import torch
+
+        torch.set_num_threads(max(1, torch_threads))
+        self.ensemble = ensemble
+        self.device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
+
+    def score(self, start: int, X: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        out = self.ensemble.predict_proba(np.asarray(X, dtype=np.float32), device=self.device)
+        votes = out.get("votes")
+        votes = np.asarray(votes, dtype=np.float32) if votes is not None else np.full(len(X), np.nan, np.float32)
+        return (start, np.asarray(out["p_mean"], np.float32), np.asarray(out["p_std"], np.float32), votes)
+
+
+@dataclass
+class ScreeningResult:
+    p_mean: np.ndarray
+    p_std: np.ndarray
+    votes: np.ndarray
+
+
+def screen(
+    ensemble,
+    blocks: Iterable[tuple[int, np.ndarray]],
+    n_total: int,
+    *,
+    actors: int,
+    cpus_per_actor: float = 1.0,
+    gpus_per_actor: float = 0.0,
+    max_in_flight: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ScreeningResult:
+    """Score every (start, X) block on a pool of actors; results land at ``start`` offsets.
+
+    ``blocks`` is consumed lazily, so at most ``max_in_flight`` blocks are in memory/flight.
+    """
+    import ray
+
+    Scorer = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)(_Scorer)
+    model_ref = ray.put(ensemble)  # once; actors share it
+    device = "cuda" if gpus_per_actor > 0 else "cpu"
+    pool = [Scorer.remote(model_ref, max(1, int(cpus_per_actor)), device) for _ in range(max(1, actors))]
+    p_mean = np.full(n_total, np.nan, np.float32)
+    p_std = np.full(n_total, np.nan, np.float32)
+    votes = np.full(n_total, np.nan, np.float32)
+    limit = max_in_flight or 2 * len(pool)
+    pending: dict = {}
+    it = iter(blocks)
+    k = 0
+
+    def collect(done_refs) -> None:
+        for ref in done_refs:
+            pending.pop(ref)
+            start, m, s, v = ray.get(ref)
+            p_mean[start:start + len(m)], p_std[start:start + len(m)], votes[start:start + len(m)] = m, s, v
+            if progress:
+                progress(len(m))
+
+    try:
+        for start, X in it:
+            if len(pending) >= limit:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                collect(done)
+            ref = pool[k % len(pool)].score.remote(start, X)
+            pending[ref] = start
+            k += 1
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            collect(done)
+    finally:
+        for a in pool:
+            ray.kill(a)
+    if np.isnan(p_mean).any():
+        raise RuntimeError(f"screening left {int(np.isnan(p_mean).sum())} structures unscored")
+    return ScreeningResult(p_mean, p_std, votes)
+
+
+def blocks_of(X: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    for start in range(0, len(X), batch_size):
+        yield start, X[start:start + batch_size]
+
+
+def write_scores(path: str | os.PathLike[str], ids: list[str], formulas: list[str], res: ScreeningResult,
+                 extra: dict[str, np.ndarray] | None = None) -> str:
+    """Atomic Parquet write (tmp + rename); returns the file's sha256."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {"id": pa.array(ids, pa.string()), "formula": pa.array(formulas, pa.string()),
+            "p_mean": pa.array(res.p_mean), "p_std": pa.array(res.p_std), "votes": pa.array(res.votes)}
+    for k, v in (extra or {}).items():
+        cols[k] = pa.array(v)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(f".tmp{os.getpid()}")
+    pq.write_table(pa.table(cols), tmp)
+    os.replace(tmp, p)
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def read_scores(path: str | os.PathLike[str]):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pandas()

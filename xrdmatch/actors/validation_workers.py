@@ -1,0 +1,349 @@
+"""Ray validation workers: thin actors that pull MD jobs from the persistent queue.
+
+Each actor is created with ``num_cpus=validation.cpus_per_job`` and
+``num_gpus=validation.gpus_per_job`` so that jobs pack onto a cluster's nodes without
+oversubscription, and with ``max_restarts`` so Ray brings a crashed worker back. The queue's
+lease covers what Ray cannot: a worker (or its node) that dies mid-job simply stops renewing
+its lease, and the job is claimed again when the lease expires; the MD resumes from its
+trajectory checkpoint in the job's work directory (``run_dir/md/<id>-<protocol>``).
+
+:func:`process_job` is a plain function (the actor only loops over it), so the same logic
+runs without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from xrdmatch.config import Config, ValidationConfig
+from xrdmatch.platform import queue
+from xrdmatch.platform.db import store_url
+from xrdmatch.platform.labels import label_from_result
+from xrdmatch.platform.paths import RunPaths
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(RuntimeError):
+    """This worker's lease expired and another worker took the job: stop, touch nothing."""
+
+
+@dataclass
+class JobOutcome:
+    job_id: int
+    structure_id: str
+    state: str  # done | inconclusive | failed | lost
+    verdict: str | None = None
+    error: str | None = None
+    runtime_s: float = 0.0
+    worker_id: str = ""
+    mlflow_run_id: str | None = None
+
+
+@dataclass
+class WorkSummary:
+    outcomes: list[JobOutcome] = field(default_factory=list)
+    actor_crashes: int = 0  # actors lost for good (Ray restarts exhausted)
+
+    def count(self, state: str) -> int:
+        return sum(o.state == state for o in self.outcomes)
+
+
+def make_worker_id(tag: str | int = 0) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{tag}"
+
+
+def job_workdir(cfg: Config, job: queue.Job) -> Path:
+    """One directory per (structure, protocol): a re-run of the job resumes its checkpoint there."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", job.structure_id)[:100]
+    return RunPaths.of(cfg.run_dir).md_dir / f"{safe}-{job.protocol_hash[:12]}"
+
+
+class _Progress:
+    """Turns the MD's progress/heartbeat callbacks into throttled lease renewals with progress."""
+
+    def __init__(self, url: str, job: queue.Job, worker_id: str, vcfg: ValidationConfig, proto: ValidationConfig):
+        self.url, self.job, self.worker_id = url, job, worker_id
+        self.lease_s = vcfg.lease_s
+        self.every = min(vcfg.heartbeat_s, vcfg.lease_s / 3.0)
+        self.temps = [float(t) for t in proto.temperatures]
+        prev = job.progress or {}
+        self.state: dict[str, Any] = {
+            "temperatures_done": [float(t) for t in prev.get("temperatures_done", [])],
+            "n_temperatures": len(self.temps),
+            "temperature": prev.get("temperature"),
+            "step": prev.get("step", 0),
+            "nsteps": prev.get("nsteps", 0),
+            "fraction": float(prev.get("fraction", 0.0)),
+        }
+        self.state["fraction_at_claim"] = self.state["fraction"]
+        self.state["first_progress"] = None  # (T, step) of this attempt's first MD frame: shows a resume
+        self.last = 0.0
+
+    def _fraction(self) -> float:
+        n = max(1, len(self.temps))
+        done = len(self.state["temperatures_done"])
+        cur = self.state["step"] / self.state["nsteps"] if self.state["nsteps"] else 0.0
+        if self.state["temperature"] in self.state["temperatures_done"]:
+            cur = 0.0
+        return min(1.0, (done + cur) / n)
+
+    def _send(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        if not queue.heartbeat(self.url, self.job.id, self.worker_id, self.lease_s, progress=dict(self.state)):
+            raise LeaseLost(f"job {self.job.id} ({self.job.structure_id}) is no longer leased to {self.worker_id}")
+
+    def progress(self, temperature: float, step: int, nsteps: int) -> None:
+        t = float(temperature)
+        changed = t != self.state["temperature"]
+        prev_t = self.state["temperature"]
+        if changed and prev_t is not None and prev_t not in self.state["temperatures_done"]:
+            self.state["temperatures_done"].append(prev_t)
+        self.state.update(temperature=t, step=int(step), nsteps=int(nsteps))
+        if self.state["first_progress"] is None:
+            self.state["first_progress"] = [t, int(step)]
+        finished = nsteps and step >= nsteps
+        if finished and t not in self.state["temperatures_done"]:
+            self.state["temperatures_done"].append(t)
+        self.state["fraction"] = self._fraction()
+        self._send(force=changed or bool(finished))
+
+    def heartbeat(self) -> None:
+        self._send()
+
+
+def _log_mlflow(cfg: Config, job: queue.Job, state: str, result: dict[str, Any] | None, error: str | None,
+                attempts: int = 3) -> str | None:
+    """One MLflow run per finished job: the protocol as params, Ea/sigma/D(T) as metrics,
+    the Arrhenius plot and the full result as artifacts. Never fails the job: a store that
+    is busy (SQLite locked) is retried, a half-written run is deleted before the retry."""
+    for attempt in range(1, attempts + 1):
+        run_id = _log_mlflow_once(cfg, job, state, result, error)
+        if isinstance(run_id, str):
+            return run_id
+        log.warning("MLflow logging of job %s (%s) failed (attempt %d/%d): %s", job.id, job.structure_id,
+                    attempt, attempts, run_id)
+        time.sleep(0.5 * attempt)
+    return None
+
+
+def _log_mlflow_once(cfg, job, state, result, error) -> str | Exception:
+    run_id = None
+    try:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        from xrdmatch.platform.tracking import mlflow_run
+
+        res = result or {}
+        tags = {
+            "structure_id": job.structure_id,
+            "formula": job.formula,
+            "job_id": str(job.id),
+            "protocol_hash": job.protocol_hash,
+            "state": state,
+            "method": str(res.get("method") or ""),
+            "verdict": str(res.get("verdict") or state),
+            "calculator": str(res.get("calculator") or job.protocol.get("calculator", "")),
+        }
+        if error:
+            tags["error"] = error[:4000]
+        with mlflow_run(cfg, f"validate-{job.structure_id}", tags=tags, log_config=False) as run:
+            run_id = run.info.run_id
+            params = {f"validation.{k}": str(v)[:6000] for k, v in job.protocol.items()}
+            params |= {"structure_id": job.structure_id, "protocol_hash": job.protocol_hash, "run_dir": cfg.run_dir}
+            mlflow.log_params(params)
+            metrics = {"attempts": float(job.attempts)}
+            for key in ("ea_ev", "ea_err_ev", "sigma_300", "runtime_s", "n_atoms"):
+                v = queue._float(res.get(key))
+                if v is not None:
+                    metrics[key] = v
+            rng = res.get("sigma_300_range") or []
+            if len(rng) == 2:
+                for key, v in zip(("sigma_300_lo", "sigma_300_hi"), rng):
+                    if queue._float(v) is not None:
+                        metrics[key] = float(v)
+            for t, d in (res.get("diffusivity") or {}).items():
+                if queue._float(d) is not None:
+                    metrics[f"D_{float(t):.0f}K"] = float(d)
+            mlflow.log_metrics(metrics)
+            if result is not None:
+                mlflow.log_dict(result, "validation_result.json")
+            png = res.get("arrhenius_png")
+            if png and Path(png).is_file():
+                mlflow.log_artifact(str(png))
+        if state == "failed":
+            MlflowClient().set_terminated(run_id, status="FAILED")
+        return run_id
+    except Exception as err:  # tracking is a record of the job, not part of it
+        if run_id is not None:
+            try:
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient().delete_run(run_id)
+            except Exception:
+                pass
+        return err
+
+
+def process_job(cfg: Config, url: str, job: queue.Job, worker_id: str) -> JobOutcome:
+    """Run one claimed job to its end state: done (+ label), inconclusive, or failed with a reason."""
+    t0 = time.monotonic()
+    out = JobOutcome(job.id, job.structure_id, "failed", worker_id=worker_id)
+    try:
+        from xrdmatch.platform.data import structure_from_record
+        from xrdmatch.simulation.validate import CalculatorUnavailable, ValidationInputError, run_validation
+
+        proto = ValidationConfig.model_validate(job.protocol)
+        tracker = _Progress(url, job, worker_id, cfg.validation, proto)
+        try:
+            structure = structure_from_record(job.record)
+        except Exception as err:
+            raise ValidationInputError(f"structure {job.structure_id!r}: unreadable record ({err})") from None
+        workdir = job_workdir(cfg, job)
+        workdir.mkdir(parents=True, exist_ok=True)
+        result = run_validation(structure, proto, workdir, job.structure_id,
+                                progress=tracker.progress, heartbeat=tracker.heartbeat)
+    except LeaseLost as err:
+        log.warning("%s", err)
+        out.state, out.error = "lost", str(err)
+        return out
+    except Exception as err:
+        expected = type(err).__name__ in ("ValidationInputError", "CalculatorUnavailable")
+        reason = f"{type(err).__name__}: {err}"
+        if not expected:  # a crash inside MD: keep the place it happened
+            tb = traceback.extract_tb(err.__traceback__)[-1]
+            reason += f" (at {Path(tb.filename).name}:{tb.lineno})"
+        log.warning("validation job %s (%s) failed: %s", job.id, job.structure_id, reason)
+        queue.fail(url, job.id, worker_id, reason)
+        out.error = reason
+        out.mlflow_run_id = _log_mlflow(cfg, job, "failed", None, reason)
+        if out.mlflow_run_id:
+            queue.set_mlflow_run(url, job.id, out.mlflow_run_id)
+        out.runtime_s = time.monotonic() - t0
+        return out
+    res = result.to_dict()
+    label = label_from_result(res, protocol_hash=job.protocol_hash, job_id=job.id, record=job.record,
+                              campaign_round=job.campaign_round, source=f"validation job {job.id} by {worker_id}")
+    queue.complete(url, job.id, worker_id, res, label)
+    out.state = "done" if label is not None else "inconclusive"
+    out.verdict = res.get("verdict")
+    out.error = None if label is not None else res.get("reason")
+    out.mlflow_run_id = _log_mlflow(cfg, job, out.state, res, out.error)
+    if out.mlflow_run_id:
+        queue.set_mlflow_run(url, job.id, out.mlflow_run_id)
+    out.runtime_s = time.monotonic() - t0
+    return out
+
+
+def work_one(cfg: Config, url: str, worker_id: str, wait_s: float = 0.0) -> JobOutcome | None:
+    """Claim and run one job; poll up to ``wait_s`` seconds for one. None: nothing claimable."""
+    v = cfg.validation
+    deadline = time.monotonic() + wait_s
+    while True:
+        job = queue.claim(url, worker_id, v.lease_s, max_attempts=v.max_attempts)
+        if job is not None:
+            return process_job(cfg, url, job, worker_id)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(v.poll_s, max(0.05, deadline - time.monotonic())))
+
+
+@lru_cache(maxsize=1)
+def _actor_class():
+    import ray
+
+    @ray.remote
+    class ValidationWorker:
+        """Holds the config and its worker id; each call runs at most one job."""
+
+        def __init__(self, cfg: dict[str, Any], url: str, tag: int) -> None:
+            self.cfg = Config.model_validate(cfg)
+            self.url = url
+            self.worker_id = make_worker_id(tag)
+            try:
+                import torch
+
+                torch.set_num_threads(max(1, int(self.cfg.validation.cpus_per_job)))
+            except Exception:  # pragma: no cover
+                pass
+
+        def work_one(self, wait_s: float) -> dict[str, Any] | None:
+            out = work_one(self.cfg, self.url, self.worker_id, wait_s)
+            return asdict(out) if out is not None else None
+
+    return ValidationWorker
+
+
+def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max_jobs: int | None = None,
+                on_outcome=None) -> WorkSummary:
+    """Run ``n`` (default ``validation.workers``) Ray worker actors on the config's store.
+
+    ``until_empty``: return once no job is queued or running (a job held by a dead worker is
+    waited for until its lease expires, then run); otherwise poll forever. ``max_jobs``
+    stops after that many finished jobs. ``on_outcome(JobOutcome)`` is called as jobs end.
+    """
+    import ray
+    from ray.exceptions import RayActorError
+
+    from xrdmatch.platform.ray_utils import init_ray
+    from xrdmatch.platform.tracking import configure
+
+    v = cfg.validation
+    n = n or v.workers
+    url = store_url(cfg)
+    queue.counts_by_state(url)  # creates the tables before the workers race to
+    configure(cfg)  # creates the MLflow store once, before several workers race to migrate it
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    cls = _actor_class()
+    cfg_dict = cfg.model_dump(mode="json")
+    actors = [
+        # A call interrupted by a crash is retried on the restarted actor: safe, because a
+        # call only claims the next claimable job (the crashed one waits for its lease).
+        cls.options(num_cpus=v.cpus_per_job, num_gpus=v.gpus_per_job, max_restarts=v.max_restarts,
+                    max_task_retries=-1).remote(cfg_dict, url, i)
+        for i in range(n)
+    ]
+    summary = WorkSummary()
+    wait_s = v.poll_s
+    pending = {a.work_one.remote(wait_s): a for a in actors}
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            ref = done[0]
+            actor = pending.pop(ref)
+            try:
+                got = ray.get(ref)
+            except RayActorError as err:  # restarts used up: this actor is gone for good
+                summary.actor_crashes += 1
+                log.warning("validation worker died after %d restarts (%s); its job is retried once its lease "
+                            "expires", v.max_restarts, err)
+                continue
+            if got is not None:
+                out = JobOutcome(**got)
+                summary.outcomes.append(out)
+                if on_outcome is not None:
+                    on_outcome(out)
+            if max_jobs is not None and len(summary.outcomes) >= max_jobs:
+                continue
+            if got is None and until_empty:
+                counts = queue.counts_by_state(url)
+                if counts["queued"] + counts["running"] == 0:
+                    continue
+            pending[actor.work_one.remote(wait_s)] = actor
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return summary

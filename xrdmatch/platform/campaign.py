@@ -1,0 +1,573 @@
+"""The active-learning campaign: a resumable state machine over rounds of stages.
+
+Each round runs, in order::
+
+    patterns -> train -> register -> screen -> select -> validate -> label
+
+and every stage writes its result to the campaign store before the next one starts. On a
+restart (e.g. after kill -9) the same command skips every stage recorded ``done`` and
+re-enters the first unfinished one; stages are written so that re-entering is safe:
+patterns are a resumable cache, the ensemble is saved atomically, registration looks up the
+round's MLflow run first, scores are written tmp + rename, candidates are stored with the
+``select`` result in one transaction, queue submission is idempotent per (structure,
+protocol) and labels are unique per (structure, protocol).
+
+The campaign is one MLflow parent run with one child run per round; their ids live in the
+store so a resumed campaign logs into the same runs.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xrdmatch.config import Config
+from xrdmatch.platform.campaign_store import DONE, FAILED, RUNNING, CampaignStore, campaign_id_for
+from xrdmatch.platform.paths import RunPaths, database_key
+
+STAGES = ("patterns", "train", "register", "screen", "select", "validate", "label")
+
+
+class CampaignError(RuntimeError):
+    """A campaign that cannot go on; the message says why and where to look."""
+
+
+# --------------------------------------------------------------------------------------
+# context: lazily loaded shared data of one campaign process
+# --------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    cfg: Config
+    paths: RunPaths
+    store: CampaignStore
+    url: str
+    echo: Callable[[str], None] = print
+    progress: bool = True
+    _patterns: Any = None
+    _meta: Any = None
+    round_run_ids: dict[int, str] = field(default_factory=dict)
+
+    # patterns of the whole database (the XRD stage's resumable cache)
+    def patterns(self):
+        if self._patterns is None:
+            from xrdmatch.platform.patterns import ensure_patterns
+
+            self._patterns = ensure_patterns(self.cfg, progress=self.progress)
+        return self._patterns
+
+    def db_key(self) -> str:
+        from xrdmatch.config import resolve_path
+
+        return database_key(resolve_path(self.cfg.database.path), self.cfg.database.limit)
+
+    def meta(self):
+        """Per-structure facts for the filters (reduced formula, elements, sites), aligned
+        with the pattern table's ids; cached as Parquet in the run directory."""
+        if self._meta is None:
+            self._meta = structure_meta(self.cfg, self.paths.root / "structures" / f"{self.db_key()}.parquet",
+                                        list(self.patterns().ids))
+        return self._meta
+
+    def scores_path(self, rnd: int) -> Path:
+        return self.paths.root / "scores" / f"round-{rnd:03d}.parquet"
+
+    def model_dir(self, rnd: int) -> Path:
+        return self.paths.models_dir / f"round-{rnd:03d}"
+
+    def result(self, rnd: int, stage: str) -> dict[str, Any]:
+        rec = self.store.stage(rnd, stage)
+        if rec is None or rec.status != DONE:
+            raise CampaignError(f"round {rnd}: stage {stage} has no result yet")
+        return rec.result or {}
+
+
+def structure_meta(cfg: Config, cache: Path, ids: list[str]):
+    """DataFrame indexed like ``ids``: group (reduced formula), elements, n_sites."""
+    import pandas as pd
+    from pymatgen.core import Composition
+
+    from xrdmatch.platform.data import iter_records
+
+    if cache.exists():
+        df = pd.read_parquet(cache)
+    else:
+        rows = []
+        for i, rec in enumerate(iter_records(cfg.database.path)):
+            if cfg.database.limit is not None and i >= cfg.database.limit:
+                break
+            species = rec.get("species") or []
+            els = sorted({str(s) for s in species})
+            try:
+                group = Composition(dict(Counter(species))).reduced_formula
+            except Exception:  # a broken record: never selectable (no elements)
+                group, els = str(rec.get("formula", "")), []
+            rows.append({"id": str(rec.get("id")), "formula": str(rec.get("formula") or group), "group": group,
+                         "elements": " ".join(els), "n_sites": len(species)})
+        df = pd.DataFrame(rows).drop_duplicates("id")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        df.to_parquet(tmp, index=False)
+        tmp.replace(cache)
+    df = df.set_index("id").reindex(ids)
+    df["group"] = df["group"].fillna("")
+    df["elements"] = df["elements"].fillna("")
+    df["n_sites"] = df["n_sites"].fillna(10**9).astype(np.int64)
+    return df
+
+
+def records_for(cfg: Config, ids: set[str]) -> dict[str, dict]:
+    """Shipped-format records of a few structures (one streaming pass over the database)."""
+    from xrdmatch.platform.data import iter_records
+
+    out: dict[str, dict] = {}
+    for i, rec in enumerate(iter_records(cfg.database.path)):
+        if cfg.database.limit is not None and i >= cfg.database.limit:
+            break
+        if str(rec.get("id")) in ids:
+            out[str(rec["id"])] = rec
+            if len(out) == len(ids):
+                break
+    return out
+
+
+def labelled_groups(cfg: Config, url: str) -> set[str]:
+    """Reduced formulas already labelled: the paper's labels plus every label in the store."""
+    from xrdmatch.platform.data import load_labelled, reduced_formula
+    from xrdmatch.platform.labels import list_labels
+
+    groups = set(load_labelled(cfg.labels.path).groups)
+    for lab in list_labels(url):
+        try:
+            groups.add(reduced_formula(lab.formula))
+        except Exception:
+            groups.add(lab.formula)
+    return groups
+
+
+# --------------------------------------------------------------------------------------
+# champion metric: a cheap, fixed grouped CV (not the full evaluation; see config)
+# --------------------------------------------------------------------------------------
+def champion_metrics(cfg: Config, ls, weights: np.ndarray, X_unlab: np.ndarray) -> dict[str, float]:
+    """Grouped (by reduced formula), stratified ``campaign.eval_folds``-fold CV of a small
+    ensemble on the current labels; predictions pooled over folds, threshold 0.5 (nothing
+    is chosen on a test fold). Named ``grouped_cv_<metric>`` for the registry's rule."""
+    from xrdmatch.training.ensemble import train_ensemble
+    from xrdmatch.training.metrics import binary_metrics
+    from xrdmatch.training.splits import grouped_stratified_kfold
+
+    folds = cfg.campaign.eval_folds
+    if folds < 2:
+        return {}
+    tcfg = cfg.training.model_copy(update={
+        "iterations": cfg.campaign.eval_iterations or cfg.training.iterations,
+        "ensemble_size": cfg.campaign.eval_ensemble_size,
+    })
+    y = np.asarray(ls.y)
+    p = np.full(len(y), np.nan)
+    for tr, te in grouped_stratified_kfold(y, ls.groups, folds, seed=cfg.seed):
+        ens = train_ensemble(ls.X[tr], y[tr], X_unlab, tcfg, sample_weight=np.asarray(weights)[tr])
+        p[te] = np.asarray(ens.predict_proba(ls.X[te])["p_mean"], dtype=float)
+    ok = np.isfinite(p)
+    m = binary_metrics(y[ok], (p[ok] >= 0.5).astype(int), p[ok])
+    return {f"grouped_cv_{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))}
+
+
+# --------------------------------------------------------------------------------------
+# stages: each returns (result dict, extra rows for the same transaction)
+# --------------------------------------------------------------------------------------
+def stage_patterns(ctx: Context, rnd: int):
+    t = ctx.patterns()
+    meta = ctx.meta()
+    return {"n_patterns": int(len(t.ids)), "db_key": ctx.db_key(),
+            "n_md_sized": int((meta["n_sites"] <= ctx.cfg.campaign.max_sites_md).sum())}, {}
+
+
+def stage_train(ctx: Context, rnd: int):
+    import mlflow
+
+    from xrdmatch.platform.tracking import lineage_tags
+    from xrdmatch.training.dataset import build_training_set
+    from xrdmatch.training.ensemble import train_ensemble
+
+    cfg = ctx.cfg
+    pt = ctx.patterns()
+    ls, weights = build_training_set(cfg, pt)
+    weights = np.asarray(weights, dtype=np.float32)
+    t0 = time.perf_counter()
+    # Ray Train keeps its checkpoints under the run dir: a killed round resumes its members
+    ens = train_ensemble(ls.X, ls.y, pt.X, cfg.training, sample_weight=weights,
+                         run_dir=ctx.paths.root / "train" / f"round-{rnd:03d}", run_name=f"round{rnd}")
+    train_s = time.perf_counter() - t0
+    ens.save(ctx.model_dir(rnd))  # atomic (temp folder renamed into place)
+    t1 = time.perf_counter()
+    metrics = champion_metrics(cfg, ls, weights, pt.X)
+    eval_s = time.perf_counter() - t1
+    by_source = dict(Counter(ls.sources))
+    lineage = {**lineage_tags(ls, pt.X), "campaign.id": ctx.store.cid, "campaign.round": str(rnd)}
+    mlflow.log_metrics({**metrics, "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
+                        "train_s": train_s, "champion_eval_s": eval_s})
+    mlflow.set_tags(lineage)
+    return {"model_dir": str(ctx.model_dir(rnd)), "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
+            "by_source": by_source, "labelled_hash": ls.hash(), "metrics": metrics, "lineage": lineage,
+            "train_s": round(train_s, 2), "eval_s": round(eval_s, 2)}, {}
+
+
+def _existing_version(cfg: Config, run_id: str):
+    from mlflow import MlflowClient
+
+    try:
+        found = MlflowClient().search_model_versions(f"name='{cfg.tracking.registry_name}' and run_id='{run_id}'")
+    except Exception:
+        return None
+    return found[0] if found else None
+
+
+def stage_register(ctx: Context, rnd: int):
+    from xrdmatch.platform.registry import register_ensemble
+
+    cfg = ctx.cfg
+    tr = ctx.result(rnd, "train")
+    run_id = ctx.round_run_ids.get(rnd)
+    prev = _existing_version(cfg, run_id) if run_id else None
+    if prev is not None:  # registered before a crash: never register twice
+        return {"name": prev.name, "version": str(prev.version), "aliases": sorted(prev.aliases or []),
+                "promoted": (prev.tags or {}).get("promotion.promoted") == "true",
+                "metrics": tr.get("metrics", {}), "resumed": True}, {}
+    rv = register_ensemble(cfg, tr["model_dir"], tr.get("metrics", {}), tr.get("lineage", {}), run_id=run_id)
+    return {"name": rv.name, "version": str(rv.version), "aliases": list(rv.aliases), "promoted": bool(rv.promoted),
+            "metrics": tr.get("metrics", {})}, {}
+
+
+def _champion(cfg: Config) -> dict[str, Any] | None:
+    """The registry's champion: version and the metrics it was registered with (``metric.*`` tags)."""
+    from mlflow import MlflowClient
+
+    try:
+        mv = MlflowClient().get_model_version_by_alias(cfg.tracking.registry_name, "champion")
+    except Exception:
+        return None
+    metrics: dict[str, float] = {}
+    for k, v in (mv.tags or {}).items():
+        if k.startswith("metric."):
+            try:
+                metrics[k.removeprefix("metric.")] = float(v)
+            except ValueError:
+                pass
+    return {"version": str(mv.version), "run_id": mv.run_id, "metrics": metrics}
+
+
+def stage_screen(ctx: Context, rnd: int):
+    from tqdm import tqdm
+
+    from xrdmatch.actors.screening import blocks_of, screen, write_scores
+    from xrdmatch.platform.ray_utils import cluster_cpus
+    from xrdmatch.training.ensemble import Ensemble
+
+    cfg = ctx.cfg
+    pt = ctx.patterns()
+    ens = Ensemble.load(ctx.model_dir(rnd))
+    n = len(pt.ids)
+    actors = cfg.campaign.screen_actors or max(1, min(cluster_cpus(), -(-n // cfg.campaign.screen_batch_size)))
+    with tqdm(total=n, desc=f"round {rnd} screen", unit="pattern", disable=not ctx.progress) as bar:
+        res = screen(ens, blocks_of(pt.X, cfg.campaign.screen_batch_size), n, actors=actors,
+                     gpus_per_actor=cfg.campaign.screen_gpus_per_actor, progress=bar.update)
+    path = ctx.scores_path(rnd)
+    sha = write_scores(path, list(pt.ids), list(pt.formulas), res)
+    reg = ctx.result(rnd, "register")
+    hist, edges = np.histogram(res.p_mean, bins=20, range=(0, 1))
+    result = {"path": str(path), "n": n, "actors": actors, "n_positive": int((res.p_mean >= 0.5).sum()),
+              "mean_p": float(res.p_mean.mean()), "mean_spread": float(res.p_std.mean()),
+              "histogram": hist.tolist()}
+    return result, {"scores": {"path": str(path), "n": n, "sha256": sha, "model_version": reg.get("version")}}
+
+
+def stage_select(ctx: Context, rnd: int):
+    from xrdmatch.actors.screening import read_scores
+    from xrdmatch.platform.acquisition import element_matrix, radioactive_elements, select_candidates
+
+    cfg, c = ctx.cfg, ctx.cfg.campaign
+    pt = ctx.patterns()
+    scores = read_scores(ctx.scores_path(rnd))
+    if list(scores["id"]) != [str(i) for i in pt.ids]:
+        raise CampaignError(f"round {rnd}: scores {ctx.scores_path(rnd)} do not match the pattern table")
+    meta = ctx.meta()
+    earlier = [cand.structure_id for cand in ctx.store.candidates() if cand.round < rnd]
+    budget_left = (c.label_budget - len(earlier)) if c.label_budget else c.candidates_per_round
+    n = max(0, min(c.candidates_per_round, budget_left))
+    presence, vocab = element_matrix([e.split() for e in meta["elements"]])
+    forbidden = set(c.forbidden_elements) | (radioactive_elements() if c.exclude_radioactive else set())
+    groups = list(meta["group"])
+    lab_groups = labelled_groups(cfg, ctx.url)
+    exclude = np.isin(np.asarray(pt.ids, dtype=object), earlier) if earlier else None
+    sel = select_candidates(
+        scores["p_mean"].to_numpy(), scores["p_std"].to_numpy(), pt.X, presence, vocab,
+        meta["n_sites"].to_numpy(), groups, n, strategy=c.acquisition, k=c.ucb_k,
+        similarity_threshold=c.similarity_threshold, required=c.required_elements, forbidden=forbidden,
+        max_sites=c.max_sites_md, labelled_groups=lab_groups, exclude=exclude, pool=c.candidate_pool,
+    )
+    cands = []
+    for rank, (i, s) in enumerate(zip(sel.indices.tolist(), sel.scores.tolist())):
+        cands.append({"rank": rank, "structure_id": str(pt.ids[i]), "formula": groups[i] or str(pt.formulas[i]),
+                      "p_mean": float(scores["p_mean"].iat[i]), "p_std": float(scores["p_std"].iat[i]),
+                      "score": float(s)})
+    # patterns of the picks and of the best-scored structures, for the report
+    top = np.argsort(-scores["p_mean"].to_numpy(), kind="stable")[:5]
+    keep = list(dict.fromkeys(sel.indices.tolist() + top.tolist()))
+    np.savez_compressed(ctx.paths.root / "scores" / f"round-{rnd:03d}-patterns.npz",
+                        ids=np.asarray([str(pt.ids[i]) for i in keep]), X=pt.X[keep].astype(np.float32),
+                        p_mean=scores["p_mean"].to_numpy()[keep])
+    result = {"strategy": c.acquisition, "n_requested": n, "n_eligible": sel.n_eligible,
+              "picks": [x["structure_id"] for x in cands], "formulas": [x["formula"] for x in cands],
+              "n_labelled_groups": len(lab_groups)}
+    return result, {"candidates": cands}
+
+
+def stage_validate(ctx: Context, rnd: int):
+    from tqdm import tqdm
+
+    from xrdmatch.platform import queue
+
+    cfg = ctx.cfg
+    cands = ctx.store.candidates(rnd)
+    if not cands:
+        return {"jobs": {}, "states": {}}, {}
+    recs = records_for(cfg, {c.structure_id for c in cands})
+    job_ids: dict[str, int] = {}
+    for c in cands:
+        rec = recs.get(c.structure_id)
+        if rec is None:
+            raise CampaignError(f"round {rnd}: structure {c.structure_id} not found in {cfg.database.path}")
+        jid = queue.submit(ctx.url, c.structure_id, rec, cfg.validation,
+                           priority=len(cands) - c.rank, campaign_round=rnd)
+        job_ids[c.structure_id] = int(jid)
+        if c.job_id != str(jid):
+            ctx.store.update_candidate(c.structure_id, job_id=str(jid))
+
+    def mine():
+        return {j.id: j for j in queue.list_jobs(ctx.url) if j.id in set(job_ids.values())}
+
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            queue.run_workers(cfg, cfg.validation.workers, until_empty=True)
+        except BaseException as e:  # reported by the waiting loop
+            errors.append(e)
+
+    jobs = mine()
+    worker = None
+    if any(j.state not in queue.FINISHED for j in jobs.values()):
+        worker = threading.Thread(target=work, name="validation-workers", daemon=True)
+        worker.start()
+    t0 = time.monotonic()
+    with tqdm(total=len(job_ids), desc=f"round {rnd} validate", unit="job", disable=not ctx.progress) as bar:
+        while True:
+            jobs = mine()
+            done = sum(j.state in queue.FINISHED for j in jobs.values())
+            bar.n = done
+            running = [j for j in jobs.values() if j.state == "running"]
+            if running:
+                prog = running[0].progress or {}
+                bar.set_postfix_str(f"{running[0].structure_id} {prog.get('stage', '')} {prog.get('T', '')}".strip())
+            bar.refresh()
+            if done == len(job_ids):
+                break
+            if worker is not None and not worker.is_alive():
+                if errors:
+                    raise CampaignError(f"round {rnd}: validation workers failed: {errors[0]!r}") from errors[0]
+                # workers stopped (queue looked empty: a job held by a dead worker's lease); go again
+                worker = threading.Thread(target=work, name="validation-workers", daemon=True)
+                time.sleep(cfg.campaign.poll_s)
+                worker.start()
+            if cfg.campaign.validation_timeout_s and time.monotonic() - t0 > cfg.campaign.validation_timeout_s:
+                raise CampaignError(f"round {rnd}: no verdicts after {cfg.campaign.validation_timeout_s} s; "
+                                    f"jobs {sorted(job_ids.values())} (see `xrdmatch validate status`)")
+            time.sleep(cfg.campaign.poll_s)
+    if worker is not None:
+        worker.join(timeout=60)
+    states: dict[str, str] = {}
+    for sid, jid in job_ids.items():
+        j = jobs[jid]
+        states[sid] = j.state
+        ctx.store.update_candidate(sid, verdict=j.verdict or j.state, sigma_300k=j.sigma_300,
+                                   detail={"state": j.state, "error": j.error, "result": j.result})
+    return {"jobs": {k: int(v) for k, v in job_ids.items()}, "states": states,
+            "verdicts": {sid: (jobs[jid].verdict or jobs[jid].state) for sid, jid in job_ids.items()}}, {}
+
+
+def stage_label(ctx: Context, rnd: int):
+    import mlflow
+
+    from xrdmatch.platform.labels import list_labels
+
+    cands = {c.structure_id: c for c in ctx.store.candidates(rnd)}
+    labels = list_labels(ctx.url)
+    mine = [lab for lab in labels if lab.structure_id in cands]
+    by_method = dict(Counter(lab.method for lab in labels))
+    all_mine = {c.structure_id for c in ctx.store.candidates()}
+    total_validated = len({lab.structure_id for lab in labels if lab.structure_id in all_mine})
+    n_super = sum(lab.label == 1 for lab in mine)
+    mlflow.log_metrics({"new_labels": len(mine), "new_superionic": n_super, "validated_total": total_validated,
+                        "candidates": len(cands)})
+    return {"new_labels": len(mine), "new_superionic": n_super, "validated_total": total_validated,
+            "labels_by_method": by_method,
+            "labels": {lab.structure_id: {"label": lab.label, "sigma_300": lab.sigma_300} for lab in mine}}, {}
+
+
+STAGE_FUNCS: dict[str, Callable] = {
+    "patterns": stage_patterns, "train": stage_train, "register": stage_register, "screen": stage_screen,
+    "select": stage_select, "validate": stage_validate, "label": stage_label,
+}
+
+
+def summary_line(rnd: int, stage: str, result: dict[str, Any], seconds: float) -> str:
+    """One line per finished stage."""
+    r = result or {}
+    what = {
+        "patterns": lambda: f"{r.get('n_patterns')} patterns ({r.get('n_md_sized')} small enough for MD)",
+        "train": lambda: (f"{r.get('n_labelled')} labels {r.get('by_source')}; "
+                          + (", ".join(f"{k.removeprefix('grouped_cv_')} {v:.3f}" for k, v in
+                                       (r.get("metrics") or {}).items() if k.endswith(("macro_f1", "pr_auc")))
+                             or "no champion metric (campaign.eval_folds = 0)")),
+        "register": lambda: f"{r.get('name')} v{r.get('version')}" + (" -> champion" if r.get("promoted") else ""),
+        "screen": lambda: f"{r.get('n')} scored on {r.get('actors')} actors, {r.get('n_positive')} with p >= 0.5",
+        "select": lambda: f"{len(r.get('picks', []))} picks ({r.get('strategy')}, {r.get('n_eligible')} eligible): "
+                          + ", ".join(r.get("formulas", [])),
+        "validate": lambda: ", ".join(f"{k}: {v}" for k, v in (r.get("verdicts") or {}).items()) or "nothing to validate",
+        "label": lambda: f"{r.get('new_labels')} new labels ({r.get('new_superionic')} superionic), "
+                         f"{r.get('validated_total')} validated in total",
+    }[stage]()
+    return f"round {rnd} {stage:<9} done in {seconds:7.1f} s: {what}"
+
+
+# --------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------
+def _start_parent_run(ctx: Context):
+    import mlflow
+
+    from xrdmatch.platform.tracking import base_tags, configure, log_params_flat
+
+    configure(ctx.cfg)
+    row = ctx.store.campaign()
+    if row is not None and row.mlflow_run_id:
+        return mlflow.start_run(run_id=row.mlflow_run_id)
+    run = mlflow.start_run(run_name=f"campaign-{ctx.paths.root.name}",
+                           tags=base_tags() | {"xrdmatch.kind": "campaign", "xrdmatch.campaign_id": ctx.store.cid,
+                                               "xrdmatch.run_dir": str(ctx.paths.root)})
+    ctx.store.set_campaign(mlflow_run_id=run.info.run_id)
+    log_params_flat(ctx.cfg)
+    return run
+
+
+def _start_round_run(ctx: Context, rnd: int):
+    import mlflow
+
+    row = next((r for r in ctx.store.rounds() if r.round == rnd), None)
+    if row is not None and row.mlflow_run_id:
+        run = mlflow.start_run(run_id=row.mlflow_run_id, nested=True)
+    else:
+        run = mlflow.start_run(run_name=f"round-{rnd}", nested=True,
+                               tags={"xrdmatch.kind": "campaign-round", "xrdmatch.campaign_id": ctx.store.cid,
+                                     "xrdmatch.round": str(rnd)})
+        ctx.store.set_round(rnd, mlflow_run_id=run.info.run_id)
+    ctx.round_run_ids[rnd] = run.info.run_id
+    return run
+
+
+def should_stop(ctx: Context, rnd: int) -> str | None:
+    """Why no round ``rnd`` should start (None: go on)."""
+    c = ctx.cfg.campaign
+    if rnd > c.rounds:
+        return f"{c.rounds} rounds done"
+    if c.label_budget is not None and len(ctx.store.candidates()) >= c.label_budget:
+        return f"label budget of {c.label_budget} used"
+    if rnd > 1:
+        prev = ctx.store.stage(rnd - 1, "select")
+        if prev and prev.status == DONE and not (prev.result or {}).get("picks"):
+            return f"round {rnd - 1} found no eligible candidate"
+    return None
+
+
+def run_campaign(cfg: Config, run_dir: str | None = None, *, echo: Callable[[str], None] = print,
+                 progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the campaign of ``cfg`` in ``run_dir``; returns stage timings."""
+    import mlflow
+
+    from xrdmatch.platform.db import store_url
+    from xrdmatch.platform.lock import RunDirLock
+    from xrdmatch.platform.ray_utils import init_ray
+
+    if run_dir:
+        cfg = cfg.model_copy(update={"run_dir": str(run_dir)})
+    paths = RunPaths.of(cfg.run_dir)
+    cfg = cfg.model_copy(update={"run_dir": str(paths.root)})
+    with RunDirLock(paths.lock_file):
+        cid = campaign_id_for(paths.root)
+        url = store_url(cfg)
+        store = CampaignStore(url, cid)
+        row = store.ensure_campaign(str(paths.root), cfg.model_dump(mode="json"))
+        if json.loads(row.config_json) != cfg.model_dump(mode="json"):
+            echo(f"warning: {paths.root} was started with another config; finished stages keep their results")
+        ctx = Context(cfg, paths, store, url, echo=echo, progress=progress)
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        t_start = time.perf_counter()
+        resumed = [s for s in store.stages() if s.status in (RUNNING, FAILED)]
+        if resumed:
+            s = resumed[0]
+            echo(f"resuming {paths.root} at round {s.round} stage {s.stage} (was {s.status}, attempt {s.attempts})")
+        stop = None
+        with _start_parent_run(ctx):
+            rnd = 1
+            while True:
+                started = any(r.round == rnd for r in store.rounds())
+                stop = None if started else should_stop(ctx, rnd)
+                if stop:
+                    break
+                store.ensure_round(rnd)
+                with _start_round_run(ctx, rnd):
+                    for stage in STAGES:
+                        rec = store.stage(rnd, stage)
+                        if rec is not None and rec.status == DONE:
+                            continue
+                        store.start_stage(rnd, stage)
+                        t0 = time.perf_counter()
+                        try:
+                            result, extra = STAGE_FUNCS[stage](ctx, rnd)
+                        except BaseException as e:
+                            store.fail_stage(rnd, stage, f"{type(e).__name__}: {e}")
+                            raise
+                        dt = time.perf_counter() - t0
+                        store.finish_stage(rnd, stage, result, dt, **extra)
+                        mlflow.log_metric(f"stage_{stage}_s", dt)
+                        echo(summary_line(rnd, stage, result, dt))
+                store.set_round(rnd, status=DONE, finished_at=_utcnow())
+                rnd += 1
+            store.set_campaign(status=DONE)
+        timings = stage_timings(store)
+        echo(f"campaign finished ({stop}); this invocation took {time.perf_counter() - t_start:.1f} s")
+        return timings
+
+
+def _utcnow():
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def stage_timings(store: CampaignStore) -> dict[str, Any]:
+    per: dict[str, float] = {}
+    rows = []
+    for s in store.stages():
+        if s.status == DONE and s.duration_s is not None:
+            per[s.stage] = per.get(s.stage, 0.0) + s.duration_s
+            rows.append({"round": s.round, "stage": s.stage, "seconds": round(s.duration_s, 2)})
+    return {"per_stage": per, "rows": rows, "total_s": sum(per.values())}

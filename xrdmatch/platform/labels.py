@@ -1,0 +1,314 @@
+"""The label store: every validated verdict, with where it came from.
+
+One row per (structure id, protocol hash): a job that runs twice, or an import repeated,
+yields one label (insert-or-ignore on a unique key, race-free on SQLite and PostgreSQL).
+``method`` records the source (``mlip-md``, ``aimd``, ``experiment``, ``paper``,
+``imported``) so training can weight or exclude sources (``labels.source_weights``).
+Inconclusive MD results are never labels; they stay on their job (state ``inconclusive``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, insert, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, mapped_column
+
+from xrdmatch.platform.db import Base, connect, engine_for
+
+METHODS = ("mlip-md", "aimd", "experiment", "paper", "imported")
+VERDICT_LABEL = {"superionic": 1, "not_superionic": 0}
+
+
+class LabelInputError(ValueError):
+    """A label (or a label file row) that cannot be stored; the message names it."""
+
+
+class LabelRow(Base):
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("structure_id", "protocol_hash", name="uq_labels_structure_protocol"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    structure_id: Mapped[str] = mapped_column(String(200), index=True)
+    protocol_hash: Mapped[str] = mapped_column(String(64))
+    formula: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(32), index=True)
+    label: Mapped[int] = mapped_column(Integer)  # 1 = superionic
+    verdict: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    sigma_300: Mapped[float | None] = mapped_column(Float, nullable=True)  # S/cm
+    sigma_300_lo: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sigma_300_hi: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ea_ev: Mapped[float | None] = mapped_column(Float, nullable=True)
+    ea_err_ev: Mapped[float | None] = mapped_column(Float, nullable=True)
+    calculator: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    calculator_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    temperatures_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    diffusivity_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # {T: D cm2/s}
+    diffusivity_err_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    n_atoms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    runtime_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    campaign_round: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    source: Mapped[str | None] = mapped_column(Text, nullable=True)  # provenance: job/worker or file:line
+    structure_json: Mapped[str | None] = mapped_column(Text, nullable=True)  # shipped-format record
+    created_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # unix seconds
+
+
+@dataclass
+class LabelRecord:
+    """One label with its provenance (1 = superionic)."""
+
+    structure_id: str
+    formula: str
+    method: str
+    label: int
+    protocol_hash: str
+    verdict: str | None = None
+    sigma_300: float | None = None
+    sigma_300_range: tuple[float, float] | None = None
+    ea_ev: float | None = None
+    ea_err_ev: float | None = None
+    calculator: str | None = None
+    calculator_version: str | None = None
+    temperatures: list[float] = field(default_factory=list)
+    diffusivity: dict[float, float] = field(default_factory=dict)
+    diffusivity_err: dict[float, float] = field(default_factory=dict)
+    n_atoms: int | None = None
+    runtime_s: float | None = None
+    job_id: int | None = None
+    campaign_round: int | None = None
+    source: str | None = None
+    record: dict | None = None  # the structure (shipped record format), when known
+    created_at: float | None = None
+    id: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["diffusivity"] = {str(k): v for k, v in self.diffusivity.items()}
+        d["diffusivity_err"] = {str(k): v for k, v in self.diffusivity_err.items()}
+        return d
+
+
+def _finite(x: Any) -> float | None:
+    if x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _tmap(d: dict | None) -> dict[float, float]:
+    return {float(k): float(v) for k, v in (d or {}).items() if _finite(v) is not None}
+
+
+def _row_values(rec: LabelRecord) -> dict[str, Any]:
+    if rec.label not in (0, 1):
+        raise LabelInputError(f"label for {rec.structure_id!r} must be 0 or 1, got {rec.label!r}")
+    if rec.method not in METHODS:
+        raise LabelInputError(f"label for {rec.structure_id!r}: unknown method {rec.method!r} (one of {METHODS})")
+    lo, hi = rec.sigma_300_range or (None, None)
+    return {
+        "structure_id": str(rec.structure_id),
+        "protocol_hash": rec.protocol_hash,
+        "formula": rec.formula,
+        "method": rec.method,
+        "label": int(rec.label),
+        "verdict": rec.verdict,
+        "sigma_300": _finite(rec.sigma_300),
+        "sigma_300_lo": _finite(lo),
+        "sigma_300_hi": _finite(hi),
+        "ea_ev": _finite(rec.ea_ev),
+        "ea_err_ev": _finite(rec.ea_err_ev),
+        "calculator": rec.calculator,
+        "calculator_version": rec.calculator_version,
+        "temperatures_json": json.dumps([float(t) for t in rec.temperatures]),
+        "diffusivity_json": json.dumps({str(k): v for k, v in _tmap(rec.diffusivity).items()}),
+        "diffusivity_err_json": json.dumps({str(k): v for k, v in _tmap(rec.diffusivity_err).items()}),
+        "n_atoms": rec.n_atoms,
+        "runtime_s": _finite(rec.runtime_s),
+        "job_id": rec.job_id,
+        "campaign_round": rec.campaign_round,
+        "source": rec.source,
+        "structure_json": json.dumps(rec.record) if rec.record is not None else None,
+    }
+
+
+def _from_row(r: Any) -> LabelRecord:
+    lo, hi = r.sigma_300_lo, r.sigma_300_hi
+    return LabelRecord(
+        id=r.id,
+        structure_id=r.structure_id,
+        protocol_hash=r.protocol_hash,
+        formula=r.formula,
+        method=r.method,
+        label=int(r.label),
+        verdict=r.verdict,
+        sigma_300=r.sigma_300,
+        sigma_300_range=(lo, hi) if lo is not None and hi is not None else None,
+        ea_ev=r.ea_ev,
+        ea_err_ev=r.ea_err_ev,
+        calculator=r.calculator,
+        calculator_version=r.calculator_version,
+        temperatures=json.loads(r.temperatures_json or "[]"),
+        diffusivity=_tmap(json.loads(r.diffusivity_json or "{}")),
+        diffusivity_err=_tmap(json.loads(r.diffusivity_err_json or "{}")),
+        n_atoms=r.n_atoms,
+        runtime_s=r.runtime_s,
+        job_id=r.job_id,
+        campaign_round=r.campaign_round,
+        source=r.source,
+        record=json.loads(r.structure_json) if r.structure_json else None,
+        created_at=r.created_at,
+    )
+
+
+def now_sql(conn: Connection):
+    """The database's clock in unix seconds, as a SQL expression: every worker on every
+    node compares leases against one clock (the store's), not its own."""
+    from sqlalchemy import literal_column
+
+    if conn.dialect.name == "sqlite":
+        return literal_column("((julianday('now') - 2440587.5) * 86400.0)")
+    if conn.dialect.name == "postgresql":
+        return literal_column("CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)")
+    return literal_column("CAST(CURRENT_TIMESTAMP AS FLOAT)")  # pragma: no cover - other dialects
+
+
+def insert_ignore(conn: Connection, table, values: dict[str, Any], keys: list[str]) -> bool:
+    """INSERT that does nothing when the unique ``keys`` already exist; True if a row was added."""
+    name = conn.dialect.name
+    if name in ("sqlite", "postgresql"):
+        if name == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as dinsert
+        else:
+            from sqlalchemy.dialects.postgresql import insert as dinsert
+        # RETURNING, not rowcount: psycopg2 reports -1 for an INSERT with implicit RETURNING
+        stmt = dinsert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+        return conn.execute(stmt.returning(*table.primary_key.columns)).first() is not None
+    try:  # pragma: no cover - other dialects
+        with conn.begin_nested():
+            conn.execute(insert(table).values(**values))
+        return True
+    except IntegrityError:  # pragma: no cover
+        return False
+
+
+def insert_label(conn: Connection, rec: LabelRecord) -> bool:
+    """Add ``rec`` inside the caller's transaction (the queue completes a job and adds its
+    label atomically). Returns False if (structure id, protocol hash) was already labelled."""
+    values = _row_values(rec) | {"created_at": now_sql(conn)}
+    return insert_ignore(conn, LabelRow.__table__, values, ["structure_id", "protocol_hash"])
+
+
+def add_label(url: str, rec: LabelRecord) -> tuple[LabelRecord, bool]:
+    """Store one label; idempotent by (structure id, protocol hash).
+
+    Returns the stored label (the existing one if it was already there) and whether it was new.
+    """
+    connect(url)
+    with engine_for(url).begin() as conn:
+        created = insert_label(conn, rec)
+        row = conn.execute(
+            select(LabelRow).where(
+                LabelRow.structure_id == str(rec.structure_id), LabelRow.protocol_hash == rec.protocol_hash
+            )
+        ).one()
+    return _from_row(row), created
+
+
+def list_labels(url: str, methods: list[str] | None = None) -> list[LabelRecord]:
+    """All labels (oldest first), optionally only some methods."""
+    connect(url)
+    q = select(LabelRow).order_by(LabelRow.id)
+    if methods:
+        q = q.where(LabelRow.method.in_(list(methods)))
+    with engine_for(url).connect() as conn:
+        return [_from_row(r) for r in conn.execute(q)]
+
+
+def label_from_result(result: dict[str, Any], *, protocol_hash: str, job_id: int | None, record: dict | None,
+                      campaign_round: int | None = None, source: str | None = None) -> LabelRecord | None:
+    """The label of a finished validation (``ValidationResult.to_dict()``); None if inconclusive."""
+    verdict = result.get("verdict")
+    if verdict not in VERDICT_LABEL:
+        return None
+    rng = result.get("sigma_300_range")
+    return LabelRecord(
+        structure_id=str(result["structure_id"]),
+        formula=str(result.get("formula") or (record or {}).get("formula") or ""),
+        method=str(result.get("method") or "mlip-md"),
+        label=VERDICT_LABEL[verdict],
+        protocol_hash=protocol_hash,
+        verdict=verdict,
+        sigma_300=result.get("sigma_300"),
+        sigma_300_range=tuple(rng) if rng is not None and len(rng) == 2 else None,
+        ea_ev=result.get("ea_ev"),
+        ea_err_ev=result.get("ea_err_ev"),
+        calculator=result.get("calculator"),
+        calculator_version=result.get("calculator_version"),
+        temperatures=[float(t) for t in result.get("temperatures") or []],
+        diffusivity=_tmap(result.get("diffusivity")),
+        diffusivity_err=_tmap(result.get("diffusivity_err")),
+        n_atoms=result.get("n_atoms"),
+        runtime_s=result.get("runtime_s"),
+        job_id=job_id,
+        campaign_round=campaign_round,
+        source=source,
+        record=record,
+    )
+
+
+def import_labels(url: str, path: str | os.PathLike[str], method: str = "experiment",
+                  sigma_threshold: float = 5e-5) -> tuple[int, int]:
+    """Import labels from a CSV with columns ``structure_id`` (or ``id``), ``formula`` and
+    ``label`` (1 = superionic) and/or ``sigma_300`` (S/cm; labelled by ``sigma_threshold``);
+    optional ``method`` per row. Idempotent. Returns (rows added, rows already present).
+
+    The whole file is checked before anything is written, so a bad row leaves the store unchanged.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise LabelInputError(f"label file not found: {path}")
+    recs: list[LabelRecord] = []
+    with open(p, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = set(reader.fieldnames or [])
+        if not ({"structure_id", "id"} & cols) or "formula" not in cols or not ({"label", "sigma_300"} & cols):
+            raise LabelInputError(f"{path}: needs columns structure_id (or id), formula, and label or sigma_300; got {sorted(cols)}")
+        for n, row in enumerate(reader, start=2):
+            sid = (row.get("structure_id") or row.get("id") or "").strip()
+            if not sid:
+                raise LabelInputError(f"{path}: row {n}: empty structure id")
+            m = (row.get("method") or method).strip()
+            sigma = _finite(row.get("sigma_300")) if row.get("sigma_300") not in (None, "") else None
+            raw = (row.get("label") or "").strip()
+            if raw:
+                if raw not in ("0", "1"):
+                    raise LabelInputError(f"{path}: row {n} ({sid}): label {raw!r} not in {{0, 1}}")
+                lab = int(raw)
+            elif sigma is not None:
+                lab = int(sigma >= sigma_threshold)
+            else:
+                raise LabelInputError(f"{path}: row {n} ({sid}): neither label nor a finite sigma_300")
+            if m not in METHODS:
+                raise LabelInputError(f"{path}: row {n} ({sid}): unknown method {m!r} (one of {METHODS})")
+            recs.append(LabelRecord(structure_id=sid, formula=row["formula"].strip(), method=m, label=lab,
+                                    protocol_hash=f"import:{m}", sigma_300=sigma,
+                                    verdict="superionic" if lab else "not_superionic",
+                                    source=f"{p.name}:{n}"))
+    added = 0
+    connect(url)
+    with engine_for(url).begin() as conn:
+        for rec in recs:
+            added += insert_label(conn, rec)
+    return added, len(recs) - added

@@ -1,0 +1,200 @@
+"""Measured powder patterns -> the 4501-bin stick grid the model was trained on.
+
+The model only knows simulated *stick* patterns (Cu K-alpha, 2-theta 0-90 deg, 0.02 deg
+bins, maximum 1). A diffractometer scan is broadened, sits on a background and may use
+another anode, so ``measured_pattern`` turns it into sticks:
+
+1. read two columns (2-theta in degrees, intensity); extra columns (e.g. .xye errors) are
+   ignored; header/comment lines before the data are skipped;
+2. resampled on a uniform grid of 0.02 deg x lambda / lambda_Cu (linear interpolation);
+3. (see 7)
+4. background: rolling minimum followed by a rolling mean of the same width
+   (``tracking.measured.background_window_deg``), subtracted;
+5. optional Savitzky-Golay smoothing (``smooth_points``) against counting noise;
+6. peaks: ``scipy.signal.find_peaks`` with a prominence of at least ``peak_prominence`` x maximum
+   and ``peak_min_snr`` x the counting noise (robust sigma of point-to-point differences), and a
+   minimum separation; each peak's background-free height becomes a stick at its 2-theta;
+7. other wavelengths: peak positions are converted through d-spacings (Bragg,
+   d = lambda / (2 sin theta)) to the Cu K-alpha 2-theta (pymatgen's ``CuKa`` = 1.54184 A) and
+   heights corrected by the Lorentz-polarization ratio; peaks beyond 90 deg are dropped;
+8. sticks are binned with the simulator's ``bin_peaks`` (nearest bin, maximum scaled to 1).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from xrdmatch import TWO_THETA_MAX, TWO_THETA_STEP
+from xrdmatch.config import MeasuredConfig
+
+#: Pattern file suffixes read as measured scans (two numeric columns).
+MEASURED_SUFFIXES = (".xy", ".xye", ".csv", ".txt", ".dat")
+CU_KA = 1.54184
+_SPLIT = re.compile(r"[\s,;]+")
+
+
+class MeasuredPatternError(ValueError):
+    """A measured pattern that cannot be used; the message names the file and the problem."""
+
+
+def wavelength_angstrom(value: str | float | None) -> float:
+    """A wavelength in Angstrom from a number or an anode name (pymatgen's table: CuKa, MoKa, Co, ...)."""
+    from pymatgen.analysis.diffraction.xrd import WAVELENGTHS
+
+    if value is None or value == "":
+        return CU_KA
+    if isinstance(value, (int, float)):
+        lam = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            lam = float(text)
+        except ValueError:
+            by_lower = {k.lower(): v for k, v in WAVELENGTHS.items()}
+            key = text.lower()
+            if key not in by_lower and key + "ka" in by_lower:  # "Mo" -> "MoKa"
+                key += "ka"
+            if key not in by_lower:
+                raise MeasuredPatternError(
+                    f"unknown wavelength {text!r}: give Angstrom or one of {', '.join(sorted(WAVELENGTHS))}"
+                ) from None
+            lam = float(by_lower[key])
+    if not (0.1 <= lam <= 5.0):
+        raise MeasuredPatternError(f"wavelength {lam} A is outside 0.1-5 A")
+    return lam
+
+
+def read_two_column(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(2-theta, intensity) of a text scan; raises MeasuredPatternError naming the file and line."""
+    p = Path(path)
+    raw = p.read_bytes()
+    if not raw.strip():
+        raise MeasuredPatternError(f"{p}: empty file")
+    if b"\x00" in raw[:4096]:
+        raise MeasuredPatternError(f"{p}: binary file, expected two text columns (2-theta, intensity)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")
+    rows: list[tuple[float, float]] = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        s = line.strip()
+        if not s or s[0] in "#!;%'\"":
+            continue
+        parts = [t for t in _SPLIT.split(s) if t]
+        try:
+            a, b = float(parts[0]), float(parts[1])
+        except (ValueError, IndexError):
+            if not rows:  # a header line before the data
+                continue
+            raise MeasuredPatternError(f"{p}: line {n}: expected two numbers (2-theta, intensity), got {s[:60]!r}") from None
+        if not (np.isfinite(a) and np.isfinite(b)):
+            raise MeasuredPatternError(f"{p}: line {n}: NaN or infinite value")
+        rows.append((a, b))
+    if not rows:
+        raise MeasuredPatternError(f"{p}: no numeric (2-theta, intensity) rows")
+    arr = np.asarray(rows, dtype=np.float64)
+    return arr[:, 0], arr[:, 1]
+
+
+def to_cu_two_theta(two_theta: np.ndarray, wavelength: float) -> np.ndarray:
+    """2-theta measured at ``wavelength`` -> 2-theta of the same d-spacing under Cu K-alpha (NaN if unreachable)."""
+    if abs(wavelength - CU_KA) < 1e-9:
+        return np.asarray(two_theta, dtype=np.float64)
+    d = wavelength / (2.0 * np.sin(np.radians(np.asarray(two_theta) / 2.0)))
+    s = CU_KA / (2.0 * d)
+    with np.errstate(invalid="ignore"):
+        return np.where(s <= 1.0, 2.0 * np.degrees(np.arcsin(np.clip(s, 0.0, 1.0))), np.nan)
+
+
+def lorentz_polarization(two_theta: np.ndarray) -> np.ndarray:
+    """pymatgen's Lorentz-polarization factor (1 + cos^2 2t) / (sin^2 t cos t)."""
+    t = np.radians(np.asarray(two_theta) / 2.0)
+    return (1.0 + np.cos(2 * t) ** 2) / (np.sin(t) ** 2 * np.cos(t))
+
+
+def sticks_from_scan(two_theta: np.ndarray, intensity: np.ndarray, cfg: MeasuredConfig,
+                     wavelength: float = CU_KA, name: str = "pattern") -> tuple[np.ndarray, np.ndarray]:
+    """Background-free peak positions (Cu 2-theta) and heights of a scan (steps 2-6 of the module doc).
+
+    Peaks are found in the scan's own angles (grid step and windows scaled by lambda / lambda_Cu,
+    so a Mo scan is treated like a Cu one); their positions then move to Cu 2-theta and their
+    heights are corrected by the ratio of Lorentz-polarization factors (Cu angle / measured
+    angle), as pymatgen's simulated sticks include it.
+    """
+    from scipy.ndimage import minimum_filter1d, uniform_filter1d
+    from scipy.signal import find_peaks, savgol_filter
+
+    tt = np.asarray(two_theta, dtype=np.float64)
+    y = np.asarray(intensity, dtype=np.float64)
+    if tt.shape != y.shape or tt.ndim != 1:
+        raise MeasuredPatternError(f"{name}: 2-theta and intensity must be 1-D of the same length")
+    if not (np.isfinite(tt).all() and np.isfinite(y).all()):
+        raise MeasuredPatternError(f"{name}: NaN or infinite values")
+    if len(tt) < cfg.min_points:
+        raise MeasuredPatternError(f"{name}: {len(tt)} points, need at least {cfg.min_points}")
+    if (tt <= 0).any() or (tt >= 180).any():
+        raise MeasuredPatternError(f"{name}: 2-theta values must lie in (0, 180) degrees")
+    order = np.argsort(tt, kind="stable")
+    tt, idx = np.unique(tt[order], return_index=True)
+    y = y[order][idx]
+    if len(tt) < cfg.min_points:
+        raise MeasuredPatternError(f"{name}: {len(tt)} distinct 2-theta values, need at least {cfg.min_points}")
+    # counting noise on the raw samples: robust sigma of point-to-point differences
+    # (peaks are sparse outliers; interpolation would smooth the noise and hide it)
+    noise = 1.4826 * float(np.median(np.abs(np.diff(y)))) / np.sqrt(2.0)
+    scale = wavelength / CU_KA  # degrees here per degree of Cu 2-theta (small-angle)
+    step = TWO_THETA_STEP * scale
+    grid = np.arange(tt[0], tt[-1] + step / 2, step)
+    sig = np.interp(grid, tt, y)
+    win = max(3, int(round(cfg.background_window_deg / TWO_THETA_STEP)) | 1)
+    background = uniform_filter1d(minimum_filter1d(sig, win, mode="nearest"), win, mode="nearest")
+    sig = np.clip(sig - np.minimum(background, sig), 0.0, None)
+    if cfg.smooth_points >= 3 and len(sig) > cfg.smooth_points:
+        sig = np.clip(savgol_filter(sig, cfg.smooth_points | 1, 2), 0.0, None)
+    top = sig.max()
+    if not top > 0:
+        raise MeasuredPatternError(f"{name}: flat pattern, no peaks above the background")
+    dist = max(1, int(round(cfg.peak_min_distance_deg / TWO_THETA_STEP)))
+    min_prom = max(cfg.peak_prominence * top, cfg.peak_min_snr * noise)
+    peaks, _ = find_peaks(sig, prominence=min_prom, distance=dist)
+    if len(peaks) == 0:
+        raise MeasuredPatternError(
+            f"{name}: no peaks found (prominence >= {cfg.peak_prominence:g} x maximum and {cfg.peak_min_snr:g} x noise)"
+        )
+    # sub-step peak position: vertex of the parabola through the maximum and its neighbours
+    inner = np.clip(peaks, 1, len(sig) - 2)
+    a, b, c = sig[inner - 1], sig[inner], sig[inner + 1]
+    den = a - 2 * b + c
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shift = np.where(den < 0, 0.5 * (a - c) / den, 0.0)
+    shift = np.where(inner == peaks, np.clip(shift, -0.5, 0.5), 0.0)
+    pos, height = grid[peaks] + shift * step, sig[peaks]
+    if abs(wavelength - CU_KA) > 1e-9:
+        cu = to_cu_two_theta(pos, wavelength)
+        ok = np.isfinite(cu)
+        height = height[ok] * lorentz_polarization(cu[ok]) / lorentz_polarization(pos[ok])
+        pos = cu[ok]
+    keep = pos <= TWO_THETA_MAX
+    if not keep.any():
+        raise MeasuredPatternError(f"{name}: no peaks inside 2-theta 0-{TWO_THETA_MAX:g} deg (Cu K-alpha)")
+    return pos[keep], height[keep]
+
+
+def measured_pattern(path: str | os.PathLike[str], wavelength: str | float | None = None,
+                     cfg: MeasuredConfig | None = None) -> np.ndarray:
+    """(4501,) float32 stick pattern (maximum 1) of a measured two-column scan."""
+    from xrdmatch.simulation.xrd import XRDError, bin_peaks
+
+    cfg = cfg or MeasuredConfig()
+    lam = wavelength_angstrom(wavelength)
+    tt, y = read_two_column(path)
+    pos, height = sticks_from_scan(tt, y, cfg, lam, name=str(path))
+    try:
+        return bin_peaks(pos, height)
+    except XRDError as e:
+        raise MeasuredPatternError(f"{path}: {e}") from None

@@ -1,0 +1,181 @@
+"""``xrdmatch predict``: inputs of any kind -> patterns -> the registered pyfunc -> CSV rows.
+
+Inputs (each path may be a folder: its files are taken in sorted order, recursively):
+- structure files any format pymatgen reads (CIF, POSCAR/CONTCAR, vasprun.xml, ...), else ASE
+  (extxyz with several frames -> one row per frame): simulated Cu K-alpha stick pattern;
+- a JSONL database in the shipped format (``.jsonl``, ``.jsonl.xz/.gz/.bz2``): one row per record;
+- measured powder scans (``.xy .xye .csv .txt .dat``: 2-theta, intensity) -> sticks
+  (see :mod:`xrdmatch.platform.measured`), ``wavelength`` applies to these.
+
+A bad input yields a row with ``error`` and no probability; the rest are predicted.
+Nothing read from an input is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xrdmatch.config import MeasuredConfig
+from xrdmatch.platform.measured import MEASURED_SUFFIXES, MeasuredPatternError, measured_pattern
+
+CSV_COLUMNS = ["source", "id", "p_superionic", "p_std", "superionic", "error"]
+JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz", ".jsonl.bz2")
+
+
+@dataclass
+class Item:
+    """One thing to predict: where it came from, its id, its pattern or why there is none."""
+
+    source: str
+    id: str
+    pattern: np.ndarray | None = None
+    error: str | None = None
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    msg = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
+
+
+def _pattern(structure, source: str, sid: str) -> Item:
+    from xrdmatch.simulation.xrd import xrd_pattern
+
+    try:
+        if len(structure) == 0:
+            return Item(source, sid, error="structure has no sites")
+        x = np.asarray(xrd_pattern(structure), dtype=np.float32)
+        if not np.isfinite(x).all() or not x.max() > 0:
+            return Item(source, sid, error="simulated pattern is empty or not finite")
+        return Item(source, sid, pattern=x)
+    except Exception as e:  # one bad structure must not stop the others
+        return Item(source, sid, error=f"XRD pattern failed: {_short(e)}")
+
+
+def read_structures(path: Path) -> list[tuple[str, object]]:
+    """(id, pymatgen Structure) of a structure file: pymatgen first, then ASE (all frames)."""
+    from pymatgen.core import Structure
+
+    try:
+        return [(path.stem or path.name, Structure.from_file(path))]
+    except Exception as e_pmg:
+        pmg_err = _short(e_pmg, 150)
+    try:
+        import ase.io
+        from pymatgen.io.ase import AseAtomsAdaptor
+
+        frames = ase.io.read(path, index=":")
+        if not isinstance(frames, list):
+            frames = [frames]
+        if not frames:
+            raise ValueError("no structures in file")
+        if len(frames) == 1:
+            return [(path.stem, AseAtomsAdaptor.get_structure(frames[0]))]
+        return [(f"{path.stem}#{i}", AseAtomsAdaptor.get_structure(a)) for i, a in enumerate(frames)]
+    except Exception as e_ase:
+        raise ValueError(f"not readable as a structure (pymatgen: {pmg_err}; ASE: {_short(e_ase, 150)})") from None
+
+
+def _jsonl_items(path: Path) -> list[Item]:
+    from xrdmatch.platform.data import iter_jsonl_lines, structure_from_record
+
+    items = []
+    try:
+        for n, line in iter_jsonl_lines(path):
+            sid = f"line{n}"
+            try:
+                rec = json.loads(line)
+                sid = str(rec.get("id", sid)) if isinstance(rec, dict) else sid
+                items.append(_pattern(structure_from_record(rec), str(path), sid))
+            except Exception as e:
+                items.append(Item(str(path), sid, error=f"line {n}: bad record: {_short(e)}"))
+    except Exception as e:  # unreadable / corrupt compressed file
+        items.append(Item(str(path), path.name, error=f"cannot read JSONL: {_short(e)}"))
+    if not items:
+        items.append(Item(str(path), path.name, error="empty JSONL database"))
+    return items
+
+
+def items_for_file(path: Path, wavelength: str | float | None, measured_cfg: MeasuredConfig) -> list[Item]:
+    name = path.name.lower()
+    src = str(path)
+    try:
+        if path.stat().st_size == 0:
+            return [Item(src, path.stem, error="empty file")]
+    except OSError as e:
+        return [Item(src, path.name, error=f"cannot read: {_short(e)}")]
+    if name.endswith(JSONL_SUFFIXES):
+        return _jsonl_items(path)
+    if name.endswith(MEASURED_SUFFIXES):
+        try:
+            return [Item(src, path.stem, pattern=measured_pattern(path, wavelength, measured_cfg))]
+        except MeasuredPatternError as e:
+            return [Item(src, path.stem, error=str(e))]
+        except Exception as e:
+            return [Item(src, path.stem, error=f"measured pattern failed: {_short(e)}")]
+    try:
+        structures = read_structures(path)
+    except Exception as e:
+        return [Item(src, path.stem, error=str(e))]
+    return [_pattern(s, src, sid) for sid, s in structures]
+
+
+def collect_items(inputs: list[str | os.PathLike[str]], wavelength: str | float | None = None,
+                  measured_cfg: MeasuredConfig | None = None) -> list[Item]:
+    """Every input (files, folders) -> items in input order."""
+    cfg = measured_cfg or MeasuredConfig()
+    items: list[Item] = []
+    for inp in inputs:
+        p = Path(inp)
+        if p.is_dir():
+            files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            if not files:
+                items.append(Item(str(p), p.name, error="folder has no files"))
+            for f in files:
+                items.extend(items_for_file(f, wavelength, cfg))
+        elif p.is_file():
+            items.extend(items_for_file(p, wavelength, cfg))
+        else:
+            items.append(Item(str(p), p.name, error="no such file or folder"))
+    return items
+
+
+def load_model(model_uri: str):
+    """The registered pyfunc (``models:/name@alias``, ``runs:/...``, a local path)."""
+    import mlflow
+
+    return mlflow.pyfunc.load_model(model_uri)
+
+
+def predict_items(model, items: list[Item], batch_size: int = 1024) -> pd.DataFrame:
+    """Rows for the CSV: predictions for items with a pattern, errors for the others."""
+    from xrdmatch.platform.pyfunc_model import patterns_frame
+
+    rows = pd.DataFrame({
+        "source": [it.source for it in items],
+        "id": [it.id for it in items],
+        "p_superionic": np.nan,
+        "p_std": np.nan,
+        "superionic": pd.array([pd.NA] * len(items), dtype="Int64"),
+        "error": [it.error or "" for it in items],
+    })
+    ok = [i for i, it in enumerate(items) if it.pattern is not None and not it.error]
+    for start in range(0, len(ok), batch_size):
+        idx = ok[start : start + batch_size]
+        out = model.predict(patterns_frame(np.stack([items[i].pattern for i in idx])))
+        rows.loc[idx, "p_superionic"] = out["p_superionic"].to_numpy(float)
+        rows.loc[idx, "p_std"] = out["p_std"].to_numpy(float)
+        rows.loc[idx, "superionic"] = out["superionic"].to_numpy(int)
+    return rows[CSV_COLUMNS]
+
+
+def predict_paths(model_uri: str, inputs: list[str | os.PathLike[str]], wavelength: str | float | None = None,
+                  measured_cfg: MeasuredConfig | None = None) -> pd.DataFrame:
+    """Load the model, read every input, predict: the CSV rows as a DataFrame."""
+    items = collect_items(inputs, wavelength, measured_cfg)
+    return predict_items(load_model(model_uri), items)

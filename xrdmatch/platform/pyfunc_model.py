@@ -1,0 +1,104 @@
+"""The registered model: the whole XRDMatch ensemble as ONE MLflow pyfunc.
+
+Logged as *models from code*: MLflow stores this file's source and runs it on load (it ends
+with ``mlflow.models.set_model``), so loading unpickles nothing. The ensemble's weights travel
+as the artifact ``ensemble`` (the directory written by ``Ensemble.save``: safetensors + JSON)
+and are read with ``Ensemble.load`` in ``load_context``. The ``xrdmatch`` package must be
+importable where the model is loaded (it is not shipped inside the model).
+
+Input: a pandas DataFrame, one pattern per row, columns ``v1`` .. ``v4501`` (the labelled
+CSV's names: Cu K-alpha, 2-theta 0-90 deg in 0.02 deg bins, maximum 1), float64.
+Output: a DataFrame with ``p_superionic`` (ensemble mean), ``p_std`` (spread across members)
+and ``superionic`` (1 when at least ceil(``vote_fraction`` x members) members give
+p >= ``threshold``: the rule the evaluation scored; both in the model config, from
+``evaluation.vote_fraction`` and ``tracking.decision_threshold``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+N_BINS = 4501
+COLUMNS = [f"v{i}" for i in range(1, N_BINS + 1)]
+OUTPUT_COLUMNS = ["p_superionic", "p_std", "superionic"]
+
+
+def patterns_frame(X: np.ndarray) -> pd.DataFrame:
+    """(n, 4501) patterns -> the model's input DataFrame."""
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != N_BINS:
+        raise ValueError(f"patterns must have shape (n, {N_BINS}), got {X.shape}")
+    return pd.DataFrame(X, columns=COLUMNS)
+
+
+def frame_patterns(df: pd.DataFrame | np.ndarray) -> np.ndarray:
+    """The model's input (DataFrame with v1..v4501, or a bare (n, 4501) array) -> float32 patterns."""
+    if isinstance(df, pd.DataFrame):
+        if all(c in df.columns for c in COLUMNS):
+            X = df[COLUMNS].to_numpy(dtype=np.float32)
+        elif df.shape[1] == N_BINS:
+            X = df.to_numpy(dtype=np.float32)
+        else:
+            raise ValueError(f"input needs columns v1..v{N_BINS} (got {df.shape[1]} columns)")
+    else:
+        X = np.asarray(df, dtype=np.float32)
+        if X.ndim == 1:
+            X = X[None, :]
+    if X.ndim != 2 or X.shape[1] != N_BINS:
+        raise ValueError(f"patterns must have {N_BINS} values per row, got shape {X.shape}")
+    if not np.isfinite(X).all():
+        bad = int(np.flatnonzero(~np.isfinite(X).all(axis=1))[0])
+        raise ValueError(f"row {bad}: pattern has NaN or infinite values")
+    return X
+
+
+def decide(proba: dict[str, np.ndarray], threshold: float, vote_fraction: float) -> np.ndarray:
+    """The evaluated decision rule: superionic when at least ceil(vote_fraction x members)
+    members give p >= threshold (one member: p >= threshold), as ``evaluation.combine``."""
+    members = proba.get("p_members")
+    if members is None:
+        return (np.asarray(proba["p_mean"]) >= threshold).astype(np.int64)
+    members = np.atleast_2d(np.asarray(members))
+    votes = (members >= threshold).sum(axis=0)
+    need = max(1, math.ceil(vote_fraction * len(members) - 1e-9))
+    return (votes >= need).astype(np.int64)
+
+
+def output_frame(proba: dict[str, np.ndarray], threshold: float = 0.5, vote_fraction: float = 0.5) -> pd.DataFrame:
+    p = np.asarray(proba["p_mean"], dtype=np.float64).reshape(-1)
+    s = np.asarray(proba["p_std"], dtype=np.float64).reshape(-1)
+    return pd.DataFrame({"p_superionic": p, "p_std": s, "superionic": decide(proba, threshold, vote_fraction)})
+
+
+class XRDMatchPyfunc(mlflow.pyfunc.PythonModel):
+    """Loads the ensemble from the ``ensemble`` artifact; predicts in batches."""
+
+    def load_context(self, context) -> None:
+        from xrdmatch.training.ensemble import Ensemble
+
+        cfg = dict(getattr(context, "model_config", None) or {})
+        self.threshold = float(cfg.get("threshold", 0.5))
+        self.vote_fraction = float(cfg.get("vote_fraction", 0.5))
+        self.batch_size = int(cfg.get("batch_size", 512))
+        self.ensemble = Ensemble.load(context.artifacts["ensemble"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        X = frame_patterns(model_input)
+        parts = []
+        for i in range(0, len(X), self.batch_size):
+            parts.append(output_frame(self.ensemble.predict_proba(X[i : i + self.batch_size]),
+                                      self.threshold, self.vote_fraction))
+        if not parts:
+            return pd.DataFrame({c: pd.Series(dtype="float64") for c in OUTPUT_COLUMNS})
+        return pd.concat(parts, ignore_index=True)
+
+
+# Models from code: when MLflow executes this file as the model (module name code_model_<uuid>),
+# hand it the model object. Importing it as xrdmatch.platform.pyfunc_model sets nothing.
+if __name__ != "xrdmatch.platform.pyfunc_model":
+    mlflow.models.set_model(XRDMatchPyfunc())

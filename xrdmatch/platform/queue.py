@@ -1,0 +1,349 @@
+"""The persistent MD validation queue: jobs, leases, heartbeats (SQLite or PostgreSQL).
+
+A job carries everything a worker on another node needs: the structure (shipped record
+format) and the MD protocol (``ValidationConfig`` as JSON, identified by its hash).
+States: ``queued`` -> ``running`` -> ``done`` | ``inconclusive`` | ``failed``.
+
+Claiming is one conditional ``UPDATE ... WHERE id = :id AND (state = 'queued' OR
+(state = 'running' AND lease_expires < now))`` with a rowcount check: exclusive on SQLite
+(one writer at a time) and on PostgreSQL (READ COMMITTED re-checks the WHERE clause on the
+row's newest version after waiting for a concurrent writer). A worker that dies stops
+renewing its lease, so its job is claimed again once the lease expires; ``attempts``
+counts claims and a job that keeps killing its workers ends ``failed`` after
+``max_attempts``. All times are the store's clock (unix seconds), not the worker's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, and_, or_, select, update
+from sqlalchemy.orm import Mapped, mapped_column
+
+from xrdmatch.platform.db import Base, connect, engine_for
+from xrdmatch.platform.labels import LabelRecord, insert_ignore, insert_label, now_sql
+
+STATES = ("queued", "running", "done", "inconclusive", "failed")
+FINISHED = ("done", "inconclusive", "failed")
+
+
+class QueueError(ValueError):
+    """A submission that cannot be queued; the message names the structure."""
+
+
+class JobRow(Base):
+    __tablename__ = "validation_jobs"
+    __table_args__ = (UniqueConstraint("structure_id", "protocol_hash", name="uq_jobs_structure_protocol"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    structure_id: Mapped[str] = mapped_column(String(200), index=True)
+    protocol_hash: Mapped[str] = mapped_column(String(64))
+    formula: Mapped[str] = mapped_column(String(200))
+    structure_json: Mapped[str] = mapped_column(Text)
+    protocol_json: Mapped[str] = mapped_column(Text)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    campaign_round: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    state: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_expires: Mapped[float | None] = mapped_column(Float, nullable=True)
+    heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    progress_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    result_json: Mapped[str | None] = mapped_column(Text, nullable=True)
+    verdict: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    sigma_300: Mapped[float | None] = mapped_column(Float, nullable=True)
+    mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+@dataclass
+class Job:
+    """A queue entry as workers and the status table see it."""
+
+    id: int
+    structure_id: str
+    formula: str
+    protocol_hash: str
+    record: dict[str, Any]
+    protocol: dict[str, Any]
+    priority: int
+    campaign_round: int | None
+    state: str
+    attempts: int
+    worker_id: str | None
+    lease_expires: float | None
+    heartbeat_at: float | None
+    progress: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    verdict: str | None = None
+    sigma_300: float | None = None
+    mlflow_run_id: str | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+def _job(r: Any) -> Job:
+    return Job(
+        id=r.id,
+        structure_id=r.structure_id,
+        formula=r.formula,
+        protocol_hash=r.protocol_hash,
+        record=json.loads(r.structure_json),
+        protocol=json.loads(r.protocol_json),
+        priority=r.priority,
+        campaign_round=r.campaign_round,
+        state=r.state,
+        attempts=r.attempts,
+        worker_id=r.worker_id,
+        lease_expires=r.lease_expires,
+        heartbeat_at=r.heartbeat_at,
+        progress=json.loads(r.progress_json) if r.progress_json else {},
+        error=r.error,
+        result=json.loads(r.result_json) if r.result_json else None,
+        verdict=r.verdict,
+        sigma_300=r.sigma_300,
+        mlflow_run_id=r.mlflow_run_id,
+        created_at=r.created_at,
+        started_at=r.started_at,
+        finished_at=r.finished_at,
+    )
+
+
+def _engine(url: str):
+    connect(url)  # creates the tables once per process
+    return engine_for(url)
+
+
+def _as_record(structure_id: str, structure: Any) -> dict[str, Any]:
+    """A shipped-format record from a record dict or a pymatgen Structure."""
+    from xrdmatch.platform.data import record_from_structure
+
+    if isinstance(structure, dict):
+        missing = {"lattice", "species", "frac_coords"} - set(structure)
+        if missing:
+            raise QueueError(f"structure {structure_id!r}: record lacks {sorted(missing)}")
+        rec = dict(structure)
+        rec["id"] = str(structure_id)
+        if not rec.get("formula"):
+            from pymatgen.core import Composition
+
+            from collections import Counter
+
+            rec["formula"] = Composition(dict(Counter(rec["species"]))).reduced_formula
+        return rec
+    if hasattr(structure, "lattice") and hasattr(structure, "frac_coords"):
+        if not structure.is_ordered:
+            raise QueueError(f"structure {structure_id!r}: disordered sites; MD needs an ordered structure")
+        return record_from_structure(str(structure_id), structure)
+    raise QueueError(f"structure {structure_id!r}: expected a shipped-format record or a pymatgen Structure, got {type(structure).__name__}")
+
+
+def _protocol(protocol: Any) -> tuple[dict[str, Any], str]:
+    """(protocol dict, protocol hash) from a ValidationConfig (or its dict)."""
+    from xrdmatch.config import ValidationConfig
+    from xrdmatch.simulation.validate import protocol_hash
+
+    cfg = protocol if isinstance(protocol, ValidationConfig) else ValidationConfig.model_validate(protocol)
+    return cfg.model_dump(mode="json"), protocol_hash(cfg)
+
+
+def submit(url: str, structure_id: str, structure: Any, protocol: Any, priority: int = 0,
+           campaign_round: int | None = None) -> int:
+    """Queue one structure for validation under ``protocol`` (a ``ValidationConfig``).
+
+    Idempotent: an existing job for (structure id, protocol hash) is returned, whatever its
+    state (use :func:`requeue` to run a failed one again). Returns the job id.
+    """
+    rec = _as_record(str(structure_id), structure)
+    proto, phash = _protocol(protocol)
+    eng = _engine(url)
+    with eng.begin() as conn:
+        insert_ignore(
+            conn,
+            JobRow.__table__,
+            {
+                "structure_id": str(structure_id),
+                "protocol_hash": phash,
+                "formula": str(rec["formula"]),
+                "structure_json": json.dumps(rec),
+                "protocol_json": json.dumps(proto),
+                "priority": int(priority),
+                "campaign_round": campaign_round,
+                "state": "queued",
+                "attempts": 0,
+                "created_at": now_sql(conn),
+            },
+            ["structure_id", "protocol_hash"],
+        )
+        return conn.execute(
+            select(JobRow.id).where(JobRow.structure_id == str(structure_id), JobRow.protocol_hash == phash)
+        ).scalar_one()
+
+
+def _claimable(now):
+    return or_(JobRow.state == "queued", and_(JobRow.state == "running", JobRow.lease_expires < now))
+
+
+def claim(url: str, worker_id: str, lease_s: float, max_attempts: int | None = None) -> Job | None:
+    """Take the next job (highest priority, then oldest) for ``lease_s`` seconds, or None.
+
+    A running job whose lease expired is taken over; one that has already been claimed
+    ``max_attempts`` times is marked failed instead (it keeps killing its workers).
+    """
+    eng = _engine(url)
+    if max_attempts is not None:
+        with eng.begin() as conn:
+            now = now_sql(conn)
+            conn.execute(
+                update(JobRow)
+                .where(JobRow.state == "running", JobRow.lease_expires < now, JobRow.attempts >= max_attempts)
+                .values(state="failed", finished_at=now, worker_id=None,
+                        error=f"worker lost (lease expired) on each of {max_attempts} attempts")
+            )
+    for _ in range(20):  # a candidate can be taken between our SELECT and UPDATE: try the next
+        with eng.connect() as conn:
+            cands = conn.execute(
+                select(JobRow.id).where(_claimable(now_sql(conn)))
+                .order_by(JobRow.priority.desc(), JobRow.id).limit(8)
+            ).scalars().all()
+        if not cands:
+            return None
+        for jid in cands:
+            with eng.begin() as conn:
+                now = now_sql(conn)
+                res = conn.execute(
+                    update(JobRow)
+                    .where(JobRow.id == jid, _claimable(now))
+                    .values(state="running", worker_id=worker_id, lease_expires=now + float(lease_s),
+                            heartbeat_at=now, started_at=now, attempts=JobRow.attempts + 1, error=None)
+                )
+                if res.rowcount == 1:
+                    return _job(conn.execute(select(JobRow).where(JobRow.id == jid)).one())
+    return None
+
+
+def heartbeat(url: str, job_id: int, worker_id: str, lease_s: float, progress: dict[str, Any] | None = None) -> bool:
+    """Renew the lease (and store progress). False if the job is no longer this worker's:
+    its lease expired and another worker took it, or it was finished elsewhere."""
+    eng = _engine(url)
+    with eng.begin() as conn:
+        now = now_sql(conn)
+        values: dict[str, Any] = {"lease_expires": now + float(lease_s), "heartbeat_at": now}
+        if progress is not None:
+            values["progress_json"] = json.dumps(progress)
+        res = conn.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.worker_id == worker_id, JobRow.state == "running")
+            .values(**values)
+        )
+        return res.rowcount == 1
+
+
+def complete(url: str, job_id: int, worker_id: str, result: dict[str, Any], label: LabelRecord | None,
+             mlflow_run_id: str | None = None) -> bool:
+    """Record a finished validation and its label in one transaction.
+
+    ``label`` None (an inconclusive result) ends the job ``inconclusive`` with no label.
+    Idempotent: the label is keyed by (structure id, protocol hash), and a job already
+    finished keeps its first result. Returns True if this call finished the job.
+    """
+    eng = _engine(url)
+    state = "done" if label is not None else "inconclusive"
+    with eng.begin() as conn:
+        now = now_sql(conn)
+        res = conn.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.state.in_(("queued", "running")))
+            .values(state=state, result_json=json.dumps(result), verdict=result.get("verdict"),
+                    sigma_300=_float(result.get("sigma_300")), error=result.get("reason") if label is None else None,
+                    finished_at=now, lease_expires=None, mlflow_run_id=mlflow_run_id)
+        )
+        if label is not None:
+            insert_label(conn, label)
+        return res.rowcount == 1
+
+
+def fail(url: str, job_id: int, worker_id: str, reason: str) -> bool:
+    """End a job as failed with its reason (bad input, calculator missing, crash in MD)."""
+    eng = _engine(url)
+    with eng.begin() as conn:
+        now = now_sql(conn)
+        res = conn.execute(
+            update(JobRow)
+            .where(JobRow.id == job_id, JobRow.state.in_(("queued", "running")))
+            .values(state="failed", error=str(reason)[:4000], finished_at=now, lease_expires=None)
+        )
+        return res.rowcount == 1
+
+
+def set_mlflow_run(url: str, job_id: int, run_id: str) -> None:
+    with _engine(url).begin() as conn:
+        conn.execute(update(JobRow).where(JobRow.id == job_id).values(mlflow_run_id=run_id))
+
+
+def requeue(url: str, states: tuple[str, ...] = ("failed",), job_ids: list[int] | None = None) -> int:
+    """Put finished jobs back in the queue (e.g. after installing a missing calculator)."""
+    bad = set(states) - set(FINISHED)
+    if bad:
+        raise QueueError(f"cannot requeue jobs in states {sorted(bad)}: only finished ones {FINISHED}")
+    with _engine(url).begin() as conn:
+        q = update(JobRow).where(JobRow.state.in_(list(states)))
+        if job_ids is not None:
+            q = q.where(JobRow.id.in_(list(job_ids)))
+        return conn.execute(q.values(state="queued", worker_id=None, lease_expires=None, error=None)).rowcount
+
+
+def get_job(url: str, job_id: int) -> Job | None:
+    with _engine(url).connect() as conn:
+        r = conn.execute(select(JobRow).where(JobRow.id == job_id)).first()
+        return _job(r) if r is not None else None
+
+
+def list_jobs(url: str, states: list[str] | None = None, limit: int | None = None) -> list[Job]:
+    """Jobs in id order (optionally only some states)."""
+    q = select(JobRow).order_by(JobRow.id)
+    if states:
+        q = q.where(JobRow.state.in_(list(states)))
+    if limit:
+        q = q.limit(limit)
+    with _engine(url).connect() as conn:
+        return [_job(r) for r in conn.execute(q)]
+
+
+def counts_by_state(url: str) -> dict[str, int]:
+    """{state: number of jobs} with every state present."""
+    from sqlalchemy import func
+
+    with _engine(url).connect() as conn:
+        rows = conn.execute(select(JobRow.state, func.count()).group_by(JobRow.state)).all()
+    out = {s: 0 for s in STATES}
+    out.update({s: int(n) for s, n in rows})
+    return out
+
+
+def store_now(url: str) -> float:
+    """The store's clock (unix seconds), for ETA and lease display."""
+    with _engine(url).connect() as conn:
+        return float(conn.execute(select(now_sql(conn))).scalar_one())
+
+
+def run_workers(cfg, n: int | None = None, until_empty: bool = True, max_jobs: int | None = None):
+    """Run ``n`` Ray validation workers on the config's store (see ``xrdmatch.actors.validation_workers``)."""
+    from xrdmatch.actors.validation_workers import run_workers as _run
+
+    return _run(cfg, n=n, until_empty=until_empty, max_jobs=max_jobs)
+
+
+def _float(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if v == v and abs(v) != float("inf") else None

@@ -1,0 +1,234 @@
+"""Model registry: one registered model (``tracking.registry_name``), versions = ensembles.
+
+Aliases, not stages: every new version gets ``challenger``; it also gets ``champion`` when
+it beats the current champion on ``tracking.promotion_metric`` by more than
+``tracking.promotion_min_delta`` (or when there is no champion yet). The rule and the
+decision are written as tags on the version and on the run. Version tags carry the metrics
+(``metric.<name>``) and the lineage tags (``lineage.*``) so versions can be searched:
+``MlflowClient().search_model_versions("name='xrdmatch-superionic' and tags.`lineage.source.aimd` != '0'")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from xrdmatch.config import Config
+from xrdmatch.platform.tracking import configure, mlflow_run
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_NAME_IN_RUN = "model"
+PYFUNC_FILE = Path(__file__).resolve().parent / "pyfunc_model.py"
+
+
+@dataclass
+class RegisteredVersion:
+    name: str
+    version: str
+    aliases: list[str]
+    promoted: bool
+    run_id: str | None = None
+    model_uri: str | None = None
+
+
+@dataclass
+class VersionInfo:
+    """One registered version as ``xrdmatch models`` shows it."""
+
+    name: str
+    version: str
+    aliases: list[str]
+    metrics: dict[str, float] = field(default_factory=dict)
+    lineage: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    run_id: str | None = None
+    created_ms: int = 0
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned runtime deps of the pyfunc (explicit, so MLflow does not load the model to infer them)."""
+    reqs = []
+    for pkg in ("mlflow", "torch", "numpy", "pandas", "safetensors"):
+        try:
+            reqs.append(f"{pkg}=={metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+def example_pattern() -> np.ndarray:
+    """A real input example: the simulated pattern of antifluorite Li2O (1, 4501)."""
+    from pymatgen.core import Lattice, Structure
+
+    from xrdmatch.simulation.xrd import xrd_pattern
+
+    s = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.61), ["Li", "O"], [[0.25, 0.25, 0.25], [0, 0, 0]])
+    return np.asarray(xrd_pattern(s), dtype=np.float64)[None, :]
+
+
+def _signature(example: np.ndarray):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from xrdmatch.platform.pyfunc_model import COLUMNS
+
+    inputs = Schema([ColSpec("double", c) for c in COLUMNS])
+    outputs = Schema([ColSpec("double", "p_superionic"), ColSpec("double", "p_std"), ColSpec("long", "superionic")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _metric_tag(name: str) -> str:
+    return f"metric.{name}"
+
+
+def _as_float(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+def beats(new: float | None, old: float | None, min_delta: float, greater_is_better: bool = True) -> bool:
+    """The promotion rule: a missing old value loses to any value; a missing new value never wins."""
+    if new is None:
+        return False
+    if old is None:
+        return True
+    return new > old + min_delta if greater_is_better else new < old - min_delta
+
+
+def promotion_rule(cfg: Config) -> str:
+    t = cfg.tracking
+    op, sign = (">", "+") if t.promotion_greater_is_better else ("<", "-")
+    return f"{t.promotion_metric} {op} champion {sign} {t.promotion_min_delta:g}"
+
+
+@contextlib.contextmanager
+def _run_for(cfg: Config, run_id: str | None, lineage: dict[str, str]):
+    import mlflow
+
+    active = mlflow.active_run()
+    if run_id is None and active is not None:
+        yield active
+    elif run_id is not None and active is not None and active.info.run_id == run_id:
+        yield active
+    elif run_id is not None:
+        configure(cfg)
+        with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
+            yield run
+    else:
+        with mlflow_run(cfg, "register", tags=lineage) as run:
+            yield run
+
+
+def register_ensemble(cfg: Config, ensemble_dir: str | os.PathLike[str], metrics: dict[str, float],
+                      lineage: dict[str, str], run_id: str | None = None,
+                      input_example: np.ndarray | None = None) -> RegisteredVersion:
+    """Log the ensemble directory as ONE pyfunc model, register it, tag it, maybe promote it.
+
+    ``run_id``: log into that run (e.g. the training run); None: the active run, else a new
+    ``register`` run. Returns the new version with its aliases and whether it became champion.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    ens = Path(ensemble_dir)
+    if not ens.is_dir():
+        raise FileNotFoundError(f"ensemble directory not found: {ens}")
+    configure(cfg)
+    name = cfg.tracking.registry_name
+    example = example_pattern() if input_example is None else np.atleast_2d(np.asarray(input_example, np.float64))
+    from xrdmatch.platform.pyfunc_model import patterns_frame
+
+    clean_metrics = {k: f for k, v in metrics.items() if (f := _as_float(v)) is not None}
+    rule = promotion_rule(cfg)
+    with _run_for(cfg, run_id, lineage) as run:
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=str(PYFUNC_FILE),
+            artifacts={"ensemble": str(ens.resolve())},
+            signature=_signature(example),
+            input_example=patterns_frame(example),
+            pip_requirements=_pip_requirements(),
+            model_config={"threshold": cfg.tracking.decision_threshold,
+                          "vote_fraction": cfg.evaluation.vote_fraction},
+            registered_model_name=name,
+        )
+        mlflow.set_tags({"registry.model": name, "registry.promotion_rule": rule})
+        this_run = run.info.run_id
+    client = MlflowClient()
+    version = str(info.registered_model_version)
+    tags = {**{k: str(v) for k, v in lineage.items()},
+            **{_metric_tag(k): repr(v) for k, v in clean_metrics.items()},
+            "promotion.rule": rule, "promotion.metric": cfg.tracking.promotion_metric}
+    try:
+        champ = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champ = None
+    old = _as_float(champ.tags.get(_metric_tag(cfg.tracking.promotion_metric))) if champ is not None else None
+    new = clean_metrics.get(cfg.tracking.promotion_metric)
+    promoted = champ is None or beats(new, old, cfg.tracking.promotion_min_delta,
+                                      cfg.tracking.promotion_greater_is_better)
+    tags["promotion.previous_champion"] = str(champ.version) if champ is not None else "none"
+    tags["promotion.promoted"] = str(promoted).lower()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, version, k, v)
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    if promoted:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_tag(this_run, "registry.version", version)
+    client.set_tag(this_run, "registry.promoted", str(promoted).lower())
+    aliases = list(client.get_model_version(name, version).aliases)
+    return RegisteredVersion(name=name, version=version, aliases=sorted(aliases), promoted=promoted,
+                             run_id=this_run, model_uri=f"models:/{name}/{version}")
+
+
+def promote(cfg: Config, version: str | int, alias: str = CHAMPION) -> None:
+    """Move an alias by hand (e.g. roll back the champion)."""
+    from mlflow.tracking import MlflowClient
+
+    configure(cfg)
+    MlflowClient().set_registered_model_alias(cfg.tracking.registry_name, alias, str(version))
+
+
+def list_versions(cfg: Config, filter_tags: dict[str, str] | None = None) -> list[VersionInfo]:
+    """Registered versions (newest first) with aliases, metrics and lineage; optional exact tag filter."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    configure(cfg)
+    client = MlflowClient()
+    name = cfg.tracking.registry_name
+    query = f"name = '{name}'"
+    for k, v in (filter_tags or {}).items():
+        query += f" and tags.`{k}` = '{v}'"
+    try:
+        versions = client.search_model_versions(query)
+        by_version: dict[str, list[str]] = {}
+        for alias, v in (client.get_registered_model(name).aliases or {}).items():
+            by_version.setdefault(str(v), []).append(alias)
+    except MlflowException:
+        return []  # nothing registered yet
+    out = []
+    for mv in versions:
+        tags = dict(mv.tags)
+        metrics = {k[len("metric."):]: f for k, v in tags.items()
+                   if k.startswith("metric.") and (f := _as_float(v)) is not None}
+        lineage = {k: v for k, v in tags.items() if k.startswith("lineage.")}
+        out.append(VersionInfo(name=mv.name, version=str(mv.version), aliases=sorted(by_version.get(str(mv.version), [])),
+                               metrics=metrics, lineage=lineage, tags=tags, run_id=mv.run_id,
+                               created_ms=int(mv.creation_timestamp or 0)))
+    out.sort(key=lambda v: int(v.version), reverse=True)
+    return out
+
+
+def default_model_uri(cfg: Config) -> str:
+    return f"models:/{cfg.tracking.registry_name}@{CHAMPION}"

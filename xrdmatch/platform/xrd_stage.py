@@ -1,0 +1,391 @@
+"""The XRD stage: patterns of a whole database on a pool of Ray actors, resumable.
+
+Why it is shaped this way:
+
+* Batch ``k`` is always entries ``[k*B, (k+1)*B)`` of the database, so a finished batch is
+  identified by its index and its shard file (``shards/part-{k}.parquet``) is the proof
+  that it is done. After a kill -9 the rerun skips those batches without reading them.
+* The driver only cuts the database into raw batches (JSONL lines as bytes, files as
+  bytes) and writes the Parquet bytes the actors return; parsing and XRD happen in the
+  actors. Every file is written to a temporary name then ``os.replace``d, errors part
+  before shard, so a batch is counted once and never half-written.
+* A lost actor is restarted by Ray and its in-flight batch retried (``max_restarts`` /
+  ``max_task_retries``); a batch that still fails is retried on another actor, then left
+  for the next run (the summary says so, nothing is marked done).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from xrdmatch import N_BINS, __version__
+from xrdmatch.config import resolve_path
+from xrdmatch.platform.databases import DatabaseError, count_entries, database_kind, iter_raw_batches
+from xrdmatch.platform.patterns import (
+    ERRORS,
+    ERRORS_DIR,
+    MANIFEST,
+    SHARDS,
+    atomic_write_bytes,
+    errors_part_path,
+    read_manifest,
+    shard_index,
+    shard_meta,
+    shard_path,
+)
+from xrdmatch.platform.paths import database_key
+
+#: Batches queued per actor: one running, one waiting, so an actor never idles on the driver.
+INFLIGHT_PER_ACTOR = 2
+#: Rewrite the manifest at most this often while running (the shard files are the truth).
+MANIFEST_EVERY_S = 1.0
+
+
+class StageError(RuntimeError):
+    """The stage cannot run as asked (e.g. the output folder holds another run); says what to do."""
+
+
+def engine_version() -> str:
+    """Version of the XRD engine: a cache made by another engine is recomputed, never mixed."""
+    from xrdmatch.simulation import xrd
+
+    return str(getattr(xrd, "ENGINE_VERSION", None) or f"xrdmatch-{__version__}")
+
+
+@dataclass
+class StageSummary:
+    out_dir: str
+    source: str
+    entries: int = 0  # database entries covered so far (patterns + failures)
+    patterns: int = 0
+    failures: int = 0  # bad entries, listed in errors.parquet
+    shards: int = 0
+    computed_shards: int = 0  # shards computed by this run (the rest were already there)
+    entries_this_run: int = 0
+    wall_s: float = 0.0
+    done: bool = False
+    failed_batches: dict[int, str] = field(default_factory=dict)
+    duplicate_ids: int = 0
+    ray_start_s: float = 0.0  # connecting to / starting Ray, part of wall_s
+
+    @property
+    def rate(self) -> float:
+        """Structures per second of this run (wall time, Ray start included)."""
+        return self.entries_this_run / self.wall_s if self.wall_s > 0 else 0.0
+
+    def line(self) -> str:
+        state = "done" if self.done else f"UNFINISHED ({len(self.failed_batches)} batches failed; rerun to finish)"
+        return (
+            f"XRD {state}: {self.entries} structures, {self.patterns} patterns, {self.failures} failures, "
+            f"{self.shards} shards ({self.computed_shards} computed now) in {self.wall_s:.1f} s wall "
+            f"(Ray start {self.ray_start_s:.1f} s), {self.rate:.0f} patterns/s -> {self.out_dir}"
+        )
+
+
+# ----------------------------------------------------------------------------- state on disk
+
+
+def _identity(db: Path, kind: str, limit: int | None, batch_size: int) -> dict[str, Any]:
+    return {
+        "source": {"path": str(db.resolve()), "key": database_key(db, limit), "kind": kind, "limit": limit},
+        "batch_size": batch_size,
+        "engine_version": engine_version(),
+        "n_bins": N_BINS,
+    }
+
+
+def _same_run(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("batch_size", "engine_version", "n_bins")
+    return all(a.get(k) == b.get(k) for k in keys) and (a.get("source") or {}).get("key") == b["source"]["key"]
+
+
+def _clear(out: Path) -> None:
+    for d in (SHARDS, ERRORS_DIR):
+        shutil.rmtree(out / d, ignore_errors=True)
+    for f in (ERRORS, MANIFEST):
+        (out / f).unlink(missing_ok=True)
+
+
+def _remove_tmp(out: Path) -> None:
+    """Leftovers of writes interrupted by a kill (never renamed, so never counted)."""
+    for d in (out, out / SHARDS, out / ERRORS_DIR):
+        if d.is_dir():
+            for f in d.glob(".*.tmp"):
+                f.unlink(missing_ok=True)
+
+
+def _finished(out: Path, ident: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """Shards on disk that belong to this run (their footer says batch size, source, engine)."""
+    done: dict[int, dict[str, Any]] = {}
+    if not (out / SHARDS).is_dir():
+        return done
+    for f in sorted((out / SHARDS).glob("part-*.parquet")):
+        k = shard_index(f)
+        meta = shard_meta(f)
+        if k is None or meta is None or meta.get("batch") != k or meta.get("run") != _run_tag(ident):
+            continue
+        if meta.get("errors") and not errors_part_path(out, k).is_file():
+            continue  # cannot happen with our write order; recompute rather than lose error rows
+        done[k] = meta
+    return done
+
+
+def _run_tag(ident: dict[str, Any]) -> str:
+    return f"{ident['source']['key']}|{ident['batch_size']}|{ident['engine_version']}|{ident['n_bins']}"
+
+
+def _manifest(ident: dict[str, Any], done: dict[int, dict[str, Any]], finished: bool, extra: dict[str, Any]) -> dict:
+    shards = [
+        {
+            "index": k,
+            "file": f"{SHARDS}/{shard_path('.', k).name}",
+            "count": m["ok"],
+            "errors": m["errors"],
+            "entries": m["entries"],
+        }
+        for k, m in sorted(done.items())
+    ]
+    totals = {
+        "entries": sum(s["entries"] for s in shards),
+        "patterns": sum(s["count"] for s in shards),
+        "errors": sum(s["errors"] for s in shards),
+        "shards": len(shards),
+    }
+    return {
+        **ident,
+        "format": {"columns": ["id", "formula", "pattern"], "pattern": f"fixed_size_list<float32>[{N_BINS}]"},
+        "errors_file": ERRORS,
+        "shards": shards,
+        "totals": totals,
+        "done": finished,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+
+
+def _write_manifest(out: Path, man: dict[str, Any]) -> None:
+    atomic_write_bytes(out / MANIFEST, json.dumps(man, indent=1).encode())
+
+
+def _finalise(out: Path, done: dict[int, dict[str, Any]]) -> int:
+    """errors.parquet from the per-batch parts; returns the number of duplicated ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = [errors_part_path(out, k) for k, m in sorted(done.items()) if m["errors"]]
+    if parts:
+        table = pa.concat_tables([pq.read_table(p) for p in parts])
+    else:
+        table = pa.table({"id": pa.array([], pa.string()), "reason": pa.array([], pa.string()), "batch": pa.array([], pa.int64())})
+    import io
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(out / ERRORS, buf.getvalue())
+    ids: set[str] = set()
+    dup = 0
+    for k in sorted(done):
+        for i in pq.read_table(shard_path(out, k), columns=["id"]).column("id").to_pylist():
+            dup += i in ids
+            ids.add(i)
+    return dup
+
+
+def _summary_from(out: Path, man: dict[str, Any], t0: float, computed: int, entries_now: int) -> StageSummary:
+    tot = man["totals"]
+    return StageSummary(
+        out_dir=str(out),
+        source=man["source"]["path"],
+        entries=tot["entries"],
+        patterns=tot["patterns"],
+        failures=tot["errors"],
+        shards=tot["shards"],
+        computed_shards=computed,
+        entries_this_run=entries_now,
+        wall_s=time.perf_counter() - t0,
+        done=bool(man["done"]),
+        duplicate_ids=int(man.get("duplicate_ids", 0)),
+    )
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_xrd_stage(
+    db_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    workers: int | None = None,
+    batch_size: int = 500,
+    limit: int | None = None,
+    progress: bool = True,
+    *,
+    max_retries: int = 3,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    restart_incompatible: bool = False,
+) -> StageSummary:
+    """Patterns of every entry of ``db_path`` into ``out_dir`` (Parquet shards + manifest).
+
+    Resumes a previous run into the same folder; returns at once if it is complete.
+    ``restart_incompatible``: discard a folder made with another batch size / database /
+    engine instead of refusing (the cache in ensure_patterns does this).
+    """
+    t0 = time.perf_counter()
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    db = resolve_path(db_path)
+    if not db.exists():
+        raise DatabaseError(f"database not found: {db_path}")
+    kind = database_kind(db)
+    out = Path(out_dir).expanduser().resolve()
+    ident = _identity(db, kind, limit, batch_size)
+
+    prev = read_manifest(out)
+    if prev is not None and not _same_run(prev, ident):
+        if not restart_incompatible:
+            raise StageError(
+                f"{out} holds patterns of another run (source {prev.get('source', {}).get('path')}, "
+                f"batch_size {prev.get('batch_size')}, engine {prev.get('engine_version')}); this run is "
+                f"{ident['source']['path']}, batch_size {batch_size}, engine {ident['engine_version']}. "
+                "Use another --out, or --restart to discard it."
+            )
+        _clear(out)
+        prev = None
+    out.mkdir(parents=True, exist_ok=True)
+    _remove_tmp(out)
+    done = _finished(out, ident)
+
+    if prev is not None and prev.get("done") and all(s["index"] in done for s in prev["shards"]):
+        return _summary_from(out, prev, t0, 0, 0)
+
+    _write_manifest(out, _manifest(ident, done, False, {}))
+    counter = ThreadPoolExecutor(1) if progress else None
+    total_f = counter.submit(count_entries, db, limit) if counter else None
+    batches = iter_raw_batches(db, batch_size, limit, skip=set(done))
+    first = next(batches, None)
+    computed, entries_now, failed, ray_s = 0, 0, {}, 0.0
+    if first is not None:
+        computed, entries_now, failed, ray_s = _run_pool(
+            out, ident, done, first, batches, workers, max_retries, ray_address, num_cpus, total_f, t0
+        )
+    if counter:
+        counter.shutdown(wait=False, cancel_futures=True)
+
+    finished = not failed
+    extra: dict[str, Any] = {"last_run_wall_s": round(time.perf_counter() - t0, 2), "last_run_ray_start_s": round(ray_s, 2)}
+    if finished:
+        extra["duplicate_ids"] = _finalise(out, done)
+    else:
+        extra["failed_batches"] = {str(k): v for k, v in failed.items()}
+    man = _manifest(ident, done, finished, extra)
+    _write_manifest(out, man)
+    summary = _summary_from(out, man, t0, computed, entries_now)
+    summary.failed_batches = failed
+    summary.ray_start_s = ray_s
+    return summary
+
+
+def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_address, num_cpus, total_f, t0):
+    """Feed batches to the actor pool, write results as they come; returns (shards, entries, failed, Ray start s)."""
+    from xrdmatch.actors.xrd_actors import worker_pool
+    from xrdmatch.platform.ray_utils import cluster_cpus, init_ray
+
+    t_ray = time.perf_counter()
+    ray = init_ray(ray_address, num_cpus)
+    ray_s = time.perf_counter() - t_ray
+    n = workers or max(1, cluster_cpus())
+    pool = worker_pool(n, max_retries)
+    bar = _progress_bar(total_f, sum(m["entries"] for m in done.values()))
+    meta = {"run": _run_tag(ident)}
+    inflight: dict[Any, tuple[int, int, list, int]] = {}  # ref -> (k, actor slot, items, attempt)
+    load = [0] * n
+    queue: list[tuple[int, list, int]] = [(first[0], first[1], 0)]
+    exhausted = False
+    failed: dict[int, str] = {}
+    computed = entries_now = 0
+    last_manifest = time.monotonic()
+
+    def next_batch():
+        nonlocal exhausted
+        if queue:
+            return queue.pop(0)
+        if exhausted:
+            return None
+        b = next(batches, None)
+        if b is None:
+            exhausted = True
+            return None
+        return (b[0], b[1], 0)
+
+    def fill():
+        for slot in sorted(range(n), key=lambda s: load[s]):
+            while load[slot] < INFLIGHT_PER_ACTOR:
+                b = next_batch()
+                if b is None:
+                    return
+                k, items, attempt = b
+                ref = pool[slot].run.remote(k, items, meta)
+                inflight[ref] = (k, slot, items, attempt)
+                load[slot] += 1
+
+    try:
+        fill()
+        while inflight:
+            ready, _ = ray.wait(list(inflight), num_returns=1)
+            for ref in ready:
+                k, slot, items, attempt = inflight.pop(ref)
+                load[slot] -= 1
+                try:
+                    res = ray.get(ref)
+                except ray.exceptions.RayError as e:
+                    if isinstance(e, ray.exceptions.RayActorError):
+                        pool[slot] = worker_pool(1, max_retries)[0]  # restarts exhausted: a fresh actor
+                    if attempt < max_retries:
+                        queue.append((k, items, attempt + 1))
+                    else:
+                        failed[k] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                    continue
+                if res.errors is not None:
+                    atomic_write_bytes(errors_part_path(out, k), res.errors)
+                atomic_write_bytes(shard_path(out, k), res.shard)
+                done[k] = {"batch": k, "entries": res.n_entries, "ok": res.n_ok, "errors": res.n_errors}
+                computed += 1
+                entries_now += res.n_entries
+                if bar is not None:
+                    if bar.total is None and total_f is not None and total_f.done() and not total_f.exception():
+                        bar.total = total_f.result()
+                    bar.update(res.n_entries)
+                    bar.set_postfix(failures=sum(m["errors"] for m in done.values()), refresh=False)
+            if time.monotonic() - last_manifest > MANIFEST_EVERY_S:
+                _write_manifest(out, _manifest(ident, done, False, {}))
+                last_manifest = time.monotonic()
+            fill()
+    finally:
+        if bar is not None:
+            bar.close()
+        for a in pool:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    return computed, entries_now, failed, ray_s
+
+
+def _progress_bar(total_f, initial: int):
+    if total_f is None:
+        return None
+    from tqdm.auto import tqdm
+
+    total = None
+    try:
+        total = total_f.result(timeout=0.001)
+    except Exception:  # noqa: BLE001 - still counting; the bar gets its total later
+        pass
+    return tqdm(total=total, initial=initial, unit="struct", desc="XRD patterns", smoothing=0.05, dynamic_ncols=True)

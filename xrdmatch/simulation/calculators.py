@@ -1,0 +1,141 @@
+"""ASE calculators by name: CHGNet (MLIP, default), GPAW / VASP (ab initio), or any dotted path.
+
+Every name resolves to a real ``ase.calculators.calculator.Calculator``. A missing package or a
+missing external setting raises :class:`CalculatorUnavailable` naming the calculator and how to
+get it, before any MD starts, so the queue records a clear reason instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+#: Calculators whose forces come from a learned potential (label source "mlip-md").
+MLIP_PACKAGES = ("chgnet", "mace", "matgl", "sevenn", "fairchem", "orb_models", "mattersim")
+
+_CHGNET_MODEL = None  # loaded once per process: ~1-2 s and ~2 MB, shipped inside the wheel
+
+
+class CalculatorUnavailable(RuntimeError):
+    """The requested calculator is not installed or not configured; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class CalculatorInfo:
+    name: str
+    method: str  # "mlip-md" | "aimd"
+    version: str
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _torch_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CalculatorUnavailable("device 'cuda' requested for the MLIP calculator but torch sees no GPU")
+    return device
+
+
+def _chgnet(kwargs: dict[str, Any], device: str, threads: int):
+    global _CHGNET_MODEL
+    try:
+        import torch
+        from chgnet.model import CHGNet
+        from chgnet.model.dynamics import CHGNetCalculator
+    except ImportError as err:  # pragma: no cover - chgnet is a core dependency
+        raise CalculatorUnavailable(f"calculator 'chgnet' is not installed ({err}); pip install chgnet") from None
+    torch.set_num_threads(threads)
+    if _CHGNET_MODEL is None:
+        # CHGNet.load() reads the pretrained weights shipped in the wheel; it never downloads.
+        _CHGNET_MODEL = CHGNet.load(verbose=False)
+    return CHGNetCalculator(model=_CHGNET_MODEL, use_device=_torch_device(device), **kwargs), CalculatorInfo(
+        "chgnet", "mlip-md", _version("chgnet")
+    )
+
+
+def _gpaw(kwargs: dict[str, Any]):
+    try:
+        from gpaw import GPAW, PW
+    except ImportError:
+        raise CalculatorUnavailable(
+            "calculator 'gpaw' is not installed: pip install gpaw (needs libxc, BLAS/ScaLAPACK and the PAW "
+            "datasets: gpaw install-data <dir>), or conda install -c conda-forge gpaw"
+        ) from None
+    params: dict[str, Any] = {"mode": PW(300), "xc": "PBE", "kpts": (1, 1, 1), "txt": None}
+    params.update(kwargs)
+    if isinstance(params.get("mode"), (int, float)):
+        params["mode"] = PW(float(params["mode"]))  # a plane-wave cutoff in eV from YAML
+    return GPAW(**params), CalculatorInfo("gpaw", "aimd", _version("gpaw"))
+
+
+def _vasp(kwargs: dict[str, Any]):
+    from ase.calculators.vasp import Vasp
+
+    if not any(os.environ.get(v) for v in ("ASE_VASP_COMMAND", "VASP_COMMAND", "VASP_SCRIPT")):
+        raise CalculatorUnavailable(
+            "calculator 'vasp' is not configured: set ASE_VASP_COMMAND (e.g. 'mpirun vasp_std') and "
+            "VASP_PP_PATH (folder with potpaw_PBE); VASP itself needs a licence"
+        )
+    if not os.environ.get("VASP_PP_PATH"):
+        raise CalculatorUnavailable("calculator 'vasp' needs VASP_PP_PATH (folder holding potpaw_PBE)")
+    params: dict[str, Any] = {"xc": "PBE", "encut": 400, "kpts": (1, 1, 1), "ediff": 1e-5, "lwave": False, "lcharg": False}
+    params.update(kwargs)
+    return Vasp(**params), CalculatorInfo("vasp", "aimd", _version("ase"))
+
+
+def _dotted(name: str, kwargs: dict[str, Any]):
+    module_name, _, cls_name = name.rpartition(".")
+    if not module_name:
+        raise CalculatorUnavailable(
+            f"unknown calculator {name!r}: use 'chgnet', 'gpaw', 'vasp' or a dotted class path "
+            "such as 'ase.calculators.vasp.Vasp'"
+        )
+    top = module_name.split(".")[0]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise CalculatorUnavailable(f"calculator {name!r}: cannot import {module_name} ({err}); pip install {top}") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise CalculatorUnavailable(f"calculator {name!r}: {module_name} has no attribute {cls_name!r}")
+    try:
+        calc = cls(**kwargs)
+    except Exception as err:  # noqa: BLE001 - any constructor failure means "not usable here"
+        raise CalculatorUnavailable(f"calculator {name!r} could not be created: {type(err).__name__}: {err}") from None
+    method = "mlip-md" if top in MLIP_PACKAGES else "aimd"
+    return calc, CalculatorInfo(name, method, _version(top))
+
+
+def get_calculator(
+    name: str,
+    kwargs: dict[str, Any] | None = None,
+    *,
+    device: str = "auto",
+    threads: int = 1,
+    method: str | None = None,
+):
+    """Return ``(ase_calculator, CalculatorInfo)`` for a calculator name (see module docstring)."""
+    kwargs = dict(kwargs or {})
+    key = name.strip().lower()
+    if key == "chgnet":
+        calc, info = _chgnet(kwargs, device, threads)
+    elif key == "gpaw":
+        calc, info = _gpaw(kwargs)
+    elif key == "vasp":
+        calc, info = _vasp(kwargs)
+    else:
+        calc, info = _dotted(name.strip(), kwargs)
+    if method is not None:
+        info = CalculatorInfo(info.name, method, info.version)
+    return calc, info

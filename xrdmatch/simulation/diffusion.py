@@ -1,0 +1,214 @@
+"""Li diffusion from MD frames with pymatgen-analysis-diffusion, Arrhenius fit and the verdict.
+
+Per temperature: ``DiffusionAnalyzer`` on the production frames' displacements (drift-corrected
+Li MSD -> D and its error). Across temperatures: ``fit_arrhenius`` (Ea and its standard error),
+``get_extrapolated_conductivity`` (Nernst-Einstein via ``get_conversion_factor``) to 300 K, and
+the verdict. Data that cannot support a label (too few hops, melted framework, non-Arrhenius)
+gives ``inconclusive`` with the reason instead of a label.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from xrdmatch.config import ValidationConfig
+
+SPECIE = "Li"
+
+
+@dataclass
+class TemperatureAnalysis:
+    temperature: float
+    diffusivity: float  # cm^2/s
+    diffusivity_err: float  # cm^2/s (standard error of the MSD slope)
+    li_msd: float  # A^2, mean drift-corrected Li square displacement over the production run
+    framework_msd: float  # A^2, same for every non-Li atom (melting / decomposition indicator)
+    n_frames: int
+    smoothed: str  # DiffusionAnalyzer smoothing used ("max", or "none" for runs too short for it)
+
+
+@dataclass
+class ArrheniusFit:
+    temperatures: list[float]
+    ea_ev: float
+    ea_err_ev: float | None
+    prefactor: float  # cm^2/s
+    r2: float | None  # of ln D vs 1/T, None with 2 points
+    sigma_300: float  # S/cm
+    sigma_300_range: tuple[float, float] | None  # +-1 standard error of the extrapolated ln D
+
+
+def frames_to_structures(frames) -> list:
+    """ASE frames -> pymatgen Structures (lattice, species, fractional coordinates only)."""
+    from pymatgen.core import Lattice, Structure
+
+    if not frames:
+        return []
+    species = frames[0].get_chemical_symbols()
+    out = []
+    for f in frames:
+        lat = Lattice(np.asarray(f.cell[:], dtype=float))
+        out.append(Structure(lat, species, f.get_scaled_positions(wrap=False), coords_are_cartesian=False))
+    return out
+
+
+def displacements(frames) -> np.ndarray:
+    """(n_sites, n_frames, 3) cartesian displacements from frame 0, unwrapped by minimum image.
+
+    Same as ``DiffusionAnalyzer.from_structures`` for a fixed (NVT) cell, vectorised.
+    """
+    frac = np.stack([f.get_scaled_positions(wrap=False) for f in frames])  # (F, N, 3)
+    dp = np.diff(frac, axis=0)
+    dp -= np.round(dp)
+    f_disp = np.concatenate([np.zeros_like(frac[:1]), np.cumsum(dp, axis=0)])
+    cart = f_disp @ np.asarray(frames[0].cell[:], dtype=float)
+    return np.ascontiguousarray(cart.transpose(1, 0, 2))
+
+
+def analyze_temperature(frames, temperature: float, timestep_fs: float, step_skip: int) -> TemperatureAnalysis:
+    """Li diffusivity at one temperature from its production frames (>= 2 frames)."""
+    from pymatgen.analysis.diffusion.analyzer import DiffusionAnalyzer
+
+    if len(frames) < 2:
+        raise ValueError(f"{temperature:g} K: {len(frames)} production frame(s), need at least 2")
+    structure = frames_to_structures(frames[:1])[0]
+    disp = displacements(frames)
+    smoothed: str | bool = "max"
+    try:
+        da = DiffusionAnalyzer(structure, disp, SPECIE, temperature, timestep_fs, step_skip, smoothed="max")
+    except ValueError:
+        # "max" smoothing needs lags >= 1 ps; short runs use the plain MSD(t) from the first frame.
+        smoothed = False
+        da = DiffusionAnalyzer(structure, disp, SPECIE, temperature, timestep_fs, step_skip, smoothed=False)
+    sq = np.sum(da.corrected_displacements**2, axis=-1)  # (n_sites, n_frames)
+    li_msd = float(np.mean(sq[da.indices]))
+    fw_msd = float(np.mean(sq[da.framework_indices])) if len(da.framework_indices) else 0.0
+    err = float(da.diffusivity_std_dev)
+    return TemperatureAnalysis(
+        temperature=float(temperature),
+        diffusivity=float(da.diffusivity),
+        diffusivity_err=err if math.isfinite(err) else float("nan"),
+        li_msd=li_msd,
+        framework_msd=fw_msd,
+        n_frames=len(frames),
+        smoothed=str(smoothed) if smoothed else "none",
+    )
+
+
+def fit(temps: list[float], diffs: list[float], structure) -> ArrheniusFit:
+    """Arrhenius fit of D(T) and Nernst-Einstein conductivity extrapolated to 300 K."""
+    from pymatgen.analysis.diffusion.analyzer import fit_arrhenius, get_extrapolated_conductivity
+
+    t = np.asarray(temps, dtype=float)
+    d = np.asarray(diffs, dtype=float)
+    ea, c, ea_err = fit_arrhenius(t, d)
+    sigma = float(get_extrapolated_conductivity(t, d, 300.0, structure, SPECIE)) / 1000.0  # mS/cm -> S/cm
+    x, y = 1.0 / t, np.log(d)
+    slope, icept = np.polyfit(x, y, 1)
+    resid = y - (slope * x + icept)
+    n = len(t)
+    r2 = rng = None
+    if n > 2:
+        ss_tot = float(np.sum((y - y.mean()) ** 2))
+        r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else 1.0
+        s2 = float(np.sum(resid**2)) / (n - 2)
+        se = math.sqrt(s2 * (1.0 / n + (1.0 / 300.0 - x.mean()) ** 2 / float(np.sum((x - x.mean()) ** 2))))
+        rng = (sigma * math.exp(-se), sigma * math.exp(se))
+    return ArrheniusFit(
+        temperatures=[float(v) for v in t],
+        ea_ev=float(ea),
+        ea_err_ev=None if ea_err is None else float(ea_err),
+        prefactor=float(c),
+        r2=r2,
+        sigma_300=sigma,
+        sigma_300_range=rng,
+    )
+
+
+def decide(
+    analyses: list[TemperatureAnalysis], structure, cfg: ValidationConfig, failures: list[str] | None = None
+) -> tuple[str, str, ArrheniusFit | None]:
+    """(verdict, reason, fit): 'superionic' | 'not_superionic' | 'inconclusive'."""
+    if failures:
+        return "inconclusive", "; ".join(failures), None
+    if not analyses:
+        return "inconclusive", "no temperature finished", None
+    melted = [a for a in analyses if a.framework_msd > cfg.max_framework_msd]
+    if melted:
+        txt = ", ".join(f"{a.temperature:g} K ({a.framework_msd:.1f} A^2)" for a in melted)
+        return "inconclusive", f"framework melted/decomposed: non-Li MSD > {cfg.max_framework_msd} A^2 at {txt}", None
+    hot = max(analyses, key=lambda a: a.temperature)
+    if hot.li_msd < cfg.min_li_msd:
+        return (
+            "inconclusive",
+            f"too few Li hops: Li MSD {hot.li_msd:.2f} A^2 at {hot.temperature:g} K < min_li_msd={cfg.min_li_msd} A^2 "
+            "(no diffusion seen on this time scale; run longer or hotter)",
+            None,
+        )
+    usable = [a for a in sorted(analyses, key=lambda a: a.temperature) if a.li_msd >= cfg.min_li_msd and a.diffusivity > 0]
+    skipped = [a.temperature for a in analyses if a not in usable]
+    if len(usable) < cfg.min_fit_temperatures:
+        return (
+            "inconclusive",
+            f"Li diffusion seen at {len(usable)} temperature(s) < min_fit_temperatures={cfg.min_fit_temperatures}",
+            None,
+        )
+    f = fit([a.temperature for a in usable], [a.diffusivity for a in usable], structure)
+    if f.ea_ev <= 0:
+        return "inconclusive", f"non-Arrhenius: Ea = {f.ea_ev:.3f} eV <= 0", f
+    if f.r2 is not None and f.r2 < cfg.min_r2:
+        return "inconclusive", f"non-Arrhenius: R^2 = {f.r2:.2f} < min_r2={cfg.min_r2}", f
+    note = f" (fit excludes {', '.join(f'{t:g}' for t in skipped)} K: too few hops)" if skipped else ""
+    label = "superionic" if f.sigma_300 >= cfg.sigma_threshold else "not_superionic"
+    cmp = ">=" if label == "superionic" else "<"
+    return (
+        label,
+        f"sigma(300 K) = {f.sigma_300:.2e} S/cm {cmp} {cfg.sigma_threshold:.0e}; Ea = {f.ea_ev:.3f} eV "
+        f"from {len(usable)} temperatures{note}",
+        f,
+    )
+
+
+def arrhenius_png(analyses: list[TemperatureAnalysis], f: ArrheniusFit | None, path: Path, title: str) -> str | None:
+    """Arrhenius plot (pymatgen's get_arrhenius_plot when a fit exists); None if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [a for a in analyses if a.diffusivity > 0]
+    if not pts:
+        return None
+    if f is not None:
+        from pymatgen.analysis.diffusion.analyzer import get_arrhenius_plot
+
+        used = [a for a in pts if a.temperature in f.temperatures]
+        ax = get_arrhenius_plot(
+            np.array([a.temperature for a in used]),
+            np.array([a.diffusivity for a in used]),
+            diffusivity_errors=np.array([a.diffusivity_err for a in used]),
+            unit="eV",
+        )
+        rest = [a for a in pts if a not in used]
+        if rest:
+            ax.plot([1000 / a.temperature for a in rest], [a.diffusivity for a in rest], "x", color="grey", markersize=10)
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.errorbar(
+            [1000 / a.temperature for a in pts],
+            [a.diffusivity for a in pts],
+            yerr=[a.diffusivity_err for a in pts],
+            fmt="ko",
+        )
+        ax.set_yscale("log")
+        ax.set_xlabel("1000/T (K$^{-1}$)")
+        ax.set_ylabel("D (cm$^2$/s)")
+    ax.set_title(title)
+    path = Path(path)
+    ax.figure.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(ax.figure)
+    return str(path)

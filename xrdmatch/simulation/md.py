@@ -1,0 +1,414 @@
+"""Input checks, supercell, optional pre-relaxation and checkpointed NVT MD through ASE.
+
+One temperature = one folder ``<workdir>/<T>K/`` holding ``md.traj`` (an ``ase.io.Trajectory``,
+one frame every ``traj_interval`` steps, frame 0 = the start) and ``state.json`` (written
+atomically). A killed run resumes from the last frame of the trajectory (positions, momenta;
+the step is the frame count) and appends; a finished temperature is skipped. The thermostat's
+own state (Nose-Hoover chain variables, Langevin RNG) restarts at a resume: an NVT run stays a
+valid NVT sample, it is just not bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xrdmatch.config import ValidationConfig
+
+Progress = Callable[[float, int, int], None]
+Heartbeat = Callable[[], None]
+
+
+class ValidationInputError(ValueError):
+    """A structure that cannot be validated (no Li, atoms too close, cannot be ordered, too big)."""
+
+
+class MDFailure(RuntimeError):
+    """The MD itself went wrong (cell exploded, NaN energies): an inconclusive verdict, not a crash."""
+
+
+# ---------------------------------------------------------------- input
+
+
+def order_structure(structure, max_sites: int):
+    """Return an ordered structure; order a disordered one with pymatgen (Ewald ranking).
+
+    Partial occupancies need a supercell in which every site count is an integer, so diagonal
+    supercells of growing size are tried until the transformation succeeds or ``max_sites`` is hit.
+    """
+    if structure.is_ordered:
+        return structure, None
+    from pymatgen.transformations.standard_transformations import OrderDisorderedStructureTransformation
+
+    s = structure.copy()
+    no_oxi = False
+    try:
+        s.add_oxidation_state_by_guess()
+    except Exception:  # noqa: BLE001 - no charge-balanced guess: order by count only
+        no_oxi = True
+    if not no_oxi and any(getattr(sp, "oxi_state", None) is None for sp in s.composition):
+        no_oxi = True
+    trans = OrderDisorderedStructureTransformation(no_oxi_states=no_oxi)
+    scalings = sorted(
+        (m for m in product(range(1, 5), repeat=3) if len(s) * m[0] * m[1] * m[2] <= max_sites),
+        key=lambda m: (m[0] * m[1] * m[2], max(m) - min(m)),
+    )
+    last_err = "no supercell small enough"
+    for m in scalings:
+        big = s * m
+        try:
+            ordered = trans.apply_transformation(big)
+        except Exception as err:  # noqa: BLE001 - non-integral occupancies in this supercell: try a bigger one
+            last_err = f"{type(err).__name__}: {err}"
+            continue
+        # The transformation rounds occupancies (occ_tol); a rounded composition is not the input.
+        if any(abs(ordered.composition[el] - amt) > 1e-3 for el, amt in big.composition.element_composition.items()):
+            last_err = f"occupancies not integral in a {m[0]}x{m[1]}x{m[2]} cell"
+            continue
+        ordered.remove_oxidation_states()
+        return ordered, f"ordered with OrderDisorderedStructureTransformation in a {m[0]}x{m[1]}x{m[2]} cell"
+    raise ValidationInputError(
+        f"disordered structure {structure.composition.reduced_formula} cannot be ordered within "
+        f"max_order_sites={max_sites} sites ({last_err})"
+    )
+
+
+def check_structure(structure, min_distance: float) -> None:
+    """Refuse a structure before MD: no Li, or two atoms (periodic images included) too close."""
+    if "Li" not in {el.symbol for el in structure.composition.elements}:
+        raise ValidationInputError(f"structure {structure.composition.reduced_formula} contains no Li")
+    centers, _points, _images, dists = structure.get_neighbor_list(r=min_distance, exclude_self=True)
+    if len(dists):
+        k = int(np.argmin(dists))
+        i = int(centers[k])
+        raise ValidationInputError(
+            f"atoms too close in {structure.composition.reduced_formula}: {structure[i].specie} site {i} has a "
+            f"neighbour at {float(dists[k]):.3f} A < min_distance={min_distance} A"
+        )
+
+
+def choose_supercell(abc, n_sites: int, min_atoms: int, min_length: float, max_atoms: int) -> tuple[int, int, int]:
+    """Smallest diagonal scaling with every length >= min_length and >= min_atoms atoms.
+
+    Ties (same atom count) go to the most isotropic cell (largest shortest length).
+    """
+    base = [max(1, math.ceil(min_length / L - 1e-9)) if min_length > 0 else 1 for L in abc]
+    best = None
+    for extra in product(range(0, 6), repeat=3):
+        m = tuple(b + e for b, e in zip(base, extra, strict=True))
+        n = n_sites * m[0] * m[1] * m[2]
+        if n < min_atoms:
+            continue
+        key = (n, -min(L * k for L, k in zip(abc, m, strict=True)))
+        if best is None or key < best[0]:
+            best = (key, m)
+    if best is None or best[0][0] > max_atoms:
+        need = best[0][0] if best else "too many"
+        raise ValidationInputError(
+            f"supercell would need {need} atoms (> max_atoms={max_atoms}) for min_atoms={min_atoms}, "
+            f"min_length={min_length} A from a {n_sites}-site cell"
+        )
+    return best[1]
+
+
+@dataclass
+class PreparedInput:
+    atoms: Any  # ase.Atoms of the supercell
+    structure: Any  # pymatgen Structure of the supercell
+    scaling: tuple[int, int, int]
+    note: str | None
+
+
+def prepare(structure, cfg: ValidationConfig) -> PreparedInput:
+    """Order, check, build the supercell; raise ValidationInputError with the reason."""
+    from pymatgen.core import Structure
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    if not isinstance(structure, Structure):
+        try:
+            structure = AseAtomsAdaptor.get_structure(structure)
+        except Exception as err:  # noqa: BLE001
+            raise ValidationInputError(f"not a structure: {type(structure).__name__} ({err})") from None
+    if len(structure) == 0:
+        raise ValidationInputError("empty structure")
+    if "Li" not in {el.symbol for el in structure.composition.elements}:
+        raise ValidationInputError(f"structure {structure.composition.reduced_formula} contains no Li")
+    ordered, note = order_structure(structure, cfg.max_order_sites)
+    check_structure(ordered, cfg.min_distance)
+    m = choose_supercell(ordered.lattice.abc, len(ordered), cfg.min_atoms, cfg.min_length, cfg.max_atoms)
+    sc = ordered * m
+    atoms = AseAtomsAdaptor.get_atoms(sc)
+    atoms.set_initial_charges(None)
+    atoms.set_initial_magnetic_moments(None)
+    return PreparedInput(atoms=atoms, structure=sc, scaling=m, note=note)
+
+
+# ---------------------------------------------------------------- files
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
+
+
+def read_frames(path: Path) -> list:
+    """All readable frames of a trajectory (a frame cut by a kill -9 is not readable and is dropped)."""
+    from ase.io import Trajectory
+
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    frames = []
+    try:
+        with Trajectory(str(path), "r") as traj:
+            for i in range(len(traj)):
+                try:
+                    frames.append(traj[i])
+                except Exception:  # noqa: BLE001 - truncated tail
+                    break
+    except Exception:  # noqa: BLE001 - unreadable header: nothing to resume from
+        return []
+    return frames
+
+
+def temperature_dir(workdir: Path, temperature: float) -> Path:
+    return Path(workdir) / f"{temperature:g}K"
+
+
+# ---------------------------------------------------------------- relax
+
+
+def relax(atoms, calc, cfg: ValidationConfig, workdir: Path):
+    """Fixed-cell pre-relaxation (ase.optimize), checkpointed as workdir/relaxed.traj."""
+    from ase.io import read, write
+    from ase.optimize import BFGS, FIRE
+
+    out = Path(workdir) / "relaxed.traj"
+    if out.exists():
+        relaxed = read(str(out))
+        relaxed.calc = calc
+        return relaxed
+    atoms = atoms.copy()
+    atoms.calc = calc
+    opt = (FIRE if cfg.relax_optimizer == "FIRE" else BFGS)(atoms, logfile=None)
+    opt.run(fmax=cfg.relax_fmax, steps=cfg.relax_steps)
+    tmp = out.with_name("relaxed.tmp.traj")
+    write(str(tmp), atoms)
+    os.replace(tmp, out)
+    return atoms
+
+
+# ---------------------------------------------------------------- MD
+
+
+def _thermostat(atoms, cfg: ValidationConfig, temperature: float, seed_key: tuple[int, ...]):
+    from ase import units
+
+    dt = cfg.timestep_fs * units.fs
+    tau = cfg.thermostat_time_fs * units.fs
+    if cfg.thermostat == "nose-hoover":
+        from ase.md.nose_hoover_chain import NoseHooverChainNVT
+
+        return NoseHooverChainNVT(atoms, timestep=dt, temperature_K=temperature, tdamp=tau)
+    if cfg.thermostat == "langevin":
+        from ase.md.langevin import Langevin
+
+        return Langevin(
+            atoms, timestep=dt, temperature_K=temperature, friction=1.0 / tau, fixcm=False,
+            rng=np.random.default_rng(seed_key)
+        )
+    from ase.md.nvtberendsen import NVTBerendsen
+
+    return NVTBerendsen(atoms, timestep=dt, temperature_K=temperature, taut=tau)
+
+
+def frame_counts(cfg: ValidationConfig) -> tuple[int, int]:
+    """(equilibration frames, production frames); step counts are rounded up to traj_interval."""
+    k = cfg.traj_interval
+    return math.ceil(cfg.equilibration_steps / k), math.ceil(cfg.production_steps / k)
+
+
+@dataclass
+class TemperatureRun:
+    temperature: float
+    traj_path: Path
+    done: bool
+    failed: str | None  # reason the MD was aborted (exploded / NaN), None if fine
+    n_frames: int
+    md_seconds: float
+    steps_computed: int  # MD steps computed by this call (0 if skipped)
+
+
+def run_temperature(
+    atoms0,
+    calc,
+    temperature: float,
+    cfg: ValidationConfig,
+    tdir: Path,
+    protocol: str,
+    progress: Progress | None = None,
+    heartbeat: Heartbeat | None = None,
+) -> TemperatureRun:
+    """NVT MD at one temperature, resuming from ``tdir/md.traj``; idempotent once done."""
+    from ase.io import Trajectory
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.neighborlist import neighbor_list
+
+    tdir = Path(tdir)
+    tdir.mkdir(parents=True, exist_ok=True)
+    state_path, traj_path = tdir / "state.json", tdir / "md.traj"
+    eq_f, prod_f = frame_counts(cfg)
+    k = cfg.traj_interval
+    total_steps = (eq_f + prod_f) * k
+    state = read_json(state_path)
+    if state is not None and state.get("protocol") != protocol:
+        # Trajectory of another protocol: its frames are not this run's physics; start over.
+        for p in (traj_path, state_path):
+            p.unlink(missing_ok=True)
+        state = None
+    if state is not None and state.get("status") in ("done", "failed"):
+        n = len(read_frames(traj_path)) if state["status"] == "done" else int(state.get("frames", 0))
+        if state["status"] == "failed" or n == eq_f + prod_f + 1:
+            return TemperatureRun(
+                temperature, traj_path, state["status"] == "done", state.get("reason"), n, float(state.get("md_seconds", 0.0)), 0
+            )
+
+    frames = read_frames(traj_path)
+    md_seconds = float(state.get("md_seconds", 0.0)) if state else 0.0
+    if frames:
+        atoms = frames[-1].copy()
+        atoms.set_momenta(frames[-1].get_momenta())
+        start = (len(frames) - 1) * k
+        _rewrite_if_tail_bad(traj_path, frames)
+    else:
+        traj_path.unlink(missing_ok=True)
+        atoms = atoms0.copy()
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng([cfg.seed, int(temperature)]))
+        Stationary(atoms)
+        start = 0
+    atoms.calc = calc
+    n_frames = len(frames)
+
+    def save_state(status: str, reason: str | None = None) -> None:
+        write_json_atomic(
+            state_path,
+            {
+                "protocol": protocol,
+                "temperature": temperature,
+                "status": status,
+                "reason": reason,
+                "frames": n_frames,
+                "step": (n_frames - 1) * k if n_frames else 0,
+                "total_steps": total_steps,
+                "equilibration_frames": eq_f,
+                "production_frames": prod_f,
+                "traj_interval": k,
+                "timestep_fs": cfg.timestep_fs,
+                "md_seconds": md_seconds,
+            },
+        )
+
+    save_state("running")
+    if start >= total_steps:
+        save_state("done")
+        return TemperatureRun(temperature, traj_path, True, None, n_frames, md_seconds, 0)
+
+    dyn = _thermostat(atoms, cfg, temperature, (cfg.seed, int(temperature), start))
+    dyn.nsteps = start  # observers fire on nsteps % interval == 0, and not again for the resumed frame
+    t0 = time.monotonic()
+    last_beat = [t0]
+    min_d = 0.5 * cfg.min_distance
+
+    traj = Trajectory(str(traj_path), "a" if n_frames else "w", atoms)
+
+    def check_and_write() -> None:
+        nonlocal n_frames, md_seconds
+        e = atoms.get_potential_energy()
+        t_inst = atoms.get_temperature()
+        if not (np.isfinite(e) and np.isfinite(t_inst) and np.all(np.isfinite(atoms.positions))):
+            raise MDFailure(f"non-finite energy/positions at step {dyn.nsteps} ({temperature:g} K)")
+        if t_inst > cfg.explode_temperature_factor * temperature:
+            raise MDFailure(
+                f"cell exploded at {temperature:g} K: instantaneous T {t_inst:.0f} K at step {dyn.nsteps}"
+            )
+        d = neighbor_list("d", atoms, min_d)
+        if len(d):
+            raise MDFailure(f"atoms collapsed at {temperature:g} K: distance {float(d.min()):.2f} A at step {dyn.nsteps}")
+        traj.write(atoms)
+        n_frames += 1
+        md_seconds += time.monotonic() - last_frame[0]
+        last_frame[0] = time.monotonic()
+        save_state("running")
+        if progress is not None:
+            progress(temperature, dyn.nsteps, total_steps)
+
+    def beat() -> None:
+        now = time.monotonic()
+        if heartbeat is not None and now - last_beat[0] >= cfg.heartbeat_s / 2:
+            last_beat[0] = now
+            heartbeat()
+
+    last_frame = [t0]
+    if heartbeat is not None:
+        heartbeat()
+    try:
+        # A fresh run (nsteps == 0) writes frame 0, the starting configuration, through the observer.
+        dyn.attach(check_and_write, interval=k)
+        dyn.attach(beat, interval=1)
+        dyn.run(total_steps - start)
+    except MDFailure as err:
+        traj.close()
+        save_state("failed", str(err))
+        return TemperatureRun(temperature, traj_path, False, str(err), n_frames, md_seconds, dyn.nsteps - start)
+    traj.close()
+    save_state("done")
+    return TemperatureRun(temperature, traj_path, True, None, n_frames, md_seconds, total_steps - start)
+
+
+def _stored_len(path: Path) -> int:
+    from ase.io import Trajectory
+
+    try:
+        with Trajectory(str(path), "r") as t:
+            return len(t)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def _rewrite_if_tail_bad(path: Path, frames: list) -> None:
+    """If the file lists frames that cannot be read (cut by a kill), rewrite it with the good ones."""
+    from ase.io import Trajectory
+
+    if _stored_len(path) == len(frames):
+        return
+    tmp = path.with_name("md.tmp.traj")
+    with Trajectory(str(tmp), "w") as t:
+        for f in frames:
+            t.write(f)
+    os.replace(tmp, path)
+
+
+def production_frames(traj_path: Path, cfg: ValidationConfig) -> list:
+    """Frames of the production part (after equilibration), in order."""
+    eq_f, _ = frame_counts(cfg)
+    return read_frames(traj_path)[eq_f:]

@@ -1,0 +1,155 @@
+"""Members as Ray Train jobs: TorchTrainer + DDP, safetensors checkpoints, resume on failure.
+
+Each member is one ``TorchTrainer`` run named ``<run_name>-member<k>`` under
+``<run dir>/ray_results``; its workers call :func:`xrdmatch.training.trainer.train_member` with
+``prepare_model`` (DDP when num_workers > 1) and report a checkpoint (a folder holding
+``state.safetensors``) every ``cfg.checkpoint_every`` steps. After a worker failure Ray restarts
+the group (``FailureConfig(max_failures=2)``) and the loop resumes from
+``ray.train.get_checkpoint()``. Re-running with the same run dir and run name also resumes
+(Ray Train restores a run from its storage folder). Members run concurrently, as many at once
+as the cluster has CPUs (or GPUs) for their workers.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from xrdmatch.config import TrainingConfig
+from xrdmatch.training.trainer import Member
+
+STATE_FILE = "state.safetensors"
+
+
+def _use_gpu(cfg: TrainingConfig) -> bool:
+    if cfg.use_gpu == "true":
+        return True
+    if cfg.use_gpu == "false":
+        return False
+    import ray
+    import torch
+
+    return torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
+
+
+def save_state(directory: str, state: dict) -> None:
+    from safetensors.torch import save_file
+
+    from xrdmatch.training.trainer import state_to_tensors
+
+    tensors, meta = state_to_tensors(state)
+    save_file(tensors, os.path.join(directory, STATE_FILE), metadata=meta)
+
+
+def load_state(directory: str) -> dict:
+    from safetensors import safe_open
+
+    from xrdmatch.training.trainer import tensors_to_state
+
+    with safe_open(os.path.join(directory, STATE_FILE), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    return tensors_to_state(tensors, meta)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: resume if there is a checkpoint, train, report."""
+    import ray
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from xrdmatch.training.trainer import train_member
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    cfg = TrainingConfig.model_validate(config["cfg"])
+    data = ray.get(config["data"])
+    resume = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            resume = load_state(d)
+    resumed = resume is not None
+    fault_at = config.get("fault_after_step")
+
+    def checkpoint_fn(step: int, state: dict) -> None:
+        last = state["history"][-1] if state["history"] else {}
+        metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                save_state(d, state)
+                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+        if fault_at is not None and not resumed and step == fault_at:
+            raise RuntimeError(f"injected fault after the checkpoint at step {step} (test only)")
+
+    train_member(
+        data["X_lab"], data["y_lab"], data["X_unlab"], cfg, config["seed"], data["w"],
+        device=ray.train.torch.get_device(), resume=resume, checkpoint_fn=checkpoint_fn,
+        wrap_model=ray.train.torch.prepare_model, rank=rank,
+    )
+
+
+def fit_member(data_ref, cfg: TrainingConfig, seed: int, storage: Path, name: str, use_gpu: bool,
+               fault_after_step: int | None = None) -> Member:
+    """One member as one TorchTrainer run; the Member comes from its final checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "seed": seed, "data": data_ref,
+                           "fault_after_step": fault_after_step},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = load_state(d)
+    total = cfg.iterations * cfg.pseudo_label_rounds
+    if state["step"] != total:
+        raise RuntimeError(f"Ray Train run {name}: last checkpoint at step {state['step']}, expected {total}")
+    return Member(network=cfg.network, state_dict=state["ema"], history=state["history"], seed=seed)
+
+
+def fit_members(X_lab, y_lab, X_unlab, cfg: TrainingConfig, seeds, draws, sample_weight=None, *,
+                run_dir=None, run_name=None, fault_after_step=None) -> list[Member]:
+    """All members, concurrently as far as the cluster's CPUs/GPUs allow."""
+    import ray
+
+    from xrdmatch.platform.ray_utils import init_ray
+
+    init_ray()
+    use_gpu = _use_gpu(cfg)
+    storage = Path(run_dir if run_dir is not None else tempfile.mkdtemp(prefix="xrdmatch-")) / "ray_results"
+    storage = storage.resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    run_name = run_name or "train"
+    X_unlab = np.zeros((0, X_lab.shape[1]), np.float32) if X_unlab is None else np.asarray(X_unlab, np.float32)
+    refs = []
+    for draw in draws:
+        draw = np.asarray(draw, dtype=int)
+        w = None if sample_weight is None else np.asarray(sample_weight, np.float32)[draw]
+        refs.append(ray.put({"X_lab": X_lab[draw], "y_lab": y_lab[draw], "X_unlab": X_unlab, "w": w}))
+    res = ray.cluster_resources()
+    slots = res.get("GPU", 0) if use_gpu else res.get("CPU", 1)
+    concurrent = max(1, min(len(seeds), int(slots // cfg.num_workers)))
+    with ThreadPoolExecutor(max_workers=concurrent) as pool:
+        futures = [
+            pool.submit(fit_member, ref, cfg, seed, storage, f"{run_name}-member{k}", use_gpu, fault_after_step)
+            for k, (ref, seed) in enumerate(zip(refs, seeds))
+        ]
+        return [f.result() for f in futures]
