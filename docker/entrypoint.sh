@@ -15,8 +15,18 @@ block=()
 export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} OPENBLAS_NUM_THREADS=${OPENBLAS_NUM_THREADS:-1}
 
+# Ray token authentication: every node and driver of a cluster shares one token, given as
+# RAY_AUTH_TOKEN (compose .env / a Kubernetes secret) or a file (RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).
+token_file=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+if [ -z "${RAY_AUTH_MODE:-}" ] && { [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -s "$token_file" ]; }; then
+  export RAY_AUTH_MODE=token
+fi
+
 case "$mode" in
   head)
+    if [ "${RAY_AUTH_MODE:-}" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "$token_file" ]; then
+      ray get-auth-token --generate >/dev/null
+    fi
     exec ray start --head \
       ${RAY_NODE_IP:+--node-ip-address="$RAY_NODE_IP"} \
       --port="${RAY_PORT:-6379}" \

@@ -35,7 +35,7 @@ def _env(**extra) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
     env.pop("RAY_ADDRESS", None)
-    env.update(RAY_BLOCK="0", RAY_USAGE_STATS_ENABLED="0", **extra)
+    env.update(RAY_BLOCK="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", **extra)
     return env
 
 
@@ -56,6 +56,10 @@ def _raylet_pids(marker: str) -> list[int]:
 
 @pytest.fixture
 def cluster(tmp_path):
+    # Ray >= 2.5x authenticates nodes and drivers with a token; one for this test cluster.
+    token = tmp_path / "ray_auth_token"
+    token.write_text(os.urandom(16).hex())
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     port = _free_port()
     temp = Path(f"/tmp/xrdm-ray-{port}")  # short: unix socket paths are limited to 107 bytes
     head = subprocess.run(
@@ -76,6 +80,7 @@ def cluster(tmp_path):
         yield address
     finally:
         subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 
 
 def _wait_nodes(address: str, n: int, timeout: float = 60) -> None:
@@ -121,3 +126,62 @@ def test_xrd_stage_survives_losing_a_node(cluster, tmp_path, database_path):
     assert len(table.ids) == len(set(table.ids)), "an id was written twice"
     errors = json.loads((out / "manifest.json").read_text()).get("failures", 0) if (out / "manifest.json").exists() else 0
     assert len(table.ids) + int(errors) == n
+
+
+def _parent_pid(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_validation_queue_survives_losing_a_node(cluster, tmp_path, database_path):
+    """Two MD jobs on two 1-CPU nodes; node 2 dies mid-job; the head's worker takes its job over
+    after the lease and resumes it: every job done once, one label each."""
+    import yaml
+
+    from xrdmatch.config import load_config
+    from xrdmatch.platform import queue
+    from xrdmatch.platform.data import iter_records
+    from xrdmatch.platform.db import store_url
+    from xrdmatch.platform.labels import list_labels
+
+    ids = ("mp-1009009", "mp-10182")  # LiF, LiZnP: small cells
+    recs = {r["id"]: r for r in iter_records(database_path) if r["id"] in ids}
+    validation = {"temperatures": [600.0, 1500.0], "thermostat": "langevin", "equilibration_steps": 2,
+                  "production_steps": 120, "traj_interval": 2, "min_atoms": 8, "min_length": 0.0,
+                  "min_li_msd": 0.0, "min_r2": 0.0, "max_framework_msd": 1000.0, "lease_s": 8.0,
+                  "heartbeat_s": 0.5, "poll_s": 0.5, "workers": 2, "cpus_per_job": 1.0}
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"), "validation": validation})
+    url = store_url(cfg)
+    jobs = [queue.submit(url, sid, recs[sid], cfg.validation) for sid in ids]
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    log = tmp_path / "work.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(VENV_BIN / "xrdmatch"), "validate", "work", "--until-empty", "--config", str(cfg_file)],
+                                env=_env(RAY_ADDRESS=cluster), stdout=fh, stderr=subprocess.STDOUT)
+    node2 = set(_raylet_pids("xrdm_node2"))
+    victim = None
+    deadline = time.time() + 240
+    while victim is None and time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        for jid in jobs:
+            job = queue.get_job(url, jid)
+            if job.state == "running" and job.progress.get("step", 0) >= 4:
+                pid = int(job.worker_id.split(":")[1])
+                try:
+                    if _parent_pid(pid) in node2:
+                        victim = job
+                except (OSError, ValueError):
+                    pass
+        time.sleep(0.2)
+    assert victim is not None, "no job ran on the second node: " + log.read_text()[-3000:]
+    _kill_node2()
+    proc.wait(timeout=400)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    for jid in jobs:
+        job = queue.get_job(url, jid)
+        assert job.state == "done", (job.structure_id, job.state, job.error)
+    taken_over = queue.get_job(url, victim.id)
+    assert taken_over.attempts == 2 and taken_over.worker_id != victim.worker_id
+    labels = list_labels(url)
+    assert sorted(lab.structure_id for lab in labels) == sorted(ids)

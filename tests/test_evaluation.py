@@ -259,6 +259,15 @@ def test_cli_grouped_cv_resumes_after_kill_9_and_writes_the_json_shape(tmp_path,
     res = CliRunner().invoke(app, args)  # same command again: resumes
     assert res.exit_code == 0, res.output
     assert f"6 member trainings: {n_cached} cached, {6 - n_cached} to run" in res.output
+    # the finished evaluation is an MLflow run: config, per-method metrics, JSON and figures
+    run = _finished_run(cfg, "evaluate-grouped-cv")
+    assert run.data.params["evaluation.folds"] == "2" and run.data.tags["xrdmatch.kind"] == "evaluate"
+    assert 0.0 <= run.data.metrics["flexmatch-ensemble.macro_f1"] <= 1.0
+    assert run.data.tags["lineage.labelled_count"] == "112" and run.data.tags["lineage.unlabelled_hash"]
+    arts = _artifacts(cfg, run, "evaluation")
+    for want in ("cv.json", "confusion_matrix_flexmatch-ensemble.png",
+                 "pr_curve_flexmatch-ensemble.png", "calibration_flexmatch-ensemble.png"):
+        assert f"evaluation/{want}" in arts, arts
     r = json.loads(out.read_text())
     assert r["protocol"] == "grouped-cv"
     assert [x["method"] for x in r["results"]] == ["supervised", "flexmatch", "flexmatch-ensemble"]
@@ -310,6 +319,54 @@ def test_paper_protocol_reports_what_the_paper_reports(tmp_path, ray_local, shar
     trained = r["predictions"]["flexmatch-ensemble"]["trained_on"]
     assert sum(trained) == 112 - x["n_unseen"]
     assert "paper (published" in results_markdown(r)
+
+
+def _client(cfg_path):
+    from mlflow.tracking import MlflowClient
+
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri(load_config(cfg_path)))
+
+
+def _finished_run(cfg_path, name: str):
+    client = _client(cfg_path)
+    exp = client.get_experiment_by_name("xrdmatch")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == name and r.info.status == "FINISHED"]
+    assert runs, f"no finished MLflow run {name}"
+    return runs[0]
+
+
+def _artifacts(cfg_path, run, path=None) -> set[str]:
+    return {a.path for a in _client(cfg_path).list_artifacts(run.info.run_id, path)}
+
+
+def test_train_cli_logs_the_run_and_registers_the_ensemble(tmp_path, ray_local, shared_run, monkeypatch):
+    """`xrdmatch train`: Ray Train members, an MLflow run with curves and lineage, a registered
+    pyfunc version that becomes champion (the first one) and shows in `xrdmatch models`."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = _tiny_config(tmp_path, {"training": {"iterations": 4}, "campaign": {"eval_folds": 2, "eval_iterations": 2}},
+                       run_dir=shared_run)
+    res = CliRunner().invoke(app, ["train", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "registered xrdmatch-superionic v" in res.output and "champion" in res.output
+    run = next(r for r in _client(cfg).search_runs([_client(cfg).get_experiment_by_name("xrdmatch").experiment_id])
+               if r.info.run_name.startswith("train-"))
+    assert run.info.status == "FINISHED" and run.data.tags["xrdmatch.kind"] == "train"
+    assert run.data.params["training.iterations"] == "4"
+    assert run.data.tags["lineage.labelled_count"] == "112" and run.data.tags["lineage.unlabelled_count"] == "24"
+    assert 0.0 <= run.data.metrics["grouped_cv_macro_f1"] <= 1.0 and run.data.metrics["n_labelled"] == 112
+    hist = _client(cfg).get_metric_history(run.info.run_id, "member1.loss")
+    assert [h.step for h in hist] == [1, 2, 3, 4]
+    assert "plots/learning_curves.png" in _artifacts(cfg, run, "plots")
+    assert run.data.tags["registry.version"] and run.data.tags["registry.promoted"] == "true"
+    res = CliRunner().invoke(app, ["models", "--config", str(cfg)])
+    assert res.exit_code == 0 and "champion" in res.output and "112" in res.output, res.output
 
 
 def test_unknown_method_is_a_clear_error(tmp_path):

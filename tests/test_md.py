@@ -172,28 +172,27 @@ RUNNER = textwrap.dedent(
 )
 
 
+@pytest.mark.timeout(900)
 def test_kill9_resumes_from_last_frame(tmp_path):
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(production_steps=12)  # 4 + 12 steps per temperature, a frame every 2 steps
     work = tmp_path / "w"
     proc = subprocess.Popen(
         [sys.executable, "-c", RUNNER, str(work), cfg.model_dump_json()],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
-    deadline = time.monotonic() + 90
     try:
         for line in proc.stdout:
             parts = line.split()
-            if parts and parts[0] == "P" and float(parts[1]) == 1400.0 and int(parts[2]) >= 8:
+            if parts and parts[0] == "P" and float(parts[1]) == 1400.0 and int(parts[2]) >= 6:
                 os.kill(proc.pid, signal.SIGKILL)
                 break
-            assert time.monotonic() < deadline, "runner too slow"
     finally:
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     hot = work / "1400K" / "md.traj"
     before = read_frames(hot)
-    assert 5 <= len(before) < 13
+    assert 4 <= len(before) < 9
     assert json.loads((work / "1000K" / "state.json").read_text())["status"] == "done"
 
     calls: list[tuple[float, int]] = []
@@ -204,7 +203,7 @@ def test_kill9_resumes_from_last_frame(tmp_path):
     assert all(T == 1400.0 for T, _ in calls)
     assert calls[0][1] == 2 * len(before)  # first new frame = step after the last saved one
     after = read_frames(hot)
-    assert len(after) == 13  # frames at steps 0, 2, ..., 24 (4 equilibration + 20 production)
+    assert len(after) == 9  # frames at steps 0, 2, ..., 16 (4 equilibration + 12 production)
     for a, b in zip(before, after[: len(before)]):
         assert np.array_equal(a.positions, b.positions)
     assert beats  # the queue's lease is renewed

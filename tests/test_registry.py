@@ -97,7 +97,8 @@ def test_pyfunc_is_the_ensemble(mlflow_registry, labelled):
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{reg.cfg.tracking.registry_name}/3"))
     files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".cloudpickle"))], files
-    assert "artifacts/ensemble/ensemble.json" in files and "artifacts/ensemble/member_0.safetensors" in files
+    ens_dir = reg.ens_b.name  # MLflow keeps the folder's name under artifacts/
+    assert f"artifacts/{ens_dir}/ensemble.json" in files and f"artifacts/{ens_dir}/member_0.safetensors" in files
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     assert mlmodel["flavors"]["python_function"]["model_code_path"].endswith("pyfunc_model.py")
     assert (local / "input_example.json").is_file()

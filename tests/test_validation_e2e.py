@@ -186,6 +186,12 @@ def test_killed_worker_job_is_finished_by_another_after_the_lease(tmp_path, reco
             return job if job.state == "running" and job.progress.get("step", 0) >= 4 else None
 
         job = _wait_for(mid_md, 180, proc, log)
+        from typer.testing import CliRunner
+
+        from xrdmatch.cli import app
+
+        res = CliRunner().invoke(app, ["validate", "status", "--config", str(cfg_file), "--state", "running"])
+        assert res.exit_code == 0 and "running" in res.output and " K " in res.output, res.output
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its local Ray (raylet, GCS) ...
         proc.wait()

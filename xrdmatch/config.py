@@ -87,7 +87,7 @@ class TrainingConfig(StrictModel):
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
     pseudo_label_rounds: int = Field(default=1, ge=1, description="iterative pseudo-label refinement rounds")
     ensemble_size: int = Field(default=5, ge=1)
-    unlabelled_limit: int | None = Field(default=None, ge=1, description="subsample the unlabelled set")
+    unlabelled_limit: int | None = Field(default=5000, ge=1, description="subsample the unlabelled set (None: all)")
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers per member")
     use_gpu: Literal["auto", "true", "false"] = "auto"
     seed: int = 0
@@ -201,7 +201,7 @@ class ValidationConfig(StrictModel):
     cpus_per_job: float = Field(default=1.0, gt=0, description="Ray num_cpus of each worker actor")
     gpus_per_job: float = Field(default=0.0, ge=0, description="Ray num_gpus of each worker actor")
     max_attempts: int = Field(default=3, ge=1, description="claims of a job before a lost worker fails it")
-    max_restarts: int = Field(default=3, ge=0, description="Ray restarts of a crashed worker actor")
+    max_restarts: int = Field(default=3, ge=0, description="replacements of a lost worker actor (per slot)")
     poll_s: float = Field(default=5.0, gt=0, description="idle workers look for claimable jobs this often")
 
 

@@ -2,10 +2,11 @@
 
 Each actor is created with ``num_cpus=validation.cpus_per_job`` and
 ``num_gpus=validation.gpus_per_job`` so that jobs pack onto a cluster's nodes without
-oversubscription, and with ``max_restarts`` so Ray brings a crashed worker back. The queue's
-lease covers what Ray cannot: a worker (or its node) that dies mid-job simply stops renewing
-its lease, and the job is claimed again when the lease expires; the MD resumes from its
-trajectory checkpoint in the job's work directory (``run_dir/md/<id>-<protocol>``).
+oversubscription. A lost actor (crashed process, dead node) is replaced by the driver, up to
+``validation.max_restarts`` times per slot. The queue's lease covers the job it held: a
+worker that dies mid-job stops renewing its lease, and the job is claimed again when the
+lease expires; the MD resumes from its trajectory checkpoint in the job's work directory
+(``run_dir/md/<id>-<protocol>``).
 
 :func:`process_job` is a plain function (the actor only loops over it), so the same logic
 runs without Ray.
@@ -280,6 +281,9 @@ def _actor_class():
             except Exception:  # pragma: no cover
                 pass
 
+        def ready(self) -> str:
+            return self.worker_id
+
         def work_one(self, wait_s: float) -> dict[str, Any] | None:
             out = work_one(self.cfg, self.url, self.worker_id, wait_s)
             return asdict(out) if out is not None else None
@@ -294,9 +298,14 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
     ``until_empty``: return once no job is queued or running (a job held by a dead worker is
     waited for until its lease expires, then run); otherwise poll forever. ``max_jobs``
     stops after that many finished jobs. ``on_outcome(JobOutcome)`` is called as jobs end.
+
+    A lost actor (its process crashed, or its node died) is replaced by a new one, up to
+    ``validation.max_restarts`` times per slot; the replacement gets work once Ray has placed
+    it, so a cluster that lost a node goes on with the nodes it has. The job the lost actor
+    held is taken again when its lease expires (and resumes from its MD checkpoint).
     """
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import RayActorError, RayError
 
     from xrdmatch.platform.ray_utils import init_ray
     from xrdmatch.platform.tracking import configure
@@ -309,41 +318,79 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     cls = _actor_class()
     cfg_dict = cfg.model_dump(mode="json")
-    actors = [
-        # A call interrupted by a crash is retried on the restarted actor: safe, because a
-        # call only claims the next claimable job (the crashed one waits for its lease).
-        cls.options(num_cpus=v.cpus_per_job, num_gpus=v.gpus_per_job, max_restarts=v.max_restarts,
-                    max_task_retries=-1).remote(cfg_dict, url, i)
-        for i in range(n)
-    ]
     summary = WorkSummary()
     wait_s = v.poll_s
-    pending = {a.work_one.remote(wait_s): a for a in actors}
+    starting: dict[Any, tuple[int, Any]] = {}  # ready() ref -> (slot, actor): not placed yet
+    working: dict[Any, tuple[int, Any]] = {}  # work_one() ref -> (slot, actor)
+    actors: list[Any] = []
+    replaced = [0] * n
+
+    def spawn(slot: int) -> None:
+        a = cls.options(num_cpus=v.cpus_per_job, num_gpus=v.gpus_per_job, max_restarts=0,
+                        max_task_retries=0).remote(cfg_dict, url, slot)
+        actors.append(a)
+        starting[a.ready.remote()] = (slot, a)
+
+    def lost(slot: int, err: BaseException) -> None:
+        summary.actor_crashes += 1
+        if replaced[slot] < v.max_restarts:
+            replaced[slot] += 1
+            log.warning("validation worker %d lost (%s); starting a replacement (%d/%d); its job is "
+                        "taken again once its lease expires", slot, type(err).__name__, replaced[slot],
+                        v.max_restarts)
+            spawn(slot)
+        else:
+            log.warning("validation worker %d lost for good after %d replacements (%s)", slot, v.max_restarts, err)
+
+    def more_work() -> bool:
+        if max_jobs is not None and len(summary.outcomes) >= max_jobs:
+            return False
+        if not until_empty:
+            return True
+        counts = queue.counts_by_state(url)
+        return counts["queued"] + counts["running"] > 0
+
+    for i in range(n):
+        spawn(i)
+    waited = time.monotonic()
     try:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
-            actor = pending.pop(ref)
-            try:
-                got = ray.get(ref)
-            except RayActorError as err:  # restarts used up: this actor is gone for good
-                summary.actor_crashes += 1
-                log.warning("validation worker died after %d restarts (%s); its job is retried once its lease "
-                            "expires", v.max_restarts, err)
-                continue
-            if got is not None:
-                out = JobOutcome(**got)
-                summary.outcomes.append(out)
-                if on_outcome is not None:
-                    on_outcome(out)
-            if max_jobs is not None and len(summary.outcomes) >= max_jobs:
-                continue
-            if got is None and until_empty:
-                counts = queue.counts_by_state(url)
-                if counts["queued"] + counts["running"] == 0:
+        while working or starting:
+            if not working and not more_work():
+                break  # actors still waiting for a place on the cluster are not needed
+            done, _ = ray.wait(list(working) + list(starting), num_returns=1, timeout=max(1.0, wait_s))
+            if not done and not working and time.monotonic() - waited > 60:
+                log.warning("no validation worker could be placed for 60 s: does the cluster have %g free "
+                            "CPU(s)%s per worker?", v.cpus_per_job, f" and {v.gpus_per_job:g} GPU(s)" if v.gpus_per_job else "")
+                waited = time.monotonic()
+            for ref in done:
+                if ref in starting:
+                    slot, actor = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                    except RayError as err:
+                        lost(slot, err)
+                        continue
+                    if more_work():
+                        working[actor.work_one.remote(wait_s)] = (slot, actor)
                     continue
-            pending[actor.work_one.remote(wait_s)] = actor
+                slot, actor = working.pop(ref)
+                try:
+                    got = ray.get(ref)
+                except RayActorError as err:
+                    lost(slot, err)
+                    continue
+                if got is not None:
+                    out = JobOutcome(**got)
+                    summary.outcomes.append(out)
+                    if on_outcome is not None:
+                        on_outcome(out)
+                if more_work():
+                    working[actor.work_one.remote(wait_s)] = (slot, actor)
+                waited = time.monotonic()
     finally:
         for a in actors:
-            ray.kill(a)
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
     return summary

@@ -95,17 +95,11 @@ class XRDWorker:
         return self.name
 
 
-def worker_pool(n: int, max_retries: int) -> list[Any]:
-    """``n`` XRD actors (1 CPU each). A dead actor is restarted and its in-flight batch retried."""
+def new_worker() -> Any:
+    """One XRD actor (1 CPU). No Ray restarts: the stage's driver replaces a lost actor and
+    hands its batches to the live ones, which also works when the actor's node is gone."""
     import ray
 
-    cls = ray.remote(XRDWorker)
-    return [
-        cls.options(
-            num_cpus=1,
-            max_restarts=max_retries,
-            max_task_retries=max_retries,
-            runtime_env={"env_vars": dict(WORKER_ENV)},
-        ).remote()
-        for _ in range(n)
-    ]
+    return ray.remote(XRDWorker).options(
+        num_cpus=1, max_restarts=0, max_task_retries=0, runtime_env={"env_vars": dict(WORKER_ENV)},
+    ).remote()

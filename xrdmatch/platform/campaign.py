@@ -153,34 +153,6 @@ def labelled_groups(cfg: Config, url: str) -> set[str]:
 
 
 # --------------------------------------------------------------------------------------
-# champion metric: a cheap, fixed grouped CV (not the full evaluation; see config)
-# --------------------------------------------------------------------------------------
-def champion_metrics(cfg: Config, ls, weights: np.ndarray, X_unlab: np.ndarray) -> dict[str, float]:
-    """Grouped (by reduced formula), stratified ``campaign.eval_folds``-fold CV of a small
-    ensemble on the current labels; predictions pooled over folds, threshold 0.5 (nothing
-    is chosen on a test fold). Named ``grouped_cv_<metric>`` for the registry's rule."""
-    from xrdmatch.training.ensemble import train_ensemble
-    from xrdmatch.training.metrics import binary_metrics
-    from xrdmatch.training.splits import grouped_stratified_kfold
-
-    folds = cfg.campaign.eval_folds
-    if folds < 2:
-        return {}
-    tcfg = cfg.training.model_copy(update={
-        "iterations": cfg.campaign.eval_iterations or cfg.training.iterations,
-        "ensemble_size": cfg.campaign.eval_ensemble_size,
-    })
-    y = np.asarray(ls.y)
-    p = np.full(len(y), np.nan)
-    for tr, te in grouped_stratified_kfold(y, ls.groups, folds, seed=cfg.seed):
-        ens = train_ensemble(ls.X[tr], y[tr], X_unlab, tcfg, sample_weight=np.asarray(weights)[tr])
-        p[te] = np.asarray(ens.predict_proba(ls.X[te])["p_mean"], dtype=float)
-    ok = np.isfinite(p)
-    m = binary_metrics(y[ok], (p[ok] >= 0.5).astype(int), p[ok])
-    return {f"grouped_cv_{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))}
-
-
-# --------------------------------------------------------------------------------------
 # stages: each returns (result dict, extra rows for the same transaction)
 # --------------------------------------------------------------------------------------
 def stage_patterns(ctx: Context, rnd: int):
@@ -193,6 +165,7 @@ def stage_patterns(ctx: Context, rnd: int):
 def stage_train(ctx: Context, rnd: int):
     import mlflow
 
+    from xrdmatch.platform.champion import champion_metrics
     from xrdmatch.platform.tracking import lineage_tags
     from xrdmatch.training.dataset import build_training_set
     from xrdmatch.training.ensemble import train_ensemble

@@ -33,7 +33,7 @@ def evaluate(
     """
     from rich.console import Console
 
-    from xrdmatch.training.evaluation import results_markdown, write_json
+    from xrdmatch.training.evaluation import results_markdown
 
     console = Console()
     err = Console(stderr=True)
@@ -52,10 +52,9 @@ def evaluate(
             overrides["evaluation"]["repeats"] = repeats
         if folds is not None:
             overrides["evaluation"]["folds"] = folds
-        result = _run(protocol, config, overrides, err)
-        out = out or _default_out(result, protocol)
-        write_json(result, out)
-        err.print(f"wrote {out}")
+        result = _run(protocol, config, overrides, err, out)
+        out = Path(result["out"])
+        err.print(f"wrote {out}; MLflow run {result['mlflow_run_id']}")
     _print_table(console, result)
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
@@ -63,9 +62,12 @@ def evaluate(
         err.print(f"wrote {markdown}")
 
 
-def _run(protocol: Protocol, config: Path | None, overrides: dict, err) -> dict:
+def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Path | None) -> dict:
+    """Run the protocol inside an MLflow run: the config as params, every method's metrics,
+    the JSON and its confusion-matrix / PR / calibration PNGs as artifacts."""
     from xrdmatch.config import ConfigError, load_config
-    from xrdmatch.training.evaluation import evaluate_grouped_cv, evaluate_paper
+    from xrdmatch.platform.tracking import log_evaluation, mlflow_run
+    from xrdmatch.training.evaluation import evaluate_grouped_cv, evaluate_paper, write_json
 
     try:
         cfg = load_config(config, overrides)
@@ -73,12 +75,26 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err) -> dict:
         err.print(f"[red]{e}")
         raise typer.Exit(2) from None
     fn = evaluate_paper if protocol == Protocol.paper else evaluate_grouped_cv
-    try:
-        result = fn(cfg, log_fn=lambda s: err.print(s, highlight=False))
-    except ValueError as e:  # impossible split / unknown method: the message names the input
-        err.print(f"[red]evaluate --protocol {protocol.value}: {e}")
-        raise typer.Exit(2) from None
-    result["run_dir"] = str(Path(cfg.run_dir).resolve())
+    with mlflow_run(cfg, f"evaluate-{protocol.value}", tags={"xrdmatch.kind": "evaluate",
+                                                             "evaluation.protocol": protocol.value}) as run:
+        try:
+            result = fn(cfg, log_fn=lambda s: err.print(s, highlight=False))
+        except ValueError as e:  # impossible split / unknown method: the message names the input
+            err.print(f"[red]evaluate --protocol {protocol.value}: {e}")
+            raise typer.Exit(2) from None
+        result["run_dir"] = str(Path(cfg.run_dir).resolve())
+        out = out or _default_out(result, protocol)
+        write_json(result, out)
+        log_evaluation(result, out)
+        data = result.get("data", {})
+        import mlflow
+
+        mlflow.set_tags({"lineage.labelled_hash": data.get("labelled_hash", ""),
+                         "lineage.labelled_count": str(data.get("n_labelled", "")),
+                         "lineage.unlabelled_hash": data.get("unlabelled_hash", ""),
+                         "lineage.label_sources": f"paper={data.get('n_labelled', '')}"})
+        result["out"] = str(out)
+        result["mlflow_run_id"] = run.info.run_id
     return result
 
 

@@ -45,12 +45,53 @@ def train_run(cfg: "Config", *, use_ray: bool = True, log_fn: Callable[[int, dic
     return ens.save(paths.models_dir / run_id)
 
 
+def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True, echo=print) -> dict:
+    """``train_run`` inside an MLflow run: config as params, per-step curves of every member and a
+    learning-curves PNG, lineage tags, the promotion metric (``xrdmatch.platform.champion``),
+    then registration as one pyfunc model with the champion/challenger rule."""
+    import time
+
+    import mlflow
+    import numpy as np
+
+    from xrdmatch.platform.champion import champion_metrics
+    from xrdmatch.platform.patterns import ensure_patterns
+    from xrdmatch.platform.registry import register_ensemble
+    from xrdmatch.platform.tracking import lineage_tags, log_training, mlflow_run
+    from xrdmatch.training.dataset import build_training_set
+    from xrdmatch.training.ensemble import Ensemble
+
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    patterns = ensure_patterns(cfg)
+    ls, weights = build_training_set(cfg, patterns)
+    lineage = lineage_tags(ls, patterns.X)
+    with mlflow_run(cfg, f"train-{run_id}", tags={"xrdmatch.kind": "train", **lineage}) as run:
+        t0 = time.perf_counter()
+        out = train_run(cfg, use_ray=use_ray, run_id=run_id)
+        train_s = time.perf_counter() - t0
+        ens = Ensemble.load(out)
+        log_training({"members": [m.history for m in ens.members]})
+        echo(f"trained {len(ens.members)} members in {train_s:.0f} s; scoring the promotion metric "
+             f"({cfg.campaign.eval_folds}-fold grouped CV)")
+        t1 = time.perf_counter()
+        metrics = champion_metrics(cfg, ls, np.asarray(weights, np.float32), patterns.X)
+        mlflow.log_metrics({**metrics, "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
+                            "train_s": train_s, "champion_eval_s": time.perf_counter() - t1})
+        mlflow.log_dict(ens.info, "ensemble_info.json")
+        result = {"model_dir": str(out), "run_id": run.info.run_id, "metrics": metrics}
+        if register:
+            rv = register_ensemble(cfg, out, metrics, lineage, run_id=run.info.run_id)
+            result |= {"version": rv.version, "aliases": rv.aliases, "promoted": rv.promoted, "name": rv.name}
+    return result
+
+
 def train(
     config: Path = typer.Option(Path("configs/default.yaml"), "--config", "-c", help="YAML config"),
     run_dir: Path | None = typer.Option(None, "--dir", "-d", help="run directory (overrides run_dir)"),
     no_ray: bool = typer.Option(False, "--no-ray", help="train members in this process, not as Ray Train jobs"),
+    register: bool = typer.Option(True, "--register/--no-register", help="register the ensemble in MLflow"),
 ) -> None:
-    """Train the XRDMatch ensemble (Ray Train) and save it in the run directory."""
+    """Train the XRDMatch ensemble (Ray Train), log it to MLflow and register it."""
     from xrdmatch.config import ConfigError, load_config
 
     try:
@@ -58,6 +99,11 @@ def train(
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
-    out = train_run(cfg, use_ray=not no_ray)
+    res = tracked_train(cfg, use_ray=not no_ray, register=register, echo=typer.echo)
+    metric = cfg.tracking.promotion_metric
     typer.echo(f"saved ensemble ({cfg.training.ensemble_size} x {cfg.training.network}, "
-               f"{cfg.training.algorithm}) to {out}")
+               f"{cfg.training.algorithm}) to {res['model_dir']}; {metric} = "
+               f"{res['metrics'].get(metric, float('nan')):.3f}; MLflow run {res['run_id']}")
+    if register:
+        typer.echo(f"registered {res['name']} v{res['version']} "
+                   f"({', '.join(res['aliases'])}{'; promoted to champion' if res['promoted'] else ''})")

@@ -141,7 +141,7 @@ def collect_items(inputs: list[str | os.PathLike[str]], wavelength: str | float 
         elif p.is_file():
             items.extend(items_for_file(p, wavelength, cfg))
         else:
-            items.append(Item(str(p), p.name, error="no such file or folder"))
+            items.append(Item(str(p), p.stem or p.name, error="no such file or folder"))
     return items
 
 

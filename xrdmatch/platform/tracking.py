@@ -41,8 +41,18 @@ def configure(cfg: Config) -> str:
     import mlflow
 
     uri = tracking_uri(cfg)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    # MLflow 3 also writes these into os.environ, which would make the *next* config in this
+    # process (another run directory) inherit this store: keep the user's environment as it was.
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
         artifact_location = None
         if uri.startswith("sqlite:"):

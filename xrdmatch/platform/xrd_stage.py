@@ -9,14 +9,16 @@ Why it is shaped this way:
   bytes) and writes the Parquet bytes the actors return; parsing and XRD happen in the
   actors. Every file is written to a temporary name then ``os.replace``d, errors part
   before shard, so a batch is counted once and never half-written.
-* A lost actor is restarted by Ray and its in-flight batch retried (``max_restarts`` /
-  ``max_task_retries``); a batch that still fails is retried on another actor, then left
+* A lost actor (process or node) fails its in-flight batches, which go back to the queue
+  for the live actors, and a replacement actor is asked for; it gets work once Ray can
+  place it. A batch whose computation raises is retried ``max_retries`` times, then left
   for the next run (the summary says so, nothing is marked done).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
@@ -46,6 +48,10 @@ from xrdmatch.platform.paths import database_key
 INFLIGHT_PER_ACTOR = 2
 #: Rewrite the manifest at most this often while running (the shard files are the truth).
 MANIFEST_EVERY_S = 1.0
+#: Warn this often while no actor of the pool can be placed on the cluster.
+NO_ACTOR_WARN_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 class StageError(RuntimeError):
@@ -293,15 +299,24 @@ def run_xrd_stage(
 
 
 def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_address, num_cpus, total_f, t0):
-    """Feed batches to the actor pool, write results as they come; returns (shards, entries, failed, Ray start s)."""
-    from xrdmatch.actors.xrd_actors import worker_pool
+    """Feed batches to the actor pool, write results as they come; returns (shards, entries, failed, Ray start s).
+
+    An actor gets work only once it is up (its ``ready`` call returned). A lost actor (its
+    process or its whole node died) fails its in-flight batches at once; they go back to the
+    queue for the live actors, and a replacement actor is asked for. The replacement gets work
+    only once Ray can place it, so a cluster that lost a node finishes on the nodes it has left
+    instead of waiting for an actor that cannot be scheduled.
+    """
+    from xrdmatch.actors.xrd_actors import new_worker
     from xrdmatch.platform.ray_utils import cluster_cpus, init_ray
 
     t_ray = time.perf_counter()
     ray = init_ray(ray_address, num_cpus)
     ray_s = time.perf_counter() - t_ray
     n = workers or max(1, cluster_cpus())
-    pool = worker_pool(n, max_retries)
+    pool = [new_worker() for _ in range(n)]
+    starting = {pool[s].ready.remote(): s for s in range(n)}  # ready ref -> slot
+    alive = [False] * n
     bar = _progress_bar(total_f, sum(m["entries"] for m in done.values()))
     meta = {"run": _run_tag(ident)}
     inflight: dict[Any, tuple[int, int, list, int]] = {}  # ref -> (k, actor slot, items, attempt)
@@ -311,6 +326,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
     failed: dict[int, str] = {}
     computed = entries_now = 0
     last_manifest = time.monotonic()
+    no_actor_since: float | None = None
 
     def next_batch():
         nonlocal exhausted
@@ -326,7 +342,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
 
     def fill():
         for slot in sorted(range(n), key=lambda s: load[s]):
-            while load[slot] < INFLIGHT_PER_ACTOR:
+            while alive[slot] and load[slot] < INFLIGHT_PER_ACTOR:
                 b = next_batch()
                 if b is None:
                     return
@@ -335,18 +351,50 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
                 inflight[ref] = (k, slot, items, attempt)
                 load[slot] += 1
 
+    def replace(slot: int) -> None:
+        if not alive[slot] and any(s == slot for s in starting.values()):
+            return  # a replacement is already on its way
+        alive[slot] = False
+        try:
+            ray.kill(pool[slot])
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        pool[slot] = new_worker()
+        starting[pool[slot].ready.remote()] = slot
+
+    def work_left() -> bool:
+        return bool(queue) or not exhausted
+
     try:
-        fill()
-        while inflight:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+        while inflight or work_left():
+            fill()
+            if not inflight and not work_left():
+                break
+            if not any(alive):
+                no_actor_since = no_actor_since or time.monotonic()
+                if time.monotonic() - no_actor_since > NO_ACTOR_WARN_S:
+                    log.warning("no XRD actor could be placed for %.0f s: does the cluster have free CPUs?",
+                                time.monotonic() - no_actor_since)
+                    no_actor_since = time.monotonic()
+            else:
+                no_actor_since = None
+            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=NO_ACTOR_WARN_S)
             for ref in ready:
+                if ref in starting:
+                    slot = starting.pop(ref)
+                    try:
+                        ray.get(ref)
+                        alive[slot] = True
+                    except ray.exceptions.RayError:
+                        replace(slot)
+                    continue
                 k, slot, items, attempt = inflight.pop(ref)
                 load[slot] -= 1
                 try:
                     res = ray.get(ref)
                 except ray.exceptions.RayError as e:
                     if isinstance(e, ray.exceptions.RayActorError):
-                        pool[slot] = worker_pool(1, max_retries)[0]  # restarts exhausted: a fresh actor
+                        replace(slot)  # the actor (or its node) is gone; its batches go to the others
                     if attempt < max_retries:
                         queue.append((k, items, attempt + 1))
                     else:
@@ -366,7 +414,6 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
             if time.monotonic() - last_manifest > MANIFEST_EVERY_S:
                 _write_manifest(out, _manifest(ident, done, False, {}))
                 last_manifest = time.monotonic()
-            fill()
     finally:
         if bar is not None:
             bar.close()

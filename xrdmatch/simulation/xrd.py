@@ -65,8 +65,11 @@ _SPECIES_RE = re.compile(r"^([A-Z][a-z]?)(?:\d*(?:\.\d+)?[+-])?$")  # "Li", "Li+
 
 #: Upper bound on complex entries of the (index pairs x atoms) phase block held at once (32 MB).
 PHASE_CHUNK_ENTRIES = 1 << 21
-#: Refuse lattices whose reflection search box would exceed this many points (absurd cells).
-MAX_BOX_POINTS = 20_000_000
+#: Refuse cells whose reflection search box (~2x the reflections) or per-axis phase tables
+#: would exceed these sizes (a cubic cell of ~130 A; ~1 GB of temporaries) with an XRDError
+#: instead of exhausting a worker's memory. The shipped database needs < 30,000 and < 80,000.
+MAX_BOX_POINTS = 4_000_000
+MAX_TABLE_ENTRIES = 1 << 24
 
 
 class XRDError(ValueError):
@@ -151,10 +154,11 @@ def xrd_pattern_arrays(lattice, species, frac_coords) -> np.ndarray:
     s2 = (gu / 2) ** 2
     # f = Z - 41.78214 s^2 sum_i a_i exp(-b_i s^2), all species at once: (n_species, n_distinct_g)
     fs = z - s2 * (a_block @ np.exp(np.multiply.outer(neg_b, s2)))
-    sin2 = sin_t * sin_t
-    cos2t = 1 - 2 * sin2
-    # Lorentz-polarisation (1 + cos^2 2t) / (sin^2 t cos t); 2: the Friedel mate -g
-    lp2 = 2 * (1 + cos2t * cos2t) / (sin2 * np.sqrt(1 - sin2))
+    # Lorentz-polarisation (1 + cos^2 2t) / (sin^2 t cos t) = 2 (1 - 2u + 2u^2) / (u sqrt(1 - u)),
+    # u = sin^2 t; times 2 for the Friedel mate -g
+    u = sin_t * sin_t
+    v = 1 - u
+    lp2 = (4 * (u * u + v * v)) / (u * np.sqrt(v))
 
     s = _phase_sums(rows, idx, hmax, frac, groups)  # (n_species, M) complex
     fsg = fs[:, gi]
@@ -363,6 +367,8 @@ def _phase_sums(rows: np.ndarray, idx: np.ndarray, hmax: tuple[int, int, int], f
     nk, nl = 2 * K + 1, 2 * L + 1
     n_entries = frac.shape[0]
     m = max(H, K, L)
+    if (2 * m + 1) * 3 * n_entries > MAX_TABLE_ENTRIES:
+        raise XRDError(f"cell too large for the engine: {n_entries} site entries, indices up to {m}")
     ang = (2 * np.pi) * frac.T  # (3, n)
     base = np.empty(ang.shape, dtype=np.complex128)
     np.cos(ang, out=base.real)
@@ -399,9 +405,9 @@ def _merge_and_bin(two_thetas: np.ndarray, intensities: np.ndarray) -> np.ndarra
     Both arrays are per distinct |g|, ascending. A merged peak sits at the 2-theta of its
     first (lowest-|g|) member.
     """
-    keys = np.round(two_thetas / TWO_THETA_TOL).astype(np.int64)
+    keys = np.rint(two_thetas / TWO_THETA_TOL).astype(np.int64)  # = np.round: half to even
     step = keys[1:] - keys[:-1]
-    if (step < 0).any():  # arcsin and degrees are monotone: a guard only
+    if step.size and step.min() < 0:  # arcsin and degrees are monotone: a guard only
         _, first, kid = np.unique(keys, return_index=True, return_inverse=True)
         merged = np.bincount(kid, weights=intensities)
     else:
