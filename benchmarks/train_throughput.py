@@ -18,7 +18,7 @@ import torch
 
 from xrdmatch.config import AugmentConfig, TrainingConfig
 from xrdmatch.platform.data import load_labelled
-from xrdmatch.training.augment import strong_augment, to_peaks, weak_augment
+from xrdmatch.training.augment import cat_peaks, strong_augment, to_peaks, weak_augment
 from xrdmatch.training.networks import build_network, count_flops, count_params
 from xrdmatch.training.preprocess import preprocess
 from xrdmatch.training.trainer import train_member
@@ -84,9 +84,8 @@ def time_augment(X: np.ndarray, c: AugmentConfig, repeats: int) -> tuple[float, 
     buf = torch.zeros(32 + 2 * 96, X.shape[1])  # the trainer's reused input buffer
     weak_augment(t_lab, c, g), strong_augment(t_unl, c, g)  # warm-up
     t0 = time.perf_counter()
-    for _ in range(repeats):
-        weak_augment(t_lab, c, g, out=buf[:32])
-        weak_augment(t_unl, c, g, out=buf[32:128])
+    for _ in range(repeats):  # as the trainer: one weak call for labelled + unlabelled rows
+        weak_augment(cat_peaks(t_lab, t_unl), c, g, out=buf[:128])
         strong_augment(t_unl, c, g, out=buf[128:])
     t_torch = (time.perf_counter() - t0) / repeats
     rng = np.random.default_rng(0)
@@ -99,20 +98,45 @@ def time_augment(X: np.ndarray, c: AugmentConfig, repeats: int) -> tuple[float, 
     return t_torch, t_numpy
 
 
+def fast_v0(num_classes: int = 2) -> torch.nn.Module:
+    """The first ``fast`` design (MaxPool1d(4) first, MaxPool1d(2) inside): the 'before' of the
+    current one (PeakPool(8) first, reshape + amax pools), timed in the same run."""
+    from torch import nn
+
+    from xrdmatch.training.networks import XRDNet, _cbr
+
+    layers: list[nn.Module] = [nn.MaxPool1d(4)]
+    cin = 1
+    for cout, k in ((16, 7), (32, 5), (64, 5), (64, 3)):
+        layers += _cbr(cin, cout, k, padding=k // 2) + [nn.MaxPool1d(2)]
+        cin = cout
+    layers.append(nn.AdaptiveMaxPool1d(8))
+    head = nn.Sequential(nn.Dropout(0.3), nn.Linear(64 * 8, 64), nn.ReLU(), nn.Linear(64, num_classes))
+    return XRDNet(nn.Sequential(*layers), head)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--networks", default="fast,vgg16_paper,vgg11")
+    ap.add_argument("--networks", default="fast_v0,fast,vgg16_paper,vgg11")
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray Train worker on CPU uses 1)")
     ap.add_argument("--aug-repeats", type=int, default=20)
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from xrdmatch.training import networks
+
+    networks._BUILDERS.setdefault("fast_v0", fast_v0)  # benchmark-only reference, not a config choice
 
     ls = load_labelled("data/xrdmatch_lbs.csv")
     X = preprocess(ls.X)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}")
     print(f"{'network':12s} {'params':>11s} {'MFLOP/sample':>13s} {'s/iter':>8s} {'samples/s':>10s}")
+    rates = {}
     for name in args.networks.split(","):
-        cfg = TrainingConfig(network=name, algorithm="flexmatch", iterations=args.iterations + 1)
+        cfg = TrainingConfig.model_construct(**{**TrainingConfig().model_dump(), "augment": AugmentConfig(),
+                                                "network": name, "algorithm": "flexmatch",
+                                                "iterations": args.iterations + 1})
         # warm-up iteration included in train_member; time the rest via its own clock
         stamps: list[float] = []
         train_member(ls.X, ls.y, ls.X, cfg, seed=0, device=args.device,
@@ -121,6 +145,11 @@ def main() -> None:
         per_iter = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
         print(f"{name:12s} {count_params(build_network(name)):>11,d} {count_flops(name) / 1e6:>13.1f} "
               f"{per_iter:>8.3f} {128 / per_iter:>10.1f}")
+        rates[name] = per_iter
+    if "fast_v0" in rates and "fast" in rates:
+        print(f"fast vs fast_v0 (before this design): {rates['fast_v0'] / rates['fast']:.2f}x faster per iteration")
+    if "vgg16_paper" in rates and "fast" in rates:
+        print(f"fast vs vgg16_paper: {rates['vgg16_paper'] / rates['fast']:.1f}x faster per iteration")
     c = AugmentConfig()
     t_torch, t_numpy = time_augment(X, c, args.aug_repeats)
     print(f"augmentation step (weak 128 + strong 96 patterns): torch batched {t_torch * 1e3:.1f} ms, "

@@ -118,3 +118,42 @@ def test_models_cli_lists_versions(mlflow_registry, monkeypatch):
         assert f1 in out
     assert "112 (paper=112)" in out
     assert "grouped_cv_macro_f1 > champion + 0" in out
+
+
+def test_screen_cli_scores_the_database_with_the_champion(mlflow_registry, tmp_path, monkeypatch):
+    """`xrdmatch screen`: the champion (v3 = ensemble B) scores every pattern of the configured
+    database on Ray actors; the scores equal the ensemble's own; the run is on record."""
+    import pandas as pd
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.patterns import ensure_patterns
+    from xrdmatch.platform.tracking import tracking_uri
+    from xrdmatch.training.ensemble import Ensemble
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg_path = tmp_path / "screen.yaml"
+    cfg_path.write_text(yaml.safe_dump({"run_dir": str(mlflow_registry.run_dir), "ray": {"num_cpus": 2},
+                                        "database": {"limit": 60}, "xrd": {"batch_size": 30, "workers": 1},
+                                        "campaign": {"screen_batch_size": 25}}))
+    out = tmp_path / "scores.parquet"
+    res = CliRunner().invoke(app, ["screen", "--config", str(cfg_path), "--out", str(out), "--top", "3",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "(v3)" in res.output
+    scores = pd.read_parquet(out)
+    cfg = load_config(cfg_path)
+    pt = ensure_patterns(cfg, progress=False)
+    assert list(scores["id"]) == list(pt.ids) and len(scores) == 60
+    want = Ensemble.load(mlflow_registry.ens_b).predict_proba(pt.X)["p_mean"]
+    np.testing.assert_allclose(scores["p_mean"].to_numpy(), want, atol=1e-5)
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    run = next(r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "screen-v3")
+    assert run.data.tags["model.uri"] == "models:/xrdmatch-superionic@champion"
+    assert run.data.metrics["n_structures"] == 60
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "screen")} == {
+        "screen/score_histogram.png", "screen/top.csv"}

@@ -21,6 +21,7 @@ _COMMANDS = [
     ("xrdmatch.platform.cli_xrd", "xrd", "xrd"),
     ("xrdmatch.platform.cli_train", "train", "train"),
     ("xrdmatch.platform.cli_evaluate", "evaluate", "evaluate"),
+    ("xrdmatch.platform.cli_screen", "screen", "screen"),
     ("xrdmatch.platform.cli_models", "models", "models"),
     ("xrdmatch.platform.cli_models", "predict", "predict"),
     ("xrdmatch.platform.cli_models", "ui", "ui"),

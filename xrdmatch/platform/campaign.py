@@ -90,15 +90,14 @@ class Context:
 
 
 def structure_meta(cfg: Config, cache: Path, ids: list[str]):
-    """DataFrame indexed like ``ids``: group (reduced formula), elements, n_sites."""
+    """DataFrame indexed like ``ids``: group (reduced formula), elements, n_sites, lattice lengths a, b, c."""
     import pandas as pd
     from pymatgen.core import Composition
 
     from xrdmatch.platform.data import iter_records
 
-    if cache.exists():
-        df = pd.read_parquet(cache)
-    else:
+    df = pd.read_parquet(cache) if cache.exists() else None
+    if df is None or not {"a", "b", "c"} <= set(df.columns):  # (caches of older versions lack a, b, c)
         rows = []
         for i, rec in enumerate(iter_records(cfg.database.path)):
             if cfg.database.limit is not None and i >= cfg.database.limit:
@@ -109,8 +108,12 @@ def structure_meta(cfg: Config, cache: Path, ids: list[str]):
                 group = Composition(dict(Counter(species))).reduced_formula
             except Exception:  # a broken record: never selectable (no elements)
                 group, els = str(rec.get("formula", "")), []
+            try:
+                a, b, c = (float(x) for x in np.linalg.norm(np.asarray(rec.get("lattice"), float), axis=1))
+            except Exception:  # a broken lattice: never selectable (infinite cell)
+                a = b = c = float("inf")
             rows.append({"id": str(rec.get("id")), "formula": str(rec.get("formula") or group), "group": group,
-                         "elements": " ".join(els), "n_sites": len(species)})
+                         "elements": " ".join(els), "n_sites": len(species), "a": a, "b": b, "c": c})
         df = pd.DataFrame(rows).drop_duplicates("id")
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
@@ -120,7 +123,30 @@ def structure_meta(cfg: Config, cache: Path, ids: list[str]):
     df["group"] = df["group"].fillna("")
     df["elements"] = df["elements"].fillna("")
     df["n_sites"] = df["n_sites"].fillna(10**9).astype(np.int64)
+    for k in "abc":
+        df[k] = df[k].fillna(np.inf)
     return df
+
+
+def md_cell_atoms(cfg: Config, meta) -> np.ndarray:
+    """Atoms of the MD supercell each structure would get (``validation`` section), or a huge
+    number where the unit cell is above ``campaign.max_sites_md`` or no supercell fits in
+    ``validation.max_atoms``: the campaign only picks what its MD can take."""
+    from xrdmatch.simulation.md import ValidationInputError, choose_supercell
+
+    v = cfg.validation
+    out = np.full(len(meta), 10**9, dtype=np.int64)
+    n_sites = meta["n_sites"].to_numpy()
+    abc = meta[["a", "b", "c"]].to_numpy(float)
+    for i in np.flatnonzero(n_sites <= cfg.campaign.max_sites_md):
+        if not np.isfinite(abc[i]).all() or (abc[i] <= 0).any():
+            continue
+        try:
+            m = choose_supercell(tuple(abc[i]), int(n_sites[i]), v.min_atoms, v.min_length, v.max_atoms)
+        except ValidationInputError:
+            continue
+        out[i] = int(n_sites[i]) * m[0] * m[1] * m[2]
+    return out
 
 
 def records_for(cfg: Config, ids: set[str]) -> dict[str, dict]:
@@ -159,7 +185,7 @@ def stage_patterns(ctx: Context, rnd: int):
     t = ctx.patterns()
     meta = ctx.meta()
     return {"n_patterns": int(len(t.ids)), "db_key": ctx.db_key(),
-            "n_md_sized": int((meta["n_sites"] <= ctx.cfg.campaign.max_sites_md).sum())}, {}
+            "n_md_sized": int((md_cell_atoms(ctx.cfg, meta) <= ctx.cfg.validation.max_atoms).sum())}, {}
 
 
 def stage_train(ctx: Context, rnd: int):
@@ -282,9 +308,9 @@ def stage_select(ctx: Context, rnd: int):
     exclude = np.isin(np.asarray(pt.ids, dtype=object), earlier) if earlier else None
     sel = select_candidates(
         scores["p_mean"].to_numpy(), scores["p_std"].to_numpy(), pt.X, presence, vocab,
-        meta["n_sites"].to_numpy(), groups, n, strategy=c.acquisition, k=c.ucb_k,
+        md_cell_atoms(cfg, meta), groups, n, strategy=c.acquisition, k=c.ucb_k,
         similarity_threshold=c.similarity_threshold, required=c.required_elements, forbidden=forbidden,
-        max_sites=c.max_sites_md, labelled_groups=lab_groups, exclude=exclude, pool=c.candidate_pool,
+        max_sites=cfg.validation.max_atoms, labelled_groups=lab_groups, exclude=exclude, pool=c.candidate_pool,
     )
     cands = []
     for rank, (i, s) in enumerate(zip(sel.indices.tolist(), sel.scores.tolist())):

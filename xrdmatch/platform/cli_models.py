@@ -11,21 +11,8 @@ from typing import Optional
 
 import typer
 
-ConfigOpt = typer.Option("configs/default.yaml", "--config", "-c", help="YAML config (validated on load)")
-DirOpt = typer.Option(None, "--dir", "-d", help="run directory (default: the config's run_dir)")
-
-
-def _load(config: str, run_dir: str | None):
-    from xrdmatch.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(config)
-    except ConfigError as e:
-        typer.echo(str(e), err=True)
-        raise typer.Exit(2) from None
-    if run_dir:
-        cfg = cfg.model_copy(update={"run_dir": str(Path(run_dir).expanduser().resolve())})
-    return cfg
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt
+from xrdmatch.platform.cli_common import load_cfg as _load
 
 
 def _quiet_mlflow() -> None:

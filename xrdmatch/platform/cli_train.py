@@ -74,7 +74,7 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
         echo(f"trained {len(ens.members)} members in {train_s:.0f} s; scoring the promotion metric "
              f"({cfg.campaign.eval_folds}-fold grouped CV)")
         t1 = time.perf_counter()
-        metrics = champion_metrics(cfg, ls, np.asarray(weights, np.float32), patterns.X)
+        metrics = champion_metrics(cfg, ls, np.asarray(weights, np.float32), patterns.X, log=echo)
         mlflow.log_metrics({**metrics, "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
                             "train_s": train_s, "champion_eval_s": time.perf_counter() - t1})
         mlflow.log_dict(ens.info, "ensemble_info.json")

@@ -86,3 +86,15 @@ def learning_curves_png(curves: Mapping[str, Sequence[tuple[int, float]]], path:
     if curves:
         ax.legend(fontsize=6, loc="best")
     return _save(plt, fig, path)
+
+
+def score_histogram_png(p: Sequence[float], path: str | os.PathLike[str], threshold: float = 0.5,
+                        title: str = "Screening scores over the database") -> Path:
+    plt, fig, ax = _figure((6.0, 3.6))
+    ax.hist(np.asarray(p, float), bins=np.linspace(0, 1, 41), histtype="step", linewidth=1.6)
+    ax.axvline(threshold, color="grey", linestyle="--", linewidth=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("mean P(superionic) over the ensemble")
+    ax.set_ylabel("structures")
+    ax.set_title(title)
+    return _save(plt, fig, path)

@@ -18,7 +18,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     """Connect to (or start) Ray once per process; idempotent.
 
     ``address`` (config) wins over ``RAY_ADDRESS``; with neither, a local Ray starts with
-    ``num_cpus`` CPUs, no dashboard, and single-threaded BLAS in its workers.
+    ``num_cpus`` CPUs, its dashboard on 127.0.0.1, and single-threaded BLAS in its workers.
     """
     import ray
 
@@ -32,10 +32,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     else:
         # address="local": never attach silently to a `ray start` cluster found in /tmp/ray;
         # joining a cluster is explicit (RAY_ADDRESS or ray.address in the config).
+        # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls
+        # (without it every Train run logs "State API may be temporarily unavailable" warnings).
+        # Loopback only.
         ray.init(
             address="local",
             num_cpus=num_cpus,
-            include_dashboard=False,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
             runtime_env=runtime_env,
             log_to_driver=True,
             configure_logging=True,

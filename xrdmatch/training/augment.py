@@ -62,6 +62,22 @@ def to_peaks(x: torch.Tensor) -> Peaks:
     return Peaks(pos, h, pos < L, L)
 
 
+def cat_peaks(a: Peaks, b: Peaks) -> Peaks:
+    """Rows of ``a`` then rows of ``b`` in one batch (padded to the longer peak list), so that
+    one augmentation call serves both: on a CPU the cost is per call, not per row."""
+    K = max(a.pos.shape[1], b.pos.shape[1])
+
+    def pad(p: Peaks) -> Peaks:
+        extra = K - p.pos.shape[1]
+        if extra == 0:
+            return p
+        f = torch.nn.functional.pad
+        return Peaks(f(p.pos, (0, extra), value=p.n_bins), f(p.h, (0, extra)), f(p.ok, (0, extra)), p.n_bins)
+
+    a, b = pad(a), pad(b)
+    return Peaks(torch.cat([a.pos, b.pos]), torch.cat([a.h, b.h]), torch.cat([a.ok, b.ok]), a.n_bins)
+
+
 def to_dense(p: Peaks, out: torch.Tensor | None = None, normalise: bool = True) -> torch.Tensor:
     """Padded peak lists -> dense (B, L), min-max renormalised per row (unless ``normalise=False``).
 
@@ -75,8 +91,8 @@ def to_dense(p: Peaks, out: torch.Tensor | None = None, normalise: bool = True) 
     rng = hmax - hmin
     h = torch.where(rng > 0, (p.h - hmin) / rng.clamp_min(1e-12), torch.zeros_like(p.h)) if normalise else p.h
     out = torch.zeros((B, p.n_bins), dtype=p.h.dtype, device=p.h.device) if out is None else out.zero_()
-    rows, slots = p.ok.nonzero(as_tuple=True)
-    out[rows, p.pos[rows, slots]] = h[rows, slots]
+    # one scatter for every slot: invalid slots write 0 into bin 0 (a no-op under amax, heights >= 0)
+    out.scatter_reduce_(1, torch.where(p.ok, p.pos, 0), torch.where(p.ok, h, 0.0).to(out.dtype), "amax")
     return out
 
 
@@ -92,9 +108,10 @@ def _coin(p: Peaks, prob: float, gen) -> torch.Tensor:
 def _pick_fraction(p: Peaks, frac: float, gen) -> torch.Tensor:
     """Exactly floor(n_b * U_b * frac) random peaks of each row (U_b ~ U[0, 1), as the paper)."""
     k = torch.floor(p.count() * _u((p.pos.shape[0], 1), p.h, gen) * frac).long()
-    keys = torch.where(p.ok, _u(p.pos.shape, p.h, gen), torch.full(p.pos.shape, 2.0, device=p.h.device))
-    rank = keys.argsort(1).argsort(1)
-    return p.ok & (rank < k)
+    keys = torch.where(p.ok, _u(p.pos.shape, p.h, gen), 2.0)
+    # the k smallest keys of a row: below its (k+1)-th smallest key (one sort, no rank argsorts)
+    kth = torch.nn.functional.pad(keys.sort(1).values, (0, 1), value=3.0).gather(1, k)
+    return p.ok & (keys < kth)
 
 
 def scale_peaks(p: Peaks, apply: torch.Tensor, frac: float, max_factor: float, gen) -> Peaks:
@@ -153,9 +170,9 @@ def add_noise(p: Peaks, apply: torch.Tensor, frac: float, peak: float, gen) -> P
     n = n * (apply & (p.count() > 0)).long()  # an all-zero (padding) row stays all zero
     cand = torch.randint(0, L, (B, kmax), generator=gen, device=p.pos.device)
     heights = (1.0 - _u((B, kmax), p.h, gen)) * peak
-    taken = torch.where(p.ok, p.pos, -1).sort(1).values  # valid peaks, ascending (padding first)
-    at = torch.searchsorted(taken, cand).clamp_max(taken.shape[1] - 1)
-    empty = taken.gather(1, at) != cand  # never on an existing peak
+    occupied = torch.zeros((B, L + 1), dtype=torch.bool, device=p.pos.device)  # column L: padding/dropped
+    occupied.scatter_(1, torch.where(p.ok, p.pos, L), True)
+    empty = ~occupied.gather(1, cand)  # never on an existing peak
     new_ok = (torch.arange(kmax, device=p.pos.device)[None] < n) & empty
     return Peaks(torch.cat([p.pos, cand], 1), torch.cat([p.h, heights.to(p.h.dtype)], 1),
                  torch.cat([p.ok, new_ok], 1), L)

