@@ -15,6 +15,49 @@ for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_v, "1")
 
 
+_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_mlflow_globals():
+    """Each test starts from the process's MLflow state: ``mlflow.set_tracking_uri`` also writes
+    ``MLFLOW_TRACKING_URI`` into os.environ (MLflow 3), so one test pointing at a server that it
+    then stops would send every later test (and the workers they spawn) to a dead port."""
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env = {k: os.environ.get(k) for k in _MLFLOW_ENV}
+    from mlflow.tracking import fluent
+
+    uri, registry_uri = tracking_utils._tracking_uri, registry_utils._registry_uri
+    experiment_id = fluent._active_experiment_id
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    tracking_utils._tracking_uri, registry_utils._registry_uri = uri, registry_uri
+    fluent._active_experiment_id = experiment_id
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _isolate_ray():
+    """Every test module gets a process without a Ray connection and leaves none behind: a module
+    that calls a CLI in-process (which connects with ``init_ray``) must not make the next
+    module's ``ray.init`` fail with "called ray.init twice"."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

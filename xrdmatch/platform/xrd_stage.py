@@ -319,7 +319,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
     alive = [False] * n
     bar = _progress_bar(total_f, sum(m["entries"] for m in done.values()))
     meta = {"run": _run_tag(ident)}
-    inflight: dict[Any, tuple[int, int, list, int]] = {}  # ref -> (k, actor slot, items, attempt)
+    inflight: dict[Any, tuple[int, int, list, int, Any]] = {}  # ref -> (k, slot, items, attempt, actor)
     load = [0] * n
     queue: list[tuple[int, list, int]] = [(first[0], first[1], 0)]
     exhausted = False
@@ -348,12 +348,12 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
                     return
                 k, items, attempt = b
                 ref = pool[slot].run.remote(k, items, meta)
-                inflight[ref] = (k, slot, items, attempt)
+                inflight[ref] = (k, slot, items, attempt, pool[slot])
                 load[slot] += 1
 
-    def replace(slot: int) -> None:
-        if not alive[slot] and any(s == slot for s in starting.values()):
-            return  # a replacement is already on its way
+    def replace(slot: int, dead: Any) -> None:
+        if pool[slot] is not dead:
+            return  # another batch of the same dead actor already had it replaced
         alive[slot] = False
         try:
             ray.kill(pool[slot])
@@ -386,15 +386,15 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
                         ray.get(ref)
                         alive[slot] = True
                     except ray.exceptions.RayError:
-                        replace(slot)
+                        replace(slot, pool[slot])
                     continue
-                k, slot, items, attempt = inflight.pop(ref)
+                k, slot, items, attempt, actor = inflight.pop(ref)
                 load[slot] -= 1
                 try:
                     res = ray.get(ref)
                 except ray.exceptions.RayError as e:
                     if isinstance(e, ray.exceptions.RayActorError):
-                        replace(slot)  # the actor (or its node) is gone; its batches go to the others
+                        replace(slot, actor)  # the actor (or its node) is gone; its batches go to the others
                     if attempt < max_retries:
                         queue.append((k, items, attempt + 1))
                     else:
