@@ -1,0 +1,78 @@
+"""Does the fast CPU network keep the accuracy of the authors' vgg16_paper? Grouped CV of both.
+
+Both networks go through the same honest protocol in one run (`xrdmatch evaluate --protocol
+grouped-cv`: folds grouped by reduced formula, the same splits, seeds and iterations, threshold
+0.5, nothing chosen on a test fold), so the per-fold differences are paired. Prints each
+network's metrics, the paired per-fold macro-F1 difference and the wall-time ratio.
+
+    python benchmarks/network_accuracy.py [--methods supervised] [--iterations 200] [--repeats 2]
+
+The default compares the supervised single model (vgg16_paper with FlexMatch costs ~18 s per
+iteration on one CPU core, ~50 CPU-hours for this table; on a GPU pass --methods
+supervised,flexmatch). Member predictions are cached in --dir: a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from xrdmatch.config import load_config
+from xrdmatch.training.evaluation import evaluate_grouped_cv, load_eval_data, training_config
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--networks", default="fast,vgg16_paper")
+    ap.add_argument("--methods", default="supervised")
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dir", default="runs/bench/network-accuracy")
+    args = ap.parse_args()
+
+    methods = args.methods.split(",")
+    results, walls = {}, {}
+    data = None
+    for net in args.networks.split(","):
+        cfg = load_config(args.config, {
+            "run_dir": f"{args.dir}/{net}",
+            "training": {"network": net},
+            "evaluation": {"methods": methods, "iterations": args.iterations, "folds": args.folds,
+                           "repeats": args.repeats},
+        })
+        if data is None:  # the same labelled set and unlabelled sample for every network
+            data = load_eval_data(cfg, training_config(cfg), print)
+        t0 = time.time()
+        results[net] = evaluate_grouped_cv(cfg, data=data, log_fn=print)
+        walls[net] = time.time() - t0
+        if results[net]["config"]["training"]["network"] != net:
+            raise SystemExit(f"evaluation ran {results[net]['config']['training']['network']}, not {net}")
+
+    nets = list(results)
+    print(f"\ngrouped-cv: {args.folds} folds x {args.repeats} repeats by reduced formula, "
+          f"{args.iterations} iterations, mean ± std over repeats")
+    print(f"{'network':12s} {'method':12s} {'macro-F1':>14s} {'F1 superionic':>14s} {'PR-AUC':>14s} {'wall s':>8s}")
+    for net in nets:
+        for r in results[net]["results"]:
+            print(f"{net:12s} {r['method']:12s} {r['macro_f1']:7.3f} ± {r['macro_f1_std']:.3f} "
+                  f"{r['f1_superionic']:7.3f} ± {r['f1_superionic_std']:.3f} "
+                  f"{r['pr_auc']:7.3f} ± {r['pr_auc_std']:.3f} {walls[net]:8.0f}")
+    base = nets[0]
+    for other in nets[1:]:
+        for m in methods:
+            def folds(net):
+                rows = [r for r in results[net]["per_fold"] if r["method"] == m]
+                return {(r["repeat"], r["fold"]): r["macro_f1"] for r in rows}
+            a, b = folds(base), folds(other)
+            d = np.array([a[k] - b[k] for k in sorted(a)])
+            print(f"{m}: macro-F1 {base} - {other} per fold (paired, n={len(d)}): "
+                  f"mean {d.mean():+.3f}, std {d.std(ddof=1):.3f}, {base} >= {other} in {(d >= 0).sum()}/{len(d)} folds")
+        print(f"wall time {other} / {base}: {walls[other] / max(walls[base], 1e-9):.1f}x")
+
+
+if __name__ == "__main__":
+    main()
