@@ -207,3 +207,36 @@ def test_claim_is_exclusive_across_processes(store_url):
     assert sorted(flat) == sorted(ids)  # every job claimed exactly once
     assert sum(bool(got) for got in claimed) >= 2  # and the claims really were concurrent
     assert queue.counts_by_state(store_url)["running"] == n_jobs
+
+
+def _opener(url, barrier, conn):
+    from xrdmatch.platform.campaign_store import CampaignStore
+
+    barrier.wait()
+    try:
+        queue.counts_by_state(url)  # the queue and label tables ...
+        CampaignStore(url, "c").stages()  # ... and the campaign's, all created on first use
+        conn.send("ok")
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        conn.send(f"{type(e).__name__}: {e}")
+    conn.close()
+
+
+def test_a_new_store_opened_by_many_processes_at_once(store_url):
+    # The campaign and its workers (or workers on many nodes) open a new store together:
+    # the table creation races must not fail anyone.
+    n_procs = 6
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(n_procs)
+    pipes, procs = [], []
+    for _ in range(n_procs):
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_opener, args=(store_url, barrier, child))
+        p.start()
+        pipes.append(parent)
+        procs.append(p)
+    got = [pipe.recv() for pipe in pipes]
+    for p in procs:
+        p.join(60)
+    assert got == ["ok"] * n_procs
+    assert queue.counts_by_state(store_url)["queued"] == 0

@@ -9,10 +9,12 @@ migration step in :func:`_migrate` when a table changes.
 from __future__ import annotations
 
 import threading
+import time
 from functools import lru_cache
 
 from sqlalchemy import Integer, String, create_engine, event, select
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 SCHEMA_VERSION = 1
@@ -54,27 +56,52 @@ def _migrate(engine: Engine, found: int | None) -> None:
 
 
 def connect(url: str) -> sessionmaker:
-    """Create missing tables (all stores), check the schema version, return a session factory."""
+    """Create missing tables (all stores), check the schema version, return a session factory.
+
+    Several processes may open a new store at the same moment (the campaign and its
+    validation workers, workers on many nodes): ``create_all`` checks, then creates, so one
+    of two racing processes finds the table (or the version row) created under it. That
+    error means the schema now exists; the loser checks again.
+    """
     engine = engine_for(url)
     with _lock:
-        Base.metadata.create_all(engine)
-        with engine.begin() as conn:
-            row = conn.execute(select(SchemaVersion.version).where(SchemaVersion.component == "xrdmatch")).first()
-            found = row[0] if row else None
-            if found is not None and found > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"store {url} has schema version {found}, newer than this xrdmatch ({SCHEMA_VERSION}); upgrade xrdmatch"
-                )
-            _migrate(engine, found)
-            if found is None:
-                conn.execute(SchemaVersion.__table__.insert().values(component="xrdmatch", version=SCHEMA_VERSION))
-            elif found < SCHEMA_VERSION:
-                conn.execute(
-                    SchemaVersion.__table__.update()
-                    .where(SchemaVersion.component == "xrdmatch")
-                    .values(version=SCHEMA_VERSION)
-                )
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                _create_schema(engine, url)
+                break
+            except (OperationalError, ProgrammingError, IntegrityError) as e:
+                if attempt == _CREATE_ATTEMPTS - 1 or not _lost_creation_race(e):
+                    raise
+                time.sleep(0.05 * (attempt + 1))
     return sessionmaker(bind=engine, expire_on_commit=False, future=True)
+
+
+_CREATE_ATTEMPTS = 5
+
+
+def _lost_creation_race(e: Exception) -> bool:
+    msg = str(e).lower()
+    return "already exists" in msg or "duplicate key" in msg or "unique constraint" in msg
+
+
+def _create_schema(engine: Engine, url: str) -> None:
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        row = conn.execute(select(SchemaVersion.version).where(SchemaVersion.component == "xrdmatch")).first()
+        found = row[0] if row else None
+        if found is not None and found > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"store {url} has schema version {found}, newer than this xrdmatch ({SCHEMA_VERSION}); upgrade xrdmatch"
+            )
+        _migrate(engine, found)
+        if found is None:
+            conn.execute(SchemaVersion.__table__.insert().values(component="xrdmatch", version=SCHEMA_VERSION))
+        elif found < SCHEMA_VERSION:
+            conn.execute(
+                SchemaVersion.__table__.update()
+                .where(SchemaVersion.component == "xrdmatch")
+                .values(version=SCHEMA_VERSION)
+            )
 
 
 def store_url(cfg) -> str:
