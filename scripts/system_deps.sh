@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Debian packages the tests use: headless Chromium + driver (browser tests) and the
-# PostgreSQL server (cluster-mode store tests). Installs only what is missing; needs root.
+# Debian packages the tests use: headless Chromium + driver (browser tests), the PostgreSQL
+# server (cluster-mode store tests), and libxc + BLAS headers to build GPAW (the ab initio MD
+# test). Installs only what is missing; needs root.
 set -uo pipefail
 need=()
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || need+=(postgresql)
+[ -e /usr/include/xc.h ] || need+=(libxc-dev)
+ls /usr/lib/*/libopenblas.so >/dev/null 2>&1 || need+=(libopenblas-dev)
 if ((${#need[@]})); then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing Debian packages: ${need[*]}"

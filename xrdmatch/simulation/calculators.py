@@ -7,7 +7,9 @@ get it, before any MD starts, so the queue records a clear reason instead of a t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import os
 from dataclasses import dataclass
 from importlib import metadata
@@ -56,12 +58,14 @@ def _chgnet(kwargs: dict[str, Any], device: str, threads: int):
     except ImportError as err:  # pragma: no cover - chgnet is a core dependency
         raise CalculatorUnavailable(f"calculator 'chgnet' is not installed ({err}); pip install chgnet") from None
     torch.set_num_threads(threads)
-    if _CHGNET_MODEL is None:
-        # CHGNet.load() reads the pretrained weights shipped in the wheel; it never downloads.
-        _CHGNET_MODEL = CHGNet.load(verbose=False)
-    return CHGNetCalculator(model=_CHGNET_MODEL, use_device=_torch_device(device), **kwargs), CalculatorInfo(
-        "chgnet", "mlip-md", _version("chgnet")
-    )
+    # CHGNet prints its banner ("initialized with ...", "will run on cpu") on stdout, which Ray
+    # forwards from every worker into the campaign's output, once per job.
+    with contextlib.redirect_stdout(io.StringIO()):
+        if _CHGNET_MODEL is None:
+            # CHGNet.load() reads the pretrained weights shipped in the wheel; it never downloads.
+            _CHGNET_MODEL = CHGNet.load(verbose=False)
+        calc = CHGNetCalculator(model=_CHGNET_MODEL, use_device=_torch_device(device), **kwargs)
+    return calc, CalculatorInfo("chgnet", "mlip-md", _version("chgnet"))
 
 
 def _gpaw(kwargs: dict[str, Any]):
@@ -69,10 +73,12 @@ def _gpaw(kwargs: dict[str, Any]):
         from gpaw import GPAW, PW
     except ImportError:
         raise CalculatorUnavailable(
-            "calculator 'gpaw' is not installed: pip install gpaw (needs libxc, BLAS/ScaLAPACK and the PAW "
-            "datasets: gpaw install-data <dir>), or conda install -c conda-forge gpaw"
+            "calculator 'gpaw' is not installed: pip install 'xrdmatch[gpaw]' (builds against libxc and "
+            "BLAS: Debian packages libxc-dev libopenblas-dev; the PAW datasets come with gpaw-data), "
+            "or conda install -c conda-forge gpaw"
         ) from None
-    params: dict[str, Any] = {"mode": PW(300), "xc": "PBE", "kpts": (1, 1, 1), "txt": None}
+    # symmetry off: MD breaks the symmetry of the starting cell, which GPAW refuses ("Broken symmetry!")
+    params: dict[str, Any] = {"mode": PW(300), "xc": "PBE", "kpts": (1, 1, 1), "symmetry": "off", "txt": None}
     params.update(kwargs)
     if isinstance(params.get("mode"), (int, float)):
         params["mode"] = PW(float(params["mode"]))  # a plane-wave cutoff in eV from YAML

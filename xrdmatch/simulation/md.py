@@ -83,9 +83,13 @@ def order_structure(structure, max_sites: int):
 
 
 def check_structure(structure, min_distance: float) -> None:
-    """Refuse a structure before MD: no Li, or two atoms (periodic images included) too close."""
-    if "Li" not in {el.symbol for el in structure.composition.elements}:
+    """Refuse a structure before MD: no Li, Li only, or two atoms (periodic images included) too close."""
+    elements = {el.symbol for el in structure.composition.elements}
+    if "Li" not in elements:
         raise ValidationInputError(f"structure {structure.composition.reduced_formula} contains no Li")
+    if elements == {"Li"}:  # the drift correction and the melting check need host atoms
+        raise ValidationInputError(f"structure {structure.composition.reduced_formula} is Li only: "
+                                   "no host framework to measure Li diffusion against")
     centers, _points, _images, dists = structure.get_neighbor_list(r=min_distance, exclude_self=True)
     if len(dists):
         k = int(np.argmin(dists))
