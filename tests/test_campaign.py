@@ -1,5 +1,7 @@
 """The campaign state machine: store records, run-dir lock, and an end-to-end campaign that is
-killed with SIGKILL at two stages and resumed (real Ray, MLflow, CHGNet MD, SQLite store)."""
+killed with SIGKILL at two stages and resumed, then extended by a round without a new label
+(which reuses the last model) and a round after an imported label (which retrains); real Ray,
+MLflow, CHGNet MD, SQLite store."""
 
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def test_store_records_stages_once_and_keeps_campaigns_apart(tmp_path):
 
 
 # ------------------------------------------------------------------------------ end to end
-def tiny_config(tmp_path: Path) -> Path:
+def tiny_config(tmp_path: Path, rounds: int = 1) -> Path:
     cfg = {
         "seed": 0,
         "database": {"path": str(REPO / "data/mp_li_structures.jsonl.xz"), "limit": 240},
@@ -76,7 +78,7 @@ def tiny_config(tmp_path: Path) -> Path:
         "validation": {"calculator": "chgnet", "temperatures": [1100.0, 1300.0], "equilibration_steps": 2,
                        "production_steps": 20, "traj_interval": 2, "min_atoms": 8, "min_length": 0.0,
                        "lease_s": 4.0, "heartbeat_s": 0.5, "poll_s": 0.5, "workers": 1, "max_attempts": 5},
-        "campaign": {"rounds": 1, "candidates_per_round": 1, "max_sites_md": 10, "eval_folds": 0,
+        "campaign": {"rounds": rounds, "candidates_per_round": 1, "max_sites_md": 10, "eval_folds": 0,
                      "screen_batch_size": 120, "poll_s": 0.5},
     }
     p = tmp_path / "tiny.yaml"
@@ -237,3 +239,38 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
     other.mkdir()
     assert queue.counts_by_state(f"sqlite:///{other / 'store.db'}")["done"] == 0
     assert list_labels(f"sqlite:///{other / 'store.db'}") == []
+
+    # 4) one more round, without a new label: round 2 uses round 1's ensemble, version and scores
+    assert store.stage(1, "label").result["new_labels"] == 0  # 20 MD steps: no Li hop, inconclusive
+    _run_to_end(tiny_config(tmp_path, rounds=2), run_dir, log)
+    tr1, tr2 = store.stage(1, "train").result, store.stage(2, "train").result
+    assert tr2["reused_from"] == 1 and tr2["train_key"] == tr1["train_key"] and tr2["model_dir"] == tr1["model_dir"]
+    assert store.stage(2, "register").result["version"] == store.stage(1, "register").result["version"] == "1"
+    assert len(client.search_model_versions("name='xrdmatch-superionic'")) == 1
+    s1, s2 = store.scores(1), store.scores(2)
+    assert s2.sha256 == s1.sha256 and s2.path != s1.path
+    assert hashlib.sha256(Path(s2.path).read_bytes()).hexdigest() == s2.sha256
+    picks = [c.structure_id for c in store.candidates()]
+    assert len(picks) == 2 and len(set(picks)) == 2  # round 2 picks the next candidate
+    round2 = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run}' and tags.`xrdmatch.round` = '2'")
+    assert round2[0].data.tags["xrdmatch.model_from_round"] == "1"
+
+    # 5) a measured label arrives (import): round 3 trains a new ensemble on 113 labels
+    from xrdmatch.platform.labels import import_labels
+
+    new = next(c for c in store.candidates(2))
+    (tmp_path / "measured.csv").write_text(f"structure_id,formula,sigma_300\n{new.structure_id},{new.formula},1e-3\n")
+    assert import_labels(store.url, tmp_path / "measured.csv") == (1, 0)
+    _run_to_end(tiny_config(tmp_path, rounds=3), run_dir, log)
+    tr3 = store.stage(3, "train").result
+    assert "reused_from" not in tr3 and tr3["train_key"] != tr1["train_key"]
+    assert tr3["n_labelled"] == 113 and tr3["by_source"] == {"paper": 112, "experiment": 1}
+    versions = client.search_model_versions("name='xrdmatch-superionic'")
+    assert sorted(str(v.version) for v in versions) == ["1", "2"] and store.stage(3, "register").result["version"] == "2"
+    assert store.scores(3).sha256 != s1.sha256
+
+
+def _run_to_end(cfg: Path, run_dir: Path, log: Path) -> None:
+    proc = _start(cfg, run_dir, log)
+    rc = proc.wait(300)
+    assert rc == 0, log.read_text()[-4000:]

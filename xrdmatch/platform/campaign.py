@@ -12,6 +12,10 @@ round's MLflow run first, scores are written tmp + rename, candidates are stored
 ``select`` result in one transaction, queue submission is idempotent per (structure,
 protocol) and labels are unique per (structure, protocol).
 
+A round that brings no new label (same labelled and unlabelled data, same settings: the same
+:func:`training_key`) takes the earlier round's ensemble, registered version and scores
+instead of training the same model again.
+
 The campaign is one MLflow parent run with one child run per round; their ids live in the
 store so a resumed campaign logs into the same runs.
 """
@@ -19,6 +23,7 @@ store so a resumed campaign logs into the same runs.
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from collections import Counter
@@ -188,6 +193,29 @@ def stage_patterns(ctx: Context, rnd: int):
             "n_md_sized": int((md_cell_atoms(ctx.cfg, meta) <= ctx.cfg.validation.max_atoms).sum())}, {}
 
 
+def training_key(cfg: Config, lineage: dict[str, str]) -> str:
+    """What decides a round's model: its labelled and unlabelled data and every setting that
+    trains it or scores its champion metric. Members' seeds do not change between rounds, so
+    two rounds with the same key would train the same ensemble."""
+    import hashlib
+
+    blob = json.dumps({"labelled": lineage["lineage.labelled_hash"], "unlabelled": lineage["lineage.unlabelled_hash"],
+                       "seed": cfg.seed, "training": cfg.training.model_dump(mode="json"),
+                       "labels": cfg.labels.model_dump(mode="json"),
+                       "eval": [cfg.campaign.eval_folds, cfg.campaign.eval_iterations, cfg.campaign.eval_ensemble_size]},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _round_trained_on(ctx: Context, rnd: int, key: str) -> int | None:
+    """The earlier round whose ensemble was trained with ``key`` (None: none was)."""
+    for r in range(rnd - 1, 0, -1):
+        rec = ctx.store.stage(r, "train")
+        if rec is not None and rec.status == DONE and (rec.result or {}).get("train_key") == key:
+            return int(rec.result.get("reused_from") or r)
+    return None
+
+
 def stage_train(ctx: Context, rnd: int):
     import mlflow
 
@@ -200,6 +228,15 @@ def stage_train(ctx: Context, rnd: int):
     pt = ctx.patterns()
     ls, weights = build_training_set(cfg, pt)
     weights = np.asarray(weights, dtype=np.float32)
+    by_source = dict(Counter(ls.sources))
+    lineage = {**lineage_tags(ls, pt.X), "campaign.id": ctx.store.cid, "campaign.round": str(rnd)}
+    key = training_key(cfg, lineage)
+    src = _round_trained_on(ctx, rnd, key)
+    if src is not None:  # no new label since round `src`: retraining would give the same ensemble
+        tr = ctx.result(src, "train")
+        mlflow.log_metrics({**tr.get("metrics", {}), "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y))})
+        mlflow.set_tags({**lineage, "xrdmatch.model_from_round": str(src)})
+        return {**tr, "lineage": lineage, "reused_from": src, "train_s": 0.0, "eval_s": 0.0}, {}
     t0 = time.perf_counter()
     # Ray Train keeps its checkpoints under the run dir: a killed round resumes its members
     ens = train_ensemble(ls.X, ls.y, pt.X, cfg.training, sample_weight=weights,
@@ -209,14 +246,12 @@ def stage_train(ctx: Context, rnd: int):
     t1 = time.perf_counter()
     metrics = champion_metrics(cfg, ls, weights, pt.X)
     eval_s = time.perf_counter() - t1
-    by_source = dict(Counter(ls.sources))
-    lineage = {**lineage_tags(ls, pt.X), "campaign.id": ctx.store.cid, "campaign.round": str(rnd)}
     mlflow.log_metrics({**metrics, "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
                         "train_s": train_s, "champion_eval_s": eval_s})
     mlflow.set_tags(lineage)
     return {"model_dir": str(ctx.model_dir(rnd)), "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
-            "by_source": by_source, "labelled_hash": ls.hash(), "metrics": metrics, "lineage": lineage,
-            "train_s": round(train_s, 2), "eval_s": round(eval_s, 2)}, {}
+            "by_source": by_source, "labelled_hash": ls.hash(), "train_key": key, "metrics": metrics,
+            "lineage": lineage, "train_s": round(train_s, 2), "eval_s": round(eval_s, 2)}, {}
 
 
 def _existing_version(cfg: Config, run_id: str):
@@ -234,6 +269,12 @@ def stage_register(ctx: Context, rnd: int):
 
     cfg = ctx.cfg
     tr = ctx.result(rnd, "train")
+    if tr.get("reused_from"):  # the same ensemble as that round's: its version, not a new one
+        import mlflow
+
+        reg = ctx.result(tr["reused_from"], "register")
+        mlflow.set_tag("xrdmatch.model_version", str(reg.get("version")))
+        return {**reg, "promoted": False, "resumed": False, "reused_from": tr["reused_from"]}, {}
     run_id = ctx.round_run_ids.get(rnd)
     prev = _existing_version(cfg, run_id) if run_id else None
     if prev is not None:  # registered before a crash: never register twice
@@ -272,7 +313,18 @@ def stage_screen(ctx: Context, rnd: int):
 
     cfg = ctx.cfg
     pt = ctx.patterns()
-    ens = Ensemble.load(ctx.model_dir(rnd))
+    reg = ctx.result(rnd, "register")
+    src = ctx.result(rnd, "train").get("reused_from")
+    prev = ctx.store.scores(src) if src else None
+    if prev is not None and Path(prev.path).is_file():
+        # same model, same patterns: that round's scores, copied (each round owns its file)
+        path = ctx.scores_path(rnd)
+        tmp = path.with_suffix(".tmp")
+        shutil.copyfile(prev.path, tmp)
+        tmp.replace(path)
+        return ({**ctx.result(src, "screen"), "path": str(path), "reused_from": src},
+                {"scores": {"path": str(path), "n": prev.n, "sha256": prev.sha256, "model_version": reg.get("version")}})
+    ens = Ensemble.load(ctx.result(rnd, "train")["model_dir"])
     n = len(pt.ids)
     actors = cfg.campaign.screen_actors or max(1, min(cluster_cpus(), -(-n // cfg.campaign.screen_batch_size)))
     with tqdm(total=n, desc=f"round {rnd} screen", unit="pattern", disable=not ctx.progress) as bar:
@@ -280,7 +332,6 @@ def stage_screen(ctx: Context, rnd: int):
                      gpus_per_actor=cfg.campaign.screen_gpus_per_actor, progress=bar.update)
     path = ctx.scores_path(rnd)
     sha = write_scores(path, list(pt.ids), list(pt.formulas), res)
-    reg = ctx.result(rnd, "register")
     hist, edges = np.histogram(res.p_mean, bins=20, range=(0, 1))
     result = {"path": str(path), "n": n, "actors": actors, "n_positive": int((res.p_mean >= 0.5).sum()),
               "mean_p": float(res.p_mean.mean()), "mean_spread": float(res.p_std.mean()),
@@ -432,12 +483,17 @@ def summary_line(rnd: int, stage: str, result: dict[str, Any], seconds: float) -
     r = result or {}
     what = {
         "patterns": lambda: f"{r.get('n_patterns')} patterns ({r.get('n_md_sized')} small enough for MD)",
-        "train": lambda: (f"{r.get('n_labelled')} labels {r.get('by_source')}; "
+        "train": lambda: (f"no new label since round {r['reused_from']}: its ensemble is this round's; "
+                          if r.get("reused_from") else "")
+                         + (f"{r.get('n_labelled')} labels {r.get('by_source')}; "
                           + (", ".join(f"{k.removeprefix('grouped_cv_')} {v:.3f}" for k, v in
                                        (r.get("metrics") or {}).items() if k.endswith(("macro_f1", "pr_auc")))
                              or "no champion metric (campaign.eval_folds = 0)")),
-        "register": lambda: f"{r.get('name')} v{r.get('version')}" + (" -> champion" if r.get("promoted") else ""),
-        "screen": lambda: f"{r.get('n')} scored on {r.get('actors')} actors, {r.get('n_positive')} with p >= 0.5",
+        "register": lambda: f"{r.get('name')} v{r.get('version')}" + (" -> champion" if r.get("promoted") else "")
+                            + (f" (round {r['reused_from']}'s, not registered again)" if r.get("reused_from") else ""),
+        "screen": lambda: (f"round {r['reused_from']}'s scores (same model and patterns): " if r.get("reused_from")
+                           else "")
+                          + f"{r.get('n')} scored on {r.get('actors')} actors, {r.get('n_positive')} with p >= 0.5",
         "select": lambda: f"{len(r.get('picks', []))} picks ({r.get('strategy')}, {r.get('n_eligible')} eligible): "
                           + ", ".join(r.get("formulas", [])),
         "validate": lambda: ", ".join(f"{k}: {v}" for k, v in (r.get("verdicts") or {}).items()) or "nothing to validate",
