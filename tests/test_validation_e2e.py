@@ -134,11 +134,13 @@ def test_bad_inputs_fail_with_reasons_and_the_next_job_completes(tmp_path, recor
     lif = records["mp-1009009"]
     no_li = lif | {"species": ["Na" if s == "Li" else s for s in lif["species"]]}
     squeezed = lif | {"frac_coords": [lif["frac_coords"][0], [c + 0.01 for c in lif["frac_coords"][0]]]}
-    gpaw = cfg.validation.model_copy(update={"calculator": "gpaw"})
+    # a real MLIP's ASE calculator that this environment does not have (GPAW is installed by the tests)
+    mace = cfg.validation.model_copy(update={"calculator": "mace.calculators.MACECalculator"})
     bad = {
         queue.submit(url, "no-li", no_li, cfg.validation, priority=5): "contains no Li",
         queue.submit(url, "squeezed", squeezed, cfg.validation, priority=5): "atoms too close",
-        queue.submit(url, "mp-1009009", lif, gpaw, priority=5): "CalculatorUnavailable: calculator 'gpaw' is not installed",
+        queue.submit(url, "mp-1009009", lif, mace, priority=5): "CalculatorUnavailable: calculator "
+        "'mace.calculators.MACECalculator': cannot import mace.calculators (No module named 'mace'); pip install mace-torch",
     }
     good = queue.submit(url, "mp-1009009", lif, cfg.validation, priority=0)  # runs after the bad ones
     summary = run_workers(cfg, n=1)

@@ -17,6 +17,8 @@ from typing import Any
 
 #: Calculators whose forces come from a learned potential (label source "mlip-md").
 MLIP_PACKAGES = ("chgnet", "mace", "matgl", "sevenn", "fairchem", "orb_models", "mattersim")
+#: PyPI names of the modules whose distribution is named otherwise (for the install hint).
+PIP_NAMES = {"mace": "mace-torch", "fairchem": "fairchem-core", "orb_models": "orb-models"}
 
 _CHGNET_MODEL = None  # loaded once per process: ~1-2 s and ~2 MB, shipped inside the wheel
 
@@ -111,7 +113,9 @@ def _dotted(name: str, kwargs: dict[str, Any]):
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise CalculatorUnavailable(f"calculator {name!r}: cannot import {module_name} ({err}); pip install {top}") from None
+        raise CalculatorUnavailable(
+            f"calculator {name!r}: cannot import {module_name} ({err}); pip install {PIP_NAMES.get(top, top)}"
+        ) from None
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise CalculatorUnavailable(f"calculator {name!r}: {module_name} has no attribute {cls_name!r}")
