@@ -1,6 +1,6 @@
-"""The campaign state machine: store records, run-dir lock, and an end-to-end campaign that is
-killed with SIGKILL at two stages and resumed, retrains after an imported label and reuses its
-model in a round without a new label; real Ray, MLflow, CHGNet MD, SQLite store."""
+"""The campaign state machine: store records, run-dir lock, the training key that decides when a
+round retrains, and an end-to-end campaign that is killed with SIGKILL at two stages, resumed,
+and reuses its model in a round without a new label; real Ray, MLflow, CHGNet MD, SQLite store."""
 
 from __future__ import annotations
 
@@ -62,6 +62,26 @@ def test_store_records_stages_once_and_keeps_campaigns_apart(tmp_path):
     assert [c.structure_id for c in a.candidates()] == ["mp-1"]
     assert b.candidates() == [] and b.stages() == []
     assert a.stage(1, "train").status == RUNNING
+
+
+def test_training_key_changes_with_labels_data_and_settings_only():
+    from xrdmatch.config import Config
+    from xrdmatch.platform.campaign import training_key
+
+    cfg = Config()
+    lin = {"lineage.labelled_hash": "a" * 16, "lineage.unlabelled_hash": "b" * 16, "campaign.round": "1"}
+    key = training_key(cfg, lin)
+    assert training_key(cfg, lin | {"campaign.round": "2"}) == key  # the round itself is not a reason
+    assert training_key(cfg.model_copy(update={"campaign": cfg.campaign.model_copy(update={"rounds": 9})}), lin) == key
+    changed = [
+        training_key(cfg, lin | {"lineage.labelled_hash": "c" * 16}),  # a new label
+        training_key(cfg, lin | {"lineage.unlabelled_hash": "d" * 16}),  # another database
+        training_key(cfg.model_copy(update={"training": cfg.training.model_copy(update={"iterations": 7})}), lin),
+        training_key(cfg.model_copy(update={"labels": cfg.labels.model_copy(
+            update={"source_weights": {**cfg.labels.source_weights, "mlip-md": 0.0}})}), lin),
+        training_key(cfg.model_copy(update={"seed": 1}), lin),
+    ]
+    assert len({key, *changed}) == 1 + len(changed)
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -141,18 +161,17 @@ def _stage_running(run_dir: Path, rnd: int, stage: str):
 
 @pytest.mark.slow
 def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
-    """Killed while training and while validating, resumed each time; a measured label imported
-    between the kills makes round 2 retrain, and round 3, without a new label, reuses its model."""
+    """Killed while training and while validating, resumed each time; round 2, without a new
+    label, reuses round 1's model instead of training it again."""
     import hashlib
 
     import mlflow
     from mlflow import MlflowClient
 
     from xrdmatch.platform import queue
-    from xrdmatch.platform.data import iter_records
-    from xrdmatch.platform.labels import import_labels, list_labels
+    from xrdmatch.platform.labels import list_labels
 
-    cfg = tiny_config(tmp_path, rounds=3)
+    cfg = tiny_config(tmp_path, rounds=2)
     run_dir = tmp_path / "run"
     log = tmp_path / "campaign.log"
 
@@ -183,13 +202,7 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
         assert before_b[key] == rec, f"finished stage {key} was redone"
     assert {(1, s) for s in ("patterns", "train", "register", "screen", "select")} <= set(before_b)
 
-    # a measured conductivity arrives for a structure of the database (not a candidate)
-    picked = {c.structure_id for c in store.candidates()}
-    rec = next(r for r in iter_records(REPO / "data/mp_li_structures.jsonl.xz") if r["id"] not in picked)
-    (tmp_path / "measured.csv").write_text(f"structure_id,formula,sigma_300\n{rec['id']},{rec['formula']},1e-3\n")
-    assert import_labels(store.url, tmp_path / "measured.csv") == (1, 0)
-
-    # 3) resume to the end: round 1 finishes, round 2 retrains (113 labels), round 3 reuses it
+    # 3) resume to the end: round 1 finishes, round 2 (no new label) reuses round 1's model
     proc = _start(cfg, run_dir, log)
     rc = proc.wait(300)
     out = log.read_text()
@@ -202,31 +215,28 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
     attempts = {(s.round, s.stage): s.attempts for s in store.stages()}
     assert attempts[(1, "train")] == 2 and attempts[(1, "validate")] == 2
     assert all(v == 1 for k, v in attempts.items() if k not in {(1, "train"), (1, "validate")}), attempts
-    assert {r for r, _ in final} == {1, 2, 3} and len(final) == 21
+    assert {r for r, _ in final} == {1, 2} and len(final) == 14
 
     # exactly once: one job per candidate, at most one label per structure
     cands = store.candidates()
-    assert [c.round for c in cands] == [1, 2, 3] and len({c.structure_id for c in cands}) == 3
+    assert [c.round for c in cands] == [1, 2] and len({c.structure_id for c in cands}) == 2
     jobs = queue.list_jobs(store.url)
     assert sorted(j.structure_id for j in jobs) == sorted(c.structure_id for c in cands)
     assert all(j.state in queue.FINISHED for j in jobs)
-    md_labels = [lab for lab in list_labels(store.url) if lab.method != "experiment"]
-    assert len({lab.structure_id for lab in md_labels}) == len(md_labels) == sum(j.state == "done" for j in jobs)
+    labels = list_labels(store.url)
+    assert len({lab.structure_id for lab in labels}) == len(labels) == sum(j.state == "done" for j in jobs)
     for c in cands:
         assert c.verdict is not None
-    assert sum(store.stage(r, "label").result["new_labels"] for r in (1, 2, 3)) == len(md_labels)
+    assert sum(store.stage(r, "label").result["new_labels"] for r in (1, 2)) == len(labels)
 
-    # round 2 trained on the imported label too; round 3 got no new label and reuses round 2's model
-    tr = {r: store.stage(r, "train").result for r in (1, 2, 3)}
-    assert "reused_from" not in tr[2] and tr[2]["train_key"] != tr[1]["train_key"]
-    assert tr[2]["n_labelled"] == 113 and tr[2]["by_source"] == {"paper": 112, "experiment": 1}
-    assert store.stage(2, "label").result["new_labels"] == 0  # 20 MD steps: no Li hop, inconclusive
-    assert tr[3]["reused_from"] == 2 and tr[3]["train_key"] == tr[2]["train_key"]
-    assert tr[3]["model_dir"] == tr[2]["model_dir"]
-    regs = {r: store.stage(r, "register").result["version"] for r in (1, 2, 3)}
-    assert regs == {1: "1", 2: "2", 3: "2"}
+    # round 1 brought no label (20 MD steps: no Li hop), so round 2 has its model, version and scores
+    assert store.stage(1, "label").result["new_labels"] == 0
+    tr = {r: store.stage(r, "train").result for r in (1, 2)}
+    assert "reused_from" not in tr[1] and tr[2]["reused_from"] == 1
+    assert tr[2]["train_key"] == tr[1]["train_key"] and tr[2]["model_dir"] == tr[1]["model_dir"]
+    assert {r: store.stage(r, "register").result["version"] for r in (1, 2)} == {1: "1", 2: "1"}
     scores = {s.round: s for s in store.all_scores()}
-    assert scores[3].sha256 == scores[2].sha256 != scores[1].sha256 and scores[3].path != scores[2].path
+    assert scores[2].sha256 == scores[1].sha256 and scores[2].path != scores[1].path
     for s in scores.values():  # scores pointer + Parquet per round
         assert hashlib.sha256(Path(s.path).read_bytes()).hexdigest() == s.sha256 and s.n == 240
 
@@ -237,11 +247,11 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
     exp = client.get_experiment_by_name("xrdmatch")
     children = {r.data.tags["xrdmatch.round"]: r for r in
                 client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run}'")}
-    assert sorted(children) == ["1", "2", "3"]
-    assert children["3"].data.tags["xrdmatch.model_from_round"] == "2"
+    assert sorted(children) == ["1", "2"]
+    assert children["2"].data.tags["xrdmatch.model_from_round"] == "1"
     versions = client.search_model_versions("name='xrdmatch-superionic'")
-    assert sorted(str(v.version) for v in versions) == ["1", "2"]  # register was not redone, nor repeated
-    assert {v.run_id for v in versions} == {children["1"].info.run_id, children["2"].info.run_id}
+    assert [str(v.version) for v in versions] == ["1"]  # register was not redone, nor repeated
+    assert versions[0].run_id == children["1"].info.run_id
 
     # status and report read it all back
     from xrdmatch.config import load_config
