@@ -174,6 +174,24 @@ def test_label_import_is_validated_and_idempotent(store_url, tmp_path):
         add_label(store_url, LabelRecord("y", "Li2O", "guess", 1, "p"))
 
 
+def _at_once(target, argsets: list[tuple]) -> list:
+    """Run ``target(*args, conn, barrier)`` in one spawned process per argument set, all released
+    by one barrier; returns what each sent back, in order."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(len(argsets))
+    pipes, procs = [], []
+    for args in argsets:
+        parent, child = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=target, args=(*args, child, barrier))
+        p.start()
+        pipes.append(parent)
+        procs.append(p)
+    got = [pipe.recv() for pipe in pipes]
+    for p in procs:
+        p.join(60)
+    return got
+
+
 def _claimer(url: str, worker: str, conn, barrier) -> None:
     queue.counts_by_state(url)  # connect (imports, engine) before the start line
     barrier.wait()
@@ -188,28 +206,17 @@ def _claimer(url: str, worker: str, conn, barrier) -> None:
 
 
 def test_claim_is_exclusive_across_processes(store_url):
-    n_jobs, n_procs = 120, 4
+    n_jobs = 120
     proto = _proto()
     ids = {queue.submit(store_url, f"s{i}", LI3N, proto) for i in range(n_jobs)}
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(n_procs)
-    pipes, procs = [], []
-    for w in range(n_procs):
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_claimer, args=(store_url, f"w{w}", child, barrier))
-        p.start()
-        pipes.append(parent)
-        procs.append(p)
-    claimed = [pipe.recv() for pipe in pipes]
-    for p in procs:
-        p.join(60)
+    claimed = _at_once(_claimer, [(store_url, f"w{w}") for w in range(4)])
     flat = [j for got in claimed for j in got]
     assert sorted(flat) == sorted(ids)  # every job claimed exactly once
     assert sum(bool(got) for got in claimed) >= 2  # and the claims really were concurrent
     assert queue.counts_by_state(store_url)["running"] == n_jobs
 
 
-def _opener(url, barrier, conn):
+def _opener(url, conn, barrier):
     from xrdmatch.platform.campaign_store import CampaignStore
 
     barrier.wait()
@@ -225,18 +232,5 @@ def _opener(url, barrier, conn):
 def test_a_new_store_opened_by_many_processes_at_once(store_url):
     # The campaign and its workers (or workers on many nodes) open a new store together:
     # the table creation races must not fail anyone.
-    n_procs = 6
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(n_procs)
-    pipes, procs = [], []
-    for _ in range(n_procs):
-        parent, child = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_opener, args=(store_url, barrier, child))
-        p.start()
-        pipes.append(parent)
-        procs.append(p)
-    got = [pipe.recv() for pipe in pipes]
-    for p in procs:
-        p.join(60)
-    assert got == ["ok"] * n_procs
+    assert _at_once(_opener, [(store_url,)] * 6) == ["ok"] * 6
     assert queue.counts_by_state(store_url)["queued"] == 0
