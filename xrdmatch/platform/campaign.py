@@ -250,7 +250,7 @@ def stage_train(ctx: Context, rnd: int):
                         "train_s": train_s, "champion_eval_s": eval_s})
     mlflow.set_tags(lineage)
     return {"model_dir": str(ctx.model_dir(rnd)), "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
-            "by_source": by_source, "labelled_hash": ls.hash(), "train_key": key, "metrics": metrics,
+            "by_source": by_source, "labelled_hash": lineage["lineage.labelled_hash"], "train_key": key, "metrics": metrics,
             "lineage": lineage, "train_s": round(train_s, 2), "eval_s": round(eval_s, 2)}, {}
 
 
@@ -313,8 +313,8 @@ def stage_screen(ctx: Context, rnd: int):
 
     cfg = ctx.cfg
     pt = ctx.patterns()
-    reg = ctx.result(rnd, "register")
-    src = ctx.result(rnd, "train").get("reused_from")
+    reg, tr = ctx.result(rnd, "register"), ctx.result(rnd, "train")
+    src = tr.get("reused_from")
     prev = ctx.store.scores(src) if src else None
     if prev is not None and Path(prev.path).is_file():
         # same model, same patterns: that round's scores, copied (each round owns its file)
@@ -324,7 +324,7 @@ def stage_screen(ctx: Context, rnd: int):
         tmp.replace(path)
         return ({**ctx.result(src, "screen"), "path": str(path), "reused_from": src},
                 {"scores": {"path": str(path), "n": prev.n, "sha256": prev.sha256, "model_version": reg.get("version")}})
-    ens = Ensemble.load(ctx.result(rnd, "train")["model_dir"])
+    ens = Ensemble.load(tr["model_dir"])
     n = len(pt.ids)
     actors = cfg.campaign.screen_actors or max(1, min(cluster_cpus(), -(-n // cfg.campaign.screen_batch_size)))
     with tqdm(total=n, desc=f"round {rnd} screen", unit="pattern", disable=not ctx.progress) as bar:
