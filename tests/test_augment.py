@@ -143,3 +143,16 @@ def test_probabilities_zero_means_identity(real):
     cfg = AugmentConfig(w_noise_prob=0, w_move_prob=0, s_scale_prob=0, s_delete_prob=0, s_gap_prob=0, s_noise_prob=0)
     assert torch.allclose(A.weak_augment(real, cfg, gen()), real)
     assert torch.allclose(A.strong_augment(real, cfg, gen()), real)
+
+
+def test_noise_never_lands_on_a_peak_after_deletions_and_a_gap(real):
+    """Strong noise comes after delete and gap, whose peak lists have holes and moved peaks."""
+    g, every = gen(3), torch.ones(len(real), 1, dtype=torch.bool)
+    p = A.gap(A.delete_peaks(A.to_peaks(real), every, 0.5, g), every, 550, g)
+    q = A.add_noise(p, every, 0.2, 1.0, g)  # ~900 candidates a row: many would hit a peak
+    K = p.pos.shape[1]
+    for i in range(len(real)):
+        peaks = set(p.pos[i][p.ok[i]].tolist())
+        noise = q.pos[i, K:][q.ok[i, K:]].tolist()
+        assert noise and not peaks & set(noise)
+    assert torch.equal(q.pos[:, :K], p.pos) and torch.equal(q.ok[:, :K], p.ok)  # peaks untouched

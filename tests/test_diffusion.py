@@ -69,8 +69,17 @@ def test_recovers_known_diffusivity_and_activation_energy(tmp_path):
     assert fit.sigma_300 == pytest.approx(sigma, rel=1e-6)
     assert fit.sigma_300_range[0] < fit.sigma_300 < fit.sigma_300_range[1]
     assert verdict == "superionic" and "sigma(300 K)" in reason  # ~1e-2 S/cm
+    assert "CAUTION" not in reason  # below max_plausible_sigma
     png = arrhenius_png(res, fit, tmp_path / "a.png", "test")
     assert png and (tmp_path / "a.png").stat().st_size > 1000
+
+
+def test_implausibly_high_sigma_keeps_its_verdict_with_a_caution():
+    # Ea = 0.05 eV, D0 = 1e-2 cm^2/s: sigma(300 K) ~ 0.3 S/cm, ten times any known Li solid
+    verdict, reason, fit = decide(analyses(0.05, 1e-2), host(), ValidationConfig())
+    assert fit.sigma_300 > ValidationConfig().max_plausible_sigma
+    assert verdict == "superionic" and "CAUTION: above max_plausible_sigma=0.1 S/cm" in reason
+    assert "extrapolation from 600 K" in reason
 
 
 def test_high_barrier_is_not_superionic():

@@ -191,6 +191,9 @@ class ValidationConfig(StrictModel):
     max_framework_msd: float = Field(default=4.0, gt=0, description="A^2: framework MSD above this = melted")
     min_fit_temperatures: int = Field(default=2, ge=2)
     min_r2: float = Field(default=0.9, ge=0, le=1, description="minimum R^2 of the Arrhenius fit (3+ points)")
+    #: No known Li solid electrolyte exceeds ~3e-2 S/cm at room temperature; a fit above this keeps
+    #: its verdict (only the threshold is used) but its reason carries a caution on the magnitude.
+    max_plausible_sigma: float = Field(default=0.1, gt=0, description="S/cm at 300 K: above this, flag the magnitude")
     explode_temperature_factor: float = Field(default=5.0, gt=1, description="abort MD if T > this x target")
     # --- queue (xrdmatch.platform.queue, xrdmatch.actors.validation_workers; not in protocol_hash) ---
     #: A running job whose worker stops renewing its lease for this long is taken by another worker.

@@ -418,16 +418,19 @@ def stage_validate(ctx: Context, rnd: int):
         worker = threading.Thread(target=work, name="validation-workers", daemon=True)
         worker.start()
     t0 = time.monotonic()
+    shown = None  # redraw only on a change: in a log file (no TTY) every redraw is a line
     with tqdm(total=len(job_ids), desc=f"round {rnd} validate", unit="job", disable=not ctx.progress) as bar:
         while True:
             jobs = mine()
             done = sum(j.state in queue.FINISHED for j in jobs.values())
-            bar.n = done
             running = [j for j in jobs.values() if j.state == "running"]
-            if running:
-                prog = running[0].progress or {}
-                bar.set_postfix_str(f"{running[0].structure_id} {prog.get('stage', '')} {prog.get('T', '')}".strip())
-            bar.refresh()
+            prog = (running[0].progress or {}) if running else {}
+            text = f"{running[0].structure_id} {prog.get('stage', '')} {prog.get('T', '')}".strip() if running else ""
+            if (done, text) != shown:
+                bar.n = done
+                bar.set_postfix_str(text, refresh=False)
+                bar.refresh()
+                shown = (done, text)
             if done == len(job_ids):
                 break
             if worker is not None and not worker.is_alive():

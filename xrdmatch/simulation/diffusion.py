@@ -165,6 +165,9 @@ def decide(
     note = f" (fit excludes {', '.join(f'{t:g}' for t in skipped)} K: too few hops)" if skipped else ""
     label = "superionic" if f.sigma_300 >= cfg.sigma_threshold else "not_superionic"
     cmp = ">=" if label == "superionic" else "<"
+    if f.sigma_300 > cfg.max_plausible_sigma:  # the verdict stands; the number does not
+        note += (f"; CAUTION: above max_plausible_sigma={cfg.max_plausible_sigma:g} S/cm, more than any known "
+                 f"Li solid: the magnitude is an extrapolation from {min(f.temperatures):g} K, only the verdict is used")
     return (
         label,
         f"sigma(300 K) = {f.sigma_300:.2e} S/cm {cmp} {cfg.sigma_threshold:.0e}; Ea = {f.ea_ev:.3f} eV "

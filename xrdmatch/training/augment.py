@@ -84,15 +84,19 @@ def to_dense(p: Peaks, out: torch.Tensor | None = None, normalise: bool = True) 
     ``out``: a (B, L) buffer to fill (the trainer reuses one per step: a fresh 4501-wide
     allocation page-faults on every step and would cost more than the augmentation itself).
     """
-    B = p.pos.shape[0]
-    hmax = torch.where(p.ok, p.h, torch.zeros_like(p.h)).amax(1, keepdim=True)
-    full = p.count() >= p.n_bins  # only a row without any empty bin has a non-zero minimum
-    hmin = torch.where(full, torch.where(p.ok, p.h, torch.full_like(p.h, math.inf)).amin(1, keepdim=True), 0.0)
-    rng = hmax - hmin
-    h = torch.where(rng > 0, (p.h - hmin) / rng.clamp_min(1e-12), torch.zeros_like(p.h)) if normalise else p.h
+    B, K = p.pos.shape
+    h = torch.where(p.ok, p.h, 0.0)  # heights are >= 0, so 0 is neutral for max and scatter-amax
+    if normalise:
+        hmax = h.amax(1, keepdim=True)
+        if K >= p.n_bins:  # only a row without any empty bin has a non-zero minimum
+            full = p.count() >= p.n_bins
+            hmin = torch.where(full, torch.where(p.ok, p.h, math.inf).amin(1, keepdim=True), 0.0)
+            h = torch.where(p.ok, (p.h - hmin) / (hmax - hmin).clamp_min(1e-12), 0.0)
+        else:  # min is 0 in every row: one division (an all-zero row stays 0 / 1e-12 = 0)
+            h = h / hmax.clamp_min(1e-12)
     out = torch.zeros((B, p.n_bins), dtype=p.h.dtype, device=p.h.device) if out is None else out.zero_()
-    # one scatter for every slot: invalid slots write 0 into bin 0 (a no-op under amax, heights >= 0)
-    out.scatter_reduce_(1, torch.where(p.ok, p.pos, 0), torch.where(p.ok, h, 0.0).to(out.dtype), "amax")
+    # one scatter for every slot: invalid slots write 0 into bin 0 (a no-op under amax)
+    out.scatter_reduce_(1, torch.where(p.ok, p.pos, 0), h if h.dtype == out.dtype else h.to(out.dtype), "amax")
     return out
 
 
@@ -105,31 +109,35 @@ def _coin(p: Peaks, prob: float, gen) -> torch.Tensor:
     return _u((p.pos.shape[0], 1), p.h, gen) < prob
 
 
-def _pick_fraction(p: Peaks, frac: float, gen) -> torch.Tensor:
+def _pick_fraction(p: Peaks, frac: float, gen, count: torch.Tensor | None = None) -> torch.Tensor:
     """Exactly floor(n_b * U_b * frac) random peaks of each row (U_b ~ U[0, 1), as the paper)."""
-    k = torch.floor(p.count() * _u((p.pos.shape[0], 1), p.h, gen) * frac).long()
+    K = p.pos.shape[1]
+    k = torch.floor((p.count() if count is None else count) * _u((p.pos.shape[0], 1), p.h, gen) * frac).long()
     keys = torch.where(p.ok, _u(p.pos.shape, p.h, gen), 2.0)
     # the k smallest keys of a row: below its (k+1)-th smallest key (one sort, no rank argsorts)
-    kth = torch.nn.functional.pad(keys.sort(1).values, (0, 1), value=3.0).gather(1, k)
-    return p.ok & (keys < kth)
+    ranked = keys.sort(1).values
+    if frac * K > K - 1:  # k can reach K (all peaks): a sentinel above every key
+        ranked = torch.nn.functional.pad(ranked, (0, 1), value=3.0)
+    return p.ok & (keys < ranked.gather(1, k))
 
 
-def scale_peaks(p: Peaks, apply: torch.Tensor, frac: float, max_factor: float, gen) -> Peaks:
-    sel = apply & _pick_fraction(p, frac, gen)
+def scale_peaks(p: Peaks, apply: torch.Tensor, frac: float, max_factor: float, gen,
+                count: torch.Tensor | None = None) -> Peaks:
+    sel = apply & _pick_fraction(p, frac, gen, count)
     factor = 1.0 + (max_factor - 1.0) * _u(p.h.shape, p.h, gen)
     return Peaks(p.pos, torch.where(sel, p.h * factor, p.h), p.ok, p.n_bins)
 
 
-def delete_peaks(p: Peaks, apply: torch.Tensor, frac: float, gen) -> Peaks:
-    sel = apply & _pick_fraction(p, frac, gen)
-    return Peaks(p.pos, p.h, p.ok & ~sel, p.n_bins)
+def delete_peaks(p: Peaks, apply: torch.Tensor, frac: float, gen, count: torch.Tensor | None = None) -> Peaks:
+    sel = apply & _pick_fraction(p, frac, gen, count)  # a subset of ok: xor removes it
+    return Peaks(p.pos, p.h, p.ok ^ sel, p.n_bins)
 
 
 def shift(p: Peaks, apply: torch.Tensor, lo: int, hi: int, gen) -> Peaks:
     """Shift each selected row by s in [lo, hi] bins (random sign); peaks leaving the range drop."""
     B = p.pos.shape[0]
     s = torch.randint(lo, max(hi, lo) + 1, (B, 1), generator=gen, device=p.pos.device)
-    s = s * torch.where(_u((B, 1), p.h, gen) < 0.5, -1, 1) * apply.long()
+    s = torch.where(apply, torch.where(_u((B, 1), p.h, gen) < 0.5, -s, s), 0)
     pos = p.pos + s
     return Peaks(pos, p.h, p.ok & (pos >= 0) & (pos < p.n_bins), p.n_bins)
 
@@ -141,14 +149,16 @@ def gap(p: Peaks, apply: torch.Tensor, max_gap: int, gen) -> Peaks:
     min(draw, trailing zeros) so no peak falls off the end; the peaks after it move right.
     Rows without a gap between two peaks are unchanged.
     """
-    B, L = p.pos.shape[0], p.n_bins
-    order = torch.where(p.ok, p.pos, L).argsort(1)  # compact: valid peaks first, ascending
-    pos, h, ok = p.pos.gather(1, order), p.h.gather(1, order), p.ok.gather(1, order)
-    if pos.shape[1] < 2:
+    L = p.n_bins
+    # compact: valid peaks first, ascending (their positions are distinct), empty slots at L
+    pos, order = torch.where(p.ok, p.pos, L).sort(1)
+    h, ok = p.h.gather(1, order), pos < L
+    B, K = pos.shape
+    if K < 2:
         return Peaks(pos, h, ok, L)
-    zeros_between = pos[:, 1:] - pos[:, :-1] - 1  # (B, K-1)
-    cand = ok[:, 1:] & ok[:, :-1] & (zeros_between > 0)
-    keys = torch.where(cand, _u(cand.shape, h, gen), torch.full(cand.shape, -1.0, device=h.device))
+    zeros_between = torch.diff(pos, dim=1) - 1  # (B, K-1)
+    cand = ok[:, 1:] & (zeros_between > 0)  # ok is a prefix of each row: ok[:, 1:] implies ok[:, :-1]
+    keys = torch.where(cand, _u(cand.shape, h, gen), -1.0)
     best, j = keys.max(1, keepdim=True)
     do = apply & (best >= 0)
     start = pos.gather(1, j) + 1  # first zero bin of the chosen gap
@@ -156,24 +166,30 @@ def gap(p: Peaks, apply: torch.Tensor, max_gap: int, gen) -> Peaks:
     last = torch.where(ok, pos, -1).amax(1, keepdim=True)
     draw = torch.randint(1, max(max_gap, 1) + 1, (B, 1), generator=gen, device=pos.device)
     insert = _u((B, 1), h, gen) < 0.5
-    n = torch.where(insert, torch.minimum(draw, L - 1 - last), -torch.minimum(draw, z)) * do.long()
-    return Peaks(pos + n * (pos >= start).long(), h, ok, L)
+    n = torch.where(do, torch.where(insert, torch.minimum(draw, L - 1 - last), -torch.minimum(draw, z)), 0)
+    return Peaks(torch.where(pos >= start, pos + n, pos), h, ok, L)
 
 
 def add_noise(p: Peaks, apply: torch.Tensor, frac: float, peak: float, gen) -> Peaks:
-    """Noise of height U(0, peak] into floor(U * frac * empty bins) random empty bins per row."""
-    B, L = p.pos.shape[0], p.n_bins
+    """Noise of height U(0, peak] into floor(U * frac * empty bins) random empty bins per row.
+
+    Needs positions non-decreasing along each row (every operation here keeps them so, except
+    this one, which is why it comes first in the weak and last in the strong augmentation).
+    """
+    B, K = p.pos.shape
+    L = p.n_bins
     kmax = math.ceil(frac * L)
     if kmax == 0:
         return p
-    n = torch.floor((L - p.count()) * _u((B, 1), p.h, gen) * frac).long()
-    n = n * (apply & (p.count() > 0)).long()  # an all-zero (padding) row stays all zero
+    count = p.count()
+    n = torch.floor((L - count) * _u((B, 1), p.h, gen) * frac)
+    live = apply & (count > 0)  # an all-zero (padding) row stays all zero
     cand = torch.randint(0, L, (B, kmax), generator=gen, device=p.pos.device)
     heights = (1.0 - _u((B, kmax), p.h, gen)) * peak
-    occupied = torch.zeros((B, L + 1), dtype=torch.bool, device=p.pos.device)  # column L: padding/dropped
-    occupied.scatter_(1, torch.where(p.ok, p.pos, L), True)
-    empty = ~occupied.gather(1, cand)  # never on an existing peak
-    new_ok = (torch.arange(kmax, device=p.pos.device)[None] < n) & empty
+    # never on an existing peak: look each candidate up in the row's sorted positions
+    at = torch.searchsorted(p.pos, cand).clamp_max_(K - 1)
+    taken = (p.pos.gather(1, at) == cand) & p.ok.gather(1, at)
+    new_ok = (torch.arange(kmax, device=p.pos.device) < n) & live & ~taken
     return Peaks(torch.cat([p.pos, cand], 1), torch.cat([p.h, heights.to(p.h.dtype)], 1),
                  torch.cat([p.ok, new_ok], 1), L)
 
@@ -198,8 +214,9 @@ def strong_augment(x: torch.Tensor | Peaks, cfg: AugmentConfig, gen: torch.Gener
                    out: torch.Tensor | None = None) -> torch.Tensor:
     """Scale peaks, delete peaks, cut/insert a gap, noise peaks (each with its p); renormalised."""
     p = _as_peaks(x)
-    p = scale_peaks(p, _coin(p, cfg.s_scale_prob, gen), cfg.s_scale_frac, cfg.s_scale_max, gen)
-    p = delete_peaks(p, _coin(p, cfg.s_delete_prob, gen), cfg.s_delete_frac, gen)
+    count = p.count()  # scaling keeps every peak: both picks draw from the same count
+    p = scale_peaks(p, _coin(p, cfg.s_scale_prob, gen), cfg.s_scale_frac, cfg.s_scale_max, gen, count)
+    p = delete_peaks(p, _coin(p, cfg.s_delete_prob, gen), cfg.s_delete_frac, gen, count)
     p = gap(p, _coin(p, cfg.s_gap_prob, gen), cfg.s_gap_max, gen)
     p = add_noise(p, _coin(p, cfg.s_noise_prob, gen), cfg.s_noise_frac, cfg.s_noise_peak, gen)
     return to_dense(p, out)
