@@ -21,6 +21,7 @@ Member predictions are cached in --dir: a killed run resumes.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -59,6 +60,9 @@ def main() -> None:
     ap.add_argument("--dir", default="runs/bench/flexmatch-warmup")
     args = ap.parse_args()
 
+    def progress(msg: str) -> None:  # to stderr: stdout is the report
+        print(msg, file=sys.stderr, flush=True)
+
     results, walls, data = {}, {}, None
     for i, (name, (over, method)) in enumerate(VARIANTS.items()):
         cfg = load_config(args.config, {
@@ -68,10 +72,10 @@ def main() -> None:
                            "repeats": args.repeats},
         })
         if data is None:  # the same labelled set and unlabelled sample for every variant
-            data = load_eval_data(cfg, training_config(cfg), print)
+            data = load_eval_data(cfg, training_config(cfg), print)  # the data line belongs in the report
             trajectory(cfg, data, every=max(1, args.iterations // 8))
         t0 = time.time()
-        results[name] = evaluate_grouped_cv(cfg, data=data, log_fn=print)
+        results[name] = evaluate_grouped_cv(cfg, data=data, log_fn=progress)
         walls[name] = time.time() - t0
         got = results[name]["config"]["training"]
         if any(got[k] != v for k, v in over.items()):
