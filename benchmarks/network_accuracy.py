@@ -15,6 +15,7 @@ supervised,flexmatch). Member predictions are cached in --dir: a killed run resu
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -34,6 +35,9 @@ def main() -> None:
     ap.add_argument("--dir", default="runs/bench/network-accuracy")
     args = ap.parse_args()
 
+    def progress(msg: str) -> None:  # to stderr: stdout is the report
+        print(msg, file=sys.stderr, flush=True)
+
     methods = args.methods.split(",")
     results, walls = {}, {}
     data = None
@@ -47,7 +51,7 @@ def main() -> None:
         if data is None:  # the same labelled set and unlabelled sample for every network
             data = load_eval_data(cfg, training_config(cfg), print)
         t0 = time.time()
-        results[net] = evaluate_grouped_cv(cfg, data=data, log_fn=print)
+        results[net] = evaluate_grouped_cv(cfg, data=data, log_fn=progress)
         walls[net] = time.time() - t0
         if results[net]["config"]["training"]["network"] != net:
             raise SystemExit(f"evaluation ran {results[net]['config']['training']['network']}, not {net}")

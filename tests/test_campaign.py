@@ -84,6 +84,29 @@ def test_training_key_changes_with_labels_data_and_settings_only():
     assert len({key, *changed}) == 1 + len(changed)
 
 
+def test_training_key_and_member_cache_change_with_the_training_code(monkeypatch, tmp_path):
+    import numpy as np
+
+    from xrdmatch.config import Config, TrainingConfig
+    from xrdmatch.platform.campaign import training_key
+    from xrdmatch.training import evaluation, fingerprint, trainer
+
+    cfg = Config()
+    lin = {"lineage.labelled_hash": "a" * 16, "lineage.unlabelled_hash": "b" * 16}
+    job = evaluation.MemberJob("r0/f0/full/flexmatch/m0", "flexmatch", 3, np.arange(5), np.arange(5, 8))
+    before = training_key(cfg, lin), evaluation._digest(job, TrainingConfig(), "d" * 16, "u" * 16)
+    assert fingerprint.code_fingerprint.__wrapped__() == fingerprint.code_fingerprint()  # stable
+    edited = tmp_path / "trainer.py"  # the trainer's source with one more line
+    edited.write_bytes(open(trainer.__file__, "rb").read() + b"\n# edited\n")
+    monkeypatch.setattr(trainer, "__file__", str(edited))
+    new = fingerprint.code_fingerprint.__wrapped__()
+    assert new != fingerprint.code_fingerprint()
+    monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: new)
+    monkeypatch.setattr(evaluation, "code_fingerprint", lambda: new)
+    after = training_key(cfg, lin), evaluation._digest(job, TrainingConfig(), "d" * 16, "u" * 16)
+    assert after[0] != before[0] and after[1] != before[1]
+
+
 # ------------------------------------------------------------------------------ end to end
 def tiny_config(tmp_path: Path, rounds: int = 1) -> Path:
     cfg = {

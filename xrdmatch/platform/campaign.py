@@ -194,12 +194,15 @@ def stage_patterns(ctx: Context, rnd: int):
 
 
 def training_key(cfg: Config, lineage: dict[str, str]) -> str:
-    """What decides a round's model: its labelled and unlabelled data and every setting that
-    trains it or scores its champion metric. Members' seeds do not change between rounds, so
-    two rounds with the same key would train the same ensemble."""
+    """What decides a round's model: the training code, its labelled and unlabelled data and
+    every setting that trains it or scores its champion metric. Members' seeds do not change
+    between rounds, so two rounds with the same key would train the same ensemble."""
     import hashlib
 
-    blob = json.dumps({"labelled": lineage["lineage.labelled_hash"], "unlabelled": lineage["lineage.unlabelled_hash"],
+    from xrdmatch.training.fingerprint import code_fingerprint
+
+    blob = json.dumps({"code": code_fingerprint(),
+                       "labelled": lineage["lineage.labelled_hash"], "unlabelled": lineage["lineage.unlabelled_hash"],
                        "seed": cfg.seed, "training": cfg.training.model_dump(mode="json"),
                        "labels": cfg.labels.model_dump(mode="json"),
                        "eval": [cfg.campaign.eval_folds, cfg.campaign.eval_iterations, cfg.campaign.eval_ensemble_size]},

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from xrdmatch.config import Config, TrainingConfig
+from xrdmatch.training.fingerprint import code_fingerprint
 from xrdmatch.training.metrics import METRICS, best_threshold, binary_metrics, summarise_repeats
 from xrdmatch.training.splits import inner_split, paper_label_draws, paper_pool, repeated_grouped_splits
 
@@ -80,6 +81,7 @@ class MemberJob:
 
 def _digest(job: MemberJob, tcfg: TrainingConfig, data_hash: str, unlab_hash: str) -> str:
     h = hashlib.sha256()
+    h.update(code_fingerprint().encode())  # a member cached by other code is trained again
     h.update(json.dumps(tcfg.model_dump(mode="json"), sort_keys=True).encode())
     h.update(f"{job.algorithm}|{job.seed}|{data_hash}|{unlab_hash}".encode())
     h.update(np.asarray(job.train, np.int64).tobytes())
