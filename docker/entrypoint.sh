@@ -22,6 +22,15 @@ if [ -z "${RAY_AUTH_MODE:-}" ] && { [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -s "$token
   export RAY_AUTH_MODE=token
 fi
 
+# A driver started in a cluster container (campaign, validate) joins the head its workers join:
+# configs/cluster.yaml reads ray.address from RAY_ADDRESS, which compose and Kubernetes leave to
+# RAY_HEAD_ADDRESS (a fresh container has no local Ray for "auto" to find).
+join_head() {
+  if [ -z "${RAY_ADDRESS:-}" ] && [ -n "${RAY_HEAD_ADDRESS:-}" ]; then
+    export RAY_ADDRESS=$RAY_HEAD_ADDRESS
+  fi
+}
+
 case "$mode" in
   head)
     if [ "${RAY_AUTH_MODE:-}" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "$token_file" ]; then
@@ -54,10 +63,12 @@ case "$mode" in
       ${MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"} "$@"
     ;;
   campaign)
+    join_head
     exec xrdmatch campaign run --config "${XRDMATCH_CONFIG:-configs/cluster.yaml}" \
       ${XRDMATCH_RUN_DIR:+--dir "$XRDMATCH_RUN_DIR"} "$@"
     ;;
   validate)
+    join_head
     exec xrdmatch validate work --config "${XRDMATCH_CONFIG:-configs/cluster.yaml}" \
       ${XRDMATCH_RUN_DIR:+--dir "$XRDMATCH_RUN_DIR"} "$@"
     ;;

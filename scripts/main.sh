@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults (local Ray, SQLite, file MLflow store under runs/default):
+# The main job on embedded defaults (local Ray, SQLite campaign store and MLflow store under runs/default):
 # installs what it needs, runs (or resumes) the active-learning campaign of configs/default.yaml,
 # then writes its HTML report. Extra arguments go to `xrdmatch campaign run` (e.g. --dir DIR).
 set -euo pipefail

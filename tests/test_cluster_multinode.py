@@ -1,7 +1,8 @@
 """A real multi-node Ray cluster on loopback, started with the image's entry point.
 
 Head and a second node come up through `docker/entrypoint.sh head|worker` (`ray start`), each
-with its own resources. The XRD stage and the validation queue run across both; the second
+with its own resources. The XRD stage and the validation queue (its worker also started through
+the entry point, `validate`) run across both; the second
 node's raylet is killed with SIGKILL mid-stage; the stage must still complete with every item
 exactly once.
 """
@@ -34,7 +35,8 @@ def _free_port() -> int:
 def _env(**extra) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
-    env.pop("RAY_ADDRESS", None)
+    for var in ("RAY_ADDRESS", "XRDMATCH_RUN_DIR"):
+        env.pop(var, None)
     env.update(RAY_BLOCK="0", RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", **extra)
     return env
 
@@ -157,8 +159,11 @@ def test_validation_queue_survives_losing_a_node(cluster, tmp_path, database_pat
     cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     log = tmp_path / "work.log"
     with open(log, "w") as fh:
-        proc = subprocess.Popen([str(VENV_BIN / "xrdmatch"), "validate", "work", "--until-empty", "--config", str(cfg_file)],
-                                env=_env(RAY_ADDRESS=cluster), stdout=fh, stderr=subprocess.STDOUT)
+        # through the image's entry point, as a compose/Kubernetes validate container: it is given
+        # RAY_HEAD_ADDRESS (as the workers are), never RAY_ADDRESS
+        proc = subprocess.Popen(["bash", str(ENTRY), "validate", "--until-empty"],
+                                env=_env(RAY_HEAD_ADDRESS=cluster, XRDMATCH_CONFIG=str(cfg_file)),
+                                stdout=fh, stderr=subprocess.STDOUT)
     node2 = set(_raylet_pids("xrdm_node2"))
     victim = None
     deadline = time.time() + 240

@@ -234,3 +234,23 @@ def test_a_new_store_opened_by_many_processes_at_once(store_url):
     # the table creation races must not fail anyone.
     assert _at_once(_opener, [(store_url,)] * 6) == ["ok"] * 6
     assert queue.counts_by_state(store_url)["queued"] == 0
+
+
+def test_validate_cli_defaults_to_the_default_config(tmp_path):
+    """`xrdmatch validate` without --config queues under configs/default.yaml's protocol, as
+    every other command reads that file: the campaign's jobs and a user's submissions share keys."""
+    from pymatgen.core import Lattice, Structure
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+    from xrdmatch.config import load_config
+    from xrdmatch.simulation.validate import protocol_hash
+
+    cif = tmp_path / "li3n.cif"
+    Structure(Lattice(LI3N["lattice"]), LI3N["species"], LI3N["frac_coords"]).to(filename=str(cif))
+    run_dir = tmp_path / "run"
+    res = CliRunner().invoke(app, ["validate", "submit", str(cif), "--dir", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    (job,) = queue.list_jobs(f"sqlite:///{run_dir / 'store.db'}")
+    default_yaml = load_config("configs/default.yaml").validation
+    assert job.protocol_hash == protocol_hash(default_yaml) != protocol_hash(ValidationConfig())

@@ -6,20 +6,10 @@ from pathlib import Path
 
 import typer
 
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt
+from xrdmatch.platform.cli_common import load_cfg as _config  # the same default config as every command
+
 app = typer.Typer(help="MD validation queue: submit candidates, run workers, show status.", no_args_is_help=True)
-
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: built-in defaults)")
-DirOpt = typer.Option(None, "--dir", "-d", help="run directory (overrides run_dir of the config)")
-
-
-def _config(config: Path | None, run_dir: Path | None):
-    from xrdmatch.config import ConfigError, load_config
-
-    try:
-        return load_config(config, {"run_dir": str(run_dir)} if run_dir else None)
-    except ConfigError as err:
-        typer.echo(str(err), err=True)
-        raise typer.Exit(2) from None
 
 
 def _lookup_ids(db_path: str, ids: list[str]) -> dict[str, dict]:
@@ -41,7 +31,7 @@ def submit(
     items: list[str] = typer.Argument(..., help="database ids (e.g. mp-1185319) or structure files pymatgen reads"),
     priority: int = typer.Option(0, "--priority", "-p", help="higher runs first"),
     campaign_round: int | None = typer.Option(None, "--round", help="campaign round to record with the job"),
-    config: Path | None = ConfigOpt,
+    config: Path = ConfigOpt,
     run_dir: Path | None = DirOpt,
 ) -> None:
     """Queue structures for MD validation under the config's protocol (idempotent)."""
@@ -87,7 +77,7 @@ def work(
     workers: int | None = typer.Option(None, "--workers", "-n", help="Ray worker actors (default: validation.workers)"),
     until_empty: bool = typer.Option(True, "--until-empty/--forever", help="stop when no job is queued or running"),
     max_jobs: int | None = typer.Option(None, "--max-jobs", help="stop after this many finished jobs"),
-    config: Path | None = ConfigOpt,
+    config: Path = ConfigOpt,
     run_dir: Path | None = DirOpt,
 ) -> None:
     """Run Ray validation workers that pull jobs from the queue."""
@@ -117,7 +107,7 @@ def _eta(job, now: float) -> str:
 def status(
     state: list[str] | None = typer.Option(None, "--state", help="only these states (repeatable)"),
     limit: int | None = typer.Option(None, "--limit", help="at most this many jobs"),
-    config: Path | None = ConfigOpt,
+    config: Path = ConfigOpt,
     run_dir: Path | None = DirOpt,
 ) -> None:
     """Table of validation jobs: state, progress, ETA, verdict, sigma(300 K), error."""
@@ -158,7 +148,7 @@ def status(
 @app.command()
 def requeue(
     state: list[str] = typer.Option(["failed"], "--state", help="states to put back in the queue (repeatable)"),
-    config: Path | None = ConfigOpt,
+    config: Path = ConfigOpt,
     run_dir: Path | None = DirOpt,
 ) -> None:
     """Queue finished jobs again (e.g. failed ones after installing a missing calculator)."""
