@@ -246,3 +246,14 @@ def test_lost_actor_batch_is_redone(ray_local, database_path, tmp_path):
     assert s.done and s.patterns == 300 and not s.failed_batches
     ids = load_patterns(out).ids
     assert len(ids) == 300 and len(set(ids)) == 300
+
+
+def test_progress_bar_in_a_log_file_draws_a_few_lines_not_one_per_update(capsys):
+    """Redirected stderr (a log file): the bar draws at its start and end, not per shard."""
+    from xrdmatch.platform.progress import progress_bar
+
+    with progress_bar(total=200, desc="XRD patterns") as bar:
+        for _ in range(200):
+            bar.update()
+    draws = [d for d in capsys.readouterr().err.replace("\r", "\n").splitlines() if "XRD patterns" in d]
+    assert 1 <= len(draws) <= 3 and "200/200" in draws[-1]

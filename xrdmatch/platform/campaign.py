@@ -308,9 +308,9 @@ def _champion(cfg: Config) -> dict[str, Any] | None:
 
 
 def stage_screen(ctx: Context, rnd: int):
-    from tqdm import tqdm
 
     from xrdmatch.actors.screening import blocks_of, screen, write_scores
+    from xrdmatch.platform.progress import progress_bar
     from xrdmatch.platform.ray_utils import cluster_cpus
     from xrdmatch.training.ensemble import Ensemble
 
@@ -330,7 +330,7 @@ def stage_screen(ctx: Context, rnd: int):
     ens = Ensemble.load(tr["model_dir"])
     n = len(pt.ids)
     actors = cfg.campaign.screen_actors or max(1, min(cluster_cpus(), -(-n // cfg.campaign.screen_batch_size)))
-    with tqdm(total=n, desc=f"round {rnd} screen", unit="pattern", disable=not ctx.progress) as bar:
+    with progress_bar(total=n, desc=f"round {rnd} screen", unit="pattern", disable=not ctx.progress) as bar:
         res = screen(ens, blocks_of(pt.X, cfg.campaign.screen_batch_size), n, actors=actors,
                      gpus_per_actor=cfg.campaign.screen_gpus_per_actor, progress=bar.update)
     path = ctx.scores_path(rnd)

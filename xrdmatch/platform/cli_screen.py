@@ -40,12 +40,12 @@ def screen(
     import mlflow
     import numpy as np
     from mlflow.tracking import MlflowClient
-    from tqdm import tqdm
 
     from xrdmatch.actors.screening import blocks_of, screen as run_screen, write_scores
     from xrdmatch.platform.cli_models import _quiet_mlflow
     from xrdmatch.platform.patterns import ensure_patterns
     from xrdmatch.platform.plots import score_histogram_png
+    from xrdmatch.platform.progress import progress_bar
     from xrdmatch.platform.ray_utils import cluster_cpus, init_ray
     from xrdmatch.platform.registry import default_model_uri
     from xrdmatch.platform.tracking import array_hash, configure, mlflow_run
@@ -73,7 +73,7 @@ def screen(
     actors = c.screen_actors or max(1, min(cluster_cpus(), -(-n // c.screen_batch_size)))
     with mlflow_run(cfg, f"screen-v{version}", tags={"xrdmatch.kind": "screen", "model.uri": uri,
                                                       "model.version": version}) as run:
-        with tqdm(total=n, desc="screen", unit="pattern", disable=not progress) as bar:
+        with progress_bar(total=n, desc="screen", unit="pattern", disable=not progress) as bar:
             res = run_screen(ens, blocks_of(pt.X, c.screen_batch_size), n, actors=actors,
                              gpus_per_actor=c.screen_gpus_per_actor, progress=bar.update)
         path = out or Path(cfg.run_dir) / "scores" / f"screen-{version}.parquet"

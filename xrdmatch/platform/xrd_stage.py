@@ -428,11 +428,12 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
 def _progress_bar(total_f, initial: int):
     if total_f is None:
         return None
-    from tqdm.auto import tqdm
+    from xrdmatch.platform.progress import progress_bar
 
     total = None
     try:
         total = total_f.result(timeout=0.001)
     except Exception:  # noqa: BLE001 - still counting; the bar gets its total later
         pass
-    return tqdm(total=total, initial=initial, unit="struct", desc="XRD patterns", smoothing=0.05, dynamic_ncols=True)
+    return progress_bar(total=total, initial=initial, unit="struct", desc="XRD patterns", smoothing=0.05,
+                        dynamic_ncols=True)
