@@ -92,3 +92,27 @@ def test_env_references_expand_and_missing_ones_name_the_key(tmp_path, monkeypat
     monkeypatch.delenv("XRDM_TEST_URL")
     with pytest.raises(ConfigError, match="store.url"):
         load_config(p)
+
+
+def test_every_command_reads_the_same_default_config():
+    """Without --config every sub-command reads configs/default.yaml: `xrdmatch xrd`, `evaluate`
+    or `validate` on built-in defaults would use another cache key, protocol or run size than
+    the campaign they are run beside."""
+    import typer
+
+    from xrdmatch.cli import app
+
+    def walk(cmd, path=()):
+        if hasattr(cmd, "commands"):  # a group
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + (name,))
+        else:
+            yield " ".join(path), cmd
+
+    defaults = {}
+    for name, cmd in walk(typer.main.get_command(app)):
+        for p in cmd.params:
+            if p.name == "config":
+                defaults[name] = str(p.default)
+    assert {"xrd", "train", "evaluate", "campaign run", "validate submit", "validate work", "screen"} <= set(defaults)
+    assert set(defaults.values()) == {"configs/default.yaml"}, defaults

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import typer
 
+from xrdmatch.platform.cli_common import ConfigOpt
+
 
 class Protocol(str, Enum):
     paper = "paper"
@@ -16,7 +18,7 @@ class Protocol(str, Enum):
 
 def evaluate(
     protocol: Protocol = typer.Option(Protocol.grouped_cv, "--protocol", "-p", help="paper | grouped-cv"),
-    config: Path | None = typer.Option(None, "--config", "-c", help="YAML config (default: embedded defaults)"),
+    config: Path = ConfigOpt,
     run_dir: Path | None = typer.Option(None, "--dir", help="run directory (overrides run_dir of the config)"),
     out: Path | None = typer.Option(None, "--out", "-o", help="JSON result (default: RUN_DIR/evaluation/<protocol>.json)"),
     markdown: Path | None = typer.Option(None, "--markdown", help="also write the results table as markdown"),

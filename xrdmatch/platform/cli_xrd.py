@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from xrdmatch.platform.cli_common import ConfigOpt
+
 
 def xrd(
     db: Optional[str] = typer.Option(None, "--db", help="JSONL(.xz/.gz), folder of CIF/POSCAR, or ASE .db (default: config database.path)"),
@@ -14,7 +16,7 @@ def xrd(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Ray actors (default: config xrd.workers, else one per CPU)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="structures per Ray task and shard (default: config xrd.batch_size)"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="only the first N entries (default: config database.limit)"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (default: built-in defaults)"),
+    config: Path = ConfigOpt,
     restart: bool = typer.Option(False, "--restart", help="discard an --out made by another database/batch size/engine"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar with rate and ETA"),
 ) -> None:
