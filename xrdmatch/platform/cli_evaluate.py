@@ -16,6 +16,11 @@ class Protocol(str, Enum):
     grouped_cv = "grouped-cv"
 
 
+class Threshold(str, Enum):
+    fixed = "fixed"
+    inner = "inner"
+
+
 def evaluate(
     protocol: Protocol = typer.Option(Protocol.grouped_cv, "--protocol", "-p", help="paper | grouped-cv"),
     config: Path = ConfigOpt,
@@ -27,6 +32,9 @@ def evaluate(
     ),
     repeats: int | None = typer.Option(None, "--repeats", min=1, help="override evaluation.repeats"),
     folds: int | None = typer.Option(None, "--folds", min=2, help="override evaluation.folds"),
+    threshold_selection: Threshold | None = typer.Option(
+        None, "--threshold-selection", help="override evaluation.threshold_selection (fixed 0.5 | inner split)"
+    ),
 ) -> None:
     """Evaluate methods with the paper's protocol or honest grouped CV; print a table, write JSON.
 
@@ -54,6 +62,8 @@ def evaluate(
             overrides["evaluation"]["repeats"] = repeats
         if folds is not None:
             overrides["evaluation"]["folds"] = folds
+        if threshold_selection is not None:
+            overrides["evaluation"]["threshold_selection"] = threshold_selection.value
         result = _run(protocol, config, overrides, err, out)
         out = Path(result["out"])
         err.print(f"wrote {out}; MLflow run {result['mlflow_run_id']}")
