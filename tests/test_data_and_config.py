@@ -51,8 +51,16 @@ def _write_bad(tmp_path, labelled_csv, mutate):
         (lambda rows: rows[3].__setitem__(100, "nan"), "row 4"),
         (lambda rows: rows[7].__setitem__(2, rows[2][2]), "row 8"),
         (lambda rows: [r.pop() for r in rows], "4500"),
+        (lambda rows: rows[9].__setitem__(300, "abc"), r"row 10 .*column v296: 'abc'"),
+        (lambda rows: rows[2].__setitem__(200, "-0.5"), "row 3 .*negative"),
+        (lambda rows: [rows[4].__setitem__(i, "0") for i in range(5, len(rows[4]))], "row 5 .*no peak"),
+        (lambda rows: rows[0].__setitem__(slice(5, 7), ["v2", "v1"]), "column 1 is 'v2'"),
+        (lambda rows: rows.__delitem__(slice(1, None)), "no rows"),
+        (lambda rows: rows.clear(), "not a readable CSV"),
+        (lambda rows: rows[6].append("1.0"), "row 7|not a readable CSV"),
     ],
-    ids=["label-outside-01", "nan", "duplicated-id", "wrong-length"],
+    ids=["label-outside-01", "nan", "duplicated-id", "wrong-length", "text", "negative", "all-zero",
+         "columns-out-of-order", "header-only", "empty-file", "ragged-row"],
 )
 def test_bad_labelled_file_names_the_row(tmp_path, labelled_csv, mutate, message):
     p = _write_bad(tmp_path, labelled_csv, mutate)
@@ -80,6 +88,29 @@ def test_unknown_key_and_wrong_type_fail_naming_the_key(tmp_path):
         load_config(p)
     p.write_text("campaign:\n  rounds: many\n")
     with pytest.raises(ConfigError, match="campaign.rounds"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"validation": {"temperatures": [-100.0, 800.0]}}, "validation.temperatures.0"),
+    ({"labels": {"source_weights": {"paper": -1.0}}}, "labels.source_weights.paper"),
+    ({"labels": {"source_weights": {"paper": 1.0, "mlip_md": 0.5}}}, "unknown label sources .'mlip_md'."),
+    ({"campaign": {"required_elements": ["Li", "Xx"]}}, "campaign.required_elements"),
+])
+def test_nonsense_values_fail_naming_the_key(override, key):
+    """Negative kelvin, a negative weight, a misspelt label source (which would silently drop
+    that source from training) and a non-element are refused at load time."""
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, override)
+
+
+def test_malformed_config_files_fail_with_one_line_naming_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("training:\n  network: fast\nxrd: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: not valid YAML \(line 4"):
+        load_config(p)
+    p.write_bytes(b"training:\n  network: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: cannot be read as UTF-8"):
         load_config(p)
 
 
@@ -116,3 +147,18 @@ def test_every_command_reads_the_same_default_config():
                 defaults[name] = str(p.default)
     assert {"xrd", "train", "evaluate", "campaign run", "validate submit", "validate work", "screen"} <= set(defaults)
     assert set(defaults.values()) == {"configs/default.yaml"}, defaults
+
+
+@pytest.mark.parametrize("command", [["models"], ["campaign", "status"], ["validate", "status"], ["evaluate"],
+                                     ["screen"]])
+def test_a_run_directory_that_is_a_file_fails_with_one_line(tmp_path, command):
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a run directory")
+    res = CliRunner().invoke(app, [*command, "--dir", str(afile)])
+    assert res.exit_code == 2, res.output
+    assert f"run directory {afile} is a file" in res.output and "Traceback" not in res.output
+    assert afile.read_text() == "not a run directory"

@@ -257,3 +257,33 @@ def test_progress_bar_in_a_log_file_draws_a_few_lines_not_one_per_update(capsys)
             bar.update()
     draws = [d for d in capsys.readouterr().err.replace("\r", "\n").splitlines() if "XRD patterns" in d]
     assert 1 <= len(draws) <= 3 and "200/200" in draws[-1]
+
+
+def test_pattern_cache_key_follows_the_database_content(tmp_path, database_path):
+    """Same file name and size but other records (or a file edited in place): another cache
+    folder, never the first database's patterns. The same bytes elsewhere: the same folder."""
+    import lzma
+    from itertools import islice
+
+    from xrdmatch.platform.data import iter_jsonl_lines
+    from xrdmatch.platform.paths import database_key
+
+    lines = [line for _, line in islice(iter_jsonl_lines(database_path), 4)]
+    a, b, c = tmp_path / "a" / "db.jsonl", tmp_path / "b" / "db.jsonl", tmp_path / "c" / "db.jsonl"
+    for d in (a, b, c):
+        d.parent.mkdir()
+    a.write_text("\n".join(lines[:2]) + "\n")
+    c.write_text(a.read_text())
+    swapped = lines[1].replace('"Li"', '"Na"', 1)  # same length, another structure
+    assert swapped != lines[1]
+    b.write_text("\n".join([lines[0], swapped]) + "\n")
+    assert a.stat().st_size == b.stat().st_size and a.read_text() != b.read_text()
+    assert database_key(a) != database_key(b)
+    assert database_key(a) == database_key(c)
+    assert database_key(a, limit=1) != database_key(a)
+    before = database_key(a)
+    a.write_text(b.read_text())  # edited in place, same size
+    assert database_key(a) != before
+    xz = tmp_path / "db.jsonl.xz"
+    xz.write_bytes(lzma.compress(a.read_bytes()))
+    assert database_key(xz).startswith("db-")

@@ -12,12 +12,24 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+#: Where a label comes from (``xrdmatch.platform.labels``); ``labels.source_weights`` keys.
+LABEL_SOURCES = ("mlip-md", "aimd", "experiment", "paper", "imported")
+
+
+def _element_symbols(symbols: list[str]) -> list[str]:
+    from ase.data import chemical_symbols
+
+    unknown = [s for s in symbols if s not in chemical_symbols or s == "X"]
+    if unknown:
+        raise ValueError(f"not element symbols: {unknown}")
+    return symbols
 
 
 class StrictModel(BaseModel):
@@ -34,9 +46,18 @@ class DatabaseConfig(StrictModel):
 class LabelsConfig(StrictModel):
     path: str = "data/xrdmatch_lbs.csv"
     #: Weight of each label source in the supervised loss; 0 excludes the source.
-    source_weights: dict[str, float] = Field(
+    source_weights: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=lambda: {"paper": 1.0, "experiment": 1.0, "aimd": 1.0, "mlip-md": 0.5, "imported": 1.0}
     )
+
+    @field_validator("source_weights")
+    @classmethod
+    def _known_sources(cls, v: dict[str, float]) -> dict[str, float]:
+        # a missing source is excluded from training: a misspelt one must not pass for that
+        unknown = sorted(set(v) - set(LABEL_SOURCES))
+        if unknown:
+            raise ValueError(f"unknown label sources {unknown} (one of {list(LABEL_SOURCES)})")
+        return v
 
 
 class RayConfig(StrictModel):
@@ -166,7 +187,9 @@ class ValidationConfig(StrictModel):
     method: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(default=1, ge=1, description="torch threads of an MLIP calculator")
-    temperatures: list[float] = Field(default_factory=lambda: [600.0, 800.0, 1000.0, 1200.0], min_length=1)
+    temperatures: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [600.0, 800.0, 1000.0, 1200.0], min_length=1, description="kelvin"
+    )
     timestep_fs: float = Field(default=2.0, gt=0)
     equilibration_steps: int = Field(default=500, ge=0)
     production_steps: int = Field(default=5000, ge=1)
@@ -222,6 +245,7 @@ class CampaignConfig(StrictModel):
     forbidden_elements: list[str] = Field(
         default_factory=lambda: ["Tc", "Pm", "Po", "At", "Rn", "Fr", "Ra", "Ac", "Th", "Pa", "U", "Np", "Pu"]
     )
+    symbols_are_elements = field_validator("required_elements", "forbidden_elements")(_element_symbols)
     exclude_radioactive: bool = Field(default=True, description="also forbid every element pymatgen marks radioactive")
     max_sites_md: int = Field(default=60, ge=1, description="max sites of the unit cell sent to MD")
     screen_batch_size: int = Field(default=1000, ge=1, description="patterns per screening task")
@@ -309,8 +333,16 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         p = resolve_path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
-        with open(p) as fh:
-            loaded = yaml.safe_load(fh)
+        try:
+            with open(p, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh)
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"invalid config {source}: not valid YAML{at}: {problem}") from None
+        except (UnicodeDecodeError, OSError) as err:
+            raise ConfigError(f"invalid config {source}: cannot be read as UTF-8 text ({err})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

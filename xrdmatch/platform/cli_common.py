@@ -22,4 +22,13 @@ def load_cfg(config: str | Path | None, run_dir: str | Path | None = None):
         raise typer.Exit(2) from None
     if run_dir:
         cfg = cfg.model_copy(update={"run_dir": str(Path(run_dir).expanduser().resolve())})
+    check_run_dir(cfg.run_dir)
     return cfg
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Exit 2 with one line when the run directory names an existing file (a mistyped --dir)."""
+    p = Path(run_dir).expanduser()
+    if p.exists() and not p.is_dir():
+        typer.echo(f"run directory {run_dir} is a file, not a directory", err=True)
+        raise typer.Exit(2)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from xrdmatch.platform.cli_common import ConfigOpt
+from xrdmatch.platform.cli_common import ConfigOpt, check_run_dir
 
 
 class Protocol(str, Enum):
@@ -86,6 +86,7 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
     except ConfigError as e:
         err.print(f"[red]{e}")
         raise typer.Exit(2) from None
+    check_run_dir(cfg.run_dir)
     fn = evaluate_paper if protocol == Protocol.paper else evaluate_grouped_cv
     with mlflow_run(cfg, f"evaluate-{protocol.value}", tags={"xrdmatch.kind": "evaluate",
                                                              "evaluation.protocol": protocol.value}) as run:

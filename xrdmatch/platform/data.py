@@ -89,14 +89,18 @@ def reduced_formula(formula: str) -> str:
 def load_labelled(path: str | os.PathLike[str] = DEFAULT_LABELLED) -> LabelledSet:
     """Read the paper's labelled CSV (0 = superionic there) into a LabelledSet (1 = superionic).
 
-    Validates every row: pattern length 4501, finite values, label in {0, 1}, unique ids.
+    Validates every row: pattern columns exactly v1..v4501 in order, finite non-negative
+    values with a peak, label in {0, 1}, unique ids; at least one row.
     """
     import pandas as pd
 
     p = resolve_path(path)
     if not p.is_file():
         raise LabelledDataError(f"labelled file not found: {path}")
-    df = pd.read_csv(p)
+    try:
+        df = pd.read_csv(p)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise LabelledDataError(f"{path}: not a readable CSV ({' '.join(str(err).split())})") from None
     required = {"formula_id", "name", "label"}
     missing = required - set(df.columns)
     if missing:
@@ -104,17 +108,34 @@ def load_labelled(path: str | os.PathLike[str] = DEFAULT_LABELLED) -> LabelledSe
     vcols = [c for c in df.columns if re.fullmatch(r"v\d+", str(c))]
     if len(vcols) != N_BINS:
         raise LabelledDataError(f"{path}: pattern has {len(vcols)} columns v1..vN, expected {N_BINS}")
+    expected = [f"v{i}" for i in range(1, N_BINS + 1)]
+    if vcols != expected:  # a missing or swapped column would shift every pattern by a bin
+        k = next(i for i, (a, b) in enumerate(zip(vcols, expected)) if a != b)
+        raise LabelledDataError(f"{path}: pattern column {k + 1} is {vcols[k]!r}, expected {expected[k]!r} "
+                                f"(columns must be v1..v{N_BINS} in order)")
+    if len(df) == 0:
+        raise LabelledDataError(f"{path}: no rows (only a header)")
     ids = [str(x) for x in df["name"]]
     seen: dict[str, int] = {}
     for row, i in enumerate(ids):
         if i in seen:
             raise LabelledDataError(f"{path}: row {row + 2}: duplicated id {i!r} (first at row {seen[i] + 2})")
         seen[i] = row
-    X = df[vcols].to_numpy(dtype=np.float64)
+    try:
+        X = df[vcols].to_numpy(dtype=np.float64)
+    except (TypeError, ValueError):  # text in a cell: NaN here, named by the check below
+        X = df[vcols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(X).all(axis=1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise LabelledDataError(f"{path}: row {row + 2} ({ids[row]}): pattern has NaN or non-numeric values")
+        col = vcols[int(np.flatnonzero(~np.isfinite(X[row]))[0])]
+        raise LabelledDataError(f"{path}: row {row + 2} ({ids[row]}): pattern has NaN or non-numeric values "
+                                f"(first in column {col}: {df[col].iloc[row]!r})")
+    bad = (X < 0).any(axis=1) | (X.max(axis=1) <= 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise LabelledDataError(f"{path}: row {row + 2} ({ids[row]}): pattern has negative intensities or no "
+                                "peak (all zero)")
     raw = pd.to_numeric(df["label"], errors="coerce").to_numpy()
     badl = ~np.isin(raw, [0, 1])
     if badl.any():

@@ -22,9 +22,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
+from xrdmatch.config import LABEL_SOURCES
 from xrdmatch.platform.db import Base, connect, engine_for
 
-METHODS = ("mlip-md", "aimd", "experiment", "paper", "imported")
+METHODS = LABEL_SOURCES
 VERDICT_LABEL = {"superionic": 1, "not_superionic": 0}
 
 

@@ -6,6 +6,7 @@ MLflow store, models and MD trajectories. Two run directories never share state.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -13,13 +14,36 @@ from pathlib import Path
 
 
 def database_key(db_path: str | os.PathLike[str], limit: int | None = None) -> str:
-    """A stable short key for a database source (path, size, mtime, limit) for cache folders."""
+    """A short key for a database source (its content and the limit) naming its cache folders.
+
+    Keyed on the bytes, not the name or size: another database under the same name, or one
+    edited in place, must never be served the patterns of the first (a folder of structure
+    files hashes every file's relative path and bytes).
+    """
     p = Path(db_path).resolve()
-    st = p.stat()
-    size = st.st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    h = hashlib.sha1(f"{p.name}|{size}|{limit}".encode()).hexdigest()[:10]
+    digest = _content_digest(p) if p.is_file() else _folder_digest(p)
+    h = hashlib.sha1(f"{digest}|{limit}".encode()).hexdigest()[:10]
     stem = p.name.split(".")[0]
     return f"{stem}-{h}"
+
+
+def _folder_digest(p: Path) -> str:
+    h = hashlib.sha1()
+    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+        h.update(f"{f.relative_to(p)}|{_content_digest(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _content_digest(p: Path) -> str:
+    st = p.stat()
+    return _digest_of(str(p), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    """sha1 of a file's bytes, computed once per (path, size, mtime) in a process."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha1").hexdigest()
 
 
 @dataclass(frozen=True)
