@@ -294,3 +294,121 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
     other.mkdir()
     assert queue.counts_by_state(f"sqlite:///{other / 'store.db'}")["done"] == 0
     assert list_labels(f"sqlite:///{other / 'store.db'}") == []
+
+
+# ------------------------------------------------------------------------------ status of broken inputs
+def _status_config(tmp_path: Path, labels: Path, tracking_uri: str | None) -> Path:
+    cfg = {"run_dir": str(tmp_path / "run"), "labels": {"path": str(labels)}}
+    if tracking_uri:
+        cfg["tracking"] = {"tracking_uri": tracking_uri}
+    p = tmp_path / "status.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _status(cfg: Path):
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    return CliRunner().invoke(app, ["campaign", "status", "-c", str(cfg)])
+
+
+def _new_campaign(run_dir: Path) -> str:
+    cid = campaign_id_for(run_dir)
+    CampaignStore(f"sqlite:///{run_dir / 'store.db'}", cid).ensure_campaign(str(run_dir), {})
+    return cid
+
+
+def test_status_shows_unreadable_labels_and_tracking_store_instead_of_none(tmp_path):
+    _new_campaign(tmp_path / "run")
+    bad_store = tmp_path / "mlflow-bad.db"
+    bad_store.write_bytes(b"this is not an SQLite database\n" * 64)
+    missing = tmp_path / "no-such-labels.csv"
+    res = _status(_status_config(tmp_path, missing, f"sqlite:///{bad_store}"))
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert f"labels: ERROR labelled file not found: {missing}" in lines, res.output
+    champ = [ln for ln in lines if ln.startswith("champion:")]
+    assert len(champ) == 1 and champ[0].startswith(f"champion: unavailable (tracking store sqlite:///{bad_store}: ")
+    assert "file is not a database" in champ[0]
+    assert "labels: none" not in res.output and "champion: none yet" not in res.output
+
+    garbled = tmp_path / "garbled.csv"
+    garbled.write_bytes(b"\xff\xfe\x00\x81 not text\n\x00\x9c\n")
+    res = _status(_status_config(tmp_path, garbled, f"sqlite:///{bad_store}"))
+    assert res.exit_code == 0, res.output
+    assert any(ln.startswith(f"labels: ERROR {garbled}: ") for ln in res.output.splitlines()), res.output
+
+    # a usable store without a champion, and readable labels, still read as such
+    res = _status(_status_config(tmp_path, REPO / "data/xrdmatch_lbs.csv", f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert res.exit_code == 0, res.output
+    assert "champion: none yet" in res.output.splitlines()
+    assert any(ln.startswith("labels: paper ") for ln in res.output.splitlines()), res.output
+
+
+@pytest.mark.parametrize("content, what", [
+    ("", "is empty"),
+    ("{\"campaign_id\": ", "not valid JSON"),
+    ("{}", "has no 'campaign_id' key"),
+    ("[\"abc\"]", "has no 'campaign_id' key"),
+    ("{\"campaign_id\": \"\"}", "must be a non-empty string"),
+])
+def test_unusable_campaign_json_is_a_one_line_error_naming_the_file(tmp_path, content, what):
+    from xrdmatch.platform.campaign import CampaignError
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    f = run_dir / "campaign.json"
+    f.write_text(content)
+    for create in (False, True):
+        with pytest.raises(CampaignError, match=what) as ei:
+            campaign_id_for(run_dir, create=create)
+        assert str(f) in str(ei.value)
+    assert f.read_text() == content  # never replaced: the id ties the run dir to its rows in the store
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    cfg = _status_config(tmp_path, REPO / "data/xrdmatch_lbs.csv", None)
+    for cmd in (["status"], ["report", "-o", str(tmp_path / "r.html")], ["run", "--no-progress"]):
+        res = CliRunner().invoke(app, ["campaign", *cmd, "-c", str(cfg)])
+        assert res.exit_code == 1, (cmd, res.output)
+        err = res.output.strip()
+        assert err.startswith(f"error: {f}: ") and what in err and len(err.splitlines()) == 1, (cmd, err)
+    assert f.read_text() == content and not (tmp_path / "r.html").exists()
+
+
+def test_a_candidate_md_could_only_fail_is_recorded_and_the_stage_goes_on(tmp_path, database_path):
+    """A picked structure that the queue refuses (atoms closer than validation.min_distance) is
+    a failed candidate with the reason, not a validate stage that fails on every resume; the
+    database is read past a bad line to find the candidates."""
+    import json
+    from itertools import islice
+
+    from xrdmatch.config import load_config
+    from xrdmatch.platform import queue
+    from xrdmatch.platform.campaign import Context, stage_validate
+    from xrdmatch.platform.campaign_store import CampaignStore
+    from xrdmatch.platform.data import iter_jsonl_lines
+    from xrdmatch.platform.paths import RunPaths
+
+    rec = json.loads(next(islice(iter_jsonl_lines(database_path), 1))[1])
+    squeezed = {**rec, "id": "squeezed", "frac_coords": [rec["frac_coords"][0]] * 2 + rec["frac_coords"][2:]}
+    db = tmp_path / "db.jsonl"
+    db.write_text("{not json\n" + json.dumps(squeezed) + "\n")
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"), "database": {"path": str(db)}})
+    paths = RunPaths.of(cfg.run_dir)
+    url = paths.store_url
+    store = CampaignStore(url, "c1")
+    store.ensure_campaign(str(paths.root), cfg.model_dump(mode="json"))
+    store.ensure_round(1)
+    store.start_stage(1, "select")
+    store.finish_stage(1, "select", {}, 0.0, candidates=[{
+        "rank": 0, "structure_id": "squeezed", "formula": rec["formula"], "p_mean": 0.9, "p_std": 0.0, "score": 0.9}])
+    result, _ = stage_validate(Context(cfg, paths, store, url, echo=lambda s: None, progress=False), 1)
+    assert result["states"] == {"squeezed": "refused"} and result["jobs"] == {}
+    assert "too close" in result["refused"]["squeezed"]
+    (cand,) = store.candidates(1)
+    assert cand.verdict == "failed" and "too close" in json.loads(cand.detail_json)["error"]
+    assert queue.list_jobs(url) == []

@@ -134,3 +134,143 @@ def test_unusable_database_paths(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DatabaseError, match="unknown database kind"):
         list(iter_entries(tmp_path / "x.csv"))
+
+
+# ----------------------------------------------------------------------------- broken files and bad ids
+
+
+def _jsonl_bytes(records) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def _broken_databases(tmp_path, records):
+    """A truncated .xz, a truncated .gz and a .gz whose deflate data is overwritten (real files)."""
+    import lzma
+
+    raw = _jsonl_bytes(records)
+    xz = lzma.compress(raw)
+    trunc_xz = tmp_path / "trunc.jsonl.xz"
+    trunc_xz.write_bytes(xz[: len(xz) // 2])
+    gz = gzip.compress(raw)
+    trunc_gz = tmp_path / "trunc.jsonl.gz"
+    trunc_gz.write_bytes(gz[: len(gz) // 2])
+    bad = bytearray(gz)
+    bad[len(bad) // 3: len(bad) // 3 + 64] = b"\0" * 64
+    corrupt_gz = tmp_path / "corrupt.jsonl.gz"
+    corrupt_gz.write_bytes(bytes(bad))
+    not_gz = tmp_path / "notgz.jsonl.gz"
+    not_gz.write_bytes(b"\x1f\x8b" + b"this is not gzip data" * 10)
+    return [trunc_xz, trunc_gz, corrupt_gz, not_gz]
+
+
+def test_truncated_or_corrupt_compressed_database_names_the_file_and_line(tmp_path, first_records):
+    for path in _broken_databases(tmp_path, first_records):
+        for read in (lambda: list(iter_entries(path)), lambda: count_entries(path),
+                     lambda: list(iter_raw_batches(path, 2))):
+            with pytest.raises(DatabaseError, match="truncated or corrupt compressed file") as ei:
+                read()
+            msg = str(ei.value)
+            assert str(path) in msg and ("after line" in msg or "before the first line" in msg), msg
+    # the line reached is the last whole line: every line before it was read, none after
+    import lzma
+
+    raw = _jsonl_bytes(first_records)
+    xz = lzma.compress(raw)
+    path = tmp_path / "cut.jsonl.xz"
+    path.write_bytes(xz[:-12])  # only the stream footer is missing: every line decodes, the end does not
+    with pytest.raises(DatabaseError, match=rf"after line {len(first_records)}\b"):
+        list(iter_raw_batches(path, 100))
+    seen = []
+    with pytest.raises(DatabaseError):
+        for _, items in iter_raw_batches(path, 1):
+            seen += [json.loads(it[2])["id"] for it in items]
+    assert seen == [r["id"] for r in first_records]
+
+
+def test_xrd_cli_reports_a_truncated_database_in_one_line_and_writes_no_pattern(tmp_path, first_records):
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    for path in _broken_databases(tmp_path, first_records):
+        out = tmp_path / f"out-{path.name}"
+        res = CliRunner().invoke(app, ["xrd", "--db", str(path), "--out", str(out), "--batch-size", "500",
+                                       "--no-progress"])
+        assert res.exit_code == 2, res.output
+        err = res.output.strip()
+        assert "Aborted" not in err and "Traceback" not in err
+        assert err.startswith(f"error: {path}: truncated or corrupt compressed file"), err
+        assert len(err.splitlines()) == 1, err
+        assert not list(out.glob("shards/*.parquet")) and not (out / "errors.parquet").exists()
+
+
+def test_null_empty_and_non_string_ids_are_error_entries(tmp_path, first_records):
+    good = first_records[0]
+    lines = [
+        json.dumps({**good, "id": None}),
+        json.dumps({**good, "id": ""}),
+        json.dumps({**good, "id": "   "}),
+        json.dumps({**good, "id": ["mp-1"]}),
+        json.dumps({**good, "id": True}),
+        json.dumps({**good, "id": 1234}),
+        json.dumps(good),
+    ]
+    path = tmp_path / "ids.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    entries = list(iter_entries(path))
+    assert [e.id for e in entries] == ["ids.jsonl:1", "ids.jsonl:2", "ids.jsonl:3", "ids.jsonl:4", "ids.jsonl:5",
+                                       "1234", good["id"]]
+    assert entries[0].reason == "ids.jsonl:1: 'id' is null"
+    assert "'id' is empty" in entries[1].reason and "'id' is empty" in entries[2].reason
+    assert "'id' must be a string" in entries[3].reason and "'id' must be a string" in entries[4].reason
+    assert isinstance(entries[5], Record) and isinstance(entries[6], Record)
+    assert not any(e.id in ("None", "") for e in entries)
+
+
+@pytest.fixture()
+def ray_one_cpu():
+    import ray
+
+    from xrdmatch.platform.ray_utils import WORKER_ENV
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=1, include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)},
+             logging_level="WARNING")
+    yield ray
+    ray.shutdown()
+
+
+def test_xrd_cli_warns_of_duplicate_ids_and_fails_when_no_pattern_is_computed(ray_one_cpu, tmp_path, first_records):
+    import pyarrow.parquet as pq
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    a, b = first_records[0], first_records[1]
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text("\n".join(json.dumps(r) for r in [a, b, {**a, "id": None}, a, {**b, "id": ""}, b, a]) + "\n")
+    res = CliRunner().invoke(app, ["xrd", "--db", str(dup), "--out", str(tmp_path / "o1"), "--workers", "1",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert f"warning: 3 patterns repeat an id of an earlier entry of {dup}, e.g. {a['id']!r}, {b['id']!r}" \
+        in res.output
+    assert "2 entries could not be used" in res.output
+    errs = pq.read_table(tmp_path / "o1" / "errors.parquet").to_pylist()
+    assert [(e["id"], e["reason"]) for e in errs] == [("dup.jsonl:3", "dup.jsonl:3: 'id' is null"),
+                                                      ("dup.jsonl:5", "dup.jsonl:5: 'id' is empty ('')")]
+
+    all_bad = tmp_path / "allbad.jsonl"
+    all_bad.write_text("\n".join(json.dumps({**a, "id": i}) for i in (None, "")) + "\n")
+    res = CliRunner().invoke(app, ["xrd", "--db", str(all_bad), "--out", str(tmp_path / "o2"), "--workers", "1",
+                                   "--no-progress"])
+    assert res.exit_code == 1, res.output
+    assert (f"error: no pattern was computed: all 2 entries failed (see {tmp_path / 'o2' / 'errors.parquet'})"
+            in res.output)
+    assert len(pq.read_table(tmp_path / "o2" / "errors.parquet")) == 2  # the reasons are kept
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    res = CliRunner().invoke(app, ["xrd", "--db", str(empty), "--out", str(tmp_path / "o3"), "--no-progress"])
+    assert res.exit_code == 1, res.output
+    assert f"error: no pattern was computed: {empty} has no entries" in res.output

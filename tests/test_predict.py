@@ -188,3 +188,130 @@ def test_predict_cli_fails_only_when_everything_fails(mlflow_registry, tmp_path,
     assert res.exit_code == 2 and "unknown wavelength" in res.output
     res = runner.invoke(app, ["predict", "--dir", str(tmp_path / "empty_run"), str(junk)])
     assert res.exit_code == 2 and "cannot load model models:/xrdmatch-superionic@champion" in res.output
+
+
+# --- bad-input review: --out, decimal-comma scans, non-positive scans, overlapping atoms ---
+
+
+def test_predict_cli_refuses_unusable_out_before_any_work(tmp_path, monkeypatch):
+    """A directory (or a path under a file) as --out: exit 2 naming it, before the model is even looked up."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    s = _li2o()
+    s.to(filename=str(tmp_path / "Li2O.cif"))
+    outdir = tmp_path / "results"
+    outdir.mkdir()
+    (tmp_path / "afile").write_text("x")
+    runner = CliRunner()
+    for out, why in ((outdir, "is a directory"), (tmp_path / "afile" / "p.csv", "is not a directory")):
+        # the run dir has no model: before the fix this got as far as "cannot load model"
+        res = runner.invoke(app, ["predict", "--dir", str(tmp_path / "no_model_run"), str(tmp_path / "Li2O.cif"),
+                                  "--out", str(out)])
+        assert res.exit_code == 2, res.output
+        assert f"--out {out}" in res.output and why in res.output, res.output
+        assert "cannot load model" not in res.output
+    assert list(outdir.iterdir()) == []
+
+
+def _semicolon_decimal_comma(src: Path, dst: Path) -> Path:
+    """The same scan as a European CSV: '11,2500;1010,0' (';' separates, ',' is the decimal mark)."""
+    lines = ["2Theta;Intensity"]
+    for line in src.read_text().splitlines():
+        if line and not line.startswith("#"):
+            a, b = line.split()
+            lines.append(f"{a.replace('.', ',')};{float(b):.1f}".replace(".", ","))
+    dst.write_text("\n".join(lines) + "\n")
+    return dst
+
+
+def test_measured_semicolon_decimal_comma_reads_like_the_original(tmp_path):
+    from xrdmatch.platform.measured import read_two_column
+
+    src = _scan(_li2o(), tmp_path / "li2o.xy", "CuKa", 10.0, 90.0)
+    eu = _semicolon_decimal_comma(src, tmp_path / "li2o_eu.csv")
+    assert "11,2500;" in eu.read_text()
+    tt0, y0 = read_two_column(src)
+    tt, y = read_two_column(eu)
+    np.testing.assert_allclose(tt, tt0)
+    np.testing.assert_allclose(y, y0)
+    np.testing.assert_array_equal(measured_pattern(eu), measured_pattern(src))
+    # the same numbers separated by whitespace with a decimal comma
+    ws = tmp_path / "li2o_ws.txt"
+    ws.write_text(eu.read_text().replace(";", "\t"))
+    np.testing.assert_allclose(read_two_column(ws)[0], tt0)
+
+
+def test_measured_rejects_changing_field_count_and_non_positive_scans(tmp_path):
+    tt = 10 + 0.02 * np.arange(500)
+    peak = 1000 * np.exp(-0.5 * ((tt - 15) / 0.05) ** 2)
+    cases = {
+        # a ','-separated file with one decimal-comma intensity: 3 fields where the first data line has 2
+        "mixed.csv": ("header\n" + "\n".join(f"{t:.2f},{100 + p:.0f}" for t, p in zip(tt, peak))
+                      + "\n30.02,101,5\n", "line 502: 3 fields, but the first data line (line 2) has 2"),
+        # .xye with the error column missing on one line
+        "short.xye": ("\n".join(f"{t:.2f} {100 + p:.0f} 10" for t, p in zip(tt, peak)) + "\n30.02 101\n",
+                      "line 501: 2 fields, but the first data line (line 1) has 3"),
+        "negative.xy": ("\n".join(f"{t:.2f} {-100 - p:.1f}" for t, p in zip(tt, peak)), "no positive intensity"),
+        # a peak that pokes above zero on a background far below it (wrongly subtracted)
+        "below_zero.xy": ("\n".join(f"{t:.2f} {-200 + 0.3 * p:.1f}" for t, p in zip(tt, peak)), "mostly negative"),
+    }
+    for name, (text, expect) in cases.items():
+        p = tmp_path / name
+        p.write_text(text)
+        with pytest.raises(MeasuredPatternError) as e:
+            measured_pattern(p, cfg=MeasuredConfig())
+        assert str(p) in str(e.value) and expect in str(e.value), str(e.value)
+
+
+_OVERLAP_CIF = """data_{name}
+_cell_length_a 4.0
+_cell_length_b 4.0
+_cell_length_c 4.0
+_cell_angle_alpha 90
+_cell_angle_beta 90
+_cell_angle_gamma 90
+_symmetry_space_group_name_H-M 'P 1'
+loop_
+_symmetry_equiv_pos_as_xyz
+'x, y, z'
+loop_
+_atom_site_label
+_atom_site_type_symbol
+_atom_site_fract_x
+_atom_site_fract_y
+_atom_site_fract_z
+_atom_site_occupancy
+Li1 Li 0 0 0 {occ}
+Li2 Li {x2} 0 0 {occ}
+O1 O 0.5 0.5 0.5 1
+"""
+
+
+def test_predict_refuses_overlapping_atoms(tmp_path):
+    """Two Li at 0,0,0: pymatgen refuses the CIF (ASE would merge them silently): an error row.
+    Atoms 0.04 A apart (read by pymatgen) and an extxyz frame with a duplicated atom too; split sites
+    (occupancies summing to 1) are not overlaps."""
+    import ase.io
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from xrdmatch.platform.predict import collect_items
+
+    (tmp_path / "dup.cif").write_text(_OVERLAP_CIF.format(name="dup", x2=0, occ=1))
+    (tmp_path / "near.cif").write_text(_OVERLAP_CIF.format(name="near", x2=0.01, occ=1))
+    (tmp_path / "split.cif").write_text(_OVERLAP_CIF.format(name="split", x2=0.05, occ=0.5))
+    a = AseAtomsAdaptor.get_atoms(_li2o())
+    b = a.copy()
+    b += a[:1]  # the first Li twice
+    ase.io.write(tmp_path / "frames.extxyz", [a, b], format="extxyz")
+    items = {it.id: it for it in collect_items([tmp_path])}
+    assert set(items) == {"dup", "near", "split", "frames#0", "frames#1"}
+    for sid, dist in (("near", "0.040 A"), ("frames#1", "0.000 A")):
+        it = items[sid]
+        assert it.pattern is None and it.error, sid
+        assert it.source in it.error and "atoms overlap" in it.error and dist in it.error, it.error
+    assert items["dup"].pattern is None and "CIF refused by pymatgen" in items["dup"].error
+    for sid in ("split", "frames#0"):
+        assert items[sid].error is None and items[sid].pattern is not None, items[sid].error

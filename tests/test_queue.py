@@ -254,3 +254,117 @@ def test_validate_cli_defaults_to_the_default_config(tmp_path):
     (job,) = queue.list_jobs(f"sqlite:///{run_dir / 'store.db'}")
     default_yaml = load_config("configs/default.yaml").validation
     assert job.protocol_hash == protocol_hash(default_yaml) != protocol_hash(ValidationConfig())
+
+
+# --- bad input is refused at submission, naming the structure (not at a worker, hours later) ---
+
+
+def _structure(rec: dict):
+    from pymatgen.core import Lattice, Structure
+
+    return Structure(Lattice(rec["lattice"]), rec["species"], rec["frac_coords"])
+
+
+def _shipped_records(n: int) -> list[dict]:
+    """The first ``n`` records of the shipped database, as they are stored there."""
+    import json
+    import lzma
+
+    with lzma.open("data/mp_li_structures.jsonl.xz", "rt", encoding="utf-8") as fh:
+        return [json.loads(next(fh)) for _ in range(n)]
+
+
+def test_submit_refuses_a_structure_without_li_naming_it(store_url):
+    from pymatgen.core import Lattice, Structure
+
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    with pytest.raises(queue.QueueError, match=r"'nacl-1'.*NaCl contains no Li"):
+        queue.submit(store_url, "nacl-1", nacl, _proto())
+    rec = {"lattice": nacl.lattice.matrix.tolist(), "species": [str(s.specie) for s in nacl],
+           "frac_coords": nacl.frac_coords.tolist()}
+    with pytest.raises(queue.QueueError, match=r"'nacl-2'.*no Li"):
+        queue.submit(store_url, "nacl-2", rec, _proto())
+    assert queue.list_jobs(store_url) == []
+
+
+def test_submit_refuses_atoms_too_close(store_url):
+    close = _structure(LI3N)
+    close.append("Li", [0.02, 0.0, 0.0])  # 0.073 A from the N at the origin
+    with pytest.raises(queue.QueueError, match=r"'li3n-close'.*too close.*min_distance=0.6"):
+        queue.submit(store_url, "li3n-close", close, _proto())
+    rec = dict(LI3N, species=LI3N["species"] + ["Li"], frac_coords=LI3N["frac_coords"] + [[0.02, 0, 0]])
+    with pytest.raises(queue.QueueError, match=r"'li3n-close-rec'.*too close"):
+        queue.submit(store_url, "li3n-close-rec", rec, _proto())
+    # the protocol's min_distance decides
+    assert queue.submit(store_url, "li3n-close", close, _proto(min_distance=0.05))
+    assert [j.structure_id for j in queue.list_jobs(store_url)] == ["li3n-close"]
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"frac_coords": [[0, 0, float("nan")]] + LI3N["frac_coords"][1:]}, "NaN"),
+        ({"species": ["Li", "Li", "Li", "Xx"]}, r"\['Xx'\] are not chemical elements"),
+        ({"lattice": [[3.65, 0, 0], [7.3, 0, 0], [0, 0, 3.87]]}, "zero volume"),
+        ({"species": [], "frac_coords": []}, "no sites"),
+        ({"species": [{"Li": -0.5}, "Li", "Li", "N"]}, r"site 0: occupancies .* must each be in \(0, 1\]"),
+        ({"frac_coords": [[0, 0, 0]] * 4}, "too close"),
+    ],
+    ids=["nan-coords", "not-an-element", "zero-volume", "no-sites", "negative-occupancy", "overlapping"],
+)
+def test_submit_refuses_a_broken_record_naming_it(store_url, change, why):
+    with pytest.raises(queue.QueueError, match=rf"structure 'broken-1': .*{why}"):
+        queue.submit(store_url, "broken-1", dict(LI3N, **change), _proto())
+    assert queue.list_jobs(store_url) == []
+
+
+def test_valid_records_and_structures_are_still_queued(store_url):
+    from pymatgen.core import Composition
+
+    recs = _shipped_records(2)
+    a = queue.submit(store_url, recs[0]["id"], recs[0], _proto())  # the shipped format, as the campaign sends it
+    no_formula = {k: v for k, v in recs[1].items() if k != "formula"}
+    b = queue.submit(store_url, recs[1]["id"], no_formula, _proto())
+    c = queue.submit(store_url, "li3n-structure", _structure(LI3N), _proto())
+    # a disordered record (the worker orders it) without a formula
+    mixed = {k: v for k, v in LI3N.items() if k != "formula"} | {"species": [{"Li": 0.5, "Na": 0.5}, "Li", "Li", "N"]}
+    d = queue.submit(store_url, "li-na-n", mixed, _proto())
+    jobs = {j.id: j for j in queue.list_jobs(store_url)}
+    assert sorted(jobs) == sorted([a, b, c, d]) and all(j.state == "queued" for j in jobs.values())
+    assert jobs[a].formula == recs[0]["formula"] and jobs[b].formula == recs[1]["formula"]
+    assert jobs[c].formula == "Li3N"
+    assert jobs[d].formula == Composition({"Li": 2.5, "Na": 0.5, "N": 1}).reduced_formula
+    assert jobs[a].record["species"] == recs[0]["species"]
+
+
+def test_validate_submit_skips_a_bad_database_line(tmp_path):
+    """One bad line in the configured database: the ids on good lines are queued, an id only on
+    the bad line is an error naming the line's problem, and the run goes on."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    r1, r2, r3 = _shipped_records(3)
+    db = tmp_path / "db.jsonl"
+    db.write_text("\n".join([json.dumps(r1), json.dumps(r2),
+                             '{"id": "mp-broken", "lattice": [[1, 0, 0], [0, 1',
+                             json.dumps(r3)]) + "\n")
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"database:\n  path: {db}\nrun_dir: {tmp_path / 'run'}\n")
+    url = f"sqlite:///{tmp_path / 'run' / 'store.db'}"
+    runner = CliRunner()
+
+    res = runner.invoke(app, ["validate", "submit", r1["id"], r3["id"], "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
+    assert {j.structure_id for j in queue.list_jobs(url)} == {r1["id"], r3["id"]}
+
+    res = runner.invoke(app, ["validate", "submit", "mp-broken", r2["id"], "mp-nowhere", "--config", str(cfg)])
+    assert res.exit_code == 1, res.output
+    assert isinstance(res.exception, SystemExit)  # a clean exit, not a traceback
+    assert "error: mp-broken: not read from the database" in res.output and "db.jsonl:3: not valid JSON" in res.output
+    assert "error: mp-nowhere: neither a file nor an id" in res.output
+    assert f"{r2['id']}: job" in res.output
+    assert {j.structure_id for j in queue.list_jobs(url)} == {r1["id"], r2["id"], r3["id"]}

@@ -99,14 +99,16 @@ def structure_meta(cfg: Config, cache: Path, ids: list[str]):
     import pandas as pd
     from pymatgen.core import Composition
 
-    from xrdmatch.platform.data import iter_records
+    from xrdmatch.platform.databases import BadEntry, iter_entries
 
     df = pd.read_parquet(cache) if cache.exists() else None
     if df is None or not {"a", "b", "c"} <= set(df.columns):  # (caches of older versions lack a, b, c)
         rows = []
-        for i, rec in enumerate(iter_records(cfg.database.path)):
-            if cfg.database.limit is not None and i >= cfg.database.limit:
-                break
+        # every format the XRD stage reads, entry by entry as it did (a bad entry has no pattern)
+        for entry in iter_entries(cfg.database.path, cfg.database.limit):
+            if isinstance(entry, BadEntry):
+                continue
+            rec = {"id": entry.id, "formula": entry.formula, "lattice": entry.lattice, "species": entry.species}
             species = rec.get("species") or []
             els = sorted({str(s) for s in species})
             try:
@@ -154,19 +156,12 @@ def md_cell_atoms(cfg: Config, meta) -> np.ndarray:
     return out
 
 
-def records_for(cfg: Config, ids: set[str]) -> dict[str, dict]:
-    """Shipped-format records of a few structures (one streaming pass over the database)."""
-    from xrdmatch.platform.data import iter_records
+def records_for(cfg: Config, ids: set[str]) -> tuple[dict[str, dict], dict[str, str]]:
+    """(records, problems) of a few structures: one streaming pass over the database, in any
+    format the XRD stage reads; a bad entry elsewhere in it does not stop the search."""
+    from xrdmatch.platform.data import find_records
 
-    out: dict[str, dict] = {}
-    for i, rec in enumerate(iter_records(cfg.database.path)):
-        if cfg.database.limit is not None and i >= cfg.database.limit:
-            break
-        if str(rec.get("id")) in ids:
-            out[str(rec["id"])] = rec
-            if len(out) == len(ids):
-                break
-    return out
+    return find_records(cfg.database.path, ids, cfg.database.limit)
 
 
 def labelled_groups(cfg: Config, url: str) -> set[str]:
@@ -392,14 +387,22 @@ def stage_validate(ctx: Context, rnd: int):
     cands = ctx.store.candidates(rnd)
     if not cands:
         return {"jobs": {}, "states": {}}, {}
-    recs = records_for(cfg, {c.structure_id for c in cands})
+    recs, problems = records_for(cfg, {c.structure_id for c in cands})
     job_ids: dict[str, int] = {}
+    refused: dict[str, str] = {}
     for c in cands:
         rec = recs.get(c.structure_id)
         if rec is None:
-            raise CampaignError(f"round {rnd}: structure {c.structure_id} not found in {cfg.database.path}")
-        jid = queue.submit(ctx.url, c.structure_id, rec, cfg.validation,
-                           priority=len(cands) - c.rank, campaign_round=rnd)
+            raise CampaignError(f"round {rnd}: structure {c.structure_id} not read from {cfg.database.path}: "
+                                f"{problems.get(c.structure_id, 'not found')}")
+        try:
+            jid = queue.submit(ctx.url, c.structure_id, rec, cfg.validation,
+                               priority=len(cands) - c.rank, campaign_round=rnd)
+        except queue.QueueError as err:  # MD could only fail it: a failed candidate, not a failed stage
+            refused[c.structure_id] = str(err)
+            ctx.store.update_candidate(c.structure_id, verdict="failed",
+                                       detail={"state": "refused", "error": str(err), "result": None})
+            continue
         job_ids[c.structure_id] = int(jid)
         if c.job_id != str(jid):
             ctx.store.update_candidate(c.structure_id, job_id=str(jid))
@@ -449,14 +452,16 @@ def stage_validate(ctx: Context, rnd: int):
             time.sleep(cfg.campaign.poll_s)
     if worker is not None:
         worker.join(timeout=60)
-    states: dict[str, str] = {}
+    states: dict[str, str] = {sid: "refused" for sid in refused}
     for sid, jid in job_ids.items():
         j = jobs[jid]
         states[sid] = j.state
         ctx.store.update_candidate(sid, verdict=j.verdict or j.state, sigma_300k=j.sigma_300,
                                    detail={"state": j.state, "error": j.error, "result": j.result})
-    return {"jobs": {k: int(v) for k, v in job_ids.items()}, "states": states,
-            "verdicts": {sid: (jobs[jid].verdict or jobs[jid].state) for sid, jid in job_ids.items()}}, {}
+    verdicts = {**{sid: "failed" for sid in refused},
+                **{sid: (jobs[jid].verdict or jobs[jid].state) for sid, jid in job_ids.items()}}
+    return {"jobs": {k: int(v) for k, v in job_ids.items()}, "states": states, "verdicts": verdicts,
+            **({"refused": refused} if refused else {})}, {}
 
 
 def stage_label(ctx: Context, rnd: int):

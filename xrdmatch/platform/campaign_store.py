@@ -119,11 +119,39 @@ def _record(r: StageRow) -> StageRecord:
                        r.duration_s, r.started_at, r.finished_at, r.error)
 
 
+def _read_campaign_id(p: Path) -> str:
+    """The ``campaign_id`` of an existing campaign.json; CampaignError naming the file if unusable.
+
+    Never rewritten here: a new id would orphan the campaign's rows in the store.
+    """
+    from xrdmatch.platform.campaign import CampaignError  # campaign imports this module
+
+    fix = ("restore it (the id is the campaigns.id row of the store), or move it away to start a "
+           "new campaign in this directory")
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CampaignError(f"{p}: cannot read the campaign file ({e}); {fix}") from None
+    if not text.strip():
+        raise CampaignError(f"{p}: the campaign file is empty (no campaign_id); {fix}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CampaignError(f"{p}: the campaign file is not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict) or "campaign_id" not in data:
+        raise CampaignError(f"{p}: the campaign file has no 'campaign_id' key; {fix}")
+    cid = data["campaign_id"]
+    if not isinstance(cid, str) or not cid.strip() or len(cid) > 32:
+        raise CampaignError(f"{p}: 'campaign_id' must be a non-empty string of at most 32 characters, "
+                            f"got {cid!r}; {fix}")
+    return cid
+
+
 def campaign_id_for(run_dir: str | os.PathLike[str], create: bool = True) -> str | None:
     """The campaign id of a run directory (written once, atomically, into campaign.json)."""
     p = Path(run_dir) / "campaign.json"
     if p.exists():
-        return json.loads(p.read_text())["campaign_id"]
+        return _read_campaign_id(p)
     if not create:
         return None
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -48,13 +48,14 @@ def status(config: str = ConfigOpt, run_dir: str | None = DirOpt) -> None:
     """Rounds, current stage, queue by state, labels by source, champion version and metrics."""
     from rich.console import Console
 
+    from xrdmatch.platform.campaign import CampaignError
     from xrdmatch.platform.report import campaign_status
 
     cfg = _load(config, run_dir)
     console = Console(highlight=False, soft_wrap=True)
     try:
         lines = campaign_status(cfg)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CampaignError) as e:  # no campaign.json, or one that cannot be used
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     for line in lines:
@@ -65,12 +66,13 @@ def status(config: str = ConfigOpt, run_dir: str | None = DirOpt) -> None:
 def report(config: str = ConfigOpt, run_dir: str | None = DirOpt,
            out: str | None = typer.Option(None, "--out", "-o", help="HTML file (default RUN_DIR/report.html)")) -> None:
     """Write a self-contained HTML report (images inlined) of the campaign."""
+    from xrdmatch.platform.campaign import CampaignError
     from xrdmatch.platform.report import write_report
 
     cfg = _load(config, run_dir)
     try:
         path = write_report(cfg, out)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CampaignError) as e:  # no campaign.json, or one that cannot be used
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"report written to {path}")

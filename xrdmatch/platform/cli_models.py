@@ -22,6 +22,22 @@ def _quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+def _out_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot be written as a CSV file (checked before any work), or None."""
+    if out.is_dir():
+        return "is a directory, give a file name (e.g. predictions.csv)"
+    if out.exists():
+        return None if os.access(out, os.W_OK) else "exists and is not writable"
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:  # nearest existing folder above it
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create it: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create it: {parent} is not writable"
+    return None
+
+
 def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     """List registered model versions with aliases, metrics and label counts."""
     from datetime import datetime
@@ -72,7 +88,9 @@ def predict(
     """Predict superionic probability for structures or measured patterns.
 
     CSV columns: source, id, p_superionic, p_std, superionic (1 = superionic), error. A bad input
-    gets a row with ``error`` and no probability; exit status 1 only if every input failed.
+    gets a row with ``error`` and no probability; exit status 1 only if every input failed (or the
+    CSV could not be written to ``--out``: it then goes to stdout); 2 for an unusable ``--out``,
+    ``--wavelength`` or model, found before any input is read.
     """
     import sys
 
@@ -88,6 +106,9 @@ def predict(
     except MeasuredPatternError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    if out is not None and (why := _out_problem(out)):
+        typer.echo(f"error: --out {out}: {why}", err=True)
+        raise typer.Exit(2)
     configure(cfg)
     uri = model or default_model_uri(cfg)
     try:
@@ -97,9 +118,16 @@ def predict(
         raise typer.Exit(2) from None
     items = collect_items(inputs, lam, cfg.tracking.measured)
     rows = predict_items(mdl, items)
+    write_failed = False
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        rows.to_csv(out, index=False)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            rows.to_csv(out, index=False)
+        except OSError as e:  # e.g. disk full: the results go to stdout instead of being lost
+            typer.echo(f"error: cannot write --out {out}: {type(e).__name__}: {e}; writing the CSV to stdout",
+                       err=True)
+            rows.to_csv(sys.stdout, index=False)
+            write_failed, out = True, None
     else:
         rows.to_csv(sys.stdout, index=False)
     failed = rows["error"].astype(bool)
@@ -108,7 +136,7 @@ def predict(
     where = f" -> {out}" if out is not None else ""
     typer.echo(f"predicted {int((~failed).sum())} of {len(rows)} inputs with {uri}{where}"
                + (f"; {int(failed.sum())} failed (see the error column)" if failed.any() else ""), err=True)
-    if len(rows) == 0 or failed.all():
+    if len(rows) == 0 or failed.all() or write_failed:
         raise typer.Exit(1)
 
 

@@ -12,20 +12,6 @@ from xrdmatch.platform.cli_common import load_cfg as _config  # the same default
 app = typer.Typer(help="MD validation queue: submit candidates, run workers, show status.", no_args_is_help=True)
 
 
-def _lookup_ids(db_path: str, ids: list[str]) -> dict[str, dict]:
-    """Records of ``ids`` from the configured database, streamed; stops once all are found."""
-    from xrdmatch.platform.data import iter_records
-
-    want, found = set(ids), {}
-    for rec in iter_records(db_path):
-        sid = str(rec.get("id"))
-        if sid in want:
-            found[sid] = rec
-            if len(found) == len(want):
-                break
-    return found
-
-
 @app.command()
 def submit(
     items: list[str] = typer.Argument(..., help="database ids (e.g. mp-1185319) or structure files pymatgen reads"),
@@ -52,10 +38,14 @@ def submit(
         except Exception as err:
             errors.append(f"{f}: not a structure file pymatgen can read ({type(err).__name__}: {err})")
     if ids:
-        found = _lookup_ids(cfg.database.path, ids)
+        from xrdmatch.platform.data import find_records
+
+        found, problems = find_records(cfg.database.path, ids)
         for sid in ids:
             if sid in found:
                 structures.append((sid, found[sid]))
+            elif sid in problems:
+                errors.append(f"{sid}: not read from the database {cfg.database.path}: {problems[sid]}")
             else:
                 errors.append(f"{sid}: neither a file nor an id of the database {cfg.database.path}")
     before = {j.id for j in queue.list_jobs(url)}

@@ -65,6 +65,42 @@ def xrd(
             typer.echo(f"  {row.id}: {row.reason}", err=True)
     for k, why in sorted(summary.failed_batches.items()):
         typer.echo(f"batch {k} failed after retries: {why}", err=True)
+    if summary.duplicate_ids:
+        ex = _duplicate_examples(Path(summary.out_dir))
+        typer.echo(
+            f"warning: {summary.duplicate_ids} patterns repeat an id of an earlier entry of {summary.source}"
+            + (f", e.g. {', '.join(map(repr, ex))}" if ex else "")
+            + "; ids should be unique, later stages cannot tell these apart",
+            err=True,
+        )
     typer.echo(summary.line())
     if not summary.done:
         raise typer.Exit(1)
+    if summary.patterns == 0:
+        why = (f"all {summary.failures} entries failed (see {Path(summary.out_dir) / ERRORS})" if summary.entries
+               else f"{summary.source} has no entries")
+        typer.echo(f"error: no pattern was computed: {why}", err=True)
+        raise typer.Exit(1)
+
+
+def _duplicate_examples(out: Path, n: int = 5) -> list[str]:
+    """The first ``n`` ids that occur more than once in the shards (read only when there are some)."""
+    import pyarrow.parquet as pq
+
+    from xrdmatch.platform.patterns import read_manifest
+
+    man = read_manifest(out) or {}
+    seen: set[str] = set()
+    dups: list[str] = []
+    for s in man.get("shards", []):
+        try:
+            ids = pq.read_table(out / s["file"], columns=["id"]).column("id").to_pylist()
+        except Exception:  # noqa: BLE001 - examples only; the count is already printed
+            return dups
+        for i in ids:
+            if i in seen and i not in dups:
+                dups.append(i)
+                if len(dups) >= n:
+                    return dups
+            seen.add(i)
+    return dups

@@ -186,6 +186,38 @@ def iter_records(path: str | os.PathLike[str] = DEFAULT_DATABASE) -> Iterator[di
         yield rec
 
 
+def find_records(path: str | os.PathLike[str], ids, limit: int | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+    """(records, problems) of ``ids`` in a database of any supported format, streamed; stops
+    once all are found.
+
+    A bad entry (a line that is not JSON, a record with broken arrays) does not stop the
+    search: it is skipped, and its reason is kept under its id (when it names one) in case that
+    id is found nowhere else. A missing, unreadable or truncated database keeps what was found
+    before it and gives its error as the problem of every id not found.
+    """
+    from xrdmatch.platform.databases import BadEntry, DatabaseError, iter_entries
+
+    want = {str(i) for i in ids}
+    found: dict[str, dict] = {}
+    problems: dict[str, str] = {}
+    try:
+        for entry in iter_entries(path, limit):
+            sid = str(entry.id)
+            if sid not in want or sid in found:
+                continue
+            if isinstance(entry, BadEntry):
+                problems.setdefault(sid, entry.reason)
+                continue
+            found[sid] = {"id": sid, "formula": entry.formula, "lattice": entry.lattice,
+                          "species": entry.species, "frac_coords": entry.frac_coords}
+            if len(found) == len(want):
+                break
+    except DatabaseError as err:
+        for sid in want - found.keys():
+            problems.setdefault(sid, str(err))
+    return found, {k: v for k, v in problems.items() if k not in found}
+
+
 def structure_from_record(rec: dict):
     """A pymatgen Structure from a shipped-format record."""
     from pymatgen.core import Lattice, Structure

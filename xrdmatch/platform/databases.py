@@ -23,6 +23,7 @@ import os
 import re
 import tempfile
 import warnings
+import zlib
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,11 +124,43 @@ def _folder_files(p: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- raw items
 
 
+#: What a broken compressed stream raises while it is read: a truncated .xz/.gz/.bz2 ends in
+#: EOFError (which Click would turn into a bare "Aborted."), a corrupt one in one of the others.
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (EOFError, lzma.LZMAError, zlib.error, OSError)
+
+
+def _stream_error(p: Path, lines: int, e: BaseException) -> DatabaseError:
+    """DatabaseError naming the file, how far it could be read, and the reader's own words."""
+    name = "zlib.error" if isinstance(e, zlib.error) else type(e).__name__
+    detail = f"{name}: {e}" if str(e) else name
+    where = f"after line {lines}" if lines else "before the first line"
+    if p.name.lower().endswith((".xz", ".gz", ".bz2")):
+        what = f"truncated or corrupt compressed file {where}"
+    else:
+        what = f"read error {where}"
+    return DatabaseError(f"{p}: {what} ({detail}); no entry after that point was read")
+
+
+def _jsonl_lines(p: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of every line; a broken file raises DatabaseError, never EOFError/OSError."""
+    try:
+        fh = _open_binary(p)
+    except OSError as e:
+        raise DatabaseError(f"{p}: cannot open ({e.strerror or e})") from None
+    n = 0
+    with fh:
+        try:
+            for n, line in enumerate(fh, 1):
+                yield n, line
+        except _STREAM_ERRORS as e:
+            # n lines were read whole; a partial last line is never yielded (the reader raises first)
+            raise _stream_error(p, n, e) from None
+
+
 def _jsonl_raw(p: Path) -> Iterator[RawItem]:
-    with _open_binary(p) as fh:
-        for n, line in enumerate(fh, 1):
-            if line.strip():
-                yield ("json", f"{p.name}:{n}", line)
+    for n, line in _jsonl_lines(p):
+        if line.strip():
+            yield ("json", f"{p.name}:{n}", line)
 
 
 def _ase_rows(p: Path) -> Iterator[Any]:
@@ -220,12 +253,11 @@ def count_entries(path: str | os.PathLike[str], limit: int | None = None) -> int
         n = ase.db.connect(str(p)).count()
     else:
         n = 0
-        with _open_binary(p) as fh:
-            for line in fh:
-                if limit is not None and n >= limit:
-                    break
-                if line.strip():
-                    n += 1
+        for _, line in _jsonl_lines(p):
+            if limit is not None and n >= limit:
+                break
+            if line.strip():
+                n += 1
     return n if limit is None else min(n, limit)
 
 
@@ -270,6 +302,17 @@ def _check_arrays(sid: str, lattice: Any, species: Any, frac_coords: Any) -> str
     return None
 
 
+def _bad_id(raw: Any) -> str | None:
+    """Why a record's ``id`` cannot name a structure (null, empty, not a string/integer), or None."""
+    if raw is None:
+        return "'id' is null"
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+        return f"'id' must be a string, got {type(raw).__name__} {raw!r}"[:200]
+    if isinstance(raw, str) and not raw.strip():
+        return f"'id' is empty ({raw!r})"
+    return None
+
+
 def _parse_json_line(where: str, line: bytes) -> Entry:
     try:
         rec = _loads(line)
@@ -282,6 +325,9 @@ def _parse_json_line(where: str, line: bytes) -> Entry:
         return BadEntry(where, f"{where}: expected a JSON object, got {type(rec).__name__}")
     if "id" not in rec:
         return BadEntry(where, f"{where}: record has no 'id'")
+    why_id = _bad_id(rec["id"])
+    if why_id:
+        return BadEntry(where, f"{where}: {why_id}")
     sid = str(rec["id"])
     missing = [k for k in ("lattice", "species", "frac_coords") if k not in rec]
     if missing:

@@ -5,7 +5,9 @@ bins, maximum 1). A diffractometer scan is broadened, sits on a background and m
 another anode, so ``measured_pattern`` turns it into sticks:
 
 1. read two columns (2-theta in degrees, intensity); extra columns (e.g. .xye errors) are
-   ignored; header/comment lines before the data are skipped;
+   ignored; header/comment lines before the data are skipped; fields are separated by
+   whitespace or ``,``, or by ``;`` with ``,`` as the decimal mark (``11,25;1010,0``); every data
+   line must have as many fields as the first; a scan needs positive intensities;
 2. resampled on a uniform grid of 0.02 deg x lambda / lambda_Cu (linear interpolation);
 3. (see 7)
 4. background: rolling minimum followed by a rolling mean of the same width
@@ -35,6 +37,23 @@ from xrdmatch.config import MeasuredConfig
 MEASURED_SUFFIXES = (".xy", ".xye", ".csv", ".txt", ".dat")
 CU_KA = 1.54184
 _SPLIT = re.compile(r"[\s,;]+")
+#: A number written with a decimal comma (or an integer): 11,25  -3,5E+02  1010
+_COMMA_NUMBER = re.compile(r"[+-]?(\d+(,\d*)?|,\d+)([eE][+-]?\d+)?")
+
+
+def _fields(line: str) -> list[str]:
+    """The fields of a data line, with '.' as the decimal mark.
+
+    ``;`` separates fields and ``,`` is then the decimal mark (``11,250;1010,0``); whitespace-separated
+    numbers written with a decimal comma (``11,250  1010,0``) likewise; otherwise whitespace and ``,``
+    separate fields (``11.25,1010`` or ``11.25 1010``).
+    """
+    if ";" in line:
+        return [t.strip().replace(",", ".") for t in line.split(";") if t.strip()]
+    words = line.split()
+    if len(words) >= 2 and any("," in w for w in words) and all(_COMMA_NUMBER.fullmatch(w) for w in words):
+        return [w.replace(",", ".") for w in words]
+    return [t for t in _SPLIT.split(line) if t]
 
 
 class MeasuredPatternError(ValueError):
@@ -81,17 +100,26 @@ def read_two_column(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarra
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
     rows: list[tuple[float, float]] = []
+    first = 0  # line number of the first data line
+    n_fields = 0  # and its number of fields: every data line must have as many
     for n, line in enumerate(text.splitlines(), start=1):
         s = line.strip()
         if not s or s[0] in "#!;%'\"":
             continue
-        parts = [t for t in _SPLIT.split(s) if t]
+        parts = _fields(s)
         try:
             a, b = float(parts[0]), float(parts[1])
         except (ValueError, IndexError):
             if not rows:  # a header line before the data
                 continue
             raise MeasuredPatternError(f"{p}: line {n}: expected two numbers (2-theta, intensity), got {s[:60]!r}") from None
+        if not rows:
+            first, n_fields = n, len(parts)
+        elif len(parts) != n_fields:
+            raise MeasuredPatternError(
+                f"{p}: line {n}: {len(parts)} fields, but the first data line (line {first}) has {n_fields} "
+                f"(mixed separators or decimal marks?), got {s[:60]!r}"
+            )
         if not (np.isfinite(a) and np.isfinite(b)):
             raise MeasuredPatternError(f"{p}: line {n}: NaN or infinite value")
         rows.append((a, b))
@@ -135,6 +163,13 @@ def sticks_from_scan(two_theta: np.ndarray, intensity: np.ndarray, cfg: Measured
         raise MeasuredPatternError(f"{name}: 2-theta and intensity must be 1-D of the same length")
     if not (np.isfinite(tt).all() and np.isfinite(y).all()):
         raise MeasuredPatternError(f"{name}: NaN or infinite values")
+    if len(y) and not y.max() > 0:
+        raise MeasuredPatternError(f"{name}: no positive intensity (maximum {y.max():g}): not a diffraction scan")
+    if len(y) and np.median(y) < 0 and -y.min() > y.max():
+        raise MeasuredPatternError(
+            f"{name}: mostly negative intensities (median {np.median(y):g}, minimum {y.min():g}, maximum "
+            f"{y.max():g}): inverted or over-subtracted scan?"
+        )
     if len(tt) < cfg.min_points:
         raise MeasuredPatternError(f"{name}: {len(tt)} points, need at least {cfg.min_points}")
     if (tt <= 0).any() or (tt >= 180).any():

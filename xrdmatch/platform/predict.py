@@ -2,7 +2,8 @@
 
 Inputs (each path may be a folder: its files are taken in sorted order, recursively):
 - structure files any format pymatgen reads (CIF, POSCAR/CONTCAR, vasprun.xml, ...), else ASE
-  (extxyz with several frames -> one row per frame): simulated Cu K-alpha stick pattern;
+  (extxyz with several frames -> one row per frame; never for a CIF that pymatgen refuses):
+  simulated Cu K-alpha stick pattern;
 - a JSONL database in the shipped format (``.jsonl``, ``.jsonl.xz/.gz/.bz2``): one row per record;
 - measured powder scans (``.xy .xye .csv .txt .dat``: 2-theta, intensity) -> sticks
   (see :mod:`xrdmatch.platform.measured`), ``wavelength`` applies to these.
@@ -26,6 +27,11 @@ from xrdmatch.platform.measured import MEASURED_SUFFIXES, MeasuredPatternError, 
 
 CSV_COLUMNS = ["source", "id", "p_superionic", "p_std", "superionic", "error"]
 JSONL_SUFFIXES = (".jsonl", ".jsonl.xz", ".jsonl.gz", ".jsonl.bz2")
+#: Closest two atoms of an input structure may be (Angstrom, periodic images included): below
+#: this they overlap (the shortest bond in nature, H-H, is 0.74 A) and the structure is refused.
+MIN_DISTANCE = 0.5
+#: Occupancy sums up to 1 + this count as split sites (rounded CIF occupancies), not overlaps.
+_OCC_TOL = 0.05
 
 
 @dataclass
@@ -43,12 +49,35 @@ def _short(e: BaseException, limit: int = 300) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
+def overlap_error(structure, min_distance: float = MIN_DISTANCE) -> str | None:
+    """Why a pymatgen structure has overlapping atoms, or None.
+
+    Two sites (periodic images included) closer than ``min_distance`` overlap unless their
+    occupancies sum to at most 1 (+ ``_OCC_TOL``): split sites of a disordered crystal are fine.
+    """
+    if len(structure) == 0:
+        return None
+    centers, points, _images, dists = structure.get_neighbor_list(r=min_distance, exclude_self=True)
+    if len(dists) == 0:
+        return None
+    occ = np.array([float(site.species.num_atoms) for site in structure])
+    bad = np.flatnonzero(occ[centers] + occ[points] > 1.0 + _OCC_TOL)
+    if len(bad) == 0:
+        return None
+    k = bad[int(np.argmin(dists[bad]))]
+    i, j = int(centers[k]), int(points[k])
+    return (f"atoms overlap: {structure[i].species_string} site {i} and {structure[j].species_string} site {j} "
+            f"are {float(dists[k]):.3f} A apart (< {min_distance:g} A)")
+
+
 def _pattern(structure, source: str, sid: str) -> Item:
     from xrdmatch.simulation.xrd import xrd_pattern
 
     try:
         if len(structure) == 0:
             return Item(source, sid, error="structure has no sites")
+        if why := overlap_error(structure):
+            return Item(source, sid, error=f"{source} [{sid}]: {why}")
         x = np.asarray(xrd_pattern(structure), dtype=np.float32)
         if not np.isfinite(x).all() or not x.max() > 0:
             return Item(source, sid, error="simulated pattern is empty or not finite")
@@ -58,13 +87,21 @@ def _pattern(structure, source: str, sid: str) -> Item:
 
 
 def read_structures(path: Path) -> list[tuple[str, object]]:
-    """(id, pymatgen Structure) of a structure file: pymatgen first, then ASE (all frames)."""
+    """(id, pymatgen Structure) of a structure file: pymatgen first, then ASE (all frames).
+
+    A CIF that pymatgen refuses is refused (ValueError with pymatgen's reason): ASE's CIF
+    reader would merge coinciding atoms and drop partial occupancies without a word, which is
+    how a CIF with two atoms on one site used to be predicted as if nothing were wrong.
+    """
     from pymatgen.core import Structure
 
     try:
         return [(path.stem or path.name, Structure.from_file(path))]
     except Exception as e_pmg:
         pmg_err = _short(e_pmg, 150)
+    if path.suffix.lower() in (".cif", ".mcif"):
+        raise ValueError(f"not readable as a structure: CIF refused by pymatgen ({pmg_err}; e.g. atoms on "
+                         "one site), not read with ASE, which would hide that") from None
     try:
         import ase.io
         from pymatgen.io.ase import AseAtomsAdaptor

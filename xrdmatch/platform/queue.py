@@ -131,18 +131,69 @@ def _as_record(structure_id: str, structure: Any) -> dict[str, Any]:
             raise QueueError(f"structure {structure_id!r}: record lacks {sorted(missing)}")
         rec = dict(structure)
         rec["id"] = str(structure_id)
-        if not rec.get("formula"):
-            from pymatgen.core import Composition
-
-            from collections import Counter
-
-            rec["formula"] = Composition(dict(Counter(rec["species"]))).reduced_formula
         return rec
     if hasattr(structure, "lattice") and hasattr(structure, "frac_coords"):
         if not structure.is_ordered:
             raise QueueError(f"structure {structure_id!r}: disordered sites; MD needs an ordered structure")
         return record_from_structure(str(structure_id), structure)
     raise QueueError(f"structure {structure_id!r}: expected a shipped-format record or a pymatgen Structure, got {type(structure).__name__}")
+
+
+def _checked_structure(structure_id: str, rec: dict[str, Any], min_distance: float):
+    """The pymatgen Structure of ``rec`` once it passes the checks MD would make at a worker
+    (readable arrays, real elements, sane occupancies, Li and a host, no atoms closer than
+    ``min_distance``); a ``QueueError`` naming the structure and the problem otherwise."""
+    import math
+
+    from pymatgen.core import Element
+
+    from xrdmatch.platform.data import structure_from_record
+    from xrdmatch.platform.databases import _check_arrays
+    from xrdmatch.simulation.md import ValidationInputError, check_structure
+
+    def bad(why: str) -> QueueError:
+        return QueueError(f"structure {structure_id!r}: {why}")
+
+    why = _check_arrays(structure_id, rec["lattice"], rec["species"], rec["frac_coords"])
+    if why:
+        raise bad(why)
+    for i, sp in enumerate(rec["species"]):
+        if isinstance(sp, dict):
+            try:
+                occ = [float(o) for o in sp.values()]
+            except (TypeError, ValueError):
+                raise bad(f"site {i}: occupancies {sp!r} are not numbers") from None
+            if not all(math.isfinite(o) and 0.0 < o <= 1.0 for o in occ) or sum(occ) > 1.0 + 1e-6:
+                raise bad(f"site {i}: occupancies {sp!r} must each be in (0, 1] and sum to at most 1")
+    try:
+        s = structure_from_record(rec)
+    except Exception as err:  # noqa: BLE001 - any pymatgen refusal is bad input
+        raise bad(f"not a valid structure ({type(err).__name__}: {err})") from None
+    unknown = sorted({el.symbol for el in s.composition.elements if not Element.is_valid_symbol(el.symbol)})
+    if unknown:
+        raise bad(f"species {unknown} are not chemical elements")
+    try:
+        if s.is_ordered:
+            check_structure(s, min_distance)  # no Li, Li only, atoms too close
+        else:
+            # Ordering (at the worker) may empty one of two close partially occupied sites:
+            # check Li on the composition and distances between fully occupied sites only.
+            from pymatgen.core import Structure
+
+            elements = {el.symbol for el in s.composition.elements}
+            if "Li" not in elements:
+                raise ValidationInputError(f"structure {s.composition.reduced_formula} contains no Li")
+            if elements == {"Li"}:
+                raise ValidationInputError(f"structure {s.composition.reduced_formula} is Li only")
+            full = [site for site in s if site.is_ordered]
+            if len(full) > 1:
+                _, _, _, d = Structure.from_sites(full).get_neighbor_list(r=min_distance, exclude_self=True)
+                if len(d):
+                    raise ValidationInputError(f"atoms too close in {s.composition.reduced_formula}: two sites "
+                                               f"{float(min(d)):.3f} A apart < min_distance={min_distance} A")
+    except ValidationInputError as err:
+        raise bad(str(err)) from None
+    return s
 
 
 def _protocol(protocol: Any) -> tuple[dict[str, Any], str]:
@@ -160,9 +211,16 @@ def submit(url: str, structure_id: str, structure: Any, protocol: Any, priority:
 
     Idempotent: an existing job for (structure id, protocol hash) is returned, whatever its
     state (use :func:`requeue` to run a failed one again). Returns the job id.
+
+    Refuses (``QueueError`` naming the structure and the problem) what a worker could only
+    fail: unreadable arrays, unknown elements, bad occupancies, no Li, atoms closer than the
+    protocol's ``min_distance``.
     """
-    rec = _as_record(str(structure_id), structure)
     proto, phash = _protocol(protocol)
+    rec = _as_record(str(structure_id), structure)
+    s = _checked_structure(str(structure_id), rec, float(proto["min_distance"]))
+    if not rec.get("formula"):
+        rec["formula"] = s.composition.reduced_formula
     eng = _engine(url)
     with eng.begin() as conn:
         insert_ignore(

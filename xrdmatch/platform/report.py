@@ -23,12 +23,17 @@ from xrdmatch.platform.campaign_store import DONE, CampaignStore, campaign_id_fo
 STAGE_ORDER = ("patterns", "train", "register", "screen", "select", "validate", "label")
 
 
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    return f"{type(e).__name__}: {msg.splitlines()[0]}" if msg else type(e).__name__
+
+
 def _open(cfg: Config) -> tuple[CampaignStore, str]:
     from xrdmatch.platform.db import store_url
     from xrdmatch.platform.paths import RunPaths
 
     root = RunPaths.of(cfg.run_dir).root
-    cid = campaign_id_for(root, create=False)
+    cid = campaign_id_for(root, create=False)  # CampaignError: a campaign.json that cannot be used
     if cid is None:
         raise FileNotFoundError(f"no campaign in {root} (no campaign.json); start one with `xrdmatch campaign run`")
     url = store_url(cfg)
@@ -36,14 +41,30 @@ def _open(cfg: Config) -> tuple[CampaignStore, str]:
 
 
 def _champion(cfg: Config) -> dict[str, Any] | None:
-    try:
-        from xrdmatch.platform.campaign import _champion as champ
-        from xrdmatch.platform.tracking import configure
+    """The registry's champion, or None if there is none yet; RuntimeError if the store cannot be read."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
+    from xrdmatch.platform.campaign import _champion as champ
+    from xrdmatch.platform.tracking import configure, tracking_uri
+
+    try:
+        uri = tracking_uri(cfg)
+    except Exception as e:  # noqa: BLE001 - e.g. the run directory cannot be created
+        raise RuntimeError(f"tracking store: {_first_line(e)}") from e
+    try:
         configure(cfg)
-        return champ(cfg)
-    except Exception:
+        # campaign._champion says None for any failure; ask once here to tell "no champion" from "no store"
+        MlflowClient().get_model_version_by_alias(cfg.tracking.registry_name, "champion")
+    except MlflowException as e:
+        missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e))
+        if not missing:
+            raise RuntimeError(f"tracking store {uri}: {_first_line(e)}") from e
         return None
+    except Exception as e:  # noqa: BLE001 - unreadable store (corrupt SQLite, bad URI, ...)
+        raise RuntimeError(f"tracking store {uri}: {_first_line(e)}") from e
+    return champ(cfg)
 
 
 def current_stage(store: CampaignStore) -> tuple[int, str, str] | None:
@@ -93,23 +114,29 @@ def campaign_status(cfg: Config) -> list[str]:
     methods: dict[str, int] = {}
     for lab in labels:
         methods[lab.method] = methods.get(lab.method, 0) + 1
-    try:
-        from xrdmatch.platform.data import load_labelled
+    from xrdmatch.platform.data import LabelledDataError, load_labelled
 
+    try:
         methods = {"paper": len(load_labelled(cfg.labels.path))} | methods
-    except Exception:
-        pass
-    lines.append("labels: " + (", ".join(f"{k} {v}" for k, v in methods.items()) or "none"))
+        lines.append("labels: " + (", ".join(f"{k} {v}" for k, v in methods.items()) or "none"))
+    except Exception as e:  # noqa: BLE001 - shown, not hidden: a campaign cannot train without it
+        why = str(e) if isinstance(e, LabelledDataError) else f"{cfg.labels.path}: {_first_line(e)}"
+        rest = ", ".join(f"{k} {v}" for k, v in methods.items())
+        lines.append(f"labels: ERROR {why}" + (f" (store: {rest})" if rest else ""))
     cands = store.candidates()
     if cands:
         lines.append("candidates: " + ", ".join(f"r{c.round} {c.formula} ({c.structure_id}) p={c.p_mean:.2f} "
                                                 f"{c.verdict or 'pending'}" for c in cands))
-    champ = _champion(cfg)
-    if champ:
-        ms = ", ".join(f"{k} {v:.3f}" for k, v in sorted(champ["metrics"].items()) if k.startswith("grouped_cv"))
-        lines.append(f"champion: {cfg.tracking.registry_name} v{champ['version']} ({ms or 'no metrics'})")
+    try:
+        champ = _champion(cfg)
+    except RuntimeError as e:
+        lines.append(f"champion: unavailable ({e})")
     else:
-        lines.append("champion: none yet")
+        if champ:
+            ms = ", ".join(f"{k} {v:.3f}" for k, v in sorted(champ["metrics"].items()) if k.startswith("grouped_cv"))
+            lines.append(f"champion: {cfg.tracking.registry_name} v{champ['version']} ({ms or 'no metrics'})")
+        else:
+            lines.append("champion: none yet")
     return lines
 
 
