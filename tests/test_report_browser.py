@@ -66,7 +66,7 @@ def _fake_campaign(run_dir: Path, labelled) -> object:
     for rnd, idx in picks.items():
         for i in idx:
             rec = {"id": ids[i], "formula": labelled.groups[i], "lattice": (3.0 * np.eye(3)).tolist(),
-                   "species": ["Li"], "frac_coords": [[0, 0, 0]]}
+                   "species": ["Li", "Cl"], "frac_coords": [[0, 0, 0], [0.5, 0.5, 0.5]]}
             queue.submit(url, ids[i], rec, cfg.validation, campaign_round=rnd)
     outcomes = {ids[3]: "superionic", ids[7]: "inconclusive", ids[11]: "not_superionic", ids[19]: "failed"}
     while (job := queue.claim(url, "w0", 60)) is not None:

@@ -136,9 +136,12 @@ def test_bad_inputs_fail_with_reasons_and_the_next_job_completes(tmp_path, recor
     squeezed = lif | {"frac_coords": [lif["frac_coords"][0], [c + 0.01 for c in lif["frac_coords"][0]]]}
     # a real MLIP's ASE calculator that this environment does not have (GPAW is installed by the tests)
     mace = cfg.validation.model_copy(update={"calculator": "mace.calculators.MACECalculator"})
+    # what MD could only fail is refused at submit, naming the structure (no job, nothing to run)
+    for sid, rec, reason in (("no-li", no_li, "contains no Li"), ("squeezed", squeezed, "atoms too close")):
+        with pytest.raises(queue.QueueError, match=f"structure '{sid}': .*{reason}"):
+            queue.submit(url, sid, rec, cfg.validation, priority=5)
+    # what only a worker can find out fails the job there, with its reason
     bad = {
-        queue.submit(url, "no-li", no_li, cfg.validation, priority=5): "contains no Li",
-        queue.submit(url, "squeezed", squeezed, cfg.validation, priority=5): "atoms too close",
         queue.submit(url, "mp-1009009", lif, mace, priority=5): "CalculatorUnavailable: calculator "
         "'mace.calculators.MACECalculator': cannot import mace.calculators (No module named 'mace'); pip install mace-torch",
     }
@@ -152,7 +155,8 @@ def test_bad_inputs_fail_with_reasons_and_the_next_job_completes(tmp_path, recor
     assert [lab.structure_id for lab in list_labels(url)] == ["mp-1009009"]
     _, runs = _mlflow_runs(cfg)
     failed = [r for r in runs if r.data.tags.get("state") == "failed"]
-    assert len(failed) == 3 and {r.info.status for r in failed} == {"FAILED"}
+    assert len(failed) == 1 and {r.info.status for r in failed} == {"FAILED"}
+    assert {j.structure_id for j in queue.list_jobs(url)} == {"mp-1009009"}
 
 
 def _wait_for(pred, timeout: float, proc: subprocess.Popen, log: Path):
