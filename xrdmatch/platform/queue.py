@@ -149,7 +149,7 @@ def _checked_structure(structure_id: str, rec: dict[str, Any], min_distance: flo
 
     from xrdmatch.platform.data import structure_from_record
     from xrdmatch.platform.databases import _check_arrays
-    from xrdmatch.simulation.md import ValidationInputError, check_structure
+    from xrdmatch.simulation.md import ValidationInputError, check_composition, check_distances, check_structure
 
     def bad(why: str) -> QueueError:
         return QueueError(f"structure {structure_id!r}: {why}")
@@ -177,20 +177,13 @@ def _checked_structure(structure_id: str, rec: dict[str, Any], min_distance: flo
             check_structure(s, min_distance)  # no Li, Li only, atoms too close
         else:
             # Ordering (at the worker) may empty one of two close partially occupied sites:
-            # check Li on the composition and distances between fully occupied sites only.
+            # Li on the composition, distances between fully occupied sites only.
             from pymatgen.core import Structure
 
-            elements = {el.symbol for el in s.composition.elements}
-            if "Li" not in elements:
-                raise ValidationInputError(f"structure {s.composition.reduced_formula} contains no Li")
-            if elements == {"Li"}:
-                raise ValidationInputError(f"structure {s.composition.reduced_formula} is Li only")
+            check_composition(s)
             full = [site for site in s if site.is_ordered]
             if len(full) > 1:
-                _, _, _, d = Structure.from_sites(full).get_neighbor_list(r=min_distance, exclude_self=True)
-                if len(d):
-                    raise ValidationInputError(f"atoms too close in {s.composition.reduced_formula}: two sites "
-                                               f"{float(min(d)):.3f} A apart < min_distance={min_distance} A")
+                check_distances(Structure.from_sites(full), min_distance, name=s.composition.reduced_formula)
     except ValidationInputError as err:
         raise bad(str(err)) from None
     return s

@@ -84,19 +84,30 @@ def order_structure(structure, max_sites: int):
 
 def check_structure(structure, min_distance: float) -> None:
     """Refuse a structure before MD: no Li, Li only, or two atoms (periodic images included) too close."""
+    check_composition(structure)
+    check_distances(structure, min_distance)
+
+
+def check_composition(structure) -> None:
+    """Refuse a structure without Li, or of Li only (the drift correction and the melting check
+    need host atoms)."""
     elements = {el.symbol for el in structure.composition.elements}
     if "Li" not in elements:
         raise ValidationInputError(f"structure {structure.composition.reduced_formula} contains no Li")
-    if elements == {"Li"}:  # the drift correction and the melting check need host atoms
+    if elements == {"Li"}:
         raise ValidationInputError(f"structure {structure.composition.reduced_formula} is Li only: "
                                    "no host framework to measure Li diffusion against")
+
+
+def check_distances(structure, min_distance: float, name: str | None = None) -> None:
+    """Refuse two sites (periodic images included) closer than ``min_distance``."""
     centers, _points, _images, dists = structure.get_neighbor_list(r=min_distance, exclude_self=True)
     if len(dists):
         k = int(np.argmin(dists))
         i = int(centers[k])
         raise ValidationInputError(
-            f"atoms too close in {structure.composition.reduced_formula}: {structure[i].specie} site {i} has a "
-            f"neighbour at {float(dists[k]):.3f} A < min_distance={min_distance} A"
+            f"atoms too close in {name or structure.composition.reduced_formula}: {structure[i].species_string} "
+            f"site {i} has a neighbour at {float(dists[k]):.3f} A < min_distance={min_distance} A"
         )
 
 
