@@ -7,8 +7,8 @@ network's metrics, the paired per-fold macro-F1 difference and the wall-time rat
 
     python benchmarks/network_accuracy.py [--methods supervised] [--iterations 200] [--repeats 2]
 
-The default compares the supervised single model (vgg16_paper with FlexMatch costs ~20 s per
-iteration on one CPU core, ~55 CPU-hours for this table; on a GPU pass --methods
+The default compares the supervised single model (vgg16_paper with FlexMatch costs 16-20 s per
+iteration on one CPU core, ~45-55 CPU-hours for this table; on a GPU pass --methods
 supervised,flexmatch). Member predictions are cached in --dir: a killed run resumes.
 """
 

@@ -90,26 +90,44 @@ def database_patterns(n: int, database: str = "data/mp_li_structures.jsonl.xz") 
     return np.stack([xrd_pattern_arrays(r["lattice"], r["species"], r["frac_coords"]) for r in recs])
 
 
-def time_augment(lab: np.ndarray, unl: np.ndarray, c: AugmentConfig, repeats: int) -> tuple[float, float]:
-    """Seconds per training step's augmentations (weak on lab + unl, strong on unl): torch, numpy."""
-    t_lab, t_unl = to_peaks(torch.as_tensor(lab)), to_peaks(torch.as_tensor(unl))  # as the trainer: once
+def time_augment(lab: np.ndarray, unl: np.ndarray, pools: tuple, c: AugmentConfig,
+                 repeats: int) -> tuple[float, float]:
+    """Seconds per training step's augmentations (weak on lab + unl, strong on unl): torch, numpy.
+
+    ``lab`` / ``unl`` are rows of the labelled / unlabelled ``pools``; as in the trainer, the
+    pools are converted to peak lists once and the step's rows taken from them, so the rows
+    keep the pool's padded width K (its largest peak count), not their own.
+    """
+    (lab_pool, li), (unl_pool, ui) = pools
+    t_lab, t_unl = lab_pool.take(torch.as_tensor(li)), unl_pool.take(torch.as_tensor(ui))
     g = torch.Generator().manual_seed(0)
     buf = torch.zeros(len(lab) + 2 * len(unl), lab.shape[1])  # the trainer's reused input buffer
     n_w = len(lab) + len(unl)
-    weak_augment(t_lab, c, g), strong_augment(t_unl, c, g)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):  # as the trainer: one weak call for labelled + unlabelled rows
+    rng = np.random.default_rng(0)
+
+    def torch_step():  # as the trainer: one weak call for labelled + unlabelled rows
         weak_augment(cat_peaks(t_lab, t_unl), c, g, out=buf[:n_w])
         strong_augment(t_unl, c, g, out=buf[n_w:])
-    t_torch = (time.perf_counter() - t0) / repeats
-    rng = np.random.default_rng(0)
-    t0 = time.perf_counter()
-    for _ in range(max(1, repeats // 5)):
+
+    def numpy_step():
         [weak_numpy(x, c, rng) for x in lab]
         [weak_numpy(x, c, rng) for x in unl]
         [strong_numpy(x, c, rng) for x in unl]
-    t_numpy = (time.perf_counter() - t0) / max(1, repeats // 5)
-    return t_torch, t_numpy
+
+    torch_step(), numpy_step()  # warm-up
+    # alternate blocks of each and take the medians: the machine's noise drifts over seconds
+    t_torch, t_numpy = [], []
+    for _ in range(7):
+        t_torch.append(_block(torch_step, max(1, repeats // 7)))
+        t_numpy.append(_block(numpy_step, max(1, repeats // 35)))
+    return float(np.median(t_torch)), float(np.median(t_numpy))
+
+
+def _block(fn, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
 
 
 def fast_v0(num_classes: int = 2) -> torch.nn.Module:
@@ -135,7 +153,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray Train worker on CPU uses 1)")
-    ap.add_argument("--aug-repeats", type=int, default=20)
+    ap.add_argument("--aug-repeats", type=int, default=200)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from xrdmatch.training import networks
@@ -165,16 +183,29 @@ def main() -> None:
     if "vgg16_paper" in rates and "fast" in rates:
         print(f"fast vs vgg16_paper: {rates['vgg16_paper'] / rates['fast']:.1f}x faster per iteration")
     c = AugmentConfig()
-    lab = X[np.random.default_rng(0).integers(0, len(X), 32)]
-    unl = preprocess(database_patterns(8 * 96))
-    t_torch, t_numpy = time_augment(lab, unl[:96], c, args.aug_repeats)
-    print(f"augmentation step (weak 128 + strong 96 patterns): torch batched {t_torch * 1e3:.2f} ms, "
+    # pools: the 112 labelled and 768 database patterns; a step's rows: 32 + 96 drawn from them
+    unl_all = preprocess(database_patterns(8 * 96))
+    lab_pool, unl_pool = to_peaks(torch.as_tensor(X)), to_peaks(torch.as_tensor(unl_all))
+    pick = np.random.default_rng(0)
+    li, ui = pick.integers(0, len(X), 32), pick.integers(0, len(unl_all), 96)
+    t_torch, t_numpy = time_augment(X[li], unl_all[ui], ((lab_pool, li), (unl_pool, ui)), c, args.aug_repeats)
+    print(f"augmentation step (weak 128 + strong 96 patterns, peak lists padded to K = "
+          f"{lab_pool.pos.shape[1]} / {unl_pool.pos.shape[1]}): torch batched {t_torch * 1e3:.2f} ms, "
           f"numpy per-sample {t_numpy * 1e3:.1f} ms, speed-up {t_numpy / t_torch:.1f}x")
-    # the same per-row work at 8x the rows: what the batched version costs per row once the
-    # fixed cost of its ~160 tensor calls is spread (the numpy reference has no such term)
-    t8, n8 = time_augment(np.tile(lab, (8, 1)), unl, c, max(1, args.aug_repeats // 4))
+    # the same rows 8 times over (same K): splits the batched cost into a fixed part (its tensor
+    # calls, a few microseconds each on one thread) and a part per row
+    li8, ui8 = np.tile(li, 8), np.tile(ui, 8)
+    t8, n8 = time_augment(X[li8], unl_all[ui8], ((lab_pool, li8), (unl_pool, ui8)), c,
+                          max(5, args.aug_repeats // 4))
+    n_per_row = n8 / (8 * (len(li) + 2 * len(ui)))
+    rows = len(li) + 2 * len(ui)
+    per_row = (t8 - t_torch) / (7 * rows)
     print(f"at 8x the rows (weak 1024 + strong 768): torch batched {t8 * 1e3:.2f} ms, numpy per-sample "
-          f"{n8 * 1e3:.1f} ms, speed-up {n8 / t8:.1f}x")
+          f"{n8 * 1e3:.1f} ms, speed-up {n8 / t8:.1f}x; batched cost = {(t_torch - rows * per_row) * 1e3:.2f} ms "
+          f"fixed + {per_row * 1e6:.1f} us per row")
+    print(f"numpy per-sample: {n_per_row * 1e6:.0f} us per row, so no batch size takes this layout past "
+          f"{n_per_row / per_row:.1f}x (numpy per row / batched per row)")
+
 
 if __name__ == "__main__":
     main()
