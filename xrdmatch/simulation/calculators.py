@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import io
 import os
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -60,6 +61,10 @@ def _chgnet(kwargs: dict[str, Any], device: str, threads: int):
     except ImportError as err:  # pragma: no cover - chgnet is a core dependency
         raise CalculatorUnavailable(f"calculator 'chgnet' is not installed ({err}); pip install chgnet") from None
     torch.set_num_threads(threads)
+    # chgnet converts a tensor that requires grad to a float when it computes stress (its own
+    # code, harmless, once per worker): torch's UserWarning about it is not the user's business
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar",
+                            category=UserWarning)
     # CHGNet prints its banner ("initialized with ...", "will run on cpu") on stdout, which Ray
     # forwards from every worker into the campaign's output, once per job.
     with contextlib.redirect_stdout(io.StringIO()):

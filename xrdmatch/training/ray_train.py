@@ -12,6 +12,7 @@ as the cluster has CPUs (or GPUs) for their workers.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     from xrdmatch.training.trainer import train_member
 
+    # Ray Train logs each report at INFO through a logger named after its file, which
+    # LoggingConfig does not reach: quiet this worker process's root logger instead
+    logging.getLogger().setLevel(logging.WARNING)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     cfg = TrainingConfig.model_validate(config["cfg"])
@@ -99,7 +103,7 @@ def train_loop_per_worker(config: dict) -> None:
 def fit_member(data_ref, cfg: TrainingConfig, seed: int, storage: Path, name: str, use_gpu: bool,
                fault_after_step: int | None = None) -> Member:
     """One member as one TorchTrainer run; the Member comes from its final checkpoint."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(
@@ -112,6 +116,9 @@ def fit_member(data_ref, cfg: TrainingConfig, seed: int, storage: Path, name: st
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=2),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's INFO lines (one per checkpoint and report, per member) drown the
+            # campaign's own progress; warnings and errors (worker failures, restarts) still show
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
     result = trainer.fit()

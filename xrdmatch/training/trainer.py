@@ -166,8 +166,9 @@ def train_member(
 
     # data: preprocess once, keep on the training device
     xl = torch.as_tensor(preprocess(np.asarray(X_lab, dtype=np.float32), aug.threshold), device=device)
-    yl = torch.as_tensor(np.asarray(y_lab), dtype=torch.long, device=device)
-    wl = torch.ones(len(yl), device=device) if sample_weight is None else torch.as_tensor(
+    # copies (torch.tensor): labels and weights arrive read-only from Ray's object store
+    yl = torch.tensor(np.asarray(y_lab), dtype=torch.long, device=device)
+    wl = torch.ones(len(yl), device=device) if sample_weight is None else torch.tensor(
         np.asarray(sample_weight, dtype=np.float32), device=device
     )
     if len(yl) == 0 or float(wl.sum()) <= 0:
