@@ -9,7 +9,8 @@ on the training fold only, scored by macro-F1; the test fold is predicted once a
 supervised ``fast`` network is scored on the same folds in the same run (its members come from
 the member cache of ``xrdmatch evaluate --dir runs/eval`` when present, else they are trained)
 and a stratified random guess is the floor.
-Also prints the leave-one-formula-out nearest-neighbour label agreement: how often the most
+Also prints a learning curve of the best classical model (a share of each training fold's
+formulas) and the leave-one-formula-out nearest-neighbour label agreement: how often the most
 similar pattern of another formula has the same label.
 
     python benchmarks/classical_baselines.py [--config configs/default.yaml] [--no-network]
@@ -72,6 +73,18 @@ def fit_predict(est, grid: dict, X, y, groups, tr, te, inner_folds: int, seed: i
     chosen = {("pool" if k.startswith("pool__") else k.split("__", 1)[1]): (v["width"] if isinstance(v, dict) else v)
               for k, v in sorted(search.best_params_.items())}
     return search.predict_proba(X[te])[:, 1], chosen
+
+
+def label_subsample(tr: np.ndarray, y: np.ndarray, groups: np.ndarray, frac: float, seed: int) -> np.ndarray:
+    """``frac`` of a training fold's formulas, drawn per class (every compound of a drawn formula)."""
+    if frac >= 1:
+        return tr
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in (0, 1):
+        g = np.unique(groups[tr][y[tr] == c])
+        keep.extend(rng.choice(g, max(2, round(frac * len(g))), replace=False))
+    return tr[np.isin(groups[tr], keep)]
 
 
 def nearest_other_formula(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -148,6 +161,21 @@ def main() -> None:
         d = np.array([r["macro_f1"] - net[(r["repeat"], r["fold"])] for r in rows[best]])
         print(f"{best} - fast network, paired per fold (n={len(d)}): mean {d.mean():+.3f}, std {d.std():.3f}, "
               f"better in {(d > 0).sum()}/{len(d)} folds")
+    # learning curve of the best classical model: does the score still climb with more labels?
+    if best in models(ev.seed):
+        est, grid = models(ev.seed)[best]
+        parts = []
+        for frac in (0.25, 0.5, 0.75, 1.0):
+            rs = []
+            for s in splits:
+                seed = ev.seed + 7919 * (s.repeat + 1) + s.fold
+                tr = label_subsample(s.train, y, groups, frac, seed)
+                folds = min(ev.inner_folds, len(np.unique(groups[tr][y[tr] == 1])))
+                p, _ = fit_predict(est, grid, X, y, groups, tr, s.test, folds, seed)
+                rs.append({**binary_metrics(y[s.test], (p >= 0.5).astype(int), p), "repeat": s.repeat})
+            m = summarise_repeats(rs, ("macro_f1", "pr_auc"))
+            parts.append(f"{frac:.0%} ({round(frac * len(s.train))}): {m['macro_f1']:.3f} / {m['pr_auc']:.3f}")
+        print(f"{best} by share of each training fold's formulas (~labels): macro-F1 / PR-AUC  " + ",  ".join(parts))
     nn = nearest_other_formula(max_pool(X, 8), groups)
     p = y.mean()
     print(f"nearest pattern of another formula has the same label: {(y[nn] == y).mean():.3f} of compounds "
