@@ -258,26 +258,38 @@ def claim(url: str, worker_id: str, lease_s: float, max_attempts: int | None = N
                 .values(state="failed", finished_at=now, worker_id=None,
                         error=f"worker lost (lease expired) on each of {max_attempts} attempts")
             )
-    for _ in range(20):  # a candidate can be taken between our SELECT and UPDATE: try the next
+    next_job = select(JobRow.id).order_by(JobRow.priority.desc(), JobRow.id)
+    if eng.dialect.name == "postgresql":
+        # lock the first claimable row that no other worker's transaction holds: workers on
+        # many nodes never race for one row, and none sees "empty" while rows are left
+        with eng.begin() as conn:
+            now = now_sql(conn)
+            jid = conn.execute(next_job.where(_claimable(now)).limit(1).with_for_update(skip_locked=True)).scalar()
+            if jid is None:
+                return None
+            conn.execute(update(JobRow).where(JobRow.id == jid).values(**_claimed(worker_id, now, lease_s)))
+            return _job(conn.execute(select(JobRow).where(JobRow.id == jid)).one())
+    # SQLite has no row locks (one writer at a time): a candidate can be taken between our
+    # SELECT and UPDATE, so the UPDATE re-checks it and a lost one moves on to the next
+    for _ in range(20):
         with eng.connect() as conn:
-            cands = conn.execute(
-                select(JobRow.id).where(_claimable(now_sql(conn)))
-                .order_by(JobRow.priority.desc(), JobRow.id).limit(8)
-            ).scalars().all()
+            cands = conn.execute(next_job.where(_claimable(now_sql(conn))).limit(8)).scalars().all()
         if not cands:
             return None
         for jid in cands:
             with eng.begin() as conn:
                 now = now_sql(conn)
-                res = conn.execute(
-                    update(JobRow)
-                    .where(JobRow.id == jid, _claimable(now))
-                    .values(state="running", worker_id=worker_id, lease_expires=now + float(lease_s),
-                            heartbeat_at=now, started_at=now, attempts=JobRow.attempts + 1, error=None)
-                )
+                res = conn.execute(update(JobRow).where(JobRow.id == jid, _claimable(now))
+                                   .values(**_claimed(worker_id, now, lease_s)))
                 if res.rowcount == 1:
                     return _job(conn.execute(select(JobRow).where(JobRow.id == jid)).one())
     return None
+
+
+def _claimed(worker_id: str, now, lease_s: float) -> dict[str, Any]:
+    """The columns of a job a worker has just claimed (a new attempt)."""
+    return {"state": "running", "worker_id": worker_id, "lease_expires": now + float(lease_s),
+            "heartbeat_at": now, "started_at": now, "attempts": JobRow.attempts + 1, "error": None}
 
 
 def heartbeat(url: str, job_id: int, worker_id: str, lease_s: float, progress: dict[str, Any] | None = None) -> bool:
