@@ -197,9 +197,8 @@ def main() -> None:
     li8, ui8 = np.tile(li, 8), np.tile(ui, 8)
     t8, n8 = time_augment(X[li8], unl_all[ui8], ((lab_pool, li8), (unl_pool, ui8)), c,
                           max(5, args.aug_repeats // 4))
-    n_per_row = n8 / (8 * (len(li) + 2 * len(ui)))
     rows = len(li) + 2 * len(ui)
-    per_row = (t8 - t_torch) / (7 * rows)
+    per_row, n_per_row = (t8 - t_torch) / (7 * rows), n8 / (8 * rows)
     print(f"at 8x the rows (weak 1024 + strong 768): torch batched {t8 * 1e3:.2f} ms, numpy per-sample "
           f"{n8 * 1e3:.1f} ms, speed-up {n8 / t8:.1f}x; batched cost = {(t_torch - rows * per_row) * 1e3:.2f} ms "
           f"fixed + {per_row * 1e6:.1f} us per row")
