@@ -28,7 +28,7 @@ from xrdmatch.config import load_config
 from xrdmatch.platform.data import load_labelled
 from xrdmatch.training.metrics import METRICS, binary_metrics, summarise_repeats
 from xrdmatch.training.preprocess import preprocess
-from xrdmatch.training.splits import repeated_grouped_splits
+from xrdmatch.training.splits import repeated_grouped_splits, subsample_groups
 
 
 def max_pool(X: np.ndarray, width: int) -> np.ndarray:
@@ -73,18 +73,6 @@ def fit_predict(est, grid: dict, X, y, groups, tr, te, inner_folds: int, seed: i
     chosen = {("pool" if k.startswith("pool__") else k.split("__", 1)[1]): (v["width"] if isinstance(v, dict) else v)
               for k, v in sorted(search.best_params_.items())}
     return search.predict_proba(X[te])[:, 1], chosen
-
-
-def label_subsample(tr: np.ndarray, y: np.ndarray, groups: np.ndarray, frac: float, seed: int) -> np.ndarray:
-    """``frac`` of a training fold's formulas, drawn per class (every compound of a drawn formula)."""
-    if frac >= 1:
-        return tr
-    rng = np.random.default_rng(seed)
-    keep = []
-    for c in (0, 1):
-        g = np.unique(groups[tr][y[tr] == c])
-        keep.extend(rng.choice(g, max(2, round(frac * len(g))), replace=False))
-    return tr[np.isin(groups[tr], keep)]
 
 
 def nearest_other_formula(X: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -169,7 +157,7 @@ def main() -> None:
             rs = []
             for s in splits:
                 seed = ev.seed + 7919 * (s.repeat + 1) + s.fold
-                tr = label_subsample(s.train, y, groups, frac, seed)
+                tr = subsample_groups(s.train, y, groups, frac, seed)
                 folds = min(ev.inner_folds, len(np.unique(groups[tr][y[tr] == 1])))
                 p, _ = fit_predict(est, grid, X, y, groups, tr, s.test, folds, seed)
                 rs.append({**binary_metrics(y[s.test], (p >= 0.5).astype(int), p), "repeat": s.repeat})

@@ -15,6 +15,7 @@ from xrdmatch.training.splits import (
     paper_label_draws,
     paper_pool,
     repeated_grouped_splits,
+    subsample_groups,
 )
 
 # ---------------------------------------------------------------- splits
@@ -48,6 +49,24 @@ def test_polymorphs_share_a_fold(labelled):
         for formula in ("Li3N", "Li7La3Zr2O12", "Li3PS4"):
             members = np.flatnonzero(g == formula)
             assert np.isin(members, te).all() or not np.isin(members, te).any()
+
+
+def test_subsample_groups_keeps_whole_formulas_of_both_classes(labelled):
+    y, g = labelled.y.astype(int), np.asarray(labelled.groups)
+    tr, _ = grouped_stratified_kfold(y, g, 5, seed=0)[0]
+    half = subsample_groups(tr, y, g, 0.5, seed=1)
+    assert set(half) < set(tr)  # a strict subset of the training fold
+    for formula in set(g[half]):  # every compound of a drawn formula comes along
+        assert set(np.flatnonzero(g == formula)) & set(tr) <= set(half)
+    for c in (0, 1):  # about half the formulas of each class
+        n_all, n_half = len(set(g[tr][y[tr] == c])), len(set(g[half][y[half] == c]))
+        assert abs(n_half - n_all / 2) <= 1.5, (c, n_half, n_all)
+    assert np.array_equal(half, subsample_groups(tr, y, g, 0.5, seed=1))
+    assert not np.array_equal(half, subsample_groups(tr, y, g, 0.5, seed=2))
+    assert np.array_equal(subsample_groups(tr, y, g, 1.0, seed=1), tr)
+    assert y[subsample_groups(tr, y, g, 0.01, seed=1)].sum() >= 2  # never a class left out
+    with pytest.raises(ValueError, match="frac"):
+        subsample_groups(tr, y, g, 0.0, seed=1)
 
 
 def test_splits_are_deterministic_given_the_seed(labelled):

@@ -70,6 +70,25 @@ def inner_split(train_idx: np.ndarray, y, groups, n_splits: int, seed: int) -> t
     return train_idx[tr], train_idx[va]
 
 
+def subsample_groups(train_idx: np.ndarray, y, groups, frac: float, seed: int) -> np.ndarray:
+    """A share ``frac`` of a training fold's formulas, drawn per class (seeded), with every
+    compound of a drawn formula: learning curves and label-scarcity runs on the same test folds.
+    At least 2 formulas of each class are kept."""
+    train_idx = np.asarray(train_idx, dtype=int)
+    if not 0 < frac <= 1:
+        raise ValueError(f"subsample_groups: frac must be in (0, 1], got {frac}")
+    if frac == 1:
+        return train_idx
+    y = np.asarray(y).astype(int)[train_idx]
+    g = np.asarray(groups)[train_idx]
+    rng = np.random.default_rng(seed)
+    keep: list = []
+    for c in (0, 1):
+        gc = np.unique(g[y == c])
+        keep.extend(rng.choice(gc, min(len(gc), max(2, round(frac * len(gc)))), replace=False))
+    return train_idx[np.isin(g, keep)]
+
+
 def paper_permutation(n: int, seed: int = 0) -> np.ndarray:
     """The authors' shuffle: ``np.random.seed(seed); np.random.permutation(n)``.
 
