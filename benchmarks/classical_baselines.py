@@ -26,6 +26,7 @@ import numpy as np
 
 from xrdmatch.config import load_config
 from xrdmatch.platform.data import load_labelled
+from xrdmatch.training.evaluation import inner_seed
 from xrdmatch.training.metrics import METRICS, binary_metrics, summarise_repeats
 from xrdmatch.training.preprocess import preprocess
 from xrdmatch.training.splits import repeated_grouped_splits, subsample_groups
@@ -120,7 +121,8 @@ def main() -> None:
     for name, (est, grid) in models(ev.seed).items():
         t0 = time.time()
         for s in splits:
-            p, c = fit_predict(est, grid, X, y, groups, s.train, s.test, ev.inner_folds, ev.seed + 7919 * (s.repeat + 1) + s.fold)
+            p, c = fit_predict(est, grid, X, y, groups, s.train, s.test, ev.inner_folds,
+                               inner_seed(ev.seed, s.repeat, s.fold))
             r = binary_metrics(y[s.test], (p >= 0.5).astype(int), p)
             rows.setdefault(name, []).append({**r, "repeat": s.repeat, "fold": s.fold})
             chosen.setdefault(name, []).append(c)
@@ -154,21 +156,23 @@ def main() -> None:
         est, grid = models(ev.seed)[best]
         parts = []
         for frac in (0.25, 0.5, 0.75, 1.0):
-            rs = []
+            rs, n = [], []
             for s in splits:
-                seed = ev.seed + 7919 * (s.repeat + 1) + s.fold
+                seed = inner_seed(ev.seed, s.repeat, s.fold)
                 tr = subsample_groups(s.train, y, groups, frac, seed)
+                n.append(len(tr))
                 folds = min(ev.inner_folds, len(np.unique(groups[tr][y[tr] == 1])))
                 p, _ = fit_predict(est, grid, X, y, groups, tr, s.test, folds, seed)
                 rs.append({**binary_metrics(y[s.test], (p >= 0.5).astype(int), p), "repeat": s.repeat})
             m = summarise_repeats(rs, ("macro_f1", "pr_auc"))
-            parts.append(f"{frac:.0%} ({round(frac * len(s.train))}): {m['macro_f1']:.3f} / {m['pr_auc']:.3f}")
-        print(f"{best} by share of each training fold's formulas (~labels): macro-F1 / PR-AUC  " + ",  ".join(parts))
+            parts.append(f"{frac:.0%} ({np.mean(n):.0f}): {m['macro_f1']:.3f} / {m['pr_auc']:.3f}")
+        print(f"{best} by share of each training fold's formulas (mean labels): macro-F1 / PR-AUC  " + ",  ".join(parts))
     nn = nearest_other_formula(max_pool(X, 8), groups)
     p = y.mean()
     print(f"nearest pattern of another formula has the same label: {(y[nn] == y).mean():.3f} of compounds "
           f"(labels independent of patterns: {p * p + (1 - p) * (1 - p):.3f}); for a superionic compound it is "
           f"superionic {y[nn][y == 1].mean():.3f} of the time (prevalence {p:.3f})")
+
 
 if __name__ == "__main__":
     main()

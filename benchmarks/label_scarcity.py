@@ -25,7 +25,7 @@ import numpy as np
 
 from xrdmatch.config import load_config
 from xrdmatch.training.evaluation import (
-    MemberJob, _cache_dir, _digest, load_eval_data, member_seed, run_jobs, training_config,
+    MemberJob, _cache_dir, _digest, inner_seed, load_eval_data, member_seed, run_jobs, training_config,
 )
 from xrdmatch.training.metrics import binary_metrics, summarise_repeats
 from xrdmatch.training.splits import repeated_grouped_splits, subsample_groups
@@ -59,7 +59,7 @@ def main() -> None:
     for share in shares:
         for s in splits:
             # the subsample's seed is fixed by the split, so every algorithm sees the same labels
-            tr = subsample_groups(s.train, data.y, data.groups, share, ev.seed + 7919 * (s.repeat + 1) + s.fold)
+            tr = subsample_groups(s.train, data.y, data.groups, share, inner_seed(ev.seed, s.repeat, s.fold))
             n_train.setdefault(share, []).append(len(tr))
             for a in ALGORITHMS:
                 j = MemberJob(job_key(share, s.repeat, s.fold, a), a, member_seed(ev.seed, s.repeat, s.fold, 0),

@@ -96,6 +96,12 @@ def member_seed(base: int, repeat: int, fold: int, member: int) -> int:
     return int(base) * 1_000_003 + repeat * 10_007 + fold * 101 + member
 
 
+def inner_seed(base: int, repeat: int, fold: int) -> int:
+    """Seed of everything drawn inside one outer training fold (its inner split, a label
+    subsample): fixed before the run, distinct per (repeat, fold)."""
+    return int(base) + 7919 * (repeat + 1) + fold
+
+
 def _device(tcfg: TrainingConfig) -> str:
     if tcfg.use_gpu == "false":
         return "cpu"
@@ -266,7 +272,7 @@ def plan_grouped_cv(cfg: Config, tcfg: TrainingConfig, data: EvalData, methods: 
     for s in splits:
         phases = [("full", s.train, s.test)]
         if ev.threshold_selection == "inner":
-            seed = ev.seed + 7919 * (s.repeat + 1) + s.fold
+            seed = inner_seed(ev.seed, s.repeat, s.fold)
             itr, iva = inner_split(s.train, data.y, data.groups, ev.inner_folds, seed)
             inner[(s.repeat, s.fold)] = (itr, iva)
             phases.append(("inner", itr, iva))
