@@ -189,8 +189,10 @@ def main() -> None:
     pick = np.random.default_rng(0)
     li, ui = pick.integers(0, len(X), 32), pick.integers(0, len(unl_all), 96)
     t_torch, t_numpy = time_augment(X[li], unl_all[ui], ((lab_pool, li), (unl_pool, ui)), c, args.aug_repeats)
+    med = [int(p.count().median()) for p in (lab_pool, unl_pool)]
     print(f"augmentation step (weak 128 + strong 96 patterns, peak lists padded to K = "
-          f"{lab_pool.pos.shape[1]} / {unl_pool.pos.shape[1]}): torch batched {t_torch * 1e3:.2f} ms, "
+          f"{lab_pool.pos.shape[1]} / {unl_pool.pos.shape[1]}, median peaks {med[0]} / {med[1]}): "
+          f"torch batched {t_torch * 1e3:.2f} ms, "
           f"numpy per-sample {t_numpy * 1e3:.1f} ms, speed-up {t_numpy / t_torch:.1f}x")
     # the same rows 8 times over (same K): splits the batched cost into a fixed part (its tensor
     # calls, a few microseconds each on one thread) and a part per row
