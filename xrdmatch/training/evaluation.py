@@ -5,7 +5,7 @@ P(superionic) for indices J" (:class:`MemberJob`). Every job is a Ray task (one 
 prediction is cached on disk under the run directory keyed by everything that determines it,
 so a killed evaluation resumes where it stopped and a re-run with the same config is free.
 Ensembles are the majority vote of their members' cached predictions, computed here exactly as
-``Ensemble.predict_proba`` does (mean probability, votes = members with p >= 0.5).
+``Ensemble.predict_proba`` does (mean probability, votes = members with p > 0.5).
 
 Nothing is ever selected on the compounds being scored: members keep their final weights
 (no "best" checkpoint), the decision threshold is 0.5 or chosen on an inner split of the
@@ -391,7 +391,7 @@ def evaluate_paper(cfg: Config, data: EvalData | None = None, log_fn: LogFn | No
         member_f1 = []
         for i, d in enumerate(used):
             rest = np.setdiff1d(everything, d)
-            member_f1.append(binary_metrics(data.y[rest], (P[i, rest] >= 0.5).astype(int))["macro_f1"])
+            member_f1.append(binary_metrics(data.y[rest], combine(P[i, rest], ev.vote_fraction)["pred"])["macro_f1"])
         boot = _bootstrap_std(data.y[unseen], c["pred"][unseen], c["p_mean"][unseen], seed=ev.seed)
         res = {"method": m.name, "members": m.members}
         for k in METRICS:
