@@ -27,7 +27,7 @@ import numpy as np
 from xrdmatch.config import load_config
 from xrdmatch.platform.data import load_labelled
 from xrdmatch.training.evaluation import inner_seed
-from xrdmatch.training.metrics import METRICS, binary_metrics, summarise_repeats
+from xrdmatch.training.metrics import METRICS, binary_metrics, calls, summarise_repeats
 from xrdmatch.training.preprocess import preprocess
 from xrdmatch.training.splits import repeated_grouped_splits, subsample_groups
 
@@ -123,7 +123,7 @@ def main() -> None:
         for s in splits:
             p, c = fit_predict(est, grid, X, y, groups, s.train, s.test, ev.inner_folds,
                                inner_seed(ev.seed, s.repeat, s.fold))
-            r = binary_metrics(y[s.test], (p > 0.5).astype(int), p)  # superionic when p > 0.5, as `xrdmatch evaluate`
+            r = binary_metrics(y[s.test], calls(p), p)
             rows.setdefault(name, []).append({**r, "repeat": s.repeat, "fold": s.fold})
             chosen.setdefault(name, []).append(c)
         walls[name] = time.time() - t0
@@ -163,7 +163,7 @@ def main() -> None:
                 n.append(len(tr))
                 folds = min(ev.inner_folds, len(np.unique(groups[tr][y[tr] == 1])))
                 p, _ = fit_predict(est, grid, X, y, groups, tr, s.test, folds, seed)
-                rs.append({**binary_metrics(y[s.test], (p > 0.5).astype(int), p), "repeat": s.repeat})
+                rs.append({**binary_metrics(y[s.test], calls(p), p), "repeat": s.repeat})
             m = summarise_repeats(rs, ("macro_f1", "pr_auc"))
             parts.append(f"{frac:.0%} ({np.mean(n):.0f}): {m['macro_f1']:.3f} / {m['pr_auc']:.3f}")
         print(f"{best} by share of each training fold's formulas (mean labels): macro-F1 / PR-AUC  " + ",  ".join(parts))

@@ -27,7 +27,7 @@ from xrdmatch.config import load_config
 from xrdmatch.training.evaluation import (
     MemberJob, _cache_dir, _digest, inner_seed, load_eval_data, member_seed, run_jobs, training_config,
 )
-from xrdmatch.training.metrics import binary_metrics, summarise_repeats
+from xrdmatch.training.metrics import binary_metrics, calls, summarise_repeats
 from xrdmatch.training.splits import repeated_grouped_splits, subsample_groups
 
 ALGORITHMS = ("supervised", "fixmatch", "flexmatch")
@@ -77,7 +77,7 @@ def main() -> None:
         for s in splits:
             for a in ALGORITHMS:
                 p = probs[job_key(share, s.repeat, s.fold, a)]
-                r = binary_metrics(data.y[s.test], (p > 0.5).astype(int), p)
+                r = binary_metrics(data.y[s.test], calls(p), p)
                 rows.setdefault((share, a), []).append({**r, "repeat": s.repeat, "fold": s.fold})
         cells = []
         for a in ALGORITHMS:

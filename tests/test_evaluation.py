@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from xrdmatch.training.metrics import best_threshold, binary_metrics, summarise_repeats
+from xrdmatch.training.metrics import best_threshold, binary_metrics, calls, summarise_repeats, vote
 from xrdmatch.training.splits import (
     grouped_stratified_kfold,
     inner_split,
@@ -187,6 +187,22 @@ def test_summary_is_mean_and_std_over_repeats():
     assert s["std_over"] == "repeats"
     one = summarise_repeats(rows[:2], keys=("macro_f1",))  # one repeat: the folds' spread
     assert one["macro_f1_std"] == pytest.approx(0.1) and one["std_over"] == "folds"
+
+
+def test_one_decision_rule_for_members_ensembles_and_the_served_model():
+    """p > threshold (a tie is not superionic, as the network's argmax), >= ceil(f x n) votes."""
+    from xrdmatch.platform.pyfunc_model import decide
+    from xrdmatch.training.evaluation import combine
+
+    assert calls([0.5, 0.5000001, 0.2]).tolist() == [0, 1, 0]
+    assert calls([0.6, 0.7], threshold=0.6).tolist() == [0, 1]
+    P = np.array([[0.9, 0.5, 0.1]] * 5 + [[0.1, 0.9, 0.1]] * 5)  # 5 of 10 / 5 of 10 / 0 of 10 votes
+    assert vote(P, 0.5).tolist() == [1, 1, 0] and vote(P, 0.6).tolist() == [0, 0, 0]
+    assert vote(P[:1], 0.5).tolist() == calls(P[0]).tolist()  # one member: its own call
+    c = combine(P, 0.5)
+    assert c["votes"].tolist() == [5, 5, 0] and c["pred"].tolist() == [1, 1, 0]
+    assert decide({"p_mean": P.mean(0), "p_members": P}, 0.5, 0.5).tolist() == [1, 1, 0]
+    assert decide({"p_mean": np.array([0.5, 0.51])}, 0.5, 0.5).tolist() == [0, 1]
 
 
 def test_best_threshold_maximises_macro_f1():

@@ -308,6 +308,7 @@ def stage_screen(ctx: Context, rnd: int):
     from xrdmatch.platform.progress import progress_bar
     from xrdmatch.platform.ray_utils import cluster_cpus
     from xrdmatch.training.ensemble import Ensemble
+    from xrdmatch.training.metrics import calls
 
     cfg = ctx.cfg
     pt = ctx.patterns()
@@ -331,7 +332,7 @@ def stage_screen(ctx: Context, rnd: int):
     path = ctx.scores_path(rnd)
     sha = write_scores(path, list(pt.ids), list(pt.formulas), res)
     hist, edges = np.histogram(res.p_mean, bins=20, range=(0, 1))
-    result = {"path": str(path), "n": n, "actors": actors, "n_positive": int((res.p_mean >= 0.5).sum()),
+    result = {"path": str(path), "n": n, "actors": actors, "n_positive": int(calls(res.p_mean).sum()),
               "mean_p": float(res.p_mean.mean()), "mean_spread": float(res.p_std.mean()),
               "histogram": hist.tolist()}
     return result, {"scores": {"path": str(path), "n": n, "sha256": sha, "model_version": reg.get("version")}}
@@ -504,7 +505,7 @@ def summary_line(rnd: int, stage: str, result: dict[str, Any], seconds: float) -
                             + (f" (round {r['reused_from']}'s, not registered again)" if r.get("reused_from") else ""),
         "screen": lambda: (f"round {r['reused_from']}'s scores (same model and patterns): " if r.get("reused_from")
                            else "")
-                          + f"{r.get('n')} scored on {r.get('actors')} actors, {r.get('n_positive')} with p >= 0.5",
+                          + f"{r.get('n')} scored on {r.get('actors')} actors, {r.get('n_positive')} with p > 0.5",
         "select": lambda: f"{len(r.get('picks', []))} picks ({r.get('strategy')}, {r.get('n_eligible')} eligible): "
                           + ", ".join(r.get("formulas", [])),
         "validate": lambda: ", ".join(f"{k}: {v}" for k, v in (r.get("verdicts") or {}).items()) or "nothing to validate",

@@ -26,7 +26,7 @@ def champion_metrics(cfg: Config, ls, weights: np.ndarray, X_unlab: np.ndarray,
     from xrdmatch.platform.paths import RunPaths
     from xrdmatch.training.ensemble import member_seeds
     from xrdmatch.training.evaluation import MemberJob, _digest, combine, run_jobs
-    from xrdmatch.training.metrics import binary_metrics
+    from xrdmatch.training.metrics import binary_metrics, calls
     from xrdmatch.training.splits import grouped_stratified_kfold
 
     folds = cfg.campaign.eval_folds
@@ -57,5 +57,5 @@ def champion_metrics(cfg: Config, ls, weights: np.ndarray, X_unlab: np.ndarray,
     for k, (_, te) in enumerate(splits):
         p[te] = combine(np.stack([probs[f"champion/f{k}/m{m}"] for m in range(tcfg.ensemble_size)]), 0.5)["p_mean"]
     ok = np.isfinite(p)
-    m = binary_metrics(y[ok], (p[ok] >= 0.5).astype(int), p[ok])
+    m = binary_metrics(y[ok], calls(p[ok]), p[ok])
     return {f"grouped_cv_{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))}

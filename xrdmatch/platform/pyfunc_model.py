@@ -16,7 +16,6 @@ p >= ``threshold``: the rule the evaluation scored; both in the model config, fr
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import mlflow
@@ -59,14 +58,13 @@ def frame_patterns(df: pd.DataFrame | np.ndarray) -> np.ndarray:
 
 def decide(proba: dict[str, np.ndarray], threshold: float, vote_fraction: float) -> np.ndarray:
     """The evaluated decision rule: superionic when at least ceil(vote_fraction x members)
-    members give p >= threshold (one member: p >= threshold), as ``evaluation.combine``."""
+    members give p > threshold (without members: mean p > threshold), as ``evaluation.combine``."""
+    from xrdmatch.training.metrics import calls, vote
+
     members = proba.get("p_members")
     if members is None:
-        return (np.asarray(proba["p_mean"]) >= threshold).astype(np.int64)
-    members = np.atleast_2d(np.asarray(members))
-    votes = (members >= threshold).sum(axis=0)
-    need = max(1, math.ceil(vote_fraction * len(members) - 1e-9))
-    return (votes >= need).astype(np.int64)
+        return calls(proba["p_mean"], threshold).astype(np.int64)
+    return vote(members, vote_fraction, threshold).astype(np.int64)
 
 
 def output_frame(proba: dict[str, np.ndarray], threshold: float = 0.5, vote_fraction: float = 0.5) -> pd.DataFrame:

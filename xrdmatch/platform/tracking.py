@@ -20,6 +20,7 @@ import numpy as np
 import xrdmatch
 from xrdmatch.config import Config, config_to_flat_params
 from xrdmatch.platform.paths import RunPaths
+from xrdmatch.training.metrics import calls
 
 if TYPE_CHECKING:
     from xrdmatch.platform.data import LabelledSet
@@ -303,13 +304,13 @@ def prediction_sets(result: Mapping[str, Any],
 
     Looks at ``predictions`` (a dict of columns, a list of row dicts, or a dict of those per
     method, as ``evaluate_grouped_cv`` writes) and at the top level itself. ``y_pred`` is the
-    result's own ``pred`` (e.g. the ensemble vote) when present, else ``p >= threshold``.
+    result's own ``pred`` (e.g. the ensemble vote) when present, else ``p > threshold``.
     """
     found: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def finish(y, p, pred):
         y, p = np.asarray(y, int), np.asarray(p, float)
-        pred = (p >= threshold).astype(int) if pred is None else np.asarray(pred, int)
+        pred = calls(p, threshold) if pred is None else np.asarray(pred, int)
         ok = np.isfinite(p)
         return y[ok], p[ok], pred[ok]
 
@@ -350,7 +351,7 @@ def log_evaluation(result: Mapping[str, Any], out_json: str | os.PathLike[str] |
                    threshold: float = 0.5, artifact_dir: str = "evaluation") -> dict[str, float]:
     """Log an evaluation result to the active run: scalar metrics, the JSON, and PNG plots.
 
-    Plots (confusion matrix of the result's ``pred`` or ``p >= threshold``, PR curve,
+    Plots (confusion matrix of the result's ``pred`` or ``p > threshold``, PR curve,
     calibration) come from the per-sample predictions (see :func:`prediction_sets`); per-step series in the result (e.g.
     ``history``) become metrics with steps and a learning-curves PNG.
     """

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from xrdmatch.config import TrainingConfig
+from xrdmatch.training.metrics import calls
 from xrdmatch.training.trainer import Member, train_member
 
 FORMAT = "xrdmatch-ensemble/1"
@@ -56,7 +57,7 @@ class Ensemble:
             for i in range(0, len(x), batch_size):
                 xb = x[i : i + batch_size].to(dev)
                 probs[k, i : i + len(xb)] = net(xb).softmax(-1)[:, 1].double().cpu().numpy()
-        votes = (probs > 0.5).sum(0)
+        votes = calls(probs).sum(0)
         return {
             "p_mean": probs.mean(0),
             "p_std": probs.std(0),

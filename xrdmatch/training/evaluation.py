@@ -29,7 +29,9 @@ import numpy as np
 
 from xrdmatch.config import Config, TrainingConfig
 from xrdmatch.training.fingerprint import code_fingerprint
-from xrdmatch.training.metrics import METRICS, best_threshold, binary_metrics, summarise_repeats
+from xrdmatch.training.metrics import (
+    METRICS, best_threshold, binary_metrics, calls, summarise_repeats, vote, vote_threshold,
+)
 from xrdmatch.training.splits import inner_split, paper_label_draws, paper_pool, repeated_grouped_splits
 
 #: What the paper reports (Wan et al. 2024): ensemble macro-F1 on all 112, members on their unseen.
@@ -232,11 +234,6 @@ def load_eval_data(cfg: Config, tcfg: TrainingConfig, log: LogFn) -> EvalData:
 # ------------------------------------------------------------------ ensemble rule
 
 
-def vote_threshold(n_members: int, vote_fraction: float) -> int:
-    """Votes needed to call superionic: ceil(fraction * n), at least 1 (paper: 5 of 10)."""
-    return max(1, math.ceil(vote_fraction * n_members - 1e-9))
-
-
 def combine(p_members: np.ndarray, vote_fraction: float, threshold: float = 0.5) -> dict[str, np.ndarray]:
     """(members, samples) probabilities -> p_mean, p_std, votes, pred.
 
@@ -245,13 +242,8 @@ def combine(p_members: np.ndarray, vote_fraction: float, threshold: float = 0.5)
     would need 6 of 10). A single member calls superionic when p > threshold.
     """
     p_members = np.atleast_2d(p_members)
-    n = len(p_members)
-    votes = (p_members > threshold).sum(axis=0)
-    if n == 1:
-        pred = p_members[0] > threshold
-    else:
-        pred = votes >= vote_threshold(n, vote_fraction)
-    return {"p_mean": p_members.mean(0), "p_std": p_members.std(0), "votes": votes, "pred": pred.astype(int)}
+    return {"p_mean": p_members.mean(0), "p_std": p_members.std(0), "votes": calls(p_members, threshold).sum(axis=0),
+            "pred": vote(p_members, vote_fraction, threshold)}
 
 
 # ------------------------------------------------------------------ grouped CV
@@ -391,7 +383,7 @@ def evaluate_paper(cfg: Config, data: EvalData | None = None, log_fn: LogFn | No
         member_f1 = []
         for i, d in enumerate(used):
             rest = np.setdiff1d(everything, d)
-            member_f1.append(binary_metrics(data.y[rest], combine(P[i, rest], ev.vote_fraction)["pred"])["macro_f1"])
+            member_f1.append(binary_metrics(data.y[rest], calls(P[i, rest]))["macro_f1"])
         boot = _bootstrap_std(data.y[unseen], c["pred"][unseen], c["p_mean"][unseen], seed=ev.seed)
         res = {"method": m.name, "members": m.members}
         for k in METRICS:

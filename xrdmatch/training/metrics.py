@@ -35,6 +35,24 @@ def binary_metrics(y_true, y_pred, score=None) -> dict[str, float]:
     return out
 
 
+def calls(p, threshold: float = 0.5) -> np.ndarray:
+    """1 (superionic) where p > threshold, else 0. At 0.5 this is the network's own argmax (a tie
+    goes to class 0): every single-model call, member vote and threshold search uses this rule."""
+    return (np.asarray(p) > threshold).astype(int)
+
+
+def vote_threshold(n_members: int, vote_fraction: float) -> int:
+    """Votes needed to call superionic: ceil(fraction * n), at least 1 (paper: 5 of 10)."""
+    return max(1, math.ceil(vote_fraction * n_members - 1e-9))
+
+
+def vote(p_members, vote_fraction: float, threshold: float = 0.5) -> np.ndarray:
+    """(members, samples) probabilities -> the ensemble's call: superionic when at least
+    ceil(vote_fraction x members) members call it (one member: its own call)."""
+    p_members = np.atleast_2d(np.asarray(p_members))
+    return (calls(p_members, threshold).sum(axis=0) >= vote_threshold(len(p_members), vote_fraction)).astype(int)
+
+
 def pooled_mean_std(rows: list[dict[str, float]], keys=METRICS) -> dict[str, float]:
     """``{k: mean, k_std: std}`` over rows (NaN ignored; std is the population std, ddof=0)."""
     out: dict[str, float] = {}
@@ -74,7 +92,7 @@ def best_threshold(y_true, score, grid=None) -> float:
     grid = np.round(np.arange(0.05, 0.951, 0.05), 2) if grid is None else np.asarray(grid, float)
     best, best_f = 0.5, -1.0
     for t in sorted(grid, key=lambda t: abs(t - 0.5)):
-        f = binary_metrics(y_true, score > t)["macro_f1"]
+        f = binary_metrics(y_true, calls(score, t))["macro_f1"]
         if f > best_f + 1e-12:
             best, best_f = float(t), f
     return best
