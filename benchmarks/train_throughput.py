@@ -91,7 +91,7 @@ def database_patterns(n: int, database: str = "data/mp_li_structures.jsonl.xz") 
 
 
 def time_augment(lab: np.ndarray, unl: np.ndarray, pools: tuple, c: AugmentConfig,
-                 repeats: int) -> tuple[float, float]:
+                 repeats: int, device: str = "cpu") -> tuple[float, float]:
     """Seconds per training step's augmentations (weak on lab + unl, strong on unl): torch, numpy.
 
     ``lab`` / ``unl`` are rows of the labelled / unlabelled ``pools``; as in the trainer, the
@@ -99,15 +99,18 @@ def time_augment(lab: np.ndarray, unl: np.ndarray, pools: tuple, c: AugmentConfi
     keep the pool's padded width K (its largest peak count), not their own.
     """
     (lab_pool, li), (unl_pool, ui) = pools
-    t_lab, t_unl = lab_pool.take(torch.as_tensor(li)), unl_pool.take(torch.as_tensor(ui))
-    g = torch.Generator().manual_seed(0)
-    buf = torch.zeros(len(lab) + 2 * len(unl), lab.shape[1])  # the trainer's reused input buffer
+    t_lab = lab_pool.take(torch.as_tensor(li)).to(device)
+    t_unl = unl_pool.take(torch.as_tensor(ui)).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    buf = torch.zeros(len(lab) + 2 * len(unl), lab.shape[1], device=device)  # the trainer's reused input buffer
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     n_w = len(lab) + len(unl)
     rng = np.random.default_rng(0)
 
     def torch_step():  # as the trainer: one weak call for labelled + unlabelled rows
         weak_augment(cat_peaks(t_lab, t_unl), c, g, out=buf[:n_w])
         strong_augment(t_unl, c, g, out=buf[n_w:])
+        sync()
 
     def numpy_step():
         [weak_numpy(x, c, rng) for x in lab]
@@ -206,6 +209,11 @@ def main() -> None:
           f"fixed + {per_row * 1e6:.1f} us per row")
     print(f"numpy per-sample: {n_per_row * 1e6:.0f} us per row, so no batch size takes this layout past "
           f"{n_per_row / per_row:.1f}x (numpy per row / batched per row)")
+    if args.device.startswith("cuda"):  # the trainer augments on its training device
+        g_torch, g_numpy = time_augment(X[li], unl_all[ui], ((lab_pool, li), (unl_pool, ui)), c,
+                                        args.aug_repeats, device=args.device)
+        print(f"augmentation step on {args.device} (same rows): torch batched {g_torch * 1e3:.2f} ms, numpy "
+              f"per-sample (CPU) {g_numpy * 1e3:.1f} ms, speed-up {g_numpy / g_torch:.1f}x")
 
 
 if __name__ == "__main__":

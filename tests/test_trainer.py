@@ -176,3 +176,21 @@ def test_ray_train_two_workers_checkpoints_and_resumes_after_a_fault(ray_local, 
     assert [h["attempt_start"] for h in hist] == [0, 0, 0, 0, 4, 4]  # resumed at the checkpoint
     assert any((tmp_path / "ray_results" / "t-member0").glob("checkpoint_*"))
     assert ens.predict_proba(X[:3])["p_mean"].shape == (3,)
+
+
+def test_members_share_a_gpu_at_gpus_per_worker_and_the_config_bounds_it():
+    from xrdmatch.config import ConfigError
+    from xrdmatch.training.ray_train import concurrent_members
+
+    one_gpu, eight_cpus = {"GPU": 1.0, "CPU": 16.0}, {"CPU": 8.0}
+    assert concurrent_members(one_gpu, tiny(), use_gpu=True, n_members=10) == 1
+    assert concurrent_members(one_gpu, tiny(gpus_per_worker=0.25), use_gpu=True, n_members=10) == 4
+    assert concurrent_members(one_gpu, tiny(gpus_per_worker=0.1), use_gpu=True, n_members=20) == 10  # not 9
+    assert concurrent_members(one_gpu, tiny(gpus_per_worker=0.25, num_workers=2), use_gpu=True, n_members=10) == 2
+    assert concurrent_members(one_gpu, tiny(gpus_per_worker=0.25), use_gpu=True, n_members=3) == 3
+    assert concurrent_members({"GPU": 0.0}, tiny(), use_gpu=True, n_members=2) == 1  # waits for a GPU
+    assert concurrent_members(eight_cpus, tiny(gpus_per_worker=0.25), use_gpu=False, n_members=10) == 8
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigError, match="gpus_per_worker"):
+            load_config(overrides={"training": {"gpus_per_worker": bad}})
+    assert load_config("configs/paper.yaml").training.gpus_per_worker == 0.25

@@ -111,6 +111,9 @@ class TrainingConfig(StrictModel):
     unlabelled_limit: int | None = Field(default=5000, ge=1, description="subsample the unlabelled set (None: all)")
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers per member")
     use_gpu: Literal["auto", "true", "false"] = "auto"
+    gpus_per_worker: float = Field(default=1.0, gt=0, le=1, description=(
+        "GPU share of one Ray Train worker when use_gpu: below 1, several members share one GPU "
+        "(one member rarely fills a large GPU)"))
     seed: int = 0
     pseudo_label_weight: float = Field(default=0.5, ge=0, description="loss weight of round>1 pseudo-labels")
     balance_classes: bool = Field(default=True, description="class-balanced sampling of the labelled batch")

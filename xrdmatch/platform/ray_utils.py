@@ -38,7 +38,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
         ray.init(
             address="local",
             num_cpus=num_cpus,
-            include_dashboard=True,
+            include_dashboard=None,  # started when its packages are installed (not in a minimal `ray`)
             dashboard_host="127.0.0.1",
             runtime_env=runtime_env,
             log_to_driver=True,

@@ -7,12 +7,13 @@ Each member is one ``TorchTrainer`` run named ``<run_name>-member<k>`` under
 the group (``FailureConfig(max_failures=2)``) and the loop resumes from
 ``ray.train.get_checkpoint()``. Re-running with the same run dir and run name also resumes
 (Ray Train restores a run from its storage folder). Members run concurrently, as many at once
-as the cluster has CPUs (or GPUs) for their workers.
+as the cluster has CPUs (or GPUs, ``gpus_per_worker`` of one each) for their workers.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -110,7 +111,8 @@ def fit_member(data_ref, cfg: TrainingConfig, seed: int, storage: Path, name: st
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "seed": seed, "data": data_ref,
                            "fault_after_step": fault_after_step},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1, "GPU": cfg.gpus_per_worker} if use_gpu else None),
         run_config=RunConfig(
             name=name,
             storage_path=str(storage),
@@ -132,6 +134,16 @@ def fit_member(data_ref, cfg: TrainingConfig, seed: int, storage: Path, name: st
     return Member(network=cfg.network, state_dict=state["ema"], history=state["history"], seed=seed)
 
 
+def concurrent_members(resources: dict, cfg: TrainingConfig, use_gpu: bool, n_members: int) -> int:
+    """How many members train at once: the workers that fit on the cluster's GPUs (at
+    ``gpus_per_worker`` each) or CPUs (one each), at least one, at most ``n_members``."""
+    if use_gpu:  # round first: 1.0 / 0.1 is 9.999... in floating point
+        workers = math.floor(round(resources.get("GPU", 0) / cfg.gpus_per_worker, 6))
+    else:
+        workers = int(resources.get("CPU", 1))
+    return max(1, min(n_members, workers // cfg.num_workers))
+
+
 def fit_members(X_lab, y_lab, X_unlab, cfg: TrainingConfig, seeds, draws, sample_weight=None, *,
                 run_dir=None, run_name=None, fault_after_step=None) -> list[Member]:
     """All members, concurrently as far as the cluster's CPUs/GPUs allow."""
@@ -151,9 +163,7 @@ def fit_members(X_lab, y_lab, X_unlab, cfg: TrainingConfig, seeds, draws, sample
         draw = np.asarray(draw, dtype=int)
         w = None if sample_weight is None else np.asarray(sample_weight, np.float32)[draw]
         refs.append(ray.put({"X_lab": X_lab[draw], "y_lab": y_lab[draw], "X_unlab": X_unlab, "w": w}))
-    res = ray.cluster_resources()
-    slots = res.get("GPU", 0) if use_gpu else res.get("CPU", 1)
-    concurrent = max(1, min(len(seeds), int(slots // cfg.num_workers)))
+    concurrent = concurrent_members(ray.cluster_resources(), cfg, use_gpu, len(seeds))
     with ThreadPoolExecutor(max_workers=concurrent) as pool:
         futures = [
             pool.submit(fit_member, ref, cfg, seed, storage, f"{run_name}-member{k}", use_gpu, fault_after_step)
