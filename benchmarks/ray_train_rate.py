@@ -17,30 +17,18 @@ the XRD engine (errors skipped). The rate does not depend on how many there are:
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
-from itertools import islice
 
 import numpy as np
 import torch
 
 from xrdmatch.config import load_config
-from xrdmatch.platform.data import iter_jsonl_lines, load_labelled
-from xrdmatch.simulation.xrd import XRDError, xrd_pattern_arrays
+from xrdmatch.platform.data import load_labelled
 from xrdmatch.training.ensemble import member_seeds
 from xrdmatch.training.trainer import train_member
 
-
-def database_patterns(path, n: int) -> np.ndarray:
-    rows = []
-    for _, line in islice(iter_jsonl_lines(path), n):
-        r = json.loads(line)
-        try:
-            rows.append(xrd_pattern_arrays(r["lattice"], r["species"], r["frac_coords"]))
-        except XRDError:
-            continue
-    return np.stack(rows)
+from train_throughput import database_patterns  # benchmarks/ (run as `python benchmarks/ray_train_rate.py`)
 
 
 def main() -> None:
@@ -61,7 +49,7 @@ def main() -> None:
     tcfg = cfg.training.model_copy(update=upd)
     ls = load_labelled(cfg.labels.path)
     t0 = time.perf_counter()
-    X_unlab = database_patterns(cfg.database.path, args.unlabelled)
+    X_unlab = database_patterns(args.unlabelled, cfg.database.path)
     print(f"{len(X_unlab)} unlabelled patterns computed in {time.perf_counter() - t0:.1f} s")
 
     import ray
@@ -105,10 +93,12 @@ def main() -> None:
             torch.cuda.synchronize()
         stamps.append(time.perf_counter())
 
+    if device == "cpu":
+        torch.set_num_threads(1)  # as a Ray Train CPU worker (OMP_NUM_THREADS=1)
     train_member(ls.X, ls.y, X_unlab, ref_cfg, seed=seeds[0], device=device, log_fn=stamp)
     ref_rate = (len(stamps) - 1) / (stamps[-1] - stamps[0])  # the first step (warm-up) excluded
-    print(f"reference, in-process train_member on {device} (no Ray, no checkpoints; steady state over "
-          f"{len(stamps) - 1} steps): {ref_rate:.2f} iterations/s")
+    print(f"reference, in-process train_member on {device}{' (1 thread)' if device == 'cpu' else ''} "
+          f"(no Ray, no checkpoints; steady state over {len(stamps) - 1} steps): {ref_rate:.2f} iterations/s")
     print(f"Ray Train job / in-process: {ray_rate / ref_rate:.2f}x the in-process rate (one member); "
           f"{cfg.training.ensemble_size} members of {args.config} at the Ray rate: "
           f"{steps * cfg.training.ensemble_size / ray_rate / 60:.1f} min")

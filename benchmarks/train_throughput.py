@@ -79,15 +79,22 @@ def strong_numpy(x, c: AugmentConfig, rng):
 
 
 def database_patterns(n: int, database: str = "data/mp_li_structures.jsonl.xz") -> np.ndarray:
-    """The first ``n`` patterns of the crystal database: the unlabelled rows a training step sees."""
+    """Patterns of the first ``n`` structures of the crystal database (the unlabelled rows a
+    training step sees); structures the XRD engine refuses are skipped."""
     import json
     from itertools import islice
 
     from xrdmatch.platform.data import iter_jsonl_lines
-    from xrdmatch.simulation.xrd import xrd_pattern_arrays
+    from xrdmatch.simulation.xrd import XRDError, xrd_pattern_arrays
 
-    recs = [json.loads(line) for _, line in islice(iter_jsonl_lines(database), n)]
-    return np.stack([xrd_pattern_arrays(r["lattice"], r["species"], r["frac_coords"]) for r in recs])
+    rows = []
+    for _, line in islice(iter_jsonl_lines(database), n):
+        r = json.loads(line)
+        try:
+            rows.append(xrd_pattern_arrays(r["lattice"], r["species"], r["frac_coords"]))
+        except XRDError:
+            continue
+    return np.stack(rows)
 
 
 def time_augment(lab: np.ndarray, unl: np.ndarray, pools: tuple, c: AugmentConfig,
