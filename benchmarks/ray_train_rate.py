@@ -55,10 +55,10 @@ def main() -> None:
     import ray
 
     from xrdmatch.platform.ray_utils import init_ray
-    from xrdmatch.training.ray_train import _use_gpu, concurrent_members, fit_members
+    from xrdmatch.training.ray_train import concurrent_members, fit_members, resolve_use_gpu
 
     init_ray()
-    use_gpu = _use_gpu(tcfg)
+    use_gpu = resolve_use_gpu(tcfg)
     device = "cuda" if use_gpu else "cpu"
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     res = ray.cluster_resources()

@@ -194,3 +194,19 @@ def test_members_share_a_gpu_at_gpus_per_worker_and_the_config_bounds_it():
         with pytest.raises(ConfigError, match="gpus_per_worker"):
             load_config(overrides={"training": {"gpus_per_worker": bad}})
     assert load_config("configs/paper.yaml").training.gpus_per_worker == 0.25
+
+
+def test_gpu_use_follows_what_the_ray_cluster_offers_and_cv_members_ask_for_their_share():
+    from xrdmatch.training.ray_train import member_task_options, resolve_use_gpu
+
+    gpu, cpu_only = {"CPU": 16.0, "GPU": 1.0}, {"CPU": 2.0, "memory": 1e9}
+    assert resolve_use_gpu(tiny(), gpu) is True and resolve_use_gpu(tiny(), cpu_only) is False
+    assert resolve_use_gpu(tiny(use_gpu="false"), gpu) is False
+    with pytest.raises(RuntimeError, match="use_gpu is 'true' but the Ray cluster has no GPU.*CPU 2"):
+        resolve_use_gpu(tiny(use_gpu="true"), cpu_only)
+    # evaluation members are Ray tasks: they ask for their GPU share (4 per GPU here), not nothing
+    assert member_task_options(tiny(gpus_per_worker=0.25), gpu) == ({"num_cpus": 1, "num_gpus": 0.25}, "cuda")
+    assert member_task_options(tiny(gpus_per_worker=0.25), cpu_only) == ({"num_cpus": 1}, "cpu")
+    # packing is not a training setting: cached members and campaign models stay valid across it
+    assert tiny(gpus_per_worker=0.25).result_settings() == tiny().result_settings()
+    assert tiny(iterations=7).result_settings() != tiny().result_settings()

@@ -120,6 +120,12 @@ class TrainingConfig(StrictModel):
     checkpoint_every: int = Field(default=50, ge=1, description="Ray Train checkpoint interval (steps)")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
+    def result_settings(self) -> dict[str, Any]:
+        """The settings that decide what a member learns, for cache and reuse keys: all but
+        ``gpus_per_worker``, which only packs members onto GPUs (so changing it, or a config
+        written before it existed, reuses cached members and models)."""
+        return self.model_dump(mode="json", exclude={"gpus_per_worker"})
+
 
 class EvaluationConfig(StrictModel):
     """`xrdmatch evaluate` (xrdmatch.training.evaluation). Seeds are fixed here, before a run."""

@@ -198,7 +198,7 @@ def training_key(cfg: Config, lineage: dict[str, str]) -> str:
 
     blob = json.dumps({"code": code_fingerprint(),
                        "labelled": lineage["lineage.labelled_hash"], "unlabelled": lineage["lineage.unlabelled_hash"],
-                       "seed": cfg.seed, "training": cfg.training.model_dump(mode="json"),
+                       "seed": cfg.seed, "training": cfg.training.result_settings(),
                        "labels": cfg.labels.model_dump(mode="json"),
                        "eval": [cfg.campaign.eval_folds, cfg.campaign.eval_iterations, cfg.campaign.eval_ensemble_size]},
                       sort_keys=True)

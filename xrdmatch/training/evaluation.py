@@ -84,7 +84,7 @@ class MemberJob:
 def _digest(job: MemberJob, tcfg: TrainingConfig, data_hash: str, unlab_hash: str) -> str:
     h = hashlib.sha256()
     h.update(code_fingerprint().encode())  # a member cached by other code is trained again
-    h.update(json.dumps(tcfg.model_dump(mode="json"), sort_keys=True).encode())
+    h.update(json.dumps(tcfg.result_settings(), sort_keys=True).encode())
     h.update(f"{job.algorithm}|{job.seed}|{data_hash}|{unlab_hash}".encode())
     h.update(np.asarray(job.train, np.int64).tobytes())
     h.update(np.asarray(job.predict, np.int64).tobytes())
@@ -104,19 +104,8 @@ def inner_seed(base: int, repeat: int, fold: int) -> int:
     return int(base) + 7919 * (repeat + 1) + fold
 
 
-def _device(tcfg: TrainingConfig) -> str:
-    if tcfg.use_gpu == "false":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if tcfg.use_gpu == "true":
-        raise RuntimeError("training.use_gpu is 'true' but no CUDA device is visible")
-    return "cpu"
-
-
-def _train_predict(X, y, X_unlab, tcfg_json: dict, algorithm: str, seed: int, train, predict, sample_weight):
+def _train_predict(X, y, X_unlab, tcfg_json: dict, algorithm: str, seed: int, train, predict, sample_weight,
+                   device: str = "cpu"):
     """Runs in a Ray worker: train one member with the training core, return P(superionic)."""
     from xrdmatch.training.ensemble import Ensemble
     from xrdmatch.training.trainer import train_member
@@ -124,8 +113,9 @@ def _train_predict(X, y, X_unlab, tcfg_json: dict, algorithm: str, seed: int, tr
     tcfg = TrainingConfig.model_validate({**tcfg_json, "algorithm": algorithm})
     t0 = time.time()
     sw = None if sample_weight is None else np.asarray(sample_weight)
-    member = train_member(X[train], y[train], X_unlab, tcfg, seed, sample_weight=sw, device=_device(tcfg))
-    proba = Ensemble([member], network=tcfg.network, threshold=tcfg.augment.threshold).predict_proba(X[predict])
+    member = train_member(X[train], y[train], X_unlab, tcfg, seed, sample_weight=sw, device=device)
+    proba = Ensemble([member], network=tcfg.network, threshold=tcfg.augment.threshold).predict_proba(
+        X[predict], device=device)
     return np.asarray(proba["p_mean"], dtype=np.float64), time.time() - t0
 
 
@@ -156,12 +146,15 @@ def run_jobs(
 
     from xrdmatch.platform.ray_utils import init_ray
 
+    from xrdmatch.training.ray_train import member_task_options
+
     ray = init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    task = ray.remote(num_cpus=1, max_retries=1)(_train_predict)
+    options, device = member_task_options(tcfg)
+    task = ray.remote(max_retries=1, **options)(_train_predict)
     X_ref, y_ref, U_ref = ray.put(X), ray.put(y), ray.put(X_unlab)
     tcfg_json = tcfg.model_dump(mode="json")
     pending = {
-        task.remote(X_ref, y_ref, U_ref, tcfg_json, j.algorithm, j.seed, j.train, j.predict, j.sample_weight): j
+        task.remote(X_ref, y_ref, U_ref, tcfg_json, j.algorithm, j.seed, j.train, j.predict, j.sample_weight, device): j
         for j in todo
     }
     t0, done = time.time(), 0

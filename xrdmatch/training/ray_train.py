@@ -27,15 +27,31 @@ from xrdmatch.training.trainer import Member
 STATE_FILE = "state.safetensors"
 
 
-def _use_gpu(cfg: TrainingConfig) -> bool:
-    if cfg.use_gpu == "true":
-        return True
+def resolve_use_gpu(cfg: TrainingConfig, resources: dict | None = None) -> bool:
+    """``training.use_gpu`` against what the Ray cluster offers (``ray.cluster_resources()``
+    unless given): a GPU Ray does not list cannot be scheduled, so "auto" means the cluster has
+    one (a local Ray lists the visible GPUs), and "true" on a cluster without one is an error
+    rather than a job that waits forever."""
     if cfg.use_gpu == "false":
         return False
-    import ray
-    import torch
+    if resources is None:
+        import ray
 
-    return torch.cuda.is_available() or ray.cluster_resources().get("GPU", 0) > 0
+        resources = ray.cluster_resources()
+    has_gpu = resources.get("GPU", 0) > 0
+    if cfg.use_gpu == "true" and not has_gpu:
+        raise RuntimeError("training.use_gpu is 'true' but the Ray cluster has no GPU "
+                           f"(resources: {', '.join(f'{k} {v:g}' for k, v in sorted(resources.items()) if '_' not in k)})")
+    return has_gpu
+
+
+def member_task_options(cfg: TrainingConfig, resources: dict | None = None) -> tuple[dict, str]:
+    """Ray resources of one member trained as a Ray task (the evaluation's CV members) and the
+    device it trains on: ``gpus_per_worker`` of a GPU when the cluster has GPUs, so members
+    pack onto GPUs as Ray Train workers do instead of all landing on one unasked."""
+    if resolve_use_gpu(cfg, resources):
+        return {"num_cpus": 1, "num_gpus": cfg.gpus_per_worker}, "cuda"
+    return {"num_cpus": 1}, "cpu"
 
 
 def save_state(directory: str, state: dict) -> None:
@@ -152,7 +168,7 @@ def fit_members(X_lab, y_lab, X_unlab, cfg: TrainingConfig, seeds, draws, sample
     from xrdmatch.platform.ray_utils import init_ray
 
     init_ray()
-    use_gpu = _use_gpu(cfg)
+    use_gpu = resolve_use_gpu(cfg)
     storage = Path(run_dir if run_dir is not None else tempfile.mkdtemp(prefix="xrdmatch-")) / "ray_results"
     storage = storage.resolve()
     storage.mkdir(parents=True, exist_ok=True)
