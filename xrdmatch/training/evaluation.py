@@ -145,7 +145,6 @@ def run_jobs(
         return out
 
     from xrdmatch.platform.ray_utils import init_ray
-
     from xrdmatch.training.ray_train import member_task_options
 
     ray = init_ray(cfg.ray.address, cfg.ray.num_cpus)
