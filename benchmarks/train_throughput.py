@@ -97,6 +97,24 @@ def database_patterns(n: int, database: str = "data/mp_li_structures.jsonl.xz") 
     return np.stack(rows)
 
 
+def augment_step(pools: tuple, c: AugmentConfig, device: str):
+    """The trainer's augmentation step on the rows ``li`` / ``ui`` of the labelled / unlabelled
+    peak-list ``pools``: one weak call for labelled + unlabelled rows, one strong call for the
+    unlabelled, into one reused input buffer. Returns (step, buffer, its generator)."""
+    (lab_pool, li), (unl_pool, ui) = pools
+    t_lab = lab_pool.take(torch.as_tensor(li)).to(device)
+    t_unl = unl_pool.take(torch.as_tensor(ui)).to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    n_w = len(li) + len(ui)
+    buf = torch.zeros(n_w + len(ui), lab_pool.n_bins, device=device)
+
+    def step():
+        weak_augment(cat_peaks(t_lab, t_unl), c, g, out=buf[:n_w])
+        strong_augment(t_unl, c, g, out=buf[n_w:])
+
+    return step, buf, g
+
+
 def time_augment(lab: np.ndarray, unl: np.ndarray, pools: tuple, c: AugmentConfig,
                  repeats: int, device: str = "cpu") -> tuple[float, float]:
     """Seconds per training step's augmentations (weak on lab + unl, strong on unl): torch, numpy.
@@ -105,18 +123,12 @@ def time_augment(lab: np.ndarray, unl: np.ndarray, pools: tuple, c: AugmentConfi
     pools are converted to peak lists once and the step's rows taken from them, so the rows
     keep the pool's padded width K (its largest peak count), not their own.
     """
-    (lab_pool, li), (unl_pool, ui) = pools
-    t_lab = lab_pool.take(torch.as_tensor(li)).to(device)
-    t_unl = unl_pool.take(torch.as_tensor(ui)).to(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    buf = torch.zeros(len(lab) + 2 * len(unl), lab.shape[1], device=device)  # the trainer's reused input buffer
+    step, _, _ = augment_step(pools, c, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    n_w = len(lab) + len(unl)
     rng = np.random.default_rng(0)
 
-    def torch_step():  # as the trainer: one weak call for labelled + unlabelled rows
-        weak_augment(cat_peaks(t_lab, t_unl), c, g, out=buf[:n_w])
-        strong_augment(t_unl, c, g, out=buf[n_w:])
+    def torch_step():
+        step()
         sync()
 
     def numpy_step():
@@ -133,21 +145,10 @@ def time_augment(lab: np.ndarray, unl: np.ndarray, pools: tuple, c: AugmentConfi
     return float(np.median(t_torch)), float(np.median(t_numpy))
 
 
-def time_augment_cuda_graph(pools: tuple, rows: int, c: AugmentConfig, repeats: int,
-                            device: str) -> tuple[float, bool]:
+def time_augment_cuda_graph(pools: tuple, c: AugmentConfig, repeats: int, device: str) -> tuple[float, bool]:
     """Seconds per augmentation step replayed from a CUDA graph (captured once: the ~300 kernel
     launches of a step become one), and whether two replays drew different random numbers."""
-    (lab_pool, li), (unl_pool, ui) = pools
-    t_lab = lab_pool.take(torch.as_tensor(li)).to(device)
-    t_unl = unl_pool.take(torch.as_tensor(ui)).to(device)
-    g = torch.Generator(device=device).manual_seed(0)
-    buf = torch.zeros(rows, lab_pool.n_bins, device=device)
-    n_w = len(li) + len(ui)
-
-    def step():
-        weak_augment(cat_peaks(t_lab, t_unl), c, g, out=buf[:n_w])
-        strong_augment(t_unl, c, g, out=buf[n_w:])
-
+    step, buf, g = augment_step(pools, c, device)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
@@ -260,8 +261,8 @@ def main() -> None:
         print(f"augmentation step on {args.device} (same rows): torch batched {g_torch * 1e3:.2f} ms, numpy "
               f"per-sample (CPU) {g_numpy * 1e3:.1f} ms, speed-up {g_numpy / g_torch:.1f}x")
         try:
-            g_graph, fresh = time_augment_cuda_graph(((lab_pool, li), (unl_pool, ui)), rows, c,
-                                                     args.aug_repeats, args.device)
+            g_graph, fresh = time_augment_cuda_graph(((lab_pool, li), (unl_pool, ui)), c, args.aug_repeats,
+                                                     args.device)
             print(f"the same step replayed from a CUDA graph: {g_graph * 1e3:.3f} ms, speed-up vs numpy "
                   f"{g_numpy / g_graph:.1f}x (replays draw fresh random numbers: {fresh})")
         except Exception as err:  # noqa: BLE001 - graph capture is a beta API: report, don't abort

@@ -188,7 +188,7 @@ def test_members_share_a_gpu_at_gpus_per_worker_and_the_config_bounds_it():
     assert concurrent_members(one_gpu, tiny(gpus_per_worker=0.1), use_gpu=True, n_members=20) == 10  # not 9
     assert concurrent_members(one_gpu, tiny(gpus_per_worker=0.25, num_workers=2), use_gpu=True, n_members=10) == 2
     assert concurrent_members(one_gpu, tiny(gpus_per_worker=0.25), use_gpu=True, n_members=3) == 3
-    assert concurrent_members({"GPU": 0.0}, tiny(), use_gpu=True, n_members=2) == 1  # waits for a GPU
+    assert concurrent_members({"GPU": 0.0}, tiny(), use_gpu=True, n_members=2) == 1  # never 0
     assert concurrent_members(eight_cpus, tiny(gpus_per_worker=0.25), use_gpu=False, n_members=10) == 8
     for bad in (0, 1.5):
         with pytest.raises(ConfigError, match="gpus_per_worker"):
