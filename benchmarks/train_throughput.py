@@ -19,7 +19,8 @@ import torch
 
 from xrdmatch.config import AugmentConfig, TrainingConfig
 from xrdmatch.platform.data import load_labelled
-from xrdmatch.training.augment import cat_peaks, strong_augment, to_peaks, weak_augment
+from xrdmatch.training.augment import to_peaks
+from xrdmatch.training.augment_step import AugmentStep
 from xrdmatch.training.networks import build_network, count_flops, count_params
 from xrdmatch.training.preprocess import preprocess
 from xrdmatch.training.trainer import train_member
@@ -97,22 +98,15 @@ def database_patterns(n: int, database: str = "data/mp_li_structures.jsonl.xz") 
     return np.stack(rows)
 
 
-def augment_step(pools: tuple, c: AugmentConfig, device: str):
-    """The trainer's augmentation step on the rows ``li`` / ``ui`` of the labelled / unlabelled
-    peak-list ``pools``: one weak call for labelled + unlabelled rows, one strong call for the
-    unlabelled, into one reused input buffer. Returns (step, buffer, its generator)."""
+def augment_step(pools: tuple, c: AugmentConfig, device: str, cuda_graph: bool = False):
+    """The trainer's augmentation step (:class:`AugmentStep`) on the rows ``li`` / ``ui`` of the
+    labelled / unlabelled peak-list ``pools``, gathers included. Returns (step, AugmentStep)."""
     (lab_pool, li), (unl_pool, ui) = pools
-    t_lab = lab_pool.take(torch.as_tensor(li)).to(device)
-    t_unl = unl_pool.take(torch.as_tensor(ui)).to(device)
+    li_t, ui_t = torch.as_tensor(li, device=device), torch.as_tensor(ui, device=device)
     g = torch.Generator(device=device).manual_seed(0)
-    n_w = len(li) + len(ui)
-    buf = torch.zeros(n_w + len(ui), lab_pool.n_bins, device=device)
-
-    def step():
-        weak_augment(cat_peaks(t_lab, t_unl), c, g, out=buf[:n_w])
-        strong_augment(t_unl, c, g, out=buf[n_w:])
-
-    return step, buf, g
+    buf = torch.zeros(len(li) + 2 * len(ui), lab_pool.n_bins, device=device)
+    aug = AugmentStep(lab_pool.to(device), unl_pool.to(device), len(li), len(ui), c, g, buf, cuda_graph)
+    return (lambda: aug(li_t, ui_t)), aug
 
 
 def time_augment(lab: np.ndarray, unl: np.ndarray, pools: tuple, c: AugmentConfig,
@@ -123,7 +117,7 @@ def time_augment(lab: np.ndarray, unl: np.ndarray, pools: tuple, c: AugmentConfi
     pools are converted to peak lists once and the step's rows taken from them, so the rows
     keep the pool's padded width K (its largest peak count), not their own.
     """
-    step, _, _ = augment_step(pools, c, device)
+    step, _ = augment_step(pools, c, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rng = np.random.default_rng(0)
 
@@ -146,26 +140,16 @@ def time_augment(lab: np.ndarray, unl: np.ndarray, pools: tuple, c: AugmentConfi
 
 
 def time_augment_cuda_graph(pools: tuple, c: AugmentConfig, repeats: int, device: str) -> tuple[float, bool]:
-    """Seconds per augmentation step replayed from a CUDA graph (captured once: the ~300 kernel
-    launches of a step become one), and whether two replays drew different random numbers."""
-    step, buf, g = augment_step(pools, c, device)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the default stream, as capture requires
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    graph.register_generator_state(g)  # replays advance g's Philox offset: fresh draws each time
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    first = buf.clone()
-    graph.replay()
-    fresh = not torch.equal(first, buf)
+    """Seconds per augmentation step replayed from the trainer's CUDA graph (captured once: the
+    ~300 kernel launches of a step become one), and whether two replays drew different numbers."""
+    step, aug = augment_step(pools, c, device, cuda_graph=True)
+    if aug.graph is None:
+        raise RuntimeError("the capture fell back to op by op (see the warning)")
+    first = step().clone()
+    fresh = not torch.equal(first, step())
 
     def replay():
-        graph.replay()
+        step()
         torch.cuda.synchronize()
 
     replay()

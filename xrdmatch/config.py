@@ -114,6 +114,9 @@ class TrainingConfig(StrictModel):
     gpus_per_worker: float = Field(default=1.0, gt=0, le=1, description=(
         "GPU share of one Ray Train worker when use_gpu: below 1, several members share one GPU "
         "(one member rarely fills a large GPU)"))
+    cuda_graph_augment: bool = Field(default=True, description=(
+        "on a GPU, replay the augmentation step from a CUDA graph (its ~300 kernel launches become "
+        "one); falls back to op by op with a warning if capture fails. No effect on a CPU"))
     seed: int = 0
     pseudo_label_weight: float = Field(default=0.5, ge=0, description="loss weight of round>1 pseudo-labels")
     balance_classes: bool = Field(default=True, description="class-balanced sampling of the labelled batch")
@@ -122,9 +125,11 @@ class TrainingConfig(StrictModel):
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that decide what a member learns, for cache and reuse keys: all but
-        ``gpus_per_worker``, which only packs members onto GPUs (so changing it, or a config
-        written before it existed, reuses cached members and models)."""
-        return self.model_dump(mode="json", exclude={"gpus_per_worker"})
+        ``gpus_per_worker``, which only packs members onto GPUs, and ``cuda_graph_augment``, which
+        on a GPU changes which random numbers a member draws as the device itself does (not keyed
+        either) and on a CPU nothing. So changing them, or a config written before they existed,
+        reuses cached members and models."""
+        return self.model_dump(mode="json", exclude={"gpus_per_worker", "cuda_graph_augment"})
 
 
 class EvaluationConfig(StrictModel):

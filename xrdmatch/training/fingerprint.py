@@ -36,6 +36,7 @@ def source_fingerprint(sources: Iterable[str]) -> str:
 
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    from xrdmatch.training import augment, networks, preprocess, trainer
+    from xrdmatch.training import augment, augment_step, networks, preprocess, trainer
 
-    return source_fingerprint(Path(m.__file__).read_text() for m in (augment, networks, preprocess, trainer))
+    modules = (augment, augment_step, networks, preprocess, trainer)
+    return source_fingerprint(Path(m.__file__).read_text() for m in modules)

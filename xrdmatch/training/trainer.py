@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from xrdmatch.config import TrainingConfig
-from xrdmatch.training.augment import cat_peaks, strong_augment, to_peaks, weak_augment
+from xrdmatch.training.augment import to_peaks
+from xrdmatch.training.augment_step import AugmentStep
 from xrdmatch.training.networks import build_network
 from xrdmatch.training.preprocess import preprocess
 
@@ -207,10 +208,10 @@ def train_member(
             gen.manual_seed(seed + 7919 * rank + 104729 * start)
     net = wrap_model(model) if wrap_model is not None else model
     # augmentations work on peak lists: convert the pools once; one reused input buffer per step
+    B_l, B_u = cfg.batch_labelled, (cfg.batch_unlabelled if algorithm != "supervised" else 0)
     peaks_l = to_peaks(xl)
     peaks_u = to_peaks(xu) if n_u else None
-    n_views = cfg.batch_labelled + (2 * cfg.batch_unlabelled if algorithm != "supervised" else 0)
-    buf = torch.zeros((n_views, xl.shape[1]), device=device)
+    buf = torch.zeros((B_l + 2 * B_u, xl.shape[1]), device=device)
 
     def snapshot(step: int) -> dict:
         return {
@@ -231,26 +232,22 @@ def train_member(
             pool_x = to_peaks(torch.cat([xl, xu[pl_idx]])) if len(pl_idx) else peaks_l
             pool_y = torch.cat([yl, pl_y]) if len(pl_idx) else yl
             pool_w = torch.cat([wl, torch.full((len(pl_idx),), cfg.pseudo_label_weight, device=device)])
+            augment = AugmentStep(pool_x, peaks_u, B_l, B_u, aug, gen, buf, cuda_graph=cfg.cuda_graph_augment)
 
         # labelled batch (class-balanced draw) and its weak view
         net.train()
         idx = torch.multinomial(sampling_probs(pool_y, pool_w, cfg.balance_classes), cfg.batch_labelled,
                                 replacement=True, generator=gen)
-        B_l, B_u = cfg.batch_labelled, cfg.batch_unlabelled
         y_l = pool_y[idx]
         metrics: dict = {"step": step + 1, "attempt_start": start}
         if algorithm == "supervised":
-            logits_l = net(weak_augment(pool_x.take(idx), aug, gen, out=buf[:B_l]))
+            logits_l = net(augment(idx))
             loss_u = torch.zeros((), device=device)
             mask = torch.zeros(0, device=device)
             pseudo = torch.zeros(0, dtype=torch.long, device=device)
         else:
-            uidx = torch.randint(n_u, (cfg.batch_unlabelled,), generator=gen, device=device)
-            batch_u = peaks_u.take(uidx)
-            # one weak call for the labelled and the unlabelled rows (the cost is per call on a CPU)
-            weak_augment(cat_peaks(pool_x.take(idx), batch_u), aug, gen, out=buf[: B_l + B_u])
-            strong_augment(batch_u, aug, gen, out=buf[B_l + B_u :])
-            logits = net(buf)  # one pass over [labelled weak | unlabelled weak | unlabelled strong]
+            uidx = torch.randint(n_u, (B_u,), generator=gen, device=device)
+            logits = net(augment(idx, uidx))  # one pass: [labelled weak | unlabelled weak | strong]
             logits_l, logits_w, logits_s = logits.split([B_l, B_u, B_u])
             conf, pseudo = logits_w.detach().softmax(-1).max(-1)
             if algorithm == "fixmatch":
