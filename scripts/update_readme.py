@@ -31,7 +31,19 @@ def machine() -> str:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     except Exception:  # noqa: BLE001 - torch is optional here
         gpu = "no GPU"
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}"
+    return f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name: trained weights, hence metrics, differ in their last bits between
+    CPU models (the math library picks other kernels), and timings differ by much more."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU model unknown"
 
 
 def replace_block(text: str, name: str, body: str) -> str:
