@@ -13,7 +13,12 @@ off and FixMatch (one fixed threshold), and prints the paired per-fold macro-F1 
 It is a measurement, not a selection: the default stays the published algorithm, since picking
 a variant by these outer test folds would choose on the test folds.
 
-    python benchmarks/flexmatch_warmup.py [--iterations 200] [--repeats 2]
+    python benchmarks/flexmatch_warmup.py [--iterations 200] [--repeats 2] [--variants warmup,no-warmup,fixmatch]
+
+`--variants` picks the rows (keys of VARIANTS, in the order given; the paired differences are
+against the first); `supervised` adds the labelled-only baseline trained the same way, for
+asking whether a longer run (`--iterations 1000`, the paper's) lets FlexMatch help; `da` is
+FlexMatch with distribution alignment (`training.distribution_alignment`, not the paper's).
 
 Member predictions are cached in --dir: a killed run resumes.
 """
@@ -30,25 +35,32 @@ from xrdmatch.config import load_config
 from xrdmatch.training.evaluation import evaluate_grouped_cv, load_eval_data, training_config
 from xrdmatch.training.trainer import train_member
 
-VARIANTS = {  # name: (training overrides, method)
-    "flexmatch warm-up": ({"flexmatch_warmup": True}, "flexmatch"),
-    "flexmatch no warm-up": ({"flexmatch_warmup": False}, "flexmatch"),
-    "fixmatch": ({}, "fixmatch"),
+VARIANTS = {  # key: (row name, training overrides, method)
+    "warmup": ("flexmatch warm-up", {"flexmatch_warmup": True}, "flexmatch"),
+    "no-warmup": ("flexmatch no warm-up", {"flexmatch_warmup": False}, "flexmatch"),
+    "fixmatch": ("fixmatch", {}, "fixmatch"),
+    "da": ("flexmatch warm-up + DA", {"flexmatch_warmup": True, "distribution_alignment": True}, "flexmatch"),
+    "supervised": ("supervised", {}, "supervised"),
 }
+DEFAULT_VARIANTS = "warmup,no-warmup,fixmatch"
 
 
-def trajectory(cfg, data, every: int) -> None:
+def trajectory(cfg, data, every: int, keys: list[str]) -> None:
     """One member on every label: the FlexMatch thresholds and pseudo-labels along the run."""
-    for warmup in (True, False):
-        tcfg = training_config(cfg).model_copy(update={"algorithm": "flexmatch", "flexmatch_warmup": warmup})
+    for key in keys:
+        _, over, _ = VARIANTS[key]
+        tcfg = training_config(cfg).model_copy(update={"algorithm": "flexmatch", **over})
         m = train_member(data.X, data.y, data.X_unlab, tcfg, seed=cfg.seed, device="cpu")
-        print(f"\nflexmatch, warm-up {'on' if warmup else 'off'}: one member, all {len(data.y)} labels, "
-              f"{len(data.X_unlab)} unlabelled")
-        print(f"{'step':>5s} {'thr not-SI':>10s} {'thr SI':>8s} {'mask rate':>9s} {'pseudo not-SI':>13s} {'pseudo SI':>9s}")
+        title = f"warm-up {'on' if tcfg.flexmatch_warmup else 'off'}"
+        title += ", distribution alignment" if tcfg.distribution_alignment else ""
+        print(f"\nflexmatch, {title}: one member, all {len(data.y)} labels, {len(data.X_unlab)} unlabelled")
+        da = tcfg.distribution_alignment  # the model's running superionic frequency on unlabelled batches
+        print(f"{'step':>5s} {'thr not-SI':>10s} {'thr SI':>8s} {'mask rate':>9s} {'pseudo not-SI':>13s} {'pseudo SI':>9s}"
+              + (f" {'p_model SI':>10s}" if da else ""))
         for h in m.history:
             if h["step"] % every == 0 or h["step"] == len(m.history):
                 print(f"{h['step']:5d} {h['threshold_0']:10.3f} {h['threshold_1']:8.3f} {h['mask_rate']:9.2f} "
-                      f"{h['pseudo_0']:13d} {h['pseudo_1']:9d}")
+                      f"{h['pseudo_0']:13d} {h['pseudo_1']:9d}" + (f" {h['p_model_1']:10.3f}" if da else ""))
 
 
 def main() -> None:
@@ -57,23 +69,32 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=200)
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help=f"comma-separated, from {', '.join(VARIANTS)}; differences are against the first")
     ap.add_argument("--dir", default="runs/bench/flexmatch-warmup")
     args = ap.parse_args()
+    keys = [k.strip() for k in args.variants.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in VARIANTS]
+    if unknown or not keys:
+        ap.error(f"--variants {args.variants!r}: unknown {unknown or 'none given'}; choose from {', '.join(VARIANTS)}")
+    # the trajectory is printed for each FlexMatch variant asked for, in VARIANTS' order
+    flex = [k for k in VARIANTS if k in keys and VARIANTS[k][2] == "flexmatch"]
 
     def progress(msg: str) -> None:  # to stderr: stdout is the report
         print(msg, file=sys.stderr, flush=True)
 
     results, walls, data = {}, {}, None
-    for i, (name, (over, method)) in enumerate(VARIANTS.items()):
+    for key in keys:
+        name, over, method = VARIANTS[key]
         cfg = load_config(args.config, {
-            "run_dir": f"{args.dir}/{i}",
+            "run_dir": f"{args.dir}/{key}",
             "training": over,
             "evaluation": {"methods": [method], "iterations": args.iterations, "folds": args.folds,
                            "repeats": args.repeats},
         })
         if data is None:  # the same labelled set and unlabelled sample for every variant
             data = load_eval_data(cfg, training_config(cfg), print)  # the data line belongs in the report
-            trajectory(cfg, data, every=max(1, args.iterations // 8))
+            trajectory(cfg, data, every=max(1, args.iterations // 8), keys=flex)
         t0 = time.time()
         results[name] = evaluate_grouped_cv(cfg, data=data, log_fn=progress)
         walls[name] = time.time() - t0

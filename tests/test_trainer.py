@@ -9,6 +9,7 @@ import torch
 from xrdmatch.config import TrainingConfig, load_config
 from xrdmatch.training.ensemble import Ensemble, train_ensemble
 from xrdmatch.training.trainer import (
+    align_distribution,
     flexmatch_thresholds,
     sampling_probs,
     state_to_tensors,
@@ -55,6 +56,40 @@ def test_class_balanced_sampling_gives_each_class_half():
     w = torch.ones(112)
     w[:5] = 0  # a zero-weight source is never drawn
     assert (sampling_probs(y, w, balance=True)[:5] == 0).all()
+
+
+def test_distribution_alignment_moves_predictions_to_the_labelled_ratio():
+    probs = torch.tensor([[0.5, 0.5], [0.1, 0.9], [0.9, 0.1]])
+    target = torch.tensor([0.8, 0.2])  # labelled class frequencies (~ the paper's 89 : 23)
+    assert torch.allclose(align_distribution(probs, target, target), probs)  # already aligned: unchanged
+    aligned = align_distribution(probs, torch.tensor([0.5, 0.5]), target)  # the balanced draw's prior
+    assert torch.allclose(aligned.sum(-1), torch.ones(3))
+    assert (aligned[:, 1] < probs[:, 1]).all()  # every superionic guess is scaled down ...
+    assert torch.allclose(aligned[0], target)  # ... and an undecided row becomes the labelled ratio
+    assert aligned[1].argmax() == 1  # a confident one keeps its class
+
+
+def test_distribution_alignment_is_logged_and_resumes_exactly():
+    """Off by default (the published FlexMatch); on, its running class frequencies are logged
+    and checkpointed: 5 steps + checkpoint + 5 resumed steps == 10 straight steps."""
+    X, y = synthetic(24)
+    Xu, _ = synthetic(20, seed=2)
+    assert "p_model_1" not in train_member(X, y, Xu, tiny(iterations=2), seed=3).history[-1]
+    cfg = tiny(algorithm="fixmatch", threshold=0.5, iterations=10, checkpoint_every=5,
+               distribution_alignment=True, da_momentum=0.5)
+    saved = {}
+
+    def keep(step, state):
+        if step == 5:
+            saved.update(zip(("t", "meta"), state_to_tensors(state)))
+
+    straight = train_member(X, y, Xu, cfg, seed=3, checkpoint_fn=keep)
+    assert all(0 < h["p_model_1"] < 1 for h in straight.history)
+    assert sum(h["mask_rate"] for h in straight.history) > 0  # pseudo-labels were used
+    resumed = train_member(X, y, Xu, cfg, seed=3, resume=tensors_to_state(saved["t"], saved["meta"]))
+    assert [h["p_model_1"] for h in resumed.history] == [h["p_model_1"] for h in straight.history]
+    for k, v in straight.state_dict.items():
+        assert torch.allclose(v.float(), resumed.state_dict[k].float(), atol=1e-6), k
 
 
 def test_supervised_member_learns_a_separable_task():

@@ -105,6 +105,12 @@ class TrainingConfig(StrictModel):
     alpha: float = Field(default=1.0, ge=0, description="weight of the unlabelled loss")
     threshold: float = Field(default=0.95, gt=0, le=1, description="(base) pseudo-label confidence")
     flexmatch_warmup: bool = True
+    distribution_alignment: bool = Field(default=False, description=(
+        "scale each unlabelled weak prediction by (labelled class frequencies / the model's running "
+        "class frequencies on unlabelled batches) before pseudo-labelling (ReMixMatch's distribution "
+        "alignment); off = the published FlexMatch"))
+    da_momentum: float = Field(default=0.99, ge=0, lt=1, description=(
+        "EMA momentum of the model's class frequencies for distribution_alignment"))
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
     pseudo_label_rounds: int = Field(default=1, ge=1, description="iterative pseudo-label refinement rounds")
     ensemble_size: int = Field(default=5, ge=1)

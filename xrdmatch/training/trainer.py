@@ -10,6 +10,11 @@ proportional to sample_weight / count(class), so each class fills half of the la
 in expectation (``balance_classes``; the source weights of the label store still scale how
 often a pattern is drawn). The loss itself is then plain cross-entropy.
 
+Distribution alignment (``distribution_alignment``, off by default: not in the paper): that
+balanced draw teaches the model a class prior of 1/2, which its unlabelled predictions inherit;
+aligning scales them by (labelled class frequencies / the model's running class frequencies on
+unlabelled batches) so that pseudo-labels follow the labelled ratio instead.
+
 Pseudo-label rounds: with ``pseudo_label_rounds = R`` the loop runs R * iterations steps; at the
 start of every round after the first, the EMA model labels the whole unlabelled set and the
 confident ones (>= threshold) join the labelled pool with weight ``pseudo_label_weight``,
@@ -70,6 +75,12 @@ def flexmatch_thresholds(selected: torch.Tensor, base: float, warmup: bool) -> t
     return base * acc / (2.0 - acc)
 
 
+def align_distribution(probs: torch.Tensor, p_model: torch.Tensor, p_target: torch.Tensor) -> torch.Tensor:
+    """ReMixMatch's distribution alignment: probs * p_target / p_model, renormalised per row."""
+    p = probs * (p_target / p_model.clamp_min(1e-6))
+    return p / p.sum(-1, keepdim=True)
+
+
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """EMA of every float parameter/buffer; integer buffers (BN counters) are copied."""
@@ -110,7 +121,7 @@ def state_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, st
     for pid, st in opt["state"].items():
         for k, v in st.items():
             t[f"opt.{pid}.{k}"] = torch.as_tensor(v)
-    for k in ("selected", "pl_idx", "pl_y", "gen", "torch_rng"):
+    for k in ("selected", "pl_idx", "pl_y", "gen", "torch_rng", "p_model"):
         t[k] = state[k]
     meta = {
         "step": str(state["step"]),
@@ -193,6 +204,7 @@ def train_member(
     selected = torch.full((n_u,), -1, dtype=torch.long, device=device)  # FlexMatch's selected_label
     pl_idx = torch.zeros(0, dtype=torch.long, device=device)  # pseudo-labelled pool of this round
     pl_y = torch.zeros(0, dtype=torch.long, device=device)
+    p_model = torch.zeros(0, device=device)  # distribution alignment: running class frequencies (unset)
     history: list[dict] = []
     start = 0
     if resume is not None:
@@ -200,6 +212,7 @@ def train_member(
         ema.load_state_dict(resume["ema"])
         opt.load_state_dict(resume["opt"])
         selected, pl_idx, pl_y = (resume[k].to(device) for k in ("selected", "pl_idx", "pl_y"))
+        p_model = resume.get("p_model", p_model).to(device)  # absent in states written before it
         history, start = list(resume["history"]), int(resume["step"])
         torch.set_rng_state(resume["torch_rng"])  # dropout draws from torch's global generator
         if rank == 0 and device.type == "cpu":
@@ -216,7 +229,7 @@ def train_member(
     def snapshot(step: int) -> dict:
         return {
             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-            "selected": selected, "pl_idx": pl_idx, "pl_y": pl_y, "history": history,
+            "selected": selected, "pl_idx": pl_idx, "pl_y": pl_y, "p_model": p_model, "history": history,
             "gen": gen.get_state() if device.type == "cpu" else torch.zeros(0, dtype=torch.uint8),
             "torch_rng": torch.get_rng_state(),
         }
@@ -232,6 +245,8 @@ def train_member(
             pool_x = to_peaks(torch.cat([xl, xu[pl_idx]])) if len(pl_idx) else peaks_l
             pool_y = torch.cat([yl, pl_y]) if len(pl_idx) else yl
             pool_w = torch.cat([wl, torch.full((len(pl_idx),), cfg.pseudo_label_weight, device=device)])
+            p_target = torch.bincount(pool_y, weights=pool_w, minlength=NUM_CLASSES)
+            p_target = p_target / p_target.sum()  # the pool's class frequencies, not the balanced draw's
             augment = AugmentStep(pool_x, peaks_u, B_l, B_u, aug, gen, buf, cuda_graph=cfg.cuda_graph_augment)
 
         # labelled batch (class-balanced draw) and its weak view
@@ -249,7 +264,13 @@ def train_member(
             uidx = torch.randint(n_u, (B_u,), generator=gen, device=device)
             logits = net(augment(idx, uidx))  # one pass: [labelled weak | unlabelled weak | strong]
             logits_l, logits_w, logits_s = logits.split([B_l, B_u, B_u])
-            conf, pseudo = logits_w.detach().softmax(-1).max(-1)
+            probs_w = logits_w.detach().softmax(-1)
+            if cfg.distribution_alignment:
+                batch_freq = probs_w.mean(0)
+                p_model = batch_freq if len(p_model) == 0 else p_model.lerp(batch_freq, 1.0 - cfg.da_momentum)
+                probs_w = align_distribution(probs_w, p_model, p_target)
+                metrics.update({f"p_model_{c}": float(p_model[c]) for c in range(NUM_CLASSES)})
+            conf, pseudo = probs_w.max(-1)
             if algorithm == "fixmatch":
                 thr = torch.full((NUM_CLASSES,), cfg.threshold, device=device)
             else:
