@@ -7,21 +7,28 @@ network's metrics, the paired per-fold macro-F1 difference and the wall-time rat
 
     python benchmarks/network_accuracy.py [--methods supervised] [--iterations 200] [--repeats 2]
 
-The default compares the supervised single model (vgg16_paper with FlexMatch costs 16-20 s per
-iteration on one CPU core, ~45-55 CPU-hours for this table; on a GPU pass --methods
+The default compares the supervised single model (vgg16_paper with FlexMatch costs 11-20 s per
+iteration on one CPU core, ~40-70 CPU-hours for this table; on a GPU pass --methods
 supervised,flexmatch). Member predictions are cached in --dir: a killed run resumes.
+
+The members of one network can be trained on another machine, e.g. vgg16_paper on a GPU that
+has torch but not Ray or pymatgen: `--export-jobs DIR --networks vgg16_paper` writes the data and
+the member trainings not yet cached, `scripts/train_member_jobs.py DIR --out OUT` trains them
+there (scripts/gpu_check.sh does both halves), and OUT copied into --dir is read as the cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from xrdmatch.config import load_config
-from xrdmatch.training.evaluation import evaluate_grouped_cv, load_eval_data, training_config
+from xrdmatch.training.evaluation import evaluate_grouped_cv, grouped_cv_jobs, load_eval_data, training_config
 
 
 def main() -> None:
@@ -33,13 +40,16 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dir", default="runs/bench/network-accuracy")
+    ap.add_argument("--export-jobs", metavar="DIR",
+                    help="write the member trainings that --dir does not hold yet (and their data) to DIR, "
+                         "train nothing; scripts/train_member_jobs.py trains them elsewhere")
     args = ap.parse_args()
 
     def progress(msg: str) -> None:  # to stderr: stdout is the report
         print(msg, file=sys.stderr, flush=True)
 
     methods = args.methods.split(",")
-    results, walls = {}, {}
+    results, walls, cached, exports = {}, {}, {}, []
     data = None
     for net in args.networks.split(","):
         cfg = load_config(args.config, {
@@ -50,12 +60,21 @@ def main() -> None:
         })
         if data is None:  # the same labelled set and unlabelled sample for every network
             data = load_eval_data(cfg, training_config(cfg), print)
+        cache, tcfg, jobs = grouped_cv_jobs(cfg, data)
+        todo = [j for j in jobs if not (cache / j.cache_name()).is_file()]
+        if args.export_jobs:
+            exports.append((net, cache, tcfg, todo))
+            continue
+        cached[net] = (len(jobs) - len(todo), len(jobs))
         t0 = time.time()
         results[net] = evaluate_grouped_cv(cfg, data=data, log_fn=progress)
         walls[net] = time.time() - t0
         if results[net]["config"]["training"]["network"] != net:
             raise SystemExit(f"evaluation ran {results[net]['config']['training']['network']}, not {net}")
 
+    if args.export_jobs:
+        export_jobs(Path(args.export_jobs), Path(args.dir), data, exports)
+        return
     nets = list(results)
     print(f"\ngrouped-cv: {args.folds} folds x {args.repeats} repeats by reduced formula, "
           f"{args.iterations} iterations, mean ± std over repeats")
@@ -75,7 +94,32 @@ def main() -> None:
             d = np.array([a[k] - b[k] for k in sorted(a)])
             print(f"{m}: macro-F1 {base} - {other} per fold (paired, n={len(d)}): "
                   f"mean {d.mean():+.3f}, std {d.std(ddof=1):.3f}, {base} >= {other} in {(d >= 0).sum()}/{len(d)} folds")
-        print(f"wall time {other} / {base}: {walls[other] / max(walls[base], 1e-9):.1f}x")
+        if cached[base][0] or cached[other][0]:
+            print("wall time: not comparable, members came from the cache (above)")
+        else:
+            print(f"wall time {other} / {base}: {walls[other] / max(walls[base], 1e-9):.1f}x")
+    for net, (n_cached, n) in cached.items():
+        if n_cached:
+            print(f"{net}: {n_cached} of {n} member trainings read from the cache in {args.dir} "
+                  f"(trained before or on another machine), wall s counts only the rest")
+
+
+def export_jobs(out: Path, run_root: Path, data, exports: list) -> None:
+    """The member trainings (and their data) for scripts/train_member_jobs.py, with the cache
+    folder each result goes to, relative to --dir."""
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "data.npz", X=data.X, y=data.y, X_unlab=data.X_unlab)
+    rows = [
+        {"network": net, "cache_dir": str(cache.relative_to(run_root.resolve())), "cache_name": j.cache_name(),
+         "key": j.key, "algorithm": j.algorithm, "seed": j.seed, "train": j.train.tolist(),
+         "predict": j.predict.tolist(),
+         "sample_weight": None if j.sample_weight is None else j.sample_weight.tolist(),
+         "training": tcfg.model_dump(mode="json")}
+        for net, cache, tcfg, todo in exports for j in todo
+    ]
+    (out / "jobs.json").write_text(json.dumps(rows))
+    for net, _, _, todo in exports:
+        print(f"{net}: {len(todo)} member trainings exported to {out}")
 
 
 if __name__ == "__main__":

@@ -356,6 +356,43 @@ def test_paper_protocol_reports_what_the_paper_reports(tmp_path, ray_local, shar
     assert "paper (published" in results_markdown(r)
 
 
+def test_members_trained_elsewhere_are_the_members_ray_trains(tmp_path, ray_local, shared_run, repo_root):
+    """network_accuracy.py --export-jobs + scripts/train_member_jobs.py (the path of a GPU
+    machine without Ray): the same cache files, bit for bit, as the evaluation's Ray tasks."""
+    import shutil
+    import subprocess
+    import sys
+
+    from xrdmatch.config import load_config
+    from xrdmatch.training.evaluation import evaluate_grouped_cv, grouped_cv_jobs, load_eval_data, training_config
+
+    cfg_path = _tiny_config(tmp_path, run_dir=shared_run)
+    dest, jobs_dir, out = tmp_path / "acc", tmp_path / "jobs", tmp_path / "out"
+    common = [str(cfg_path), "--networks", "fast", "--methods", "supervised,flexmatch", "--iterations", "2",
+              "--folds", "2", "--repeats", "1", "--dir", str(dest)]
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=repo_root, capture_output=True, text=True)  # noqa: E731
+    r = run("benchmarks/network_accuracy.py", "--config", *common, "--export-jobs", str(jobs_dir))
+    assert r.returncode == 0, r.stderr
+    assert "fast: 4 member trainings exported" in r.stdout and not (dest / "fast" / "evaluation").exists()
+    r = run("scripts/train_member_jobs.py", str(jobs_dir), "--out", str(out), "--device", "cpu", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    shutil.copytree(out, dest, dirs_exist_ok=True)
+
+    # the evaluation as network_accuracy.py configures it, run here through Ray in another folder
+    over = {"training": {"network": "fast"},
+            "evaluation": {"methods": ["supervised", "flexmatch"], "iterations": 2, "folds": 2, "repeats": 1}}
+    ref = load_config(cfg_path, {**over, "run_dir": str(tmp_path / "ref")})
+    evaluate_grouped_cv(ref)
+    ref_cache, tcfg, jobs = grouped_cv_jobs(ref, load_eval_data(ref, training_config(ref), print))
+    cfg = load_config(cfg_path, {**over, "run_dir": str(dest / "fast")})
+    cache, _, jobs2 = grouped_cv_jobs(cfg, load_eval_data(cfg, training_config(cfg), print))
+    assert [j.cache_name() for j in jobs] == [j.cache_name() for j in jobs2] and len(jobs) == 4
+    for j in jobs:
+        with np.load(cache / j.cache_name()) as a, np.load(ref_cache / j.cache_name()) as b:
+            assert np.array_equal(a["p"], b["p"]) and np.array_equal(a["predict"], b["predict"]), j.key
+    assert not list(cache.glob("*.tmp.npz"))
+
+
 def _client(cfg_path):
     from mlflow.tracking import MlflowClient
 

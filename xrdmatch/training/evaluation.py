@@ -119,6 +119,13 @@ def _train_predict(X, y, X_unlab, tcfg_json: dict, algorithm: str, seed: int, tr
     return np.asarray(proba["p_mean"], dtype=np.float64), time.time() - t0
 
 
+def save_member_prediction(path: Path, p: np.ndarray, predict: np.ndarray, seed: int) -> None:
+    """One member's cached prediction; atomic, so a kill never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, p=p, predict=predict, seed=seed)
+    os.replace(tmp, path)
+
+
 def run_jobs(
     jobs: list[MemberJob],
     X: np.ndarray,
@@ -161,9 +168,7 @@ def run_jobs(
         ready, _ = ray.wait(list(pending), num_returns=1)
         j = pending.pop(ready[0])
         p, dt = ray.get(ready[0])
-        tmp = cache_dir / (j.cache_name() + ".tmp.npz")
-        np.savez(tmp, p=p, predict=j.predict, seed=j.seed)
-        os.replace(tmp, cache_dir / j.cache_name())  # atomic: a kill never leaves half a file
+        save_member_prediction(cache_dir / j.cache_name(), p, j.predict, j.seed)
         out[j.key] = p
         done += 1
         eta = (time.time() - t0) / done * len(pending)
@@ -268,6 +273,14 @@ def plan_grouped_cv(cfg: Config, tcfg: TrainingConfig, data: EvalData, methods: 
     for j in jobs:
         j.digest = _digest(j, tcfg, data.data_hash, data.unlab_hash)
     return splits, jobs, inner
+
+
+def grouped_cv_jobs(cfg: Config, data: EvalData) -> tuple[Path, TrainingConfig, list[MemberJob]]:
+    """What ``evaluate_grouped_cv`` with this config and data trains (or reads from the cache
+    folder returned first): lets another machine train the members, e.g. a GPU without Ray."""
+    tcfg = training_config(cfg)
+    _, jobs, _ = plan_grouped_cv(cfg, tcfg, data, parse_methods(cfg.evaluation.methods, tcfg.ensemble_size))
+    return _cache_dir(cfg, "grouped-cv"), tcfg, jobs
 
 
 def evaluate_grouped_cv(cfg: Config, data: EvalData | None = None, log_fn: LogFn | None = None) -> dict[str, Any]:
