@@ -18,7 +18,8 @@ a variant by these outer test folds would choose on the test folds.
 `--variants` picks the rows (keys of VARIANTS, in the order given; the paired differences are
 against the first); `supervised` adds the labelled-only baseline trained the same way, for
 asking whether a longer run (`--iterations 1000`, the paper's) lets FlexMatch help; `da` is
-FlexMatch with distribution alignment (`training.distribution_alignment`, not the paper's).
+FlexMatch with distribution alignment (`training.distribution_alignment`, not the paper's),
+`fixmatch-da` the same for FixMatch (its fixed threshold keeps only confident pseudo-labels).
 
 Member predictions are cached in --dir: a killed run resumes.
 """
@@ -40,20 +41,21 @@ VARIANTS = {  # key: (row name, training overrides, method)
     "no-warmup": ("flexmatch no warm-up", {"flexmatch_warmup": False}, "flexmatch"),
     "fixmatch": ("fixmatch", {}, "fixmatch"),
     "da": ("flexmatch warm-up + DA", {"flexmatch_warmup": True, "distribution_alignment": True}, "flexmatch"),
+    "fixmatch-da": ("fixmatch + DA", {"distribution_alignment": True}, "fixmatch"),
     "supervised": ("supervised", {}, "supervised"),
 }
 DEFAULT_VARIANTS = "warmup,no-warmup,fixmatch"
 
 
 def trajectory(cfg, data, every: int, keys: list[str]) -> None:
-    """One member on every label: the FlexMatch thresholds and pseudo-labels along the run."""
+    """One member on every label: the class thresholds and pseudo-labels along the run."""
     for key in keys:
-        _, over, _ = VARIANTS[key]
-        tcfg = training_config(cfg).model_copy(update={"algorithm": "flexmatch", **over})
+        _, over, method = VARIANTS[key]
+        tcfg = training_config(cfg).model_copy(update={"algorithm": method, **over})
         m = train_member(data.X, data.y, data.X_unlab, tcfg, seed=cfg.seed, device="cpu")
-        title = f"warm-up {'on' if tcfg.flexmatch_warmup else 'off'}"
+        title = f"warm-up {'on' if tcfg.flexmatch_warmup else 'off'}" if method == "flexmatch" else "fixed threshold"
         title += ", distribution alignment" if tcfg.distribution_alignment else ""
-        print(f"\nflexmatch, {title}: one member, all {len(data.y)} labels, {len(data.X_unlab)} unlabelled")
+        print(f"\n{method}, {title}: one member, all {len(data.y)} labels, {len(data.X_unlab)} unlabelled")
         da = tcfg.distribution_alignment  # the model's running superionic frequency on unlabelled batches
         print(f"{'step':>5s} {'thr not-SI':>10s} {'thr SI':>8s} {'mask rate':>9s} {'pseudo not-SI':>13s} {'pseudo SI':>9s}"
               + (f" {'p_model SI':>10s}" if da else ""))
@@ -71,14 +73,23 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help=f"comma-separated, from {', '.join(VARIANTS)}; differences are against the first")
+    ap.add_argument("--trajectory", metavar="KEYS",
+                    help="variants whose one-member run along the steps is printed (default: the FlexMatch "
+                         "and aligned ones asked for)")
     ap.add_argument("--dir", default="runs/bench/flexmatch-warmup")
     args = ap.parse_args()
     keys = [k.strip() for k in args.variants.split(",") if k.strip()]
     unknown = [k for k in keys if k not in VARIANTS]
     if unknown or not keys:
         ap.error(f"--variants {args.variants!r}: unknown {unknown or 'none given'}; choose from {', '.join(VARIANTS)}")
-    # the trajectory is printed for each FlexMatch variant asked for, in VARIANTS' order
-    flex = [k for k in VARIANTS if k in keys and VARIANTS[k][2] == "flexmatch"]
+    # the trajectory is printed for each FlexMatch or aligned variant asked for, in VARIANTS' order
+    flex = [k for k in VARIANTS if k in keys
+            and (VARIANTS[k][2] == "flexmatch" or VARIANTS[k][1].get("distribution_alignment"))]
+    if args.trajectory is not None:
+        flex = [k.strip() for k in args.trajectory.split(",") if k.strip()]
+        bad = [k for k in flex if k not in VARIANTS or VARIANTS[k][2] == "supervised"]
+        if bad:
+            ap.error(f"--trajectory {args.trajectory!r}: {bad} not semi-supervised variants of {', '.join(VARIANTS)}")
 
     def progress(msg: str) -> None:  # to stderr: stdout is the report
         print(msg, file=sys.stderr, flush=True)

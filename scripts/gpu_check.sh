@@ -31,6 +31,7 @@ TT_ARGS=${TT_ARGS:---iterations 20}  # train_throughput.py's arguments (fewer to
 
 case "$mode" in
 prepare)
+  bash scripts/bootstrap.sh  # the venv: pip (for the wheels), pymatgen (for the patterns)
   pyv=${DEVICE_PYTHON:-3.12}
   mkdir -p "$DEV/whl"
   # versions from requirements.lock, so the device runs what CI runs; binary wheels only (the
