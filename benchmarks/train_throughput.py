@@ -187,9 +187,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (a Ray Train worker on CPU uses 1)")
     ap.add_argument("--aug-repeats", type=int, default=200)
-    ap.add_argument("--patterns", metavar="FILE.npy",
-                    help="the database patterns, saved beforehand (scripts/gpu_check.sh prepare), for a "
-                         "machine without pymatgen; default: computed here from the database")
+    ap.add_argument("--patterns", metavar="FILE.npz",
+                    help="the database patterns (array X), saved beforehand by scripts/gpu_check.sh prepare, for "
+                         "a machine without pymatgen; default: computed here from the database")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from xrdmatch.training import networks
@@ -220,7 +220,11 @@ def main() -> None:
         print(f"fast vs vgg16_paper: {rates['vgg16_paper'] / rates['fast']:.1f}x faster per iteration")
     c = AugmentConfig()
     # pools: the 112 labelled and 768 database patterns; a step's rows: 32 + 96 drawn from them
-    raw = np.load(args.patterns, allow_pickle=False) if args.patterns else database_patterns(8 * 96)
+    if args.patterns:
+        with np.load(args.patterns, allow_pickle=False) as z:
+            raw = z["X"]
+    else:
+        raw = database_patterns(8 * 96)
     unl_all = preprocess(raw)
     lab_pool, unl_pool = to_peaks(torch.as_tensor(X)), to_peaks(torch.as_tensor(unl_all))
     pick = np.random.default_rng(0)

@@ -6,21 +6,23 @@
 #   here:       bash scripts/gpu_check.sh prepare    # -> .dev/ (wheels for the device's Python,
 #                                                    #    the benchmark's database patterns, the
 #                                                    #    member trainings to run there)
-#   device:     bash scripts/gpu_check.sh run        # device tool: carry [".dev"], timeout_s ~450
+#   device:     bash scripts/gpu_check.sh run        # device tool: carry [".dev"], timeout_s 480
 #
 # `run` (1) checks the trainer's CUDA-graph augmentation step (the CUDA tests of
 # tests/test_augment_step.py, which skip on a CPU), (2) regenerates the README block
 # `train-throughput-gpu` through scripts/update_readme.py, (3) trains the vgg16_paper members of
 # benchmarks/network_accuracy.py's grouped CV (supervised and FlexMatch, $ITERATIONS steps),
-# which no CPU session can afford. $OUT gets README.md, the outputs, and network-accuracy/: copy
+# which no CPU session can afford. $OUT gets README.md, the logs and network-accuracy.tgz: unpack
 # it into runs/bench/network-accuracy/ here and run the command that `prepare` prints last; it
 # trains the `fast` members here and compares the two networks fold by fold.
 # Settings (environment): DEVICE_PYTHON (3.12, the device image's), ITERATIONS (1000),
 # METHODS (supervised,flexmatch), GPU_NETWORK (vgg16_paper), WORKERS (4 training processes on
-# the GPU), DEV (.dev); to try `run` on a CPU: DEVICE=cpu PYTHON=.venv/bin/python, TT_ARGS, and
-# a `prepare` with DEVICE_PYTHON=3.11 ITERATIONS=2 GPU_NETWORK=fast into another DEV.
-# A run cut off by its time limit keeps the members it finished under $OUT/network-accuracy:
-# copy that folder's contents to $DEV/done/ and `run` again; it trains only the rest.
+# the GPU), MEMBERS_S (300), DEV (.dev). To try `run` on a CPU: a `prepare` with DEVICE_PYTHON=3.11
+# ITERATIONS=2 GPU_NETWORK=fast into another DEV, then DEVICE=cpu, TT_ARGS="--iterations 1
+# --networks fast" and PYTHON= a venv holding what the device image holds (torch, numpy, pandas,
+# pyyaml, pytest, pytest-timeout), not the platform.
+# Members not finished within MEMBERS_S (300) seconds are left for another call: unpack the
+# returned network-accuracy.tgz into $DEV/done/ and `run` again; it trains only the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEV=${DEV:-.dev}
@@ -33,30 +35,39 @@ case "$mode" in
 prepare)
   bash scripts/bootstrap.sh  # the venv: pip (for the wheels), pymatgen (for the patterns)
   pyv=${DEVICE_PYTHON:-3.12}
+  mkdir -p "$DEV" && find "$DEV" -mindepth 1 -maxdepth 1 ! -name done -exec rm -rf {} +  # keep done/
   mkdir -p "$DEV/whl"
-  # versions from requirements.lock, so the device runs what CI runs; binary wheels only (the
-  # device cannot build), for the device's Python and platform
-  pins=$(grep -iE '^(pydantic|pydantic_core|annotated-types|typing-inspection|typing_extensions|PyYAML|numpy|pytest|pytest-timeout|pluggy|iniconfig|packaging)==' requirements.lock)
-  # shellcheck disable=SC2086
-  .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
-    --python-version "$pyv" --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d "$DEV/whl" $pins 2>"$DEV/pip.log" \
-    || { grep -v '^WARNING: Location' "$DEV/pip.log" >&2; exit 1; }
-  .venv/bin/python - "$DEV/db_patterns.npy" <<'EOF'
+  # what the device lacks (its image has torch), with dependencies, at requirements.lock's
+  # versions, so the device runs what CI runs; binary wheels only (the device cannot build), for
+  # the device's Python and platform
+  wheels() {
+    .venv/bin/python -m pip download -q --disable-pip-version-check --only-binary=:all: -c requirements.lock \
+      --python-version "$pyv" --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 -d "$DEV/whl" "$@" \
+      2>"$DEV/pip.log" || { grep -v '^WARNING: Location' "$DEV/pip.log" >&2; exit 1; }
+  }
+  # the device image has numpy, pandas, pyyaml, pytest(-timeout), tabulate, scipy
+  # (/work/.library/device/KINDS.md); not pydantic, nor pymatgen, of which the labelled loader
+  # needs Composition alone (reduced formulas): pymatgen-core and what importing it needs
+  wheels --no-deps pydantic pydantic-core annotated-types typing-inspection \
+    pymatgen-core monty ruamel.yaml orjson
+  .venv/bin/python - "$DEV/db_patterns.npz" <<'EOF'
 import importlib.util, sys
 import numpy as np
 spec = importlib.util.spec_from_file_location("tt", "benchmarks/train_throughput.py")
 tt = importlib.util.module_from_spec(spec); spec.loader.exec_module(tt)
 x = tt.database_patterns(8 * 96)  # the benchmark's unlabelled pool, computed with pymatgen here
-np.save(sys.argv[1], x)
+np.savez_compressed(sys.argv[1], X=x)
 print(f"{sys.argv[1]}: {x.shape[0]} database patterns")
 EOF
   # the vgg16_paper members of the network comparison, with their data (no Ray or pymatgen there)
   rm -rf "$DEV/jobs"
   .venv/bin/python $ACC --networks "${GPU_NETWORK:-vgg16_paper}" --export-jobs "$DEV/jobs"
   ls "$DEV/whl"
-  echo "prepared $DEV ($(du -sh "$DEV" | cut -f1)); on the device: bash scripts/gpu_check.sh run (carry [\"$DEV\"])"
-  echo "then here: cp -r <files_at>/network-accuracy/. runs/bench/network-accuracy/ &&"
+  mb=$(du -sm "$DEV" | cut -f1)
+  [ "$mb" -le 50 ] || echo "warning: $DEV is $mb MB; the device tool carries 64 MiB with the working tree" >&2
+  echo "prepared $DEV ($(du -sh "$DEV" | cut -f1)); on the device: bash scripts/gpu_check.sh run (carry [\"$DEV\"], timeout_s 480)"
+  echo "then here: mkdir -p runs/bench/network-accuracy && tar -xzf <files_at>/network-accuracy.tgz -C runs/bench/network-accuracy &&"
   echo "  python scripts/update_readme.py network-accuracy-flexmatch -- .venv/bin/python $ACC"
   ;;
 run)
@@ -78,11 +89,16 @@ EOF
     2>&1 | tee "$out/test_augment_step.txt" || rc=$?
   # shellcheck disable=SC2086
   "$PY" scripts/update_readme.py train-throughput-gpu -- "$PY" benchmarks/train_throughput.py $TT_ARGS \
-    --device "${DEVICE:-cuda}" --patterns "$DEV/db_patterns.npy" || rc=$?
-  mkdir -p "$out/network-accuracy"
-  [ -d "$DEV/done" ] && cp -r "$DEV/done/." "$out/network-accuracy/"  # an earlier, cut-off run's members
-  "$PY" scripts/train_member_jobs.py "$DEV/jobs" --out "$out/network-accuracy" --device "${DEVICE:-cuda}" \
-    --workers "${WORKERS:-4}" 2>&1 | tee "$out/train_member_jobs.txt" || rc=$?
+    --device "${DEVICE:-cuda}" --patterns "$DEV/db_patterns.npz" || rc=$?
+  # members: trained into a local folder and packed as one file ($OUT returns at most 8 files, two
+  # folders deep); stopped after MEMBERS_S seconds so that what is done is always packed
+  members=${TMPDIR:-/tmp}/xrdmatch-members
+  mkdir -p "$members"
+  [ -d "$DEV/done" ] && cp -r "$DEV/done/." "$members/"  # an earlier, cut-off run's members
+  timeout "${MEMBERS_S:-300}" "$PY" scripts/train_member_jobs.py "$DEV/jobs" --out "$members" \
+    --device "${DEVICE:-cuda}" --workers "${WORKERS:-4}" 2>&1 | tee "$out/train_member_jobs.txt" || rc=$?
+  tar -czf "$out/network-accuracy.tgz" --exclude='*.tmp.npz' -C "$members" .
+  echo "$(find "$members" -name '*.npz' ! -name '*.tmp.npz' | wc -l) members in $out/network-accuracy.tgz"
   cp README.md "$out/README.md"
   exit "$rc"
   ;;

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -37,6 +38,13 @@ def main() -> None:
     if args.workers > 1:
         argv = [sys.executable, __file__, str(args.jobs), "--out", str(args.out), "--device", args.device]
         procs = [subprocess.Popen([*argv, "--shard", f"{k}/{args.workers}"]) for k in range(args.workers)]
+
+        def stop(signum, _frame):  # e.g. `timeout`: the workers stop too (finished members are on disk)
+            for p in procs:
+                p.terminate()
+            sys.exit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
         sys.exit(max(p.wait() for p in procs))
 
     if args.device == "cpu":
