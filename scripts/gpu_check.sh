@@ -48,8 +48,9 @@ prepare)
   }
   # the device image has numpy, pandas, pyyaml, pytest(-timeout), tabulate, scipy
   # (/work/.library/device/KINDS.md); not pydantic, nor pymatgen, of which the labelled loader
-  # needs Composition alone (reduced formulas): pymatgen-core and what importing it needs
-  wheels --no-deps pydantic pydantic-core annotated-types typing-inspection \
+  # needs Composition alone (reduced formulas): pymatgen-core and what importing it needs;
+  # typing-extensions at the version pydantic was locked with
+  wheels --no-deps pydantic pydantic-core annotated-types typing-inspection typing-extensions \
     pymatgen-core monty ruamel.yaml orjson
   .venv/bin/python - "$DEV/db_patterns.npz" <<'EOF'
 import importlib.util, sys
