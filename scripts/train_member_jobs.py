@@ -2,7 +2,7 @@
 
 For a machine with torch but without Ray or pymatgen (the device tool's GPU machine): each job
 is one ``train_member`` + prediction, exactly as an evaluation's Ray task runs it
-(``xrdmatch.training.evaluation._train_predict``), written under OUT in the cache layout of the
+(``xrdmatch.training.evaluation.train_predict``), written under OUT in the cache layout of the
 evaluation's --dir, so copying OUT into it makes the evaluation read these members.
 
     python scripts/train_member_jobs.py DIR --out OUT [--device cuda] [--workers 4]
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xrdmatch.training.evaluation import _train_predict, save_member_prediction
+from xrdmatch.training.evaluation import save_member_prediction, train_predict
 
 
 def main() -> None:
@@ -62,7 +62,7 @@ def main() -> None:
         dest.parent.mkdir(parents=True, exist_ok=True)
         train, predict = np.asarray(j["train"], np.int64), np.asarray(j["predict"], np.int64)
         sw = None if j["sample_weight"] is None else np.asarray(j["sample_weight"])
-        p, dt = _train_predict(X, y, U, j["training"], j["algorithm"], j["seed"], train, predict, sw, args.device)
+        p, dt = train_predict(X, y, U, j["training"], j["algorithm"], j["seed"], train, predict, sw, args.device)
         save_member_prediction(dest, p, predict, j["seed"])
         print(f"[{k}/{n}] {i}/{len(jobs)} {j['network']} {j['key']}: {dt:.1f} s on {args.device}", flush=True)
     print(f"[{k}/{n}] {len(jobs)} jobs in {time.time() - t_all:.0f} s", flush=True)

@@ -104,9 +104,11 @@ def inner_seed(base: int, repeat: int, fold: int) -> int:
     return int(base) + 7919 * (repeat + 1) + fold
 
 
-def _train_predict(X, y, X_unlab, tcfg_json: dict, algorithm: str, seed: int, train, predict, sample_weight,
-                   device: str = "cpu"):
-    """Runs in a Ray worker: train one member with the training core, return P(superionic)."""
+def train_predict(X, y, X_unlab, tcfg_json: dict, algorithm: str, seed: int, train, predict, sample_weight,
+                  device: str = "cpu"):
+    """One member job: train with the training core, return P(superionic) of ``predict`` and the
+    seconds it took. Runs in a Ray task, or in process on a machine without Ray
+    (scripts/train_member_jobs.py)."""
     from xrdmatch.training.ensemble import Ensemble
     from xrdmatch.training.trainer import train_member
 
@@ -156,7 +158,7 @@ def run_jobs(
 
     ray = init_ray(cfg.ray.address, cfg.ray.num_cpus)
     options, device = member_task_options(tcfg)
-    task = ray.remote(max_retries=1, **options)(_train_predict)
+    task = ray.remote(max_retries=1, **options)(train_predict)
     X_ref, y_ref, U_ref = ray.put(X), ray.put(y), ray.put(X_unlab)
     tcfg_json = tcfg.model_dump(mode="json")
     pending = {
