@@ -37,9 +37,8 @@ prepare)
   pyv=${DEVICE_PYTHON:-3.12}
   mkdir -p "$DEV" && find "$DEV" -mindepth 1 -maxdepth 1 ! -name done -exec rm -rf {} +  # keep done/
   mkdir -p "$DEV/whl"
-  # what the device lacks (its image has torch), with dependencies, at requirements.lock's
-  # versions, so the device runs what CI runs; binary wheels only (the device cannot build), for
-  # the device's Python and platform
+  # wheels at requirements.lock's versions, so the device runs what CI runs; binary only (the
+  # device cannot build), for the device's Python and platform
   wheels() {
     .venv/bin/python -m pip download -q --disable-pip-version-check --only-binary=:all: -c requirements.lock \
       --python-version "$pyv" --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
@@ -62,7 +61,6 @@ np.savez_compressed(sys.argv[1], X=x)
 print(f"{sys.argv[1]}: {x.shape[0]} database patterns")
 EOF
   # the vgg16_paper members of the network comparison, with their data (no Ray or pymatgen there)
-  rm -rf "$DEV/jobs"
   .venv/bin/python $ACC --networks "${GPU_NETWORK:-vgg16_paper}" --export-jobs "$DEV/jobs"
   ls "$DEV/whl"
   mb=$(du -sm "$DEV" | cut -f1)
