@@ -267,7 +267,8 @@ def _kill_after_first_member(args, cache_dir, timeout=240):
     t0 = time.time()
     try:
         while time.time() - t0 < timeout and proc.poll() is None:
-            if cache_dir.is_dir() and any(cache_dir.glob("*.npz")):
+            # a finished member, not the .tmp.npz it is written to before its atomic rename
+            if cache_dir.is_dir() and any(not f.name.endswith(".tmp.npz") for f in cache_dir.glob("*.npz")):
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.05)
