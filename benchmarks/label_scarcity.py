@@ -25,7 +25,7 @@ import numpy as np
 
 from xrdmatch.config import load_config
 from xrdmatch.training.evaluation import (
-    MemberJob, _cache_dir, _digest, inner_seed, load_eval_data, member_seed, run_jobs, training_config,
+    MemberJob, inner_seed, load_eval_data, member_digest, member_seed, members_dir, run_jobs, training_config,
 )
 from xrdmatch.training.metrics import binary_metrics, calls, summarise_repeats
 from xrdmatch.training.splits import repeated_grouped_splits, subsample_groups
@@ -64,9 +64,9 @@ def main() -> None:
             for a in ALGORITHMS:
                 j = MemberJob(job_key(share, s.repeat, s.fold, a), a, member_seed(ev.seed, s.repeat, s.fold, 0),
                               tr, s.test)
-                j.digest = _digest(j, tcfg, data.data_hash, data.unlab_hash)
+                j.digest = member_digest(j, tcfg, data.data_hash, data.unlab_hash)
                 jobs.append(j)
-    probs = run_jobs(jobs, data.X, data.y, data.X_unlab, tcfg, _cache_dir(cfg, "grouped-cv"), cfg, log)
+    probs = run_jobs(jobs, data.X, data.y, data.X_unlab, tcfg, members_dir(cfg, "grouped-cv"), cfg, log)
 
     print(f"grouped-cv: {ev.folds} folds x {ev.repeats} repeats by reduced formula (seed {ev.seed}); single "
           f"{tcfg.network} models, {tcfg.iterations} iterations, unlabelled {data.unlab_source}; "

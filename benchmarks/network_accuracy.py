@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from xrdmatch.config import load_config
-from xrdmatch.training.evaluation import evaluate_grouped_cv, grouped_cv_jobs, load_eval_data, training_config
+from xrdmatch.training.evaluation import evaluate_grouped_cv, load_eval_data, plan_grouped_cv, training_config
 
 
 def main() -> None:
@@ -60,12 +60,12 @@ def main() -> None:
         })
         if data is None:  # the same labelled set and unlabelled sample for every network
             data = load_eval_data(cfg, training_config(cfg), print)
-        cache, tcfg, jobs = grouped_cv_jobs(cfg, data)
-        todo = [j for j in jobs if not (cache / j.cache_name()).is_file()]
+        plan = plan_grouped_cv(cfg, data)
+        todo = plan.uncached()
         if args.export_jobs:
-            exports.append((net, cache, tcfg, todo))
+            exports.append((net, plan.cache_dir, plan.tcfg, todo))
             continue
-        cached[net] = (len(jobs) - len(todo), len(jobs))
+        cached[net] = (len(plan.jobs) - len(todo), len(plan.jobs))
         t0 = time.time()
         results[net] = evaluate_grouped_cv(cfg, data=data, log_fn=progress)
         walls[net] = time.time() - t0

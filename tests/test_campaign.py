@@ -94,7 +94,7 @@ def test_training_key_and_member_cache_change_with_the_training_code(monkeypatch
     cfg = Config()
     lin = {"lineage.labelled_hash": "a" * 16, "lineage.unlabelled_hash": "b" * 16}
     job = evaluation.MemberJob("r0/f0/full/flexmatch/m0", "flexmatch", 3, np.arange(5), np.arange(5, 8))
-    before = training_key(cfg, lin), evaluation._digest(job, TrainingConfig(), "d" * 16, "u" * 16)
+    before = training_key(cfg, lin), evaluation.member_digest(job, TrainingConfig(), "d" * 16, "u" * 16)
     assert fingerprint.code_fingerprint.__wrapped__() == fingerprint.code_fingerprint()  # stable
     source = open(trainer.__file__).read()
     edited = tmp_path / "trainer.py"
@@ -107,7 +107,7 @@ def test_training_key_and_member_cache_change_with_the_training_code(monkeypatch
     assert new != fingerprint.code_fingerprint()
     monkeypatch.setattr(fingerprint, "code_fingerprint", lambda: new)
     monkeypatch.setattr(evaluation, "code_fingerprint", lambda: new)
-    after = training_key(cfg, lin), evaluation._digest(job, TrainingConfig(), "d" * 16, "u" * 16)
+    after = training_key(cfg, lin), evaluation.member_digest(job, TrainingConfig(), "d" * 16, "u" * 16)
     assert after[0] != before[0] and after[1] != before[1]
 
 

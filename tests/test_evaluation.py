@@ -117,15 +117,15 @@ def test_paper_pool_replays_numpy_seed_0(labelled):
 
 def test_grouped_cv_plan_never_trains_or_selects_on_the_test_fold(labelled):
     from xrdmatch.config import load_config
-    from xrdmatch.training.evaluation import EvalData, parse_methods, plan_grouped_cv, training_config
+    from xrdmatch.training.evaluation import EvalData, plan_grouped_cv, training_config
 
     cfg = load_config(None, {"evaluation": {"threshold_selection": "inner", "folds": 5, "repeats": 2}})
     tcfg = training_config(cfg)
     data = EvalData(X=labelled.X, y=labelled.y, ids=labelled.ids, formulas=labelled.formulas,
                     groups=np.asarray(labelled.groups), X_unlab=labelled.X[:4], data_hash="d", unlab_hash="u",
                     unlab_source="test")
-    methods = parse_methods(cfg.evaluation.methods, tcfg.ensemble_size)
-    splits, jobs, inner = plan_grouped_cv(cfg, tcfg, data, methods)
+    plan = plan_grouped_cv(cfg, data)
+    splits, jobs, inner = plan.splits, plan.jobs, plan.inner
     by_fold = {(s.repeat, s.fold): s for s in splits}
     # supervised 1 + fixmatch 1 + flexmatch 5 (the single flexmatch model is member 0), x2 phases
     assert len(jobs) == len(splits) * 2 * (1 + 1 + tcfg.ensemble_size)
@@ -365,7 +365,7 @@ def test_members_trained_elsewhere_are_the_members_ray_trains(tmp_path, ray_loca
     import sys
 
     from xrdmatch.config import load_config
-    from xrdmatch.training.evaluation import evaluate_grouped_cv, grouped_cv_jobs, load_eval_data, training_config
+    from xrdmatch.training.evaluation import evaluate_grouped_cv, load_eval_data, plan_grouped_cv, training_config
 
     cfg_path = _tiny_config(tmp_path, run_dir=shared_run)
     dest, jobs_dir, out = tmp_path / "acc", tmp_path / "jobs", tmp_path / "out"
@@ -384,14 +384,16 @@ def test_members_trained_elsewhere_are_the_members_ray_trains(tmp_path, ray_loca
             "evaluation": {"methods": ["supervised", "flexmatch"], "iterations": 2, "folds": 2, "repeats": 1}}
     ref = load_config(cfg_path, {**over, "run_dir": str(tmp_path / "ref")})
     evaluate_grouped_cv(ref)
-    ref_cache, tcfg, jobs = grouped_cv_jobs(ref, load_eval_data(ref, training_config(ref), print))
+    ref_plan = plan_grouped_cv(ref, load_eval_data(ref, training_config(ref), print))
     cfg = load_config(cfg_path, {**over, "run_dir": str(dest / "fast")})
-    cache, _, jobs2 = grouped_cv_jobs(cfg, load_eval_data(cfg, training_config(cfg), print))
-    assert [j.cache_name() for j in jobs] == [j.cache_name() for j in jobs2] and len(jobs) == 4
+    plan = plan_grouped_cv(cfg, load_eval_data(cfg, training_config(cfg), print))
+    jobs = ref_plan.jobs
+    assert [j.cache_name() for j in jobs] == [j.cache_name() for j in plan.jobs] and len(jobs) == 4
+    assert not plan.uncached() and not ref_plan.uncached()
     for j in jobs:
-        with np.load(cache / j.cache_name()) as a, np.load(ref_cache / j.cache_name()) as b:
+        with np.load(plan.cache_dir / j.cache_name()) as a, np.load(ref_plan.cache_dir / j.cache_name()) as b:
             assert np.array_equal(a["p"], b["p"]) and np.array_equal(a["predict"], b["predict"]), j.key
-    assert not list(cache.glob("*.tmp.npz"))
+    assert not list(plan.cache_dir.glob("*.tmp.npz"))
 
 
 def _client(cfg_path):

@@ -25,7 +25,7 @@ def champion_metrics(cfg: Config, ls, weights: np.ndarray, X_unlab: np.ndarray,
     """``grouped_cv_<metric>`` for the labelled set ``ls`` (empty when ``eval_folds`` < 2)."""
     from xrdmatch.platform.paths import RunPaths
     from xrdmatch.training.ensemble import member_seeds
-    from xrdmatch.training.evaluation import MemberJob, _digest, combine, run_jobs
+    from xrdmatch.training.evaluation import MemberJob, combine, member_digest, run_jobs
     from xrdmatch.training.metrics import binary_metrics, calls
     from xrdmatch.training.splits import grouped_stratified_kfold
 
@@ -49,7 +49,7 @@ def champion_metrics(cfg: Config, ls, weights: np.ndarray, X_unlab: np.ndarray,
     for k, (tr, te) in enumerate(splits):
         for m, seed in enumerate(member_seeds(tcfg)):
             j = MemberJob(f"champion/f{k}/m{m}", tcfg.algorithm, seed + 101 * k, tr, te, sample_weight=w[tr])
-            j.digest = _digest(j, tcfg, data_hash, unlab_hash)
+            j.digest = member_digest(j, tcfg, data_hash, unlab_hash)
             jobs.append(j)
     cache = Path(cache_dir) if cache_dir is not None else RunPaths.of(cfg.run_dir).root / "champion" / "members"
     probs = run_jobs(jobs, X, y, U, tcfg, cache, cfg, log or (lambda s: None))

@@ -75,13 +75,14 @@ class MemberJob:
     train: np.ndarray
     predict: np.ndarray
     sample_weight: np.ndarray | None = None
-    digest: str = ""  # cache key, filled by _digest
+    digest: str = ""  # cache key, filled by member_digest
 
     def cache_name(self) -> str:
         return f"{self.key.replace('/', '_')}-{self.digest}.npz"
 
 
-def _digest(job: MemberJob, tcfg: TrainingConfig, data_hash: str, unlab_hash: str) -> str:
+def member_digest(job: MemberJob, tcfg: TrainingConfig, data_hash: str, unlab_hash: str) -> str:
+    """The job's cache key: everything that determines its prediction, the training code included."""
     h = hashlib.sha256()
     h.update(code_fingerprint().encode())  # a member cached by other code is trained again
     h.update(json.dumps(tcfg.result_settings(), sort_keys=True).encode())
@@ -126,6 +127,11 @@ def save_member_prediction(path: Path, p: np.ndarray, predict: np.ndarray, seed:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, p=p, predict=predict, seed=seed)
     os.replace(tmp, path)
+
+
+def uncached(jobs: list[MemberJob], cache_dir: Path) -> list[MemberJob]:
+    """The jobs whose prediction ``cache_dir`` does not hold yet."""
+    return [j for j in jobs if not (cache_dir / j.cache_name()).is_file()]
 
 
 def run_jobs(
@@ -248,7 +254,23 @@ def combine(p_members: np.ndarray, vote_fraction: float, threshold: float = 0.5)
 # ------------------------------------------------------------------ grouped CV
 
 
-def plan_grouped_cv(cfg: Config, tcfg: TrainingConfig, data: EvalData, methods: list[Method]):
+@dataclass
+class GroupedCVPlan:
+    """Everything ``evaluate_grouped_cv`` trains or reads, fixed before any training: another
+    machine can train the members (``uncached``) into ``cache_dir``, e.g. a GPU without Ray."""
+
+    tcfg: TrainingConfig
+    methods: list[Method]
+    splits: list
+    jobs: list[MemberJob]
+    inner: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]  # (repeat, fold) -> (train, validation)
+    cache_dir: Path
+
+    def uncached(self) -> list[MemberJob]:
+        return uncached(self.jobs, self.cache_dir)
+
+
+def plan_grouped_cv(cfg: Config, data: EvalData) -> GroupedCVPlan:
     """Outer splits, every member training job, and the inner (train, validation) split per fold.
 
     "full" jobs train on the outer training fold and predict its test fold; "inner" jobs (only
@@ -256,6 +278,8 @@ def plan_grouped_cv(cfg: Config, tcfg: TrainingConfig, data: EvalData, methods: 
     Members shared by methods (the single model = member 0 of the ensemble) are trained once.
     """
     ev = cfg.evaluation
+    tcfg = training_config(cfg)
+    methods = parse_methods(ev.methods, tcfg.ensemble_size)
     splits = repeated_grouped_splits(data.y, data.groups, ev.folds, ev.repeats, ev.seed)
     need = {a: max([m.members for m in methods if m.algorithm == a], default=0) for a in ALGORITHMS}
     jobs: list[MemberJob] = []
@@ -273,16 +297,8 @@ def plan_grouped_cv(cfg: Config, tcfg: TrainingConfig, data: EvalData, methods: 
                     jobs.append(MemberJob(f"r{s.repeat}/f{s.fold}/{phase}/{a}/m{m}", a,
                                           member_seed(ev.seed, s.repeat, s.fold, m), tr, pr))
     for j in jobs:
-        j.digest = _digest(j, tcfg, data.data_hash, data.unlab_hash)
-    return splits, jobs, inner
-
-
-def grouped_cv_jobs(cfg: Config, data: EvalData) -> tuple[Path, TrainingConfig, list[MemberJob]]:
-    """What ``evaluate_grouped_cv`` with this config and data trains (or reads from the cache
-    folder returned first): lets another machine train the members, e.g. a GPU without Ray."""
-    tcfg = training_config(cfg)
-    _, jobs, _ = plan_grouped_cv(cfg, tcfg, data, parse_methods(cfg.evaluation.methods, tcfg.ensemble_size))
-    return _cache_dir(cfg, "grouped-cv"), tcfg, jobs
+        j.digest = member_digest(j, tcfg, data.data_hash, data.unlab_hash)
+    return GroupedCVPlan(tcfg, methods, splits, jobs, inner, members_dir(cfg, "grouped-cv"))
 
 
 def evaluate_grouped_cv(cfg: Config, data: EvalData | None = None, log_fn: LogFn | None = None) -> dict[str, Any]:
@@ -295,11 +311,11 @@ def evaluate_grouped_cv(cfg: Config, data: EvalData | None = None, log_fn: LogFn
     t_start = time.time()
     ev = cfg.evaluation
     tcfg = training_config(cfg)
-    methods = parse_methods(ev.methods, tcfg.ensemble_size)  # fail before any work
+    parse_methods(ev.methods, tcfg.ensemble_size)  # fail before any work
     data = data or load_eval_data(cfg, tcfg, log)
-    splits, jobs, inner = plan_grouped_cv(cfg, tcfg, data, methods)
-    cache = _cache_dir(cfg, "grouped-cv")
-    probs = run_jobs(jobs, data.X, data.y, data.X_unlab, tcfg, cache, cfg, log)
+    plan = plan_grouped_cv(cfg, data)
+    methods, splits, jobs, inner = plan.methods, plan.splits, plan.jobs, plan.inner
+    probs = run_jobs(jobs, data.X, data.y, data.X_unlab, tcfg, plan.cache_dir, cfg, log)
 
     per_fold: list[dict[str, Any]] = []
     preds: dict[str, dict[str, list]] = {m.name: _empty_pred_cols() for m in methods}
@@ -371,8 +387,8 @@ def evaluate_paper(cfg: Config, data: EvalData | None = None, log_fn: LogFn | No
         for i in range(n_members):
             jobs.append(MemberJob(f"paper/{a}/m{i}", a, member_seed(ev.seed, 0, 0, i), draws[i], everything))
     for j in jobs:
-        j.digest = _digest(j, tcfg, data.data_hash, data.unlab_hash)
-    probs = run_jobs(jobs, data.X, data.y, data.X_unlab, tcfg, _cache_dir(cfg, "paper"), cfg, log)
+        j.digest = member_digest(j, tcfg, data.data_hash, data.unlab_hash)
+    probs = run_jobs(jobs, data.X, data.y, data.X_unlab, tcfg, members_dir(cfg, "paper"), cfg, log)
 
     results, preds = [], {}
     for m in methods:
@@ -432,7 +448,8 @@ def evaluate_paper(cfg: Config, data: EvalData | None = None, log_fn: LogFn | No
 # ------------------------------------------------------------------ helpers
 
 
-def _cache_dir(cfg: Config, protocol: str) -> Path:
+def members_dir(cfg: Config, protocol: str) -> Path:
+    """Where a protocol caches its members' predictions under the run directory."""
     from xrdmatch.platform.paths import RunPaths
 
     return RunPaths.of(cfg.run_dir).root / "evaluation" / protocol / "members"
