@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+sys.path.insert(0, str(README.parent))  # the repository's package, also where it is not installed (a GPU image)
+
+from xrdmatch.platform.machine import cpu_model  # noqa: E402
 
 
 def machine() -> str:
@@ -32,18 +35,6 @@ def machine() -> str:
     except Exception:  # noqa: BLE001 - torch is optional here
         gpu = "no GPU"
     return f"{platform.machine()} ({cpu_model()}), {os.cpu_count()} CPUs, {gpu}, Python {platform.python_version()}"
-
-
-def cpu_model() -> str:
-    """The CPU's model name: trained weights, hence metrics, differ in their last bits between
-    CPU models (the math library picks other kernels), and timings differ by much more."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU model unknown"
 
 
 def replace_block(text: str, name: str, body: str) -> str:

@@ -494,12 +494,13 @@ def _meta(cfg: Config, tcfg: TrainingConfig, data: EvalData, t_start: float, n_j
     import torch
 
     import xrdmatch
+    from xrdmatch.platform.machine import cpu_model
 
     return {
         "wall_time_s": round(time.time() - t_start, 1),
         "machine": {
             "node": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "cpu": cpu_model(), "cpus": os.cpu_count(), "torch": torch.__version__, "cuda": torch.cuda.is_available(),
             "ray_address": cfg.ray.address or os.environ.get("RAY_ADDRESS"),
         },
         "member_trainings": n_jobs,
@@ -567,7 +568,7 @@ def results_markdown(result: dict[str, Any]) -> str:
     lines += ["", note,
               f"Network {t['network']}, {t['iterations']} iterations, unlabelled {result['data']['unlabelled']}; "
               f"{result['member_trainings']} member trainings, wall time {result['wall_time_s'] / 60:.1f} min on "
-              f"{m['cpus']} CPUs ({m['platform']}, cuda={m['cuda']}), finished {result['finished_utc']}."]
+              f"{m['cpus']} CPUs{' of ' + m['cpu'] if m.get('cpu') else ''} ({m['platform']}, cuda={m['cuda']}), finished {result['finished_utc']}."]
     return "\n".join(lines) + "\n"
 
 
