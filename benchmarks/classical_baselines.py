@@ -149,7 +149,7 @@ def main() -> None:
     if "fast network (supervised)" in rows and best != "fast network (supervised)":
         net = {(r["repeat"], r["fold"]): r["macro_f1"] for r in rows["fast network (supervised)"]}
         d = np.array([r["macro_f1"] - net[(r["repeat"], r["fold"])] for r in rows[best]])
-        print(f"{best} - fast network, paired per fold (n={len(d)}): mean {d.mean():+.3f}, std {d.std():.3f}, "
+        print(f"{best} - fast network, paired per fold (n={len(d)}): mean {d.mean():+.3f}, std {d.std(ddof=1):.3f}, "
               f"better in {(d > 0).sum()}/{len(d)} folds")
     # learning curve of the best classical model: does the score still climb with more labels?
     if best in models(ev.seed):

@@ -89,7 +89,7 @@ def main() -> None:
         diffs = []
         for a in ALGORITHMS[1:]:
             d = np.array([r["macro_f1"] for r in rows[(share, a)]]) - sup
-            diffs.append(f"{a} {d.mean():+.3f} ± {d.std():.3f} (better in {(d > 0).sum()}/{len(d)})")
+            diffs.append(f"{a} {d.mean():+.3f} ± {d.std(ddof=1):.3f} (better in {(d > 0).sum()}/{len(d)})")
         print(f"{share:>4.0%} of the labels, macro-F1 minus supervised, paired per fold: " + ";  ".join(diffs))
     print(f"{len(jobs)} member trainings, wall time {(time.time() - t0) / 60:.1f} min")
 
