@@ -129,11 +129,6 @@ def save_member_prediction(path: Path, p: np.ndarray, predict: np.ndarray, seed:
     os.replace(tmp, path)
 
 
-def uncached(jobs: list[MemberJob], cache_dir: Path) -> list[MemberJob]:
-    """The jobs whose prediction ``cache_dir`` does not hold yet."""
-    return [j for j in jobs if not (cache_dir / j.cache_name()).is_file()]
-
-
 def run_jobs(
     jobs: list[MemberJob],
     X: np.ndarray,
@@ -267,7 +262,8 @@ class GroupedCVPlan:
     cache_dir: Path
 
     def uncached(self) -> list[MemberJob]:
-        return uncached(self.jobs, self.cache_dir)
+        """The jobs whose prediction ``cache_dir`` does not hold yet."""
+        return [j for j in self.jobs if not (self.cache_dir / j.cache_name()).is_file()]
 
 
 def plan_grouped_cv(cfg: Config, data: EvalData) -> GroupedCVPlan:
