@@ -26,10 +26,18 @@ ENTRY = REPO / "docker" / "entrypoint.sh"
 VENV_BIN = Path(sys.executable).parent
 
 
+# ports Ray takes by default on every node (dashboard agent 52365 is inside Linux's ephemeral range)
+RAY_DEFAULT_PORTS = {6379, 8265, 10001, 52365, *range(10002, 20000)}
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port that no Ray component of the head or worker claims by default."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 def _env(**extra) -> dict[str, str]:
