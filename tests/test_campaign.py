@@ -416,3 +416,53 @@ def test_a_candidate_md_could_only_fail_is_recorded_and_the_stage_goes_on(tmp_pa
     (cand,) = store.candidates(1)
     assert cand.verdict == "failed" and "too close" in json.loads(cand.detail_json)["error"]
     assert queue.list_jobs(url) == []
+
+
+def test_register_resumed_after_a_crash_between_version_and_aliases_settles_the_version(tmp_path, labelled):
+    """log_model creates the registered version before its tags and aliases exist; a campaign
+    killed in between must, on resume, tag and promote that version (the first one: champion),
+    not leave a registry without a champion. Resuming again changes nothing."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from xrdmatch.config import TrainingConfig, load_config
+    from xrdmatch.platform.campaign import Context, stage_register
+    from xrdmatch.platform.paths import RunPaths
+    from xrdmatch.platform.registry import log_version
+    from xrdmatch.platform.tracking import configure
+    from xrdmatch.training.ensemble import train_ensemble
+
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run")})
+    paths = RunPaths.of(cfg.run_dir)
+    cfg.tracking.tracking_uri = paths.mlflow_tracking_uri
+    ens = tmp_path / "ens"
+    train_ensemble(labelled.X, labelled.y, None, TrainingConfig(network="fast", algorithm="supervised", iterations=3,
+                   ensemble_size=1, batch_labelled=16, seed=0), use_ray=False).save(ens)
+    metrics, lineage = {cfg.tracking.promotion_metric: 0.6}, {"lineage.labelled_hash": "abc"}
+    store = CampaignStore(paths.store_url, "c1")
+    store.ensure_campaign(str(paths.root), {})
+    store.ensure_round(1)
+    store.start_stage(1, "train")
+    store.finish_stage(1, "train", {"model_dir": str(ens), "metrics": metrics, "lineage": lineage}, 0.0)
+    configure(cfg)
+    with mlflow.start_run(run_name="round-1") as run:
+        pass
+    version, _ = log_version(cfg, ens, lineage, run_id=run.info.run_id)  # the state a kill there leaves
+    client = MlflowClient()
+    name = cfg.tracking.registry_name
+    assert not client.get_model_version(name, version).aliases
+    assert "promotion.promoted" not in (client.get_model_version(name, version).tags or {})
+
+    ctx = Context(cfg, paths, store, paths.store_url, echo=lambda s: None, progress=False)
+    ctx.round_run_ids[1] = run.info.run_id
+    first, _ = stage_register(ctx, 1)
+    again, _ = stage_register(ctx, 1)
+    for res in (first, again):
+        assert res["resumed"] and res["version"] == version and res["promoted"] is True
+        assert res["aliases"] == ["challenger", "champion"]
+    mv = client.get_model_version(name, version)
+    assert mv.tags[f"metric.{cfg.tracking.promotion_metric}"] == "0.6" and mv.tags["lineage.labelled_hash"] == "abc"
+    assert mv.tags["promotion.previous_champion"] == "none"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == version
+    assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == [version]
+    assert client.get_run(run.info.run_id).data.tags["registry.promoted"] == "true"

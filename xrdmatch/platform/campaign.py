@@ -263,7 +263,7 @@ def _existing_version(cfg: Config, run_id: str):
 
 
 def stage_register(ctx: Context, rnd: int):
-    from xrdmatch.platform.registry import register_ensemble
+    from xrdmatch.platform.registry import register_ensemble, settle_version
 
     cfg = ctx.cfg
     tr = ctx.result(rnd, "train")
@@ -275,9 +275,9 @@ def stage_register(ctx: Context, rnd: int):
         return {**reg, "promoted": False, "resumed": False, "reused_from": tr["reused_from"]}, {}
     run_id = ctx.round_run_ids.get(rnd)
     prev = _existing_version(cfg, run_id) if run_id else None
-    if prev is not None:  # registered before a crash: never register twice
-        return {"name": prev.name, "version": str(prev.version), "aliases": sorted(prev.aliases or []),
-                "promoted": (prev.tags or {}).get("promotion.promoted") == "true",
+    if prev is not None:  # registered before a crash: never register twice, but finish tagging it
+        rv = settle_version(cfg, str(prev.version), tr.get("metrics", {}), tr.get("lineage", {}), run_id)
+        return {"name": rv.name, "version": rv.version, "aliases": rv.aliases, "promoted": rv.promoted,
                 "metrics": tr.get("metrics", {}), "resumed": True}, {}
     rv = register_ensemble(cfg, tr["model_dir"], tr.get("metrics", {}), tr.get("lineage", {}), run_id=run_id)
     return {"name": rv.name, "version": str(rv.version), "aliases": list(rv.aliases), "promoted": bool(rv.promoted),

@@ -136,20 +136,26 @@ def register_ensemble(cfg: Config, ensemble_dir: str | os.PathLike[str], metrics
     ``run_id``: log into that run (e.g. the training run); None: the active run, else a new
     ``register`` run. Returns the new version with its aliases and whether it became champion.
     """
+    version, this_run = log_version(cfg, ensemble_dir, lineage, run_id, input_example)
+    return settle_version(cfg, version, metrics, lineage, this_run)
+
+
+def log_version(cfg: Config, ensemble_dir: str | os.PathLike[str], lineage: dict[str, str],
+                run_id: str | None = None, input_example: np.ndarray | None = None) -> tuple[str, str]:
+    """Log the ensemble as a pyfunc model and register it: a new, still untagged version.
+
+    Returns (version, run id). ``settle_version`` does the rest; alone, this is the state a
+    crash between the two leaves behind.
+    """
     import mlflow
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
     ens = Path(ensemble_dir)
     if not ens.is_dir():
         raise FileNotFoundError(f"ensemble directory not found: {ens}")
     configure(cfg)
-    name = cfg.tracking.registry_name
     example = example_pattern() if input_example is None else np.atleast_2d(np.asarray(input_example, np.float64))
     from xrdmatch.platform.pyfunc_model import patterns_frame
 
-    clean_metrics = {k: f for k, v in metrics.items() if (f := _as_float(v)) is not None}
-    rule = promotion_rule(cfg)
     with _run_for(cfg, run_id, lineage) as run:
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
@@ -160,35 +166,57 @@ def register_ensemble(cfg: Config, ensemble_dir: str | os.PathLike[str], metrics
             pip_requirements=_pip_requirements(),
             model_config={"threshold": cfg.tracking.decision_threshold,
                           "vote_fraction": cfg.evaluation.vote_fraction},
-            registered_model_name=name,
+            registered_model_name=cfg.tracking.registry_name,
         )
-        mlflow.set_tags({"registry.model": name, "registry.promotion_rule": rule})
-        this_run = run.info.run_id
+        return str(info.registered_model_version), run.info.run_id
+
+
+def settle_version(cfg: Config, version: str, metrics: dict[str, float], lineage: dict[str, str],
+                   run_id: str) -> RegisteredVersion:
+    """Tag a registered version, decide its promotion and set its aliases; safe to run again.
+
+    ``log_model`` creates the version before any of this, so a crash in between leaves a bare
+    version; a resumed campaign calls this on it. The decision is made once: its tag
+    (``promotion.promoted``, written last of the tags) is reused on a rerun, never re-decided
+    against a champion that may by then be this very version.
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    configure(cfg)
     client = MlflowClient()
-    version = str(info.registered_model_version)
-    tags = {**{k: str(v) for k, v in lineage.items()},
-            **{_metric_tag(k): repr(v) for k, v in clean_metrics.items()},
-            "promotion.rule": rule, "promotion.metric": cfg.tracking.promotion_metric}
-    try:
-        champ = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champ = None
-    old = _as_float(champ.tags.get(_metric_tag(cfg.tracking.promotion_metric))) if champ is not None else None
-    new = clean_metrics.get(cfg.tracking.promotion_metric)
-    promoted = champ is None or beats(new, old, cfg.tracking.promotion_min_delta,
-                                      cfg.tracking.promotion_greater_is_better)
-    tags["promotion.previous_champion"] = str(champ.version) if champ is not None else "none"
-    tags["promotion.promoted"] = str(promoted).lower()
-    for k, v in tags.items():
-        client.set_model_version_tag(name, version, k, v)
+    name = cfg.tracking.registry_name
+    existing = client.get_model_version(name, version).tags or {}
+    clean_metrics = {k: f for k, v in metrics.items() if (f := _as_float(v)) is not None}
+    rule = promotion_rule(cfg)
+    if "promotion.promoted" in existing:
+        promoted = existing["promotion.promoted"] == "true"
+    else:
+        tags = {**{k: str(v) for k, v in lineage.items()},
+                **{_metric_tag(k): repr(v) for k, v in clean_metrics.items()},
+                "promotion.rule": rule, "promotion.metric": cfg.tracking.promotion_metric}
+        try:
+            champ = client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            champ = None
+        old = _as_float(champ.tags.get(_metric_tag(cfg.tracking.promotion_metric))) if champ is not None else None
+        new = clean_metrics.get(cfg.tracking.promotion_metric)
+        promoted = champ is None or beats(new, old, cfg.tracking.promotion_min_delta,
+                                          cfg.tracking.promotion_greater_is_better)
+        tags["promotion.previous_champion"] = str(champ.version) if champ is not None else "none"
+        tags["promotion.promoted"] = str(promoted).lower()  # last: its presence means all are written
+        for k, v in tags.items():
+            client.set_model_version_tag(name, version, k, v)
     client.set_registered_model_alias(name, CHALLENGER, version)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_tag(this_run, "registry.version", version)
-    client.set_tag(this_run, "registry.promoted", str(promoted).lower())
+    client.set_tag(run_id, "registry.model", name)
+    client.set_tag(run_id, "registry.promotion_rule", rule)
+    client.set_tag(run_id, "registry.version", version)
+    client.set_tag(run_id, "registry.promoted", str(promoted).lower())
     aliases = list(client.get_model_version(name, version).aliases)
     return RegisteredVersion(name=name, version=version, aliases=sorted(aliases), promoted=promoted,
-                             run_id=this_run, model_uri=f"models:/{name}/{version}")
+                             run_id=run_id, model_uri=f"models:/{name}/{version}")
 
 
 def promote(cfg: Config, version: str | int, alias: str = CHAMPION) -> None:
