@@ -18,6 +18,7 @@ import pytest
 pytest.importorskip("chgnet")
 
 from pymatgen.core import Lattice, Structure  # noqa: E402
+from pymatgen.io.ase import AseAtomsAdaptor  # noqa: E402
 
 from xrdmatch.config import ValidationConfig  # noqa: E402
 from xrdmatch.simulation.md import choose_supercell, read_frames  # noqa: E402
@@ -162,7 +163,7 @@ def test_thermostats_run_and_label(tmp_path, thermostat):
     cfg = tiny_cfg(thermostat=thermostat, temperatures=[1200.0], equilibration_steps=0, production_steps=6,
                    relax=relax, relax_steps=3)
     r = run_validation(li2o(), cfg, tmp_path, "li2o")
-    assert (tmp_path / "relaxed.traj").exists() == relax
+    assert (tmp_path / f"relaxed-{protocol_hash(cfg)}.traj").exists() == relax
     assert r.calculator == "chgnet" and r.method == "mlip-md" and r.n_atoms == 12
     assert r.temperatures_done == [1200.0]
     assert len(read_frames(tmp_path / "1200K" / "md.traj")) == 4  # frames at steps 0, 2, 4, 6
@@ -256,3 +257,36 @@ def test_protocol_hash_tracks_physics_only():
     assert protocol_hash(a) != protocol_hash(tiny_cfg(timestep_fs=1.0))
     assert protocol_hash(a) != protocol_hash(tiny_cfg(thermostat="langevin"))
     assert protocol_hash(a) != protocol_hash(tiny_cfg(temperatures=[1000.0, 1300.0]))
+    # the limits that stop a trajectory: a run stopped by one is not reused under another
+    assert protocol_hash(a) != protocol_hash(tiny_cfg(explode_temperature_factor=20.0))
+    assert protocol_hash(a) != protocol_hash(tiny_cfg(min_distance=0.3))
+
+
+def test_relaxation_renews_the_lease_every_step_and_stops_when_it_is_lost(tmp_path):
+    """A relaxation can outlast a lease: it beats on every optimizer step, and a lost lease
+    (the worker's heartbeat raises) stops it without leaving a relaxed checkpoint."""
+    from xrdmatch.simulation.calculators import get_calculator
+    from xrdmatch.simulation.md import relax
+
+    cfg = tiny_cfg(relax=True, relax_steps=4, relax_fmax=1e-6)
+    calc, _ = get_calculator(cfg.calculator, cfg.calculator_kwargs, device="cpu", threads=1, method=cfg.method)
+    atoms = AseAtomsAdaptor.get_atoms(li2o(4.5))
+    atoms.rattle(0.05, seed=0)  # off the symmetric minimum, so the optimizer takes every step
+    beats = []
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    relax(atoms, calc, cfg, tmp_path / "a", "p1", heartbeat=lambda: beats.append(1))
+    assert len(beats) >= cfg.relax_steps and (tmp_path / "a" / "relaxed-p1.traj").exists()
+
+    class LeaseLost(RuntimeError):
+        pass
+
+    def lost_after_two():
+        beats.append(1)
+        if len(beats) > 2:
+            raise LeaseLost("taken over")
+
+    beats.clear()
+    with pytest.raises(LeaseLost):
+        relax(atoms, calc, cfg, tmp_path / "b", "p1", heartbeat=lost_after_two)
+    assert not list((tmp_path / "b").glob("relaxed*"))

@@ -89,6 +89,16 @@ def test_claim_order_lease_expiry_and_lost_worker(store_url):
     assert j3.id == high and j3.worker_id == "w3" and j3.attempts == 2
     assert j3.progress["step"] == 3  # progress survives for the resume / ETA
     assert not queue.heartbeat(store_url, high, "w1", lease_s=60)  # w1 learns it lost the job
+    # nor can the stale w1 end the job w3 now runs: neither fail it nor finish it with a label
+    from xrdmatch.platform.labels import label_from_result
+
+    assert not queue.fail(store_url, high, "w1", "MD exploded")
+    lab = label_from_result(_result("high"), protocol_hash=j3.protocol_hash, job_id=high, record=j3.record)
+    assert not queue.complete(store_url, high, "w1", _result("high"), lab)
+    assert queue.get_job(store_url, high).state == "running" and list_labels(store_url) == []
+    assert queue.heartbeat(store_url, high, "w3", lease_s=60)
+    assert queue.complete(store_url, high, "w3", _result("high"), lab)
+    assert [lb.structure_id for lb in list_labels(store_url)] == ["high"]
 
 
 def test_job_that_keeps_losing_workers_fails_after_max_attempts(store_url):
@@ -100,6 +110,12 @@ def test_job_that_keeps_losing_workers_fails_after_max_attempts(store_url):
     assert queue.claim(store_url, "w3", lease_s=60, max_attempts=2) is None
     job = queue.get_job(store_url, jid)
     assert job.state == "failed" and "lease expired" in job.error
+    # the last worker finishing late does not put a label on a failed job
+    from xrdmatch.platform.labels import label_from_result
+
+    lab = label_from_result(_result("li3n"), protocol_hash=job.protocol_hash, job_id=jid, record=job.record)
+    assert not queue.complete(store_url, jid, "w2", _result("li3n"), lab)
+    assert queue.get_job(store_url, jid).state == "failed" and list_labels(store_url) == []
 
 
 def _result(sid: str, verdict: str = "superionic") -> dict:

@@ -199,6 +199,15 @@ def _log_mlflow_once(cfg, job, state, result, error) -> str | Exception:
         return err
 
 
+def _lost(out: JobOutcome, job: queue.Job, worker_id: str, what: str) -> JobOutcome:
+    """The job stopped being this worker's before it could record its end: record nothing."""
+    out.state = "lost"
+    out.error = (f"job {job.id} ({job.structure_id}) {what} on {worker_id} after its lease was taken over or "
+                 f"expired; not recorded (the job's owner or a requeue records it, reusing the MD checkpoint)")
+    log.warning("%s", out.error)
+    return out
+
+
 def process_job(cfg: Config, url: str, job: queue.Job, worker_id: str) -> JobOutcome:
     """Run one claimed job to its end state: done (+ label), inconclusive, or failed with a reason."""
     t0 = time.monotonic()
@@ -227,8 +236,9 @@ def process_job(cfg: Config, url: str, job: queue.Job, worker_id: str) -> JobOut
         if not expected:  # a crash inside MD: keep the place it happened
             tb = traceback.extract_tb(err.__traceback__)[-1]
             reason += f" (at {Path(tb.filename).name}:{tb.lineno})"
+        if not queue.fail(url, job.id, worker_id, reason):
+            return _lost(out, job, worker_id, f"failed ({reason})")
         log.warning("validation job %s (%s) failed: %s", job.id, job.structure_id, reason)
-        queue.fail(url, job.id, worker_id, reason)
         out.error = reason
         out.mlflow_run_id = _log_mlflow(cfg, job, "failed", None, reason)
         if out.mlflow_run_id:
@@ -238,7 +248,8 @@ def process_job(cfg: Config, url: str, job: queue.Job, worker_id: str) -> JobOut
     res = result.to_dict()
     label = label_from_result(res, protocol_hash=job.protocol_hash, job_id=job.id, record=job.record,
                               campaign_round=job.campaign_round, source=f"validation job {job.id} by {worker_id}")
-    queue.complete(url, job.id, worker_id, res, label)
+    if not queue.complete(url, job.id, worker_id, res, label):
+        return _lost(out, job, worker_id, f"finished ({res.get('verdict')})")
     out.state = "done" if label is not None else "inconclusive"
     out.verdict = res.get("verdict")
     out.error = None if label is not None else res.get("reason")

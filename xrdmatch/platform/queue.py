@@ -314,8 +314,11 @@ def complete(url: str, job_id: int, worker_id: str, result: dict[str, Any], labe
     """Record a finished validation and its label in one transaction.
 
     ``label`` None (an inconclusive result) ends the job ``inconclusive`` with no label.
-    Idempotent: the label is keyed by (structure id, protocol hash), and a job already
-    finished keeps its first result. Returns True if this call finished the job.
+    Only the worker running the job can finish it: one whose lease expired and was taken over
+    (or failed by the lease sweep) gets False and writes nothing, so a label never exists for
+    a job that is not ``done``. Idempotent: the label is keyed by (structure id, protocol
+    hash), and a job already finished keeps its first result. Returns True if this call
+    finished the job.
     """
     eng = _engine(url)
     state = "done" if label is not None else "inconclusive"
@@ -323,24 +326,30 @@ def complete(url: str, job_id: int, worker_id: str, result: dict[str, Any], labe
         now = now_sql(conn)
         res = conn.execute(
             update(JobRow)
-            .where(JobRow.id == job_id, JobRow.state.in_(("queued", "running")))
+            .where(JobRow.id == job_id, JobRow.state == "running", JobRow.worker_id == worker_id)
             .values(state=state, result_json=json.dumps(result), verdict=result.get("verdict"),
                     sigma_300=_float(result.get("sigma_300")), error=result.get("reason") if label is None else None,
                     finished_at=now, lease_expires=None, mlflow_run_id=mlflow_run_id)
         )
+        if res.rowcount != 1:
+            return False
         if label is not None:
             insert_label(conn, label)
-        return res.rowcount == 1
+        return True
 
 
 def fail(url: str, job_id: int, worker_id: str, reason: str) -> bool:
-    """End a job as failed with its reason (bad input, calculator missing, crash in MD)."""
+    """End a job as failed with its reason (bad input, calculator missing, crash in MD).
+
+    Like ``complete``, only for the worker running it: a stale worker cannot fail a job that
+    another worker has taken over. Returns True if this call failed the job.
+    """
     eng = _engine(url)
     with eng.begin() as conn:
         now = now_sql(conn)
         res = conn.execute(
             update(JobRow)
-            .where(JobRow.id == job_id, JobRow.state.in_(("queued", "running")))
+            .where(JobRow.id == job_id, JobRow.state == "running", JobRow.worker_id == worker_id)
             .values(state="failed", error=str(reason)[:4000], finished_at=now, lease_expires=None)
         )
         return res.rowcount == 1

@@ -213,12 +213,17 @@ def temperature_dir(workdir: Path, temperature: float) -> Path:
 # ---------------------------------------------------------------- relax
 
 
-def relax(atoms, calc, cfg: ValidationConfig, workdir: Path):
-    """Fixed-cell pre-relaxation (ase.optimize), checkpointed as workdir/relaxed.traj."""
+def relax(atoms, calc, cfg: ValidationConfig, workdir: Path, protocol: str = "", heartbeat=None):
+    """Fixed-cell pre-relaxation (ase.optimize), checkpointed as workdir/relaxed-<protocol>.traj.
+
+    The checkpoint is named by the protocol so that a workdir used by another protocol is
+    relaxed again, never reused; ``heartbeat`` is called after every optimizer step, since a
+    relaxation of a large cell can outlast a queue lease.
+    """
     from ase.io import read, write
     from ase.optimize import BFGS, FIRE
 
-    out = Path(workdir) / "relaxed.traj"
+    out = Path(workdir) / (f"relaxed-{protocol}.traj" if protocol else "relaxed.traj")
     if out.exists():
         relaxed = read(str(out))
         relaxed.calc = calc
@@ -226,8 +231,11 @@ def relax(atoms, calc, cfg: ValidationConfig, workdir: Path):
     atoms = atoms.copy()
     atoms.calc = calc
     opt = (FIRE if cfg.relax_optimizer == "FIRE" else BFGS)(atoms, logfile=None)
+    if heartbeat is not None:
+        heartbeat()
+        opt.attach(heartbeat, interval=1)
     opt.run(fmax=cfg.relax_fmax, steps=cfg.relax_steps)
-    tmp = out.with_name("relaxed.tmp.traj")
+    tmp = out.with_name(f"{out.stem}.tmp.traj")
     write(str(tmp), atoms)
     os.replace(tmp, out)
     return atoms

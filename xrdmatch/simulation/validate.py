@@ -78,6 +78,8 @@ PHYSICS_FIELDS = (
     "relax_optimizer",
     "relax_fmax",
     "relax_steps",
+    "explode_temperature_factor",  # both stop a trajectory (MD.check_and_write)
+    "min_distance",
 )
 
 
@@ -162,9 +164,7 @@ def run_validation(
     )
     atoms = prep.atoms
     if cfg.relax:
-        if heartbeat is not None:
-            heartbeat()
-        atoms = relax(atoms, calc, cfg, workdir)
+        atoms = relax(atoms, calc, cfg, workdir, protocol, heartbeat)
 
     runs, failures, analyses = [], [], []
     prior_md_s = 0.0  # MD seconds spent by earlier (killed) calls on this workdir
