@@ -466,3 +466,83 @@ def test_register_resumed_after_a_crash_between_version_and_aliases_settles_the_
     assert str(client.get_model_version_by_alias(name, "champion").version) == version
     assert [str(v.version) for v in client.search_model_versions(f"name='{name}'")] == [version]
     assert client.get_run(run.info.run_id).data.tags["registry.promoted"] == "true"
+
+
+def _round_one_store(tmp_path, cfg_overrides: dict, cands: list[dict]):
+    """A campaign store whose round 1 picked ``cands`` (select stage done)."""
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.campaign import Context
+    from xrdmatch.platform.paths import RunPaths
+
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"), **cfg_overrides})
+    paths = RunPaths.of(cfg.run_dir)
+    store = CampaignStore(paths.store_url, "c1")
+    store.ensure_campaign(str(paths.root), cfg.model_dump(mode="json"))
+    store.ensure_round(1)
+    store.start_stage(1, "select")
+    store.finish_stage(1, "select", {"picks": [c["structure_id"] for c in cands]}, 0.0, candidates=[
+        {"rank": r, "formula": "Li3N", "p_mean": 0.9, "p_std": 0.0, "score": 0.9, **c} for r, c in enumerate(cands)])
+    return cfg, store, Context(cfg, paths, store, paths.store_url, echo=lambda s: None, progress=False)
+
+
+def test_label_budget_counts_only_candidates_sent_to_md(tmp_path):
+    """A pick the queue refused (a failed candidate without a job) cost no MD: it does not use
+    up campaign.label_budget, neither in should_stop nor in how many the next round picks."""
+    import numpy as np
+    import pandas as pd
+
+    from xrdmatch.actors.screening import ScreeningResult, write_scores
+    from xrdmatch.platform.campaign import should_stop, stage_select
+    from xrdmatch.platform.patterns import PatternTable
+
+    cfg, store, ctx = _round_one_store(tmp_path, {"campaign": {"rounds": 5, "label_budget": 3}},
+                                       [{"structure_id": "sent"}, {"structure_id": "refused"}])
+    store.update_candidate("sent", job_id="1", verdict="superionic")
+    store.update_candidate("refused", verdict="failed", detail={"state": "refused", "error": "too close"})
+    assert should_stop(ctx, 2) is None
+    ctx.cfg = cfg.model_copy(update={"campaign": cfg.campaign.model_copy(update={"label_budget": 2})})
+    assert should_stop(ctx, 2) is None  # 1 of 2 sent to MD
+    store.update_candidate("refused", job_id="2")
+    assert should_stop(ctx, 2) == "label budget of 2 used"
+    store.update_candidate("refused", job_id=None)
+    ctx.cfg = cfg
+    # round 2 picks min(candidates_per_round = 2, budget 3 - 1 sent) = 2
+    ids = ["sent", "refused", "new-1", "new-2", "new-3"]
+    groups = ["Li3N", "Li2S", "Li5Au", "Li7Pt", "Li9Ir"]
+    ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
+    ctx._meta = pd.DataFrame({"group": groups, "elements": ["Li N", "Li S", "Au Li", "Li Pt", "Ir Li"],
+                              "n_sites": 4, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
+    p = np.asarray([0.99, 0.98, 0.9, 0.8, 0.7])
+    write_scores(ctx.scores_path(2), ids, groups, ScreeningResult(p_mean=p, p_std=np.zeros(5), votes=np.ones(5)))
+    store.ensure_round(2)
+    result, extra = stage_select(ctx, 2)
+    assert result["n_requested"] == 2 and result["picks"] == ["new-1", "new-2"]
+
+
+def test_only_a_done_job_gives_its_candidate_a_conductivity(tmp_path, database_path):
+    """An inconclusive MD result keeps its sigma on the job, not as the candidate's sigma(300 K)."""
+    import json
+    from itertools import islice
+
+    from xrdmatch.platform import queue
+    from xrdmatch.platform.campaign import stage_validate
+    from xrdmatch.platform.data import iter_jsonl_lines
+    from xrdmatch.platform.labels import label_from_result
+
+    recs = [json.loads(line) for _, line in islice(iter_jsonl_lines(database_path), 2)]
+    db = tmp_path / "db.jsonl"
+    db.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg, store, ctx = _round_one_store(tmp_path, {"database": {"path": str(db)}},
+                                       [{"structure_id": r["id"]} for r in recs])
+    for r, verdict in zip(recs, ("superionic", "inconclusive")):
+        jid = queue.submit(ctx.url, r["id"], r, cfg.validation)
+        job = queue.claim(ctx.url, "w1", lease_s=60)
+        assert job.id == jid
+        res = {"structure_id": r["id"], "formula": r["formula"], "verdict": verdict, "reason": "test",
+               "method": "mlip-md", "sigma_300": 1e-3}
+        queue.complete(ctx.url, jid, "w1", res, label_from_result(res, protocol_hash=job.protocol_hash,
+                                                                    job_id=jid, record=r))
+    result, _ = stage_validate(ctx, 1)
+    assert result["states"] == {recs[0]["id"]: "done", recs[1]["id"]: "inconclusive"}
+    got = {c.structure_id: (c.verdict, c.sigma_300k) for c in store.candidates(1)}
+    assert got == {recs[0]["id"]: ("superionic", 1e-3), recs[1]["id"]: ("inconclusive", None)}

@@ -348,8 +348,9 @@ def stage_select(ctx: Context, rnd: int):
     if list(scores["id"]) != [str(i) for i in pt.ids]:
         raise CampaignError(f"round {rnd}: scores {ctx.scores_path(rnd)} do not match the pattern table")
     meta = ctx.meta()
-    earlier = [cand.structure_id for cand in ctx.store.candidates() if cand.round < rnd]
-    budget_left = (c.label_budget - len(earlier)) if c.label_budget else c.candidates_per_round
+    earlier_cands = [cand for cand in ctx.store.candidates() if cand.round < rnd]
+    earlier = [cand.structure_id for cand in earlier_cands]
+    budget_left = (c.label_budget - sent_to_md(earlier_cands)) if c.label_budget else c.candidates_per_round
     n = max(0, min(c.candidates_per_round, budget_left))
     presence, vocab = element_matrix([e.split() for e in meta["elements"]])
     forbidden = set(c.forbidden_elements) | (radioactive_elements() if c.exclude_radioactive else set())
@@ -457,7 +458,8 @@ def stage_validate(ctx: Context, rnd: int):
     for sid, jid in job_ids.items():
         j = jobs[jid]
         states[sid] = j.state
-        ctx.store.update_candidate(sid, verdict=j.verdict or j.state, sigma_300k=j.sigma_300,
+        ctx.store.update_candidate(sid, verdict=j.verdict or j.state,
+                                   sigma_300k=j.sigma_300 if j.state == "done" else None,  # inconclusive: no sigma
                                    detail={"state": j.state, "error": j.error, "result": j.result})
     verdicts = {**{sid: "failed" for sid in refused},
                 **{sid: (jobs[jid].verdict or jobs[jid].state) for sid, jid in job_ids.items()}}
@@ -550,12 +552,18 @@ def _start_round_run(ctx: Context, rnd: int):
     return run
 
 
+def sent_to_md(cands) -> int:
+    """Candidates that reached the MD queue (have a job): what ``campaign.label_budget`` counts.
+    One the queue refused (a ``failed`` candidate without a job) cost no MD."""
+    return sum(c.job_id is not None for c in cands)
+
+
 def should_stop(ctx: Context, rnd: int) -> str | None:
     """Why no round ``rnd`` should start (None: go on)."""
     c = ctx.cfg.campaign
     if rnd > c.rounds:
         return f"{c.rounds} rounds done"
-    if c.label_budget is not None and len(ctx.store.candidates()) >= c.label_budget:
+    if c.label_budget is not None and sent_to_md(ctx.store.candidates()) >= c.label_budget:
         return f"label budget of {c.label_budget} used"
     if rnd > 1:
         prev = ctx.store.stage(rnd - 1, "select")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, insert, select
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
@@ -269,47 +269,133 @@ def label_from_result(result: dict[str, Any], *, protocol_hash: str, job_id: int
     )
 
 
+class ImportCounts(tuple):
+    """``(added, present)`` of :func:`import_labels`: rows new to the store and rows already
+    stored with the same values; ``replaced``: stored rows whose values a re-import replaced."""
+
+    added = property(lambda self: self[0])
+    present = property(lambda self: self[1])
+
+    def __new__(cls, added: int, present: int, replaced: int = 0):
+        self = super().__new__(cls, (added, present))
+        self.replaced = replaced
+        return self
+
+    def __repr__(self) -> str:
+        return f"ImportCounts(added={self[0]}, present={self[1]}, replaced={self.replaced})"
+
+
+def _same_label(a: LabelRecord, b: LabelRecord) -> list[str]:
+    """The fields in which two labels of one (structure, source) disagree (empty: the same)."""
+    diff = [f"label {a.label} vs {b.label}"] if a.label != b.label else []
+    sa, sb = a.sigma_300, b.sigma_300
+    if (sa is None) != (sb is None) or (sa is not None and not math.isclose(sa, sb, rel_tol=1e-9)):
+        diff.append(f"sigma_300 {sa} vs {sb}")
+    if a.formula != b.formula:
+        diff.append(f"formula {a.formula!r} vs {b.formula!r}")
+    return diff
+
+
 def import_labels(url: str, path: str | os.PathLike[str], method: str = "experiment",
-                  sigma_threshold: float = 5e-5) -> tuple[int, int]:
+                  sigma_threshold: float | None = None, *, replace: bool = False) -> ImportCounts:
     """Import labels from a CSV with columns ``structure_id`` (or ``id``), ``formula`` and
-    ``label`` (1 = superionic) and/or ``sigma_300`` (S/cm; labelled by ``sigma_threshold``);
-    optional ``method`` per row. Idempotent. Returns (rows added, rows already present).
+    ``label`` (1 = superionic) and/or ``sigma_300`` (S/cm; labelled by ``sigma_threshold``,
+    by default ``validation.sigma_threshold``); optional ``method`` per row.
+    Returns (rows added, rows already present), with ``.replaced``.
 
     The whole file is checked before anything is written, so a bad row leaves the store unchanged.
+    Refused, naming the row: an empty or unparsable formula, a label that contradicts its own
+    sigma_300 (1 = superionic means sigma_300 >= the threshold; the paper's CSV has 0 = superionic),
+    and one structure twice in the file with different values. Re-importing identical rows changes
+    nothing; a row whose (structure, method) is stored with another label, sigma_300 or formula is
+    refused unless ``replace=True``, which replaces the stored row in place.
     """
+    from xrdmatch.platform.data import reduced_formula
+
+    if sigma_threshold is None:
+        from xrdmatch.config import ValidationConfig
+
+        sigma_threshold = ValidationConfig().sigma_threshold
     p = Path(path)
     if not p.is_file():
         raise LabelInputError(f"label file not found: {path}")
     recs: list[LabelRecord] = []
+    first_row: dict[tuple[str, str], tuple[int, LabelRecord]] = {}
     with open(p, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or [])
         if not ({"structure_id", "id"} & cols) or "formula" not in cols or not ({"label", "sigma_300"} & cols):
             raise LabelInputError(f"{path}: needs columns structure_id (or id), formula, and label or sigma_300; got {sorted(cols)}")
         for n, row in enumerate(reader, start=2):
+            if None in row or None in row.values():
+                raise LabelInputError(f"{path}: row {n}: {'more' if None in row else 'fewer'} fields than the "
+                                      f"header's {len(reader.fieldnames)}")
             sid = (row.get("structure_id") or row.get("id") or "").strip()
             if not sid:
                 raise LabelInputError(f"{path}: row {n}: empty structure id")
+            formula = (row.get("formula") or "").strip()
+            if not formula:  # candidate selection skips labelled compositions by this formula
+                raise LabelInputError(f"{path}: row {n} ({sid}): empty formula")
+            try:
+                reduced_formula(formula)
+            except Exception:
+                raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula") from None
             m = (row.get("method") or method).strip()
-            sigma = _finite(row.get("sigma_300")) if row.get("sigma_300") not in (None, "") else None
+            raw_sigma = (row.get("sigma_300") or "").strip()
+            sigma = _finite(raw_sigma) if raw_sigma else None
+            if raw_sigma and (sigma is None or sigma < 0):
+                raise LabelInputError(f"{path}: row {n} ({sid}): sigma_300 {raw_sigma!r} is not a finite non-negative number")
             raw = (row.get("label") or "").strip()
             if raw:
                 if raw not in ("0", "1"):
                     raise LabelInputError(f"{path}: row {n} ({sid}): label {raw!r} not in {{0, 1}}")
                 lab = int(raw)
+                if sigma is not None and lab != int(sigma >= sigma_threshold):
+                    raise LabelInputError(
+                        f"{path}: row {n} ({sid}): label {lab} contradicts sigma_300 {sigma:g} S/cm (threshold "
+                        f"{sigma_threshold:g}; 1 = superionic = sigma_300 >= threshold; the paper's files use 0 = superionic)")
             elif sigma is not None:
                 lab = int(sigma >= sigma_threshold)
             else:
                 raise LabelInputError(f"{path}: row {n} ({sid}): neither label nor a finite sigma_300")
             if m not in METHODS:
                 raise LabelInputError(f"{path}: row {n} ({sid}): unknown method {m!r} (one of {METHODS})")
-            recs.append(LabelRecord(structure_id=sid, formula=row["formula"].strip(), method=m, label=lab,
-                                    protocol_hash=f"import:{m}", sigma_300=sigma,
-                                    verdict="superionic" if lab else "not_superionic",
-                                    source=f"{p.name}:{n}"))
-    added = 0
+            rec = LabelRecord(structure_id=sid, formula=formula, method=m, label=lab,
+                              protocol_hash=f"import:{m}", sigma_300=sigma,
+                              verdict="superionic" if lab else "not_superionic",
+                              source=f"{p.name}:{n}")
+            prev = first_row.get((sid, m))
+            if prev is not None:
+                diff = _same_label(prev[1], rec)
+                if diff:
+                    raise LabelInputError(f"{path}: rows {prev[0]} and {n}: structure {sid} ({m}) twice with "
+                                          f"different values ({'; '.join(diff)})")
+                continue  # the same row again: one label
+            first_row[(sid, m)] = (n, rec)
+            recs.append(rec)
+    added = replaced = 0
     connect(url)
     with engine_for(url).begin() as conn:
+        stored = {}
         for rec in recs:
-            added += insert_label(conn, rec)
-    return added, len(recs) - added
+            r = conn.execute(select(LabelRow).where(LabelRow.structure_id == rec.structure_id,
+                                                    LabelRow.protocol_hash == rec.protocol_hash)).first()
+            if r is not None:
+                stored[rec.structure_id, rec.protocol_hash] = r
+        changed = [(rec, row, diff) for rec in recs
+                   if (row := stored.get((rec.structure_id, rec.protocol_hash))) is not None
+                   and (diff := _same_label(_from_row(row), rec))]
+        if changed and not replace:
+            lines = [f"row {first_row[rec.structure_id, rec.method][0]} ({rec.structure_id}, {rec.method}): "
+                     f"{'; '.join(diff)} (stored from {row.source})" for rec, row, diff in changed]
+            raise LabelInputError(f"{path}: {len(changed)} rows differ from labels already stored (stored vs file): "
+                                  + ", ".join(lines[:10]) + (" ..." if len(lines) > 10 else "")
+                                  + "; nothing imported; pass replace=True to replace them")
+        for rec, row, _ in changed:
+            conn.execute(update(LabelRow).where(LabelRow.id == row.id)
+                         .values(**_row_values(rec), created_at=now_sql(conn)))
+            replaced += 1
+        for rec in recs:
+            if (rec.structure_id, rec.protocol_hash) not in stored:
+                added += insert_label(conn, rec)
+    return ImportCounts(added, len(recs) - added - replaced, replaced)

@@ -3,7 +3,8 @@
 Each label source gets the weight ``cfg.labels.source_weights[source]`` (0 or a missing key
 excludes it). A validated structure needs its pattern: looked up by id in the PatternTable of
 the XRD stage; labels whose pattern is missing are skipped with a warning naming them.
-When a structure has several labels, the newest one counts (the store lists oldest first).
+When a structure has several labels, the newest one from a source of positive weight counts
+(the store lists oldest first).
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ def build_training_set(cfg: Config, patterns=None) -> tuple[LabelledSet, np.ndar
     paper = load_labelled(cfg.labels.path)
     newest: dict[str, object] = {}
     for rec in _store_labels(cfg):
-        newest[str(rec.structure_id)] = rec  # later records win
+        if weights_by_source.get(rec.method, 0.0) > 0:  # an excluded source hides no other label
+            newest[str(rec.structure_id)] = rec  # later records win
     row_of = {sid: i for i, sid in enumerate(patterns.ids)} if patterns is not None else {}
     ids, formulas, groups, ys, Xs, sources, missing = [], [], [], [], [], [], []
     paper_ids = set(paper.ids)
     for sid, rec in newest.items():
-        if sid in paper_ids or weights_by_source.get(rec.method, 0.0) <= 0:
+        if sid in paper_ids:
             continue
         if sid not in row_of:
             missing.append(sid)

@@ -1,0 +1,94 @@
+"""Label import (``import_labels``) and which stored label training uses (``build_training_set``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xrdmatch.platform.labels import LabelInputError, LabelRecord, add_label, import_labels, list_labels
+
+
+@pytest.fixture
+def url(tmp_path):
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+def _labels(url: str) -> dict[str, int]:
+    return {lab.structure_id: lab.label for lab in list_labels(url)}
+
+
+def test_one_structure_twice_in_a_file_with_opposite_labels_is_refused_naming_both_rows(url, tmp_path):
+    f = tmp_path / "dup.csv"
+    f.write_text("structure_id,formula,label\nicsd-0,Li2S,0\nx-1,Li3N,1\nx-1,Li3N,0\n")
+    with pytest.raises(LabelInputError, match=r"rows 3 and 4: structure x-1 .*label 1 vs 0"):
+        import_labels(url, f)
+    assert list_labels(url) == []  # nothing of that file
+    f.write_text("structure_id,formula,label\nx-1,Li3N,1\nx-1,Li3N,1\n")  # the same row twice: one label
+    assert import_labels(url, f) == (1, 0) and _labels(url) == {"x-1": 1}
+
+
+@pytest.mark.parametrize("label, sigma", [("0", "1.2e-2"), ("1", "1e-7")])
+def test_a_label_contradicting_its_own_sigma_is_refused(url, tmp_path, label, sigma):
+    """The paper's convention (0 = superionic) in a measured-conductivity file is caught."""
+    f = tmp_path / "exp.csv"
+    f.write_text(f"structure_id,formula,label,sigma_300\nicsd-1,Li3N,1,1e-3\nicsd-9,Li10GeP2S12,{label},{sigma}\n")
+    with pytest.raises(LabelInputError, match=rf"row 3 \(icsd-9\): label {label} contradicts sigma_300 .*threshold 5e-05"):
+        import_labels(url, f)
+    assert list_labels(url) == []
+    f.write_text("structure_id,formula,label,sigma_300\nicsd-9,Li10GeP2S12,1,1.2e-2\nicsd-8,LiCl,0,1e-9\n")
+    assert import_labels(url, f) == (2, 0) and _labels(url) == {"icsd-9": 1, "icsd-8": 0}
+
+
+def test_reimporting_a_corrected_file_fails_naming_the_row_unless_replace(url, tmp_path):
+    f = tmp_path / "exp.csv"
+    f.write_text("structure_id,formula,label\nicsd-1,Li10GeP2S12,0\nicsd-2,Li3N,1\n")  # icsd-1 inverted
+    assert import_labels(url, f) == (2, 0)
+    f.write_text("structure_id,formula,label\nicsd-1,Li10GeP2S12,1\nicsd-2,Li3N,1\nicsd-3,LiCl,0\n")
+    with pytest.raises(LabelInputError, match=r"row 2 \(icsd-1, experiment\): label 0 vs 1 .*replace=True"):
+        import_labels(url, f)
+    assert _labels(url) == {"icsd-1": 0, "icsd-2": 1}  # nothing of the corrected file yet
+    got = import_labels(url, f, replace=True)
+    assert got == (1, 1) and got.replaced == 1 and "replaced=1" in repr(got)
+    assert _labels(url) == {"icsd-1": 1, "icsd-2": 1, "icsd-3": 0} and len(list_labels(url)) == 3
+    got = import_labels(url, f)  # an identical re-import changes nothing
+    assert got == (0, 3) and got.replaced == 0
+    # labels of other sources for the same structure are not the import's to replace
+    add_label(url, LabelRecord("icsd-1", "Li10GeP2S12", "mlip-md", 0, "proto"))
+    f.write_text("structure_id,formula,label\nicsd-1,Li10GeP2S12,1\n")
+    assert import_labels(url, f) == (0, 1)
+    assert sorted((lab.method, lab.label) for lab in list_labels(url) if lab.structure_id == "icsd-1") == [
+        ("experiment", 1), ("mlip-md", 0)]
+
+
+@pytest.mark.parametrize("row, why", [
+    ("x-3,,1", r"row 2 \(x-3\): empty formula"),
+    ("x-3,li3n,1", r"row 2 \(x-3\): formula 'li3n' is not a chemical formula"),
+    ("x-3", "row 2: fewer fields than the header's 3"),
+    ("x-3,Li3N,1,extra", "row 2: more fields than the header's 3"),
+])
+def test_a_row_without_a_usable_formula_is_refused(url, tmp_path, row, why):
+    """Candidate selection skips compositions already labelled by this formula."""
+    f = tmp_path / "exp.csv"
+    f.write_text(f"structure_id,formula,label\n{row}\n")
+    with pytest.raises(LabelInputError, match=why):
+        import_labels(url, f)
+    assert list_labels(url) == []
+
+
+def test_an_excluded_newest_label_does_not_hide_an_older_weighted_one(tmp_path):
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.db import store_url
+    from xrdmatch.platform.patterns import PatternTable
+    from xrdmatch.training.dataset import build_training_set
+
+    cfg = load_config(overrides={"run_dir": str(tmp_path), "labels": {"source_weights": {
+        "paper": 1.0, "mlip-md": 0.5, "experiment": 0.0, "aimd": 1.0}}})
+    url = store_url(cfg)
+    add_label(url, LabelRecord("mp-1", "Li3N", "mlip-md", 1, "proto"))
+    add_label(url, LabelRecord("mp-1", "Li3N", "experiment", 0, "import:experiment"))  # newest, weight 0
+    add_label(url, LabelRecord("mp-2", "LiCl", "aimd", 1, "proto"))
+    add_label(url, LabelRecord("mp-2", "LiCl", "mlip-md", 0, "proto-2"))  # newest, weighted: it counts
+    pt = PatternTable(ids=["mp-1", "mp-2"], formulas=["Li3N", "LiCl"], X=np.eye(2, 4501, dtype=np.float32))
+    ls, w = build_training_set(cfg, pt)
+    got = {sid: (src, int(y), float(wt)) for sid, src, y, wt in zip(ls.ids, ls.sources, ls.y, w) if sid.startswith("mp-")}
+    assert got == {"mp-1": ("mlip-md", 1, 0.5), "mp-2": ("mlip-md", 0, 0.5)}
