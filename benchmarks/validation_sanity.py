@@ -81,7 +81,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     structures = load(set(MATERIALS))
     sanity = ValidationConfig(
-        temperatures=[1000.0, 1200.0], equilibration_steps=50, production_steps=args.prod, traj_interval=5,
+        temperatures=[1000.0, 1200.0], equilibration_steps=150, production_steps=args.prod, traj_interval=5,
         min_atoms=1, min_length=0.0, min_li_msd=1.0,
     )
     report: dict = {"machine": f"{platform.node()} {os.cpu_count()} CPUs, torch threads 1", "sanity_protocol": sanity.model_dump(mode="json"), "materials": {}}

@@ -108,9 +108,19 @@ def test_unavailable_calculators_say_how_to_install(tmp_path, monkeypatch):
         get_calculator("notapackage.Calc")
     with pytest.raises(CalculatorUnavailable, match="unknown calculator"):
         get_calculator("nonsense")
-    # Any ASE calculator by dotted path (a real one: ASE's EMT), labelled ab initio unless an MLIP.
-    calc, info = get_calculator("ase.calculators.emt.EMT")
-    assert type(calc).__name__ == "EMT" and info.method == "aimd"
+    # Any ASE calculator by dotted path (a real one: ASE's EMT); the label source of one that is
+    # neither a known DFT code nor a known MLIP (EMT is empirical) must be given, never guessed
+    with pytest.raises(CalculatorUnavailable, match="set validation.method to 'aimd' or 'mlip-md'"):
+        get_calculator("ase.calculators.emt.EMT")
+    calc, info = get_calculator("ase.calculators.emt.EMT", method="mlip-md")
+    assert type(calc).__name__ == "EMT" and info.method == "mlip-md"
+    from xrdmatch.simulation.calculators import label_method
+
+    assert label_method("ase.calculators.vasp") == label_method("gpaw.calculator") == "aimd"
+    assert label_method("mace.calculators") == "mlip-md"
+    assert label_method("ase.calculators.emt") is label_method("ase.calculators.vasp_like") is None
+    with pytest.raises(ValueError, match="method"):
+        tiny_cfg(method="mlip")  # a source no weight knows would drop its labels silently
     if not HAVE_GPAW:
         with pytest.raises(CalculatorUnavailable, match=r"pip install .xrdmatch\[gpaw\]"):
             run_validation(li2o(), tiny_cfg(calculator="gpaw"), tmp_path / "g", "li2o")

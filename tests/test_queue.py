@@ -384,3 +384,69 @@ def test_validate_submit_skips_a_bad_database_line(tmp_path):
     assert "error: mp-nowhere: neither a file nor an id" in res.output
     assert f"{r2['id']}: job" in res.output
     assert {j.structure_id for j in queue.list_jobs(url)} == {r1["id"], r2["id"], r3["id"]}
+
+
+def test_a_different_structure_under_a_queued_id_is_refused_not_merged(store_url):
+    """Resubmitting the same structure returns its job; another structure under that id (an
+    edited file, two files of one name) is refused naming the id and both structures."""
+    a = queue.submit(store_url, "cand", LI3N, _proto())
+    assert queue.submit(store_url, "cand", _structure(LI3N), _proto()) == a  # same structure, as a Structure
+    squeezed = dict(LI3N, lattice=[[3.5, 0.0, 0.0], [-1.75, 3.03, 0.0], [0.0, 0.0, 3.87]])
+    with pytest.raises(queue.QueueError, match=r"'cand': job \d+ already holds a different structure"):
+        queue.submit(store_url, "cand", squeezed, _proto())
+    (job,) = queue.list_jobs(store_url)
+    assert job.id == a and job.record["lattice"] == LI3N["lattice"]
+
+
+def test_a_disordered_structure_file_is_queued_for_the_worker_to_order(store_url):
+    from pymatgen.core import Composition
+
+    from xrdmatch.platform.data import structure_from_record
+
+    s = _structure(dict(LI3N, species=[{"Li": 0.5, "Na": 0.5}, "Li", "Li", "N"]))
+    jid = queue.submit(store_url, "li-na-n", s, _proto())
+    job = queue.get_job(store_url, jid)
+    assert job.record["species"][0] == {"Li": 0.5, "Na": 0.5}
+    assert structure_from_record(job.record).composition == s.composition
+    assert job.formula == Composition({"Li": 2.5, "Na": 0.5, "N": 1}).reduced_formula
+
+
+def test_validate_submit_of_two_files_of_one_name_queues_the_first_and_names_the_second(tmp_path):
+    from pymatgen.core import Lattice, Structure
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    for d, a in (("a", 4.0), ("b", 4.4)):
+        (tmp_path / d).mkdir()
+        Structure(Lattice.cubic(a), ["Li", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]).to(filename=str(tmp_path / d / "POSCAR"),
+                                                                                   fmt="poscar")
+    run_dir = tmp_path / "run"
+    res = CliRunner().invoke(app, ["validate", "submit", str(tmp_path / "a" / "POSCAR"), str(tmp_path / "b" / "POSCAR"),
+                                   "--dir", str(run_dir)])
+    assert res.exit_code == 1
+    assert "POSCAR: job 1\n" in res.output and "'POSCAR': job 1 already holds a different structure" in res.output
+    assert len(queue.list_jobs(f"sqlite:///{run_dir / 'store.db'}")) == 1
+
+
+def test_a_store_outage_neither_fails_the_md_nor_stops_the_worker(store_url, tmp_path):
+    """A lease renewal that cannot reach the store lets the MD go on (the lease, not the job,
+    is at risk); a job end that cannot be recorded leaves the job running for its lease to
+    expire and be taken again, instead of raising out of the worker. The store is made
+    unreachable for real: a SQLite file in a directory that does not exist."""
+    import dataclasses
+
+    from xrdmatch.actors.validation_workers import LeaseLost, _Progress, process_job
+    from xrdmatch.config import Config
+
+    jid = queue.submit(store_url, "li3n", LI3N, _proto())
+    job = queue.claim(store_url, "w1", lease_s=60)
+    down = f"sqlite:///{tmp_path / 'no-such-dir' / 'store.db'}"
+    _Progress(down, job, "w1", _proto(heartbeat_s=0.001), _proto()).heartbeat()  # logs, does not raise
+    with pytest.raises(LeaseLost):  # a store that answers still says when the job is gone
+        _Progress(store_url, job, "w2", _proto(heartbeat_s=0.001), _proto()).heartbeat()
+
+    broken = dataclasses.replace(job, record=dict(job.record, lattice=[[1.0]]))  # fails before any MD
+    out = process_job(Config(run_dir=str(tmp_path / "run")), down, broken, "w1")
+    assert out.state == "lost" and "store could not record it" in out.error and "unreadable record" in out.error
+    assert queue.get_job(store_url, jid).state == "running"  # nothing half-recorded

@@ -204,7 +204,7 @@ class ValidationConfig(StrictModel):
     #: Keyword arguments for the calculator (e.g. GPAW mode/xc/kpts, VASP INCAR tags).
     calculator_kwargs: dict[str, Any] = Field(default_factory=dict)
     #: Optional label override: "mlip-md" or "aimd" (None: chosen per calculator).
-    method: str | None = None
+    method: Literal["mlip-md", "aimd"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int = Field(default=1, ge=1, description="torch threads of an MLIP calculator")
     temperatures: list[Annotated[float, Field(gt=0)]] = Field(

@@ -25,6 +25,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from xrdmatch.config import Config, ValidationConfig
 from xrdmatch.platform import queue
 from xrdmatch.platform.db import store_url
@@ -103,7 +105,13 @@ class _Progress:
         if not force and now - self.last < self.every:
             return
         self.last = now
-        if not queue.heartbeat(self.url, self.job.id, self.worker_id, self.lease_s, progress=dict(self.state)):
+        try:
+            mine = queue.heartbeat(self.url, self.job.id, self.worker_id, self.lease_s, progress=dict(self.state))
+        except SQLAlchemyError as err:  # a store outage is not the MD's failure: go on, retry at the next beat
+            log.warning("job %s: lease not renewed, store unreachable (%s); MD goes on", self.job.id,
+                        str(err).splitlines()[0])
+            return
+        if not mine:
             raise LeaseLost(f"job {self.job.id} ({self.job.structure_id}) is no longer leased to {self.worker_id}")
 
     def progress(self, temperature: float, step: int, nsteps: int) -> None:
@@ -208,6 +216,27 @@ def _lost(out: JobOutcome, job: queue.Job, worker_id: str, what: str) -> JobOutc
     return out
 
 
+def _link_mlflow(url: str, job: queue.Job, run_id: str | None) -> None:
+    """Point the finished job at its MLflow run; a store outage loses only the link, not the job."""
+    if not run_id:
+        return
+    try:
+        queue.set_mlflow_run(url, job.id, run_id)
+    except SQLAlchemyError as err:
+        log.warning("job %s: MLflow run %s not linked, store unreachable (%s)", job.id, run_id, str(err).splitlines()[0])
+
+
+def _unrecorded(out: JobOutcome, job: queue.Job, what: str, err: Exception) -> JobOutcome:
+    """The store failed while recording the job's end: the job stays running, and once its
+    lease expires a worker takes it again and records it from the MD checkpoint."""
+    out.state = "lost"
+    out.error = (f"job {job.id} ({job.structure_id}) {what} but the store could not record it "
+                 f"({type(err).__name__}: {str(err).splitlines()[0]}); it is run again from its MD checkpoint "
+                 f"once its lease expires")
+    log.warning("%s", out.error)
+    return out
+
+
 def process_job(cfg: Config, url: str, job: queue.Job, worker_id: str) -> JobOutcome:
     """Run one claimed job to its end state: done (+ label), inconclusive, or failed with a reason."""
     t0 = time.monotonic()
@@ -236,26 +265,30 @@ def process_job(cfg: Config, url: str, job: queue.Job, worker_id: str) -> JobOut
         if not expected:  # a crash inside MD: keep the place it happened
             tb = traceback.extract_tb(err.__traceback__)[-1]
             reason += f" (at {Path(tb.filename).name}:{tb.lineno})"
-        if not queue.fail(url, job.id, worker_id, reason):
-            return _lost(out, job, worker_id, f"failed ({reason})")
+        try:
+            if not queue.fail(url, job.id, worker_id, reason):
+                return _lost(out, job, worker_id, f"failed ({reason})")
+        except SQLAlchemyError as store_err:
+            return _unrecorded(out, job, f"failed ({reason})", store_err)
         log.warning("validation job %s (%s) failed: %s", job.id, job.structure_id, reason)
         out.error = reason
         out.mlflow_run_id = _log_mlflow(cfg, job, "failed", None, reason)
-        if out.mlflow_run_id:
-            queue.set_mlflow_run(url, job.id, out.mlflow_run_id)
+        _link_mlflow(url, job, out.mlflow_run_id)
         out.runtime_s = time.monotonic() - t0
         return out
     res = result.to_dict()
     label = label_from_result(res, protocol_hash=job.protocol_hash, job_id=job.id, record=job.record,
                               campaign_round=job.campaign_round, source=f"validation job {job.id} by {worker_id}")
-    if not queue.complete(url, job.id, worker_id, res, label):
-        return _lost(out, job, worker_id, f"finished ({res.get('verdict')})")
+    try:
+        if not queue.complete(url, job.id, worker_id, res, label):
+            return _lost(out, job, worker_id, f"finished ({res.get('verdict')})")
+    except SQLAlchemyError as store_err:
+        return _unrecorded(out, job, f"finished ({res.get('verdict')})", store_err)
     out.state = "done" if label is not None else "inconclusive"
     out.verdict = res.get("verdict")
     out.error = None if label is not None else res.get("reason")
     out.mlflow_run_id = _log_mlflow(cfg, job, out.state, res, out.error)
-    if out.mlflow_run_id:
-        queue.set_mlflow_run(url, job.id, out.mlflow_run_id)
+    _link_mlflow(url, job, out.mlflow_run_id)
     out.runtime_s = time.monotonic() - t0
     return out
 
@@ -265,7 +298,11 @@ def work_one(cfg: Config, url: str, worker_id: str, wait_s: float = 0.0) -> JobO
     v = cfg.validation
     deadline = time.monotonic() + wait_s
     while True:
-        job = queue.claim(url, worker_id, v.lease_s, max_attempts=v.max_attempts)
+        try:
+            job = queue.claim(url, worker_id, v.lease_s, max_attempts=v.max_attempts)
+        except SQLAlchemyError as err:  # store outage: this worker waits and asks again, it does not die
+            log.warning("%s: cannot claim, store unreachable (%s)", worker_id, str(err).splitlines()[0])
+            job = None
         if job is not None:
             return process_job(cfg, url, job, worker_id)
         if time.monotonic() >= deadline:
@@ -358,7 +395,11 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
             return False
         if not until_empty:
             return True
-        counts = queue.counts_by_state(url)
+        try:
+            counts = queue.counts_by_state(url)
+        except SQLAlchemyError as err:  # cannot tell: keep the workers asking (they wait out an outage)
+            log.warning("validation queue unreachable (%s)", str(err).splitlines()[0])
+            return True
         return counts["queued"] + counts["running"] > 0
 
     for i in range(n):
@@ -388,6 +429,11 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
                 try:
                     got = ray.get(ref)
                 except RayActorError as err:
+                    lost(slot, err)
+                    continue
+                except RayError as err:  # the call raised inside the actor: replace it, as if it died
+                    log.warning("validation worker %d raised: %s", slot, str(err).splitlines()[0])
+                    ray.kill(actor)
                     lost(slot, err)
                     continue
                 if got is not None:

@@ -48,14 +48,15 @@ def submit(
                 errors.append(f"{sid}: not read from the database {cfg.database.path}: {problems[sid]}")
             else:
                 errors.append(f"{sid}: neither a file nor an id of the database {cfg.database.path}")
-    before = {j.id for j in queue.list_jobs(url)}
+    seen = {j.id for j in queue.list_jobs(url)}
     for sid, s in structures:
         try:
             jid = queue.submit(url, sid, s, cfg.validation, priority=priority, campaign_round=campaign_round)
         except queue.QueueError as err:
             errors.append(str(err))
             continue
-        typer.echo(f"{sid}: job {jid}" + (" (already queued)" if jid in before else ""))
+        typer.echo(f"{sid}: job {jid}" + (" (already queued)" if jid in seen else ""))
+        seen.add(jid)
     for e in errors:
         typer.echo(f"error: {e}", err=True)
     if errors:

@@ -225,17 +225,6 @@ def structure_from_record(rec: dict):
     return Structure(Lattice(rec["lattice"]), rec["species"], rec["frac_coords"])
 
 
-def record_from_structure(sid: str, structure) -> dict:
-    """The shipped-format record of a pymatgen Structure (ordered sites only)."""
-    return {
-        "id": sid,
-        "formula": structure.composition.reduced_formula,
-        "lattice": structure.lattice.matrix.tolist(),
-        "species": [site.species_string for site in structure],
-        "frac_coords": structure.frac_coords.tolist(),
-    }
-
-
 def iter_structures(path: str | os.PathLike[str] = DEFAULT_DATABASE) -> Iterator[tuple[str, object]]:
     """(id, pymatgen Structure) for every entry of a shipped-format JSONL database."""
     for rec in iter_records(path):

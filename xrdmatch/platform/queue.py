@@ -123,7 +123,9 @@ def _engine(url: str):
 
 def _as_record(structure_id: str, structure: Any) -> dict[str, Any]:
     """A shipped-format record from a record dict or a pymatgen Structure."""
-    from xrdmatch.platform.data import record_from_structure
+    from dataclasses import asdict
+
+    from xrdmatch.platform.databases import record_of_structure
 
     if isinstance(structure, dict):
         missing = {"lattice", "species", "frac_coords"} - set(structure)
@@ -133,9 +135,7 @@ def _as_record(structure_id: str, structure: Any) -> dict[str, Any]:
         rec["id"] = str(structure_id)
         return rec
     if hasattr(structure, "lattice") and hasattr(structure, "frac_coords"):
-        if not structure.is_ordered:
-            raise QueueError(f"structure {structure_id!r}: disordered sites; MD needs an ordered structure")
-        return record_from_structure(str(structure_id), structure)
+        return asdict(record_of_structure(str(structure_id), structure))  # disordered: MD orders it
     raise QueueError(f"structure {structure_id!r}: expected a shipped-format record or a pymatgen Structure, got {type(structure).__name__}")
 
 
@@ -203,7 +203,9 @@ def submit(url: str, structure_id: str, structure: Any, protocol: Any, priority:
     """Queue one structure for validation under ``protocol`` (a ``ValidationConfig``).
 
     Idempotent: an existing job for (structure id, protocol hash) is returned, whatever its
-    state (use :func:`requeue` to run a failed one again). Returns the job id.
+    state (use :func:`requeue` to run a failed one again), if it holds the same structure; a
+    different structure under a queued id is refused (two files named POSCAR, an edited CIF),
+    never merged into the old job. Returns the job id.
 
     Refuses (``QueueError`` naming the structure and the problem) what a worker could only
     fail: unreadable arrays, unknown elements, bad occupancies, no Li, atoms closer than the
@@ -233,9 +235,30 @@ def submit(url: str, structure_id: str, structure: Any, protocol: Any, priority:
             },
             ["structure_id", "protocol_hash"],
         )
-        return conn.execute(
-            select(JobRow.id).where(JobRow.structure_id == str(structure_id), JobRow.protocol_hash == phash)
-        ).scalar_one()
+        jid, held = conn.execute(
+            select(JobRow.id, JobRow.structure_json)
+            .where(JobRow.structure_id == str(structure_id), JobRow.protocol_hash == phash)
+        ).one()
+    old = json.loads(held)
+    if not _same_structure(old, rec):
+        raise QueueError(
+            f"structure {structure_id!r}: job {jid} already holds a different structure under this id "
+            f"({old.get('formula')}, {len(old['species'])} sites; now {rec['formula']}, {len(rec['species'])} "
+            f"sites); submit it under another id")
+    return jid
+
+
+def _same_structure(a: dict[str, Any], b: dict[str, Any], tol: float = 1e-6) -> bool:
+    """Same species, lattice and coordinates (to ``tol``): a resubmission, not another structure."""
+    import numpy as np
+
+    if a["species"] != b["species"]:
+        return False
+    try:
+        return bool(np.allclose(a["lattice"], b["lattice"], atol=tol)
+                    and np.allclose(a["frac_coords"], b["frac_coords"], atol=tol))
+    except ValueError:  # shapes differ
+        return False
 
 
 def _claimable(now):

@@ -18,6 +18,11 @@ from typing import Any
 
 #: Calculators whose forces come from a learned potential (label source "mlip-md").
 MLIP_PACKAGES = ("chgnet", "mace", "matgl", "sevenn", "fairchem", "orb_models", "mattersim")
+#: Modules of ab initio (DFT) codes (label source "aimd"). Anything else by dotted path (EMT, a
+#: classical force field, an MLIP not listed above) must say what it is with ``validation.method``.
+AB_INITIO_MODULES = ("gpaw", "pyscf", *(f"ase.calculators.{m}" for m in (
+    "vasp", "espresso", "cp2k", "castep", "abinit", "aims", "siesta", "nwchem", "gaussian", "orca", "psi4",
+    "qchem", "onetep", "exciting", "openmx", "elk", "gpaw")))
 #: PyPI names of the modules whose distribution is named otherwise (for the install hint).
 PIP_NAMES = {"mace": "mace-torch", "fairchem": "fairchem-core", "orb_models": "orb-models"}
 
@@ -107,7 +112,16 @@ def _vasp(kwargs: dict[str, Any]):
     return Vasp(**params), CalculatorInfo("vasp", "aimd", _version("ase"))
 
 
-def _dotted(name: str, kwargs: dict[str, Any]):
+def label_method(module_name: str) -> str | None:
+    """Label source of a calculator module: "mlip-md", "aimd", or None when it cannot be told."""
+    if module_name.split(".")[0] in MLIP_PACKAGES:
+        return "mlip-md"
+    if any(module_name == m or module_name.startswith(m + ".") for m in AB_INITIO_MODULES):
+        return "aimd"
+    return None
+
+
+def _dotted(name: str, kwargs: dict[str, Any], method: str | None = None):
     module_name, _, cls_name = name.rpartition(".")
     if not module_name:
         raise CalculatorUnavailable(
@@ -124,11 +138,16 @@ def _dotted(name: str, kwargs: dict[str, Any]):
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise CalculatorUnavailable(f"calculator {name!r}: {module_name} has no attribute {cls_name!r}")
+    method = method or label_method(module_name)
+    if method is None:  # its labels would be weighted as some source they are not
+        raise CalculatorUnavailable(
+            f"calculator {name!r} is neither a known ab initio code nor a known ML potential, so its labels' "
+            "source cannot be told: set validation.method to 'aimd' or 'mlip-md'"
+        )
     try:
         calc = cls(**kwargs)
     except Exception as err:  # noqa: BLE001 - any constructor failure means "not usable here"
         raise CalculatorUnavailable(f"calculator {name!r} could not be created: {type(err).__name__}: {err}") from None
-    method = "mlip-md" if top in MLIP_PACKAGES else "aimd"
     return calc, CalculatorInfo(name, method, _version(top))
 
 
@@ -150,7 +169,7 @@ def get_calculator(
     elif key == "vasp":
         calc, info = _vasp(kwargs)
     else:
-        calc, info = _dotted(name.strip(), kwargs)
+        calc, info = _dotted(name.strip(), kwargs, method)
     if method is not None:
         info = CalculatorInfo(info.name, method, info.version)
     return calc, info

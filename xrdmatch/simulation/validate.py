@@ -48,7 +48,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "short": {
         "temperatures": [800.0, 1000.0, 1200.0],
-        "equilibration_steps": 40,
+        "equilibration_steps": 150,  # 0.3 ps = 3 thermostat times: production starts at T, not ~0.75 T
         "production_steps": 300,
         "traj_interval": 5,
         "min_atoms": 1,
