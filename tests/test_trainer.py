@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -120,6 +122,51 @@ def test_semi_supervised_step_logs_and_is_deterministic(algorithm):
     assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
 
 
+class _Spy(torch.nn.Module):
+    """``wrap_model`` hook: records the logits of every training forward pass."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.logits = model, []
+
+    def forward(self, x):
+        out = self.model(x)
+        self.logits.append(out.detach().clone())
+        return out
+
+
+def test_unlabelled_loss_is_on_the_strong_view_with_weak_view_pseudo_labels():
+    """L_u = CE(strong-view logits, pseudo-labels of the weak view) x mask, from the logits of
+    the one forward pass [labelled weak | unlabelled weak | unlabelled strong]."""
+    X, y = synthetic(24)
+    Xu, _ = synthetic(30, seed=6)
+    cfg = tiny(algorithm="flexmatch", iterations=3, threshold=0.6)
+    spies = []
+    m = train_member(X, y, Xu, cfg, seed=2, wrap_model=lambda net: spies.append(_Spy(net)) or spies[-1])
+    B_l, B_u = cfg.batch_labelled, cfg.batch_unlabelled
+    assert len(spies[0].logits) == 3
+    for logits, h in zip(spies[0].logits, m.history):
+        _, logits_w, logits_s = logits.split([B_l, B_u, B_u])
+        conf, pseudo = logits_w.softmax(-1).max(-1)
+        mask = (conf >= torch.tensor([h["threshold_0"], h["threshold_1"]])[pseudo]).float()
+        on_strong = float((torch.nn.functional.cross_entropy(logits_s, pseudo, reduction="none") * mask).mean())
+        on_weak = float((torch.nn.functional.cross_entropy(logits_w, pseudo, reduction="none") * mask).mean())
+        assert abs(on_strong - on_weak) > 1e-3  # the views differ, so the test can tell them apart
+        assert h["loss_u"] == pytest.approx(on_strong, rel=1e-5, abs=1e-6)
+
+
+def test_flexmatch_thresholds_rise_from_the_confident_predictions_of_each_step():
+    """FlexMatch records each confident unlabelled prediction (selected_label): starting from
+    zero thresholds, they rise once predictions are recorded. At threshold 0.5 every 2-class
+    prediction is confident, so after step 1 some class has a count and a threshold > 0."""
+    X, y = synthetic(24)
+    Xu, _ = synthetic(30, seed=6)
+    m = train_member(X, y, Xu, tiny(algorithm="flexmatch", iterations=4, threshold=0.5), seed=2)
+    thr = [(h["threshold_0"], h["threshold_1"]) for h in m.history]
+    assert thr[0] == (0.0, 0.0)  # nothing recorded yet
+    assert all(max(t) > 0 for t in thr[1:])
+
+
 def test_empty_unlabelled_falls_back_to_supervised():
     X, y = synthetic(16)
     with pytest.warns(UserWarning, match="supervised"):
@@ -171,6 +218,36 @@ def test_ensemble_save_load_roundtrip_without_pickle(tmp_path):
         Ensemble.load(tmp_path)
 
 
+def _constant_member(p_superionic_logit: float, seed: int = 0):
+    """A `fast` member whose output ignores the input: logits (0, p_superionic_logit)."""
+    from xrdmatch.training.networks import build_network
+    from xrdmatch.training.trainer import Member
+
+    net = build_network("fast")
+    last = net.classifier[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.0, p_superionic_logit]))
+    return Member(network="fast", state_dict={k: v.clone() for k, v in net.state_dict().items()}, seed=seed)
+
+
+def test_ensemble_majority_is_the_evaluated_and_served_vote_rule():
+    """"majority" = at least ceil(vote_fraction x members) votes (``pyfunc_model.decide``, as the
+    evaluation scores and the registered model serves): 5 of 10, 1 of 2; not "more than half"."""
+    from xrdmatch.platform.pyfunc_model import decide
+
+    X, _ = synthetic(3)
+    for yes, no in ((1, 1), (5, 5), (1, 2), (2, 2), (0, 2), (3, 1)):
+        ens = Ensemble([_constant_member(4.0)] * yes + [_constant_member(-4.0)] * no, network="fast")
+        pr = ens.predict_proba(X)
+        assert (pr["votes"] == yes).all()
+        expected = int(yes >= math.ceil(0.5 * (yes + no)) and yes > 0)
+        assert (pr["majority"] == expected).all(), (yes, no)
+        np.testing.assert_array_equal(pr["majority"], decide(pr, 0.5, 0.5))
+    ens = Ensemble([_constant_member(4.0)] + [_constant_member(-4.0)] * 2, network="fast")
+    assert (ens.predict_proba(X, vote_fraction=0.3)["majority"] == 1).all()  # ceil(0.9) = 1 of 3
+
+
 def test_build_training_set_adds_validated_labels_with_source_weights(tmp_path):
     from xrdmatch.platform.labels import LabelRecord, add_label
     from xrdmatch.platform.patterns import PatternTable
@@ -209,8 +286,103 @@ def test_ray_train_two_workers_checkpoints_and_resumes_after_a_fault(ray_local, 
     hist = ens.members[0].history
     assert [h["step"] for h in hist] == [1, 2, 3, 4, 5, 6]
     assert [h["attempt_start"] for h in hist] == [0, 0, 0, 0, 4, 4]  # resumed at the checkpoint
-    assert any((tmp_path / "ray_results" / "t-member0").glob("checkpoint_*"))
+    assert any((tmp_path / "ray_results").glob("t-member0-*/checkpoint_*"))
     assert ens.predict_proba(X[:3])["p_mean"].shape == (3,)
+
+
+def test_ray_rerun_resumes_only_the_same_member(ray_local, tmp_path):
+    """Same run dir and run name: the same member restores its finished run; a member with other
+    settings (lr, seed) starts fresh instead of returning the first one's weights."""
+    X, y = synthetic(24)
+    a_cfg = tiny(algorithm="supervised", iterations=4, lr=3e-4)
+    A = train_ensemble(X, y, None, a_cfg, run_dir=tmp_path, run_name="r").members[0]
+    again = train_ensemble(X, y, None, a_cfg, run_dir=tmp_path, run_name="r").members[0]
+    assert all(torch.equal(A.state_dict[k], again.state_dict[k]) for k in A.state_dict)
+    assert again.history == A.history  # restored from the checkpoint, not retrained
+    B = train_ensemble(X, y, None, a_cfg.model_copy(update={"lr": 3e-2, "seed": 7}),
+                       run_dir=tmp_path, run_name="r").members[0]
+    assert B.seed == 7000 and B.history[0]["attempt_start"] == 0
+    assert not all(torch.equal(A.state_dict[k], B.state_dict[k]) for k in A.state_dict)
+    assert len(list((tmp_path / "ray_results").glob("r-member0-*"))) == 2
+
+
+def test_member_identity_covers_settings_seed_and_every_input():
+    from xrdmatch.training.ray_train import array_digest, member_identity
+
+    X, y = synthetic(8)
+    w = np.ones(8, np.float32)
+    U = array_digest(synthetic(4, seed=1)[0])
+    base = member_identity(tiny(), 0, X, y, w, U)
+    assert member_identity(tiny(), 0, X.copy(), y.copy(), w.copy(), U) == base  # content, not object
+    X2 = X.copy()
+    X2[3, 7] += 0.1
+    w2 = w.copy()
+    w2[0] = 2.0
+    changed = [member_identity(tiny(lr=3e-2), 0, X, y, w, U), member_identity(tiny(seed=7), 0, X, y, w, U),
+               member_identity(tiny(), 1, X, y, w, U), member_identity(tiny(), 0, X2, y, w, U),
+               member_identity(tiny(), 0, X, 1 - y, w, U), member_identity(tiny(), 0, X, y, w2, U),
+               member_identity(tiny(), 0, X, y, None, U), member_identity(tiny(), 0, X, y, w, array_digest(X))]
+    assert base not in changed and len(set(changed)) == len(changed)
+    # packing onto GPUs decides nothing a member learns: a resume may change it
+    assert member_identity(tiny(gpus_per_worker=0.5), 0, X, y, w, U) == base
+
+
+def test_fit_members_uses_the_config_ray_and_shares_one_unlabelled_object(ray_local, monkeypatch, tmp_path):
+    """The config's ray section reaches init_ray; the unlabelled pool is put once for all members."""
+    import ray
+
+    import xrdmatch.platform.ray_utils as ray_utils
+    import xrdmatch.training.ray_train as rt
+    from xrdmatch.config import RayConfig
+    from xrdmatch.training.trainer import Member
+
+    inits, puts, seen = [], [], []
+    monkeypatch.setattr(ray_utils, "init_ray", lambda address=None, num_cpus=None: inits.append((address, num_cpus)))
+    real_put = ray.put
+    monkeypatch.setattr(ray, "put", lambda v, **kw: puts.append(v) or real_put(v, **kw))
+
+    def fake_fit_member(data_ref, cfg, seed, storage, name, use_gpu, fault_after_step=None):
+        seen.append((ray.get(data_ref)["X_unlab"], name))
+        return Member(network=cfg.network, state_dict={}, seed=seed)
+
+    monkeypatch.setattr(rt, "fit_member", fake_fit_member)
+    X, y = synthetic(12)
+    Xu, _ = synthetic(10, seed=3)
+    train_ensemble(X, y, Xu, tiny(ensemble_size=3), run_dir=tmp_path, run_name="s",
+                   ray_cfg=RayConfig(address="10.0.0.1:6379", num_cpus=1))
+    assert inits == [("10.0.0.1:6379", 1)]
+    assert sum(isinstance(v, np.ndarray) and v.shape == Xu.shape for v in puts) == 1
+    assert len({ref.hex() for ref, _ in seen}) == 1  # every member reads the same object
+    np.testing.assert_array_equal(ray.get(seen[0][0]), Xu)
+    assert sorted(n.rsplit("-", 1)[0] for _, n in seen) == ["s-member0", "s-member1", "s-member2"]
+
+
+def test_train_run_passes_the_config_ray_section(monkeypatch, tmp_path):
+    """`xrdmatch train` with patterns already cached (nothing started Ray): cfg.ray decides."""
+    from types import SimpleNamespace
+
+    import xrdmatch.platform.patterns as patterns
+    import xrdmatch.platform.ray_utils as ray_utils
+    import xrdmatch.training.dataset as dataset
+    from xrdmatch.platform.cli_train import train_run
+
+    X, y = synthetic(8)
+    Xu, _ = synthetic(4, seed=1)
+    monkeypatch.setattr(patterns, "ensure_patterns", lambda cfg: SimpleNamespace(ids=[f"u{i}" for i in range(4)], X=Xu))
+    monkeypatch.setattr(dataset, "build_training_set",
+                        lambda cfg, pt: (SimpleNamespace(ids=[f"l{i}" for i in range(8)], X=X, y=y), np.ones(8)))
+
+    class Called(Exception):
+        pass
+
+    def fake_init_ray(address=None, num_cpus=None):
+        raise Called(address, num_cpus)
+
+    monkeypatch.setattr(ray_utils, "init_ray", fake_init_ray)
+    cfg = load_config(overrides={"run_dir": str(tmp_path), "ray": {"address": "10.0.0.1:6379", "num_cpus": 1}})
+    with pytest.raises(Called) as e:
+        train_run(cfg)
+    assert e.value.args == ("10.0.0.1:6379", 1)
 
 
 def test_members_share_a_gpu_at_gpus_per_worker_and_the_config_bounds_it():

@@ -38,7 +38,7 @@ def train_run(cfg: "Config", *, use_ray: bool = True, log_fn: Callable[[int, dic
         warnings.warn("no unlabelled patterns: training supervised only", stacklevel=1)
     tcfg = cfg.training if len(X_unlab) else cfg.training.model_copy(update={"algorithm": "supervised"})
     ens = train_ensemble(ls.X, ls.y, X_unlab, tcfg, sample_weight=weights, use_ray=use_ray, log_fn=log_fn,
-                         run_dir=paths.root / "train" / run_id, run_name=run_id)
+                         run_dir=paths.root / "train" / run_id, run_name=run_id, ray_cfg=cfg.ray)
     ens.info = {"run_id": run_id, "labelled_hash": ls.hash(), "n_labelled": len(ls),
                 "n_unlabelled": int(min(len(X_unlab), tcfg.unlabelled_limit or len(X_unlab))),
                 "training": tcfg.model_dump(mode="json")}

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from xrdmatch.config import TrainingConfig
-from xrdmatch.training.metrics import calls
+from xrdmatch.training.metrics import calls, vote
 from xrdmatch.training.trainer import Member, train_member
 
 FORMAT = "xrdmatch-ensemble/1"
@@ -42,9 +42,11 @@ class Ensemble:
         return cache[str(device)]
 
     @torch.no_grad()
-    def predict_proba(self, X: np.ndarray, batch_size: int = 1024, device: str = "cpu") -> dict:
+    def predict_proba(self, X: np.ndarray, batch_size: int = 1024, device: str = "cpu",
+                      vote_fraction: float = 0.5) -> dict:
         """P(superionic) per member -> {"p_mean", "p_std", "votes" (members with p > 0.5),
-        "majority" (votes > half), "p_members" (members x n)}."""
+        "majority" (at least ceil(vote_fraction x members) votes: the evaluated and served rule,
+        ``metrics.vote``, as ``pyfunc_model.decide``), "p_members" (members x n)}."""
         from xrdmatch.training.preprocess import preprocess
 
         X = np.asarray(X, dtype=np.float32)
@@ -57,14 +59,8 @@ class Ensemble:
             for i in range(0, len(x), batch_size):
                 xb = x[i : i + batch_size].to(dev)
                 probs[k, i : i + len(xb)] = net(xb).softmax(-1)[:, 1].double().cpu().numpy()
-        votes = calls(probs).sum(0)
-        return {
-            "p_mean": probs.mean(0),
-            "p_std": probs.std(0),
-            "votes": votes,
-            "majority": (votes * 2 > len(self.members)).astype(np.int64),
-            "p_members": probs,
-        }
+        return {"p_mean": probs.mean(0), "p_std": probs.std(0), "votes": calls(probs).sum(0),
+                "majority": vote(probs, vote_fraction, 0.5).astype(np.int64), "p_members": probs}
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the ensemble folder (atomically: a temp folder renamed into place)."""
@@ -129,13 +125,15 @@ def train_ensemble(
     run_dir: str | os.PathLike[str] | None = None,
     run_name: str | None = None,
     fault_after_step: int | None = None,
+    ray_cfg=None,
 ) -> Ensemble:
     """Train ``cfg.ensemble_size`` members (seed k; labels ``label_draws[k]`` or all of them).
 
     ``use_ray``: every member is a Ray Train TorchTrainer job (see ray_train.py), run
     concurrently when the cluster has room. Otherwise members train one after the other here.
     ``log_fn(step, metrics)`` receives every member's per-step metrics with a ``member`` key.
-    ``fault_after_step`` exists only for the resume test (Ray path).
+    ``fault_after_step`` exists only for the resume test (Ray path). ``ray_cfg``: the config's
+    ``ray`` section (address / num_cpus), used when Ray is not running yet.
     """
     X_lab = np.asarray(X_lab, dtype=np.float32)
     y_lab = np.asarray(y_lab)
@@ -150,7 +148,8 @@ def train_ensemble(
         from xrdmatch.training.ray_train import fit_members
 
         members = fit_members(X_lab, y_lab, X_unlab, cfg, seeds, draws, sample_weight,
-                              run_dir=run_dir, run_name=run_name, fault_after_step=fault_after_step)
+                              run_dir=run_dir, run_name=run_name, fault_after_step=fault_after_step,
+                              ray_cfg=ray_cfg)
     else:
         device = "cuda" if cfg.use_gpu != "false" and torch.cuda.is_available() else "cpu"
         members = []

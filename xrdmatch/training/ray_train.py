@@ -1,17 +1,22 @@
 """Members as Ray Train jobs: TorchTrainer + DDP, safetensors checkpoints, resume on failure.
 
-Each member is one ``TorchTrainer`` run named ``<run_name>-member<k>`` under
-``<run dir>/ray_results``; its workers call :func:`xrdmatch.training.trainer.train_member` with
+Each member is one ``TorchTrainer`` run named ``<run_name>-member<k>-<identity>`` under
+``<run dir>/ray_results``, ``<identity>`` a digest of everything that decides the member (see
+:func:`member_identity`); its workers call :func:`xrdmatch.training.trainer.train_member` with
 ``prepare_model`` (DDP when num_workers > 1) and report a checkpoint (a folder holding
 ``state.safetensors``) every ``cfg.checkpoint_every`` steps. After a worker failure Ray restarts
 the group (``FailureConfig(max_failures=2)``) and the loop resumes from
-``ray.train.get_checkpoint()``. Re-running with the same run dir and run name also resumes
-(Ray Train restores a run from its storage folder). Members run concurrently, as many at once
+``ray.train.get_checkpoint()``. Re-running the same member (same settings, seed and data) with
+the same run dir and run name also resumes (Ray Train restores a run from its storage folder); a
+member that differs in any of them gets another name, so it starts fresh instead of restoring
+another member's checkpoint. Members run concurrently, as many at once
 as the cluster has CPUs (or GPUs, ``gpus_per_worker`` of one each) for their workers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -54,6 +59,29 @@ def member_task_options(cfg: TrainingConfig, resources: dict | None = None) -> t
     return {"num_cpus": 1}, "cpu"
 
 
+def array_digest(a) -> str:
+    """Content hash of an array (dtype, shape and bytes); "none" for None."""
+    if a is None:
+        return "none"
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.hexdigest()
+
+
+def member_identity(cfg: TrainingConfig, seed: int, X_lab, y_lab, w, unlab_digest: str) -> str:
+    """12 hex digits over what decides a member: the training settings (``result_settings``,
+    seed included), the member's seed, its labelled patterns, labels and sample weights, the
+    unlabelled pool (``array_digest`` of it) and the trainer's code. Part of the Ray run's name,
+    so a resumed run is always the same member."""
+    from xrdmatch.training.fingerprint import code_fingerprint
+
+    key = {"settings": cfg.result_settings(), "seed": int(seed), "X_lab": array_digest(X_lab),
+           "y_lab": array_digest(y_lab), "w": array_digest(w), "X_unlab": unlab_digest,
+           "code": code_fingerprint()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def save_state(directory: str, state: dict) -> None:
     from safetensors.torch import save_file
 
@@ -90,6 +118,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ctx.get_world_rank()
     cfg = TrainingConfig.model_validate(config["cfg"])
     data = ray.get(config["data"])
+    X_unlab = ray.get(data["X_unlab"])  # one object shared by every member
     resume = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -111,7 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
             raise RuntimeError(f"injected fault after the checkpoint at step {step} (test only)")
 
     train_member(
-        data["X_lab"], data["y_lab"], data["X_unlab"], cfg, config["seed"], data["w"],
+        data["X_lab"], data["y_lab"], X_unlab, cfg, config["seed"], data["w"],
         device=ray.train.torch.get_device(), resume=resume, checkpoint_fn=checkpoint_fn,
         wrap_model=ray.train.torch.prepare_model, rank=rank,
     )
@@ -161,28 +190,33 @@ def concurrent_members(resources: dict, cfg: TrainingConfig, use_gpu: bool, n_me
 
 
 def fit_members(X_lab, y_lab, X_unlab, cfg: TrainingConfig, seeds, draws, sample_weight=None, *,
-                run_dir=None, run_name=None, fault_after_step=None) -> list[Member]:
-    """All members, concurrently as far as the cluster's CPUs/GPUs allow."""
+                run_dir=None, run_name=None, fault_after_step=None, ray_cfg=None) -> list[Member]:
+    """All members, concurrently as far as the cluster's CPUs/GPUs allow. ``ray_cfg`` (the
+    config's ``ray`` section) says which Ray to connect to or start when none is running."""
     import ray
 
     from xrdmatch.platform.ray_utils import init_ray
 
-    init_ray()
+    init_ray(getattr(ray_cfg, "address", None), getattr(ray_cfg, "num_cpus", None))
     use_gpu = resolve_use_gpu(cfg)
     storage = Path(run_dir if run_dir is not None else tempfile.mkdtemp(prefix="xrdmatch-")) / "ray_results"
     storage = storage.resolve()
     storage.mkdir(parents=True, exist_ok=True)
     run_name = run_name or "train"
     X_unlab = np.zeros((0, X_lab.shape[1]), np.float32) if X_unlab is None else np.asarray(X_unlab, np.float32)
-    refs = []
-    for draw in draws:
+    unlab_ref = ray.put(X_unlab)  # once: every member reads the same unlabelled pool
+    unlab_digest = array_digest(X_unlab)
+    refs, names = [], []
+    for k, (draw, seed) in enumerate(zip(draws, seeds)):
         draw = np.asarray(draw, dtype=int)
         w = None if sample_weight is None else np.asarray(sample_weight, np.float32)[draw]
-        refs.append(ray.put({"X_lab": X_lab[draw], "y_lab": y_lab[draw], "X_unlab": X_unlab, "w": w}))
+        refs.append(ray.put({"X_lab": X_lab[draw], "y_lab": y_lab[draw], "X_unlab": unlab_ref, "w": w}))
+        ident = member_identity(cfg, seed, X_lab[draw], y_lab[draw], w, unlab_digest)
+        names.append(f"{run_name}-member{k}-{ident}")
     concurrent = concurrent_members(ray.cluster_resources(), cfg, use_gpu, len(seeds))
     with ThreadPoolExecutor(max_workers=concurrent) as pool:
         futures = [
-            pool.submit(fit_member, ref, cfg, seed, storage, f"{run_name}-member{k}", use_gpu, fault_after_step)
-            for k, (ref, seed) in enumerate(zip(refs, seeds))
+            pool.submit(fit_member, ref, cfg, seed, storage, name, use_gpu, fault_after_step)
+            for ref, seed, name in zip(refs, seeds, names)
         ]
         return [f.result() for f in futures]
