@@ -546,3 +546,28 @@ def test_only_a_done_job_gives_its_candidate_a_conductivity(tmp_path, database_p
     assert result["states"] == {recs[0]["id"]: "done", recs[1]["id"]: "inconclusive"}
     got = {c.structure_id: (c.verdict, c.sigma_300k) for c in store.candidates(1)}
     assert got == {recs[0]["id"]: ("superionic", 1e-3), recs[1]["id"]: ("inconclusive", None)}
+
+
+def test_a_composition_picked_in_an_earlier_round_is_not_picked_again(tmp_path):
+    """A polymorph (another id, the same reduced formula) of an earlier round's pick is skipped,
+    whatever that pick's verdict; other compositions are picked best first."""
+    import numpy as np
+    import pandas as pd
+
+    from xrdmatch.actors.screening import ScreeningResult, write_scores
+    from xrdmatch.platform.campaign import stage_select
+    from xrdmatch.platform.patterns import PatternTable
+
+    cfg, store, ctx = _round_one_store(tmp_path, {"campaign": {"rounds": 3, "candidates_per_round": 2}},
+                                       [{"structure_id": "first", "formula": "Li5Au"}])
+    store.update_candidate("first", job_id="1", verdict="inconclusive")
+    ids = ["first", "polymorph", "new-1", "new-2"]
+    groups = ["Li5Au", "Li5Au", "Li7Pt", "Li9Ir"]
+    ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
+    ctx._meta = pd.DataFrame({"group": groups, "elements": ["Au Li", "Au Li", "Li Pt", "Ir Li"],
+                              "n_sites": 4, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
+    write_scores(ctx.scores_path(2), ids, groups, ScreeningResult(p_mean=np.asarray([0.99, 0.98, 0.9, 0.8]),
+                                                                  p_std=np.zeros(4), votes=np.ones(4)))
+    store.ensure_round(2)
+    result, _ = stage_select(ctx, 2)
+    assert result["picks"] == ["new-1", "new-2"]

@@ -361,7 +361,9 @@ def stage_select(ctx: Context, rnd: int):
         scores["p_mean"].to_numpy(), scores["p_std"].to_numpy(), pt.X, presence, vocab,
         md_cell_atoms(cfg, meta), groups, n, strategy=c.acquisition, k=c.ucb_k,
         similarity_threshold=c.similarity_threshold, required=c.required_elements, forbidden=forbidden,
-        max_sites=cfg.validation.max_atoms, labelled_groups=lab_groups, exclude=exclude, pool=c.candidate_pool,
+        max_sites=cfg.validation.max_atoms, exclude=exclude, pool=c.candidate_pool,
+        # a composition picked in an earlier round (even one MD left inconclusive) is not sent again as a polymorph
+        labelled_groups=lab_groups | {cand.formula for cand in earlier_cands if cand.formula},
     )
     cands = []
     for rank, (i, s) in enumerate(zip(sel.indices.tolist(), sel.scores.tolist())):
