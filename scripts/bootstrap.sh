@@ -7,7 +7,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+ok_py='import sys; sys.exit(not (3, 11) <= sys.version_info[:2] <= (3, 12))'  # pyproject's requires-python
+"$PY" -c "$ok_py" || {
+  echo "bootstrap: needs Python 3.11 or 3.12 (set PYTHON=/path/to/python3.11); $PY is $("$PY" -V 2>&1)" >&2; exit 1; }
+# A venv whose creation failed half-way (e.g. no python3.11-venv: bin/python but no pip) or that
+# an unsupported Python made is rebuilt, not reused forever.
+if [ -x .venv/bin/python ] && ! .venv/bin/python -c "import pip; $ok_py" 2>/dev/null; then
+  echo "bootstrap: .venv is broken or made by an unsupported Python: recreating it" >&2
+  rm -rf .venv
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv || {
+  echo "bootstrap: '$PY -m venv' failed; on Debian/Ubuntu: apt-get install python3.11-venv" >&2; rm -rf .venv; exit 1; }
 
 pipq() {  # pip, quiet, without the noise of unreachable local indexes; keeps pip's exit status
   local log; log=$(mktemp)

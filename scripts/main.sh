@@ -6,9 +6,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export RAY_USAGE_STATS_ENABLED=0
-.venv/bin/xrdmatch campaign run --config configs/default.yaml "$@"
-dir=runs/default
-for ((i = 1; i <= $#; i++)); do
-  if [[ "${!i}" == "--dir" || "${!i}" == "-d" ]]; then j=$((i + 1)); dir=${!j}; fi
+# the report reads the same run directory and config as the campaign (last one given wins, as in typer)
+dir="" config=configs/default.yaml
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+  a=${args[i]} next=${args[i + 1]:-}
+  case "$a" in
+    --dir | -d) dir=$next ;;
+    --dir=*) dir=${a#--dir=} ;;
+    -d?*) dir=${a#-d} ;;
+    --config | -c) config=$next ;;
+    --config=*) config=${a#--config=} ;;
+    -c?*) config=${a#-c} ;;
+  esac
 done
-.venv/bin/xrdmatch campaign report --config configs/default.yaml --dir "$dir"
+.venv/bin/xrdmatch campaign run --config "$config" "$@"
+.venv/bin/xrdmatch campaign report --config "$config" ${dir:+--dir "$dir"}

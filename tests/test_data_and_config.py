@@ -96,6 +96,12 @@ def test_unknown_key_and_wrong_type_fail_naming_the_key(tmp_path):
     ({"labels": {"source_weights": {"paper": -1.0}}}, "labels.source_weights.paper"),
     ({"labels": {"source_weights": {"paper": 1.0, "mlip_md": 0.5}}}, "unknown label sources .'mlip_md'."),
     ({"campaign": {"required_elements": ["Li", "Xx"]}}, "campaign.required_elements"),
+    # a misspelt promotion metric would never promote a version again; a probability of 7; an
+    # empty shift range; a supercell rule that refuses every structure
+    ({"tracking": {"promotion_metric": "grouped_cv_macro"}}, "tracking.promotion_metric"),
+    ({"training": {"augment": {"w_move_prob": 7}}}, "training.augment.w_move_prob"),
+    ({"training": {"augment": {"w_move_min": 300, "w_move_gap": 200}}}, "training.augment.*w_move_min"),
+    ({"validation": {"min_atoms": 500, "max_atoms": 400}}, "validation.*min_atoms"),
 ])
 def test_nonsense_values_fail_naming_the_key(override, key):
     """Negative kelvin, a negative weight, a misspelt label source (which would silently drop
@@ -123,6 +129,32 @@ def test_env_references_expand_and_missing_ones_name_the_key(tmp_path, monkeypat
     monkeypatch.delenv("XRDM_TEST_URL")
     with pytest.raises(ConfigError, match="store.url"):
         load_config(p)
+    # set but empty counts as unset (a blank store URL would silently become a per-node SQLite file)
+    monkeypatch.setenv("XRDM_TEST_URL", "")
+    monkeypatch.setenv("XRDM_UNSET", "")
+    with pytest.raises(ConfigError, match="store.url: environment variable XRDM_TEST_URL is not set .or empty"):
+        load_config(p)
+    monkeypatch.setenv("XRDM_TEST_URL", "postgresql://u@127.0.0.1/db")
+    assert load_config(p).tracking.experiment == "fallback"
+
+
+def test_a_password_in_a_url_is_masked_wherever_the_config_is_logged(tmp_path, monkeypatch):
+    from xrdmatch.config import config_to_flat_params, redacted_dump
+
+    monkeypatch.setenv("XRDMATCH_STORE_URL", "postgresql://xrdmatch:s3cret@postgres:5432/xrdmatch")
+    cfg = load_config("configs/cluster.yaml")
+    assert cfg.store.url.endswith(":s3cret@postgres:5432/xrdmatch")  # the code still connects with it
+    params = config_to_flat_params(cfg)
+    assert params["store.url"] == "postgresql://xrdmatch:***@postgres:5432/xrdmatch"
+    assert "s3cret" not in str(params) and "s3cret" not in str(redacted_dump(cfg))
+
+
+def test_yaml_booleans_for_use_gpu_are_read_as_the_strings_the_readme_shows(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("training:\n  use_gpu: true\n")
+    assert load_config(p).training.use_gpu == "true"
+    p.write_text("training:\n  use_gpu: false\n")
+    assert load_config(p).training.use_gpu == "false"
 
 
 def test_every_command_reads_the_same_default_config():

@@ -51,10 +51,31 @@ def test_compose_services_ports_and_gpu_profile():
     assert gpu["profiles"] == ["gpu"]
     dev = gpu["deploy"]["resources"]["reservations"]["devices"][0]
     assert "gpu" in dev["capabilities"]
+    # the GPU worker builds the CUDA image (not the CPU one under the CUDA tag)
+    assert gpu["build"]["args"]["BASE_IMAGE"].startswith("nvidia/cuda:") and gpu["build"]["args"]["TORCH_INDEX_URL"] == ""
+    # both secrets are required: compose refuses to start without them
+    env = services["ray-worker"]["environment"]
+    assert ":?" in env["XRDMATCH_STORE_URL"] and env["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?")
+
+
+def test_image_user_can_write_the_shared_volumes():
+    """Named volumes take the owner of the image's mount point: /runs and the MLflow artifact
+    folder must exist, owned by the image's non-root user, or no campaign can write."""
+    text = (DOCKER / "Dockerfile").read_text()
+    user_line = text.index("\nUSER xrdmatch")
+    chown = re.search(r"mkdir -p (/runs /mlflow/artifacts) && chown xrdmatch:xrdmatch \1", text)
+    assert chown and chown.start() < user_line
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    mounts = {v.split(":")[1] for svc in compose["services"].values() for v in svc.get("volumes", [])
+              if not v.startswith(".")}
+    assert {"/runs", "/mlflow/artifacts"} <= mounts
 
 
 def test_no_secrets_committed():
     assert (DOCKER / ".env.example").is_file()
+    example = dict(ln.split("=", 1) for ln in (DOCKER / ".env.example").read_text().splitlines()
+                   if ln.strip() and not ln.startswith("#"))
+    assert example == {"POSTGRES_PASSWORD": "", "RAY_AUTH_TOKEN": ""}  # no working default secret
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
     assert "docker/.env" not in tracked
     for f in ("compose.yaml", "k8s/raycluster.yaml", "k8s/rayjob.yaml"):

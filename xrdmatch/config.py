@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,22 +76,28 @@ class AugmentConfig(StrictModel):
     """Weak and strong pattern augmentations (paper's defaults)."""
 
     threshold: float = Field(default=0.1, ge=0, lt=1, description="zero every normalised value below this")
-    w_noise_prob: float = 0.5
+    w_noise_prob: float = Field(default=0.5, ge=0, le=1)
     w_noise_peak: float = Field(default=0.1, gt=0, le=1, description="max height of weak noise peaks")
     w_noise_frac: float = Field(default=0.01, ge=0, le=1, description="fraction of empty bins that get noise")
-    w_move_prob: float = 0.5
+    w_move_prob: float = Field(default=0.5, ge=0, le=1)
     w_move_min: int = Field(default=50, ge=0)
     w_move_gap: int = Field(default=200, ge=0, description="max shift in bins (paper: 150-250)")
-    s_scale_prob: float = 0.5
+    s_scale_prob: float = Field(default=0.5, ge=0, le=1)
     s_scale_frac: float = Field(default=0.16, ge=0, le=1)
     s_scale_max: float = Field(default=3.0, ge=1)
-    s_delete_prob: float = 0.5
+    s_delete_prob: float = Field(default=0.5, ge=0, le=1)
     s_delete_frac: float = Field(default=0.16, ge=0, le=1)
-    s_gap_prob: float = 0.5
+    s_gap_prob: float = Field(default=0.5, ge=0, le=1)
     s_gap_max: int = Field(default=550, ge=0, description="max cut/insert gap in bins (paper: 500-600)")
-    s_noise_prob: float = 0.5
+    s_noise_prob: float = Field(default=0.5, ge=0, le=1)
     s_noise_frac: float = Field(default=0.01, ge=0, le=1, description="fraction of empty bins that get strong noise")
     s_noise_peak: float = Field(default=0.15, gt=0, le=1, description="max height of strong noise peaks")
+
+    @model_validator(mode="after")
+    def _shift_range(self):
+        if self.w_move_min > self.w_move_gap:
+            raise ValueError(f"w_move_min ({self.w_move_min}) must not exceed w_move_gap ({self.w_move_gap})")
+        return self
 
 
 class TrainingConfig(StrictModel):
@@ -117,6 +123,11 @@ class TrainingConfig(StrictModel):
     unlabelled_limit: int | None = Field(default=5000, ge=1, description="subsample the unlabelled set (None: all)")
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers per member")
     use_gpu: Literal["auto", "true", "false"] = "auto"
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v):  # YAML reads an unquoted true/false as a boolean
+        return str(v).lower() if isinstance(v, bool) else v
     gpus_per_worker: float = Field(default=1.0, gt=0, le=1, description=(
         "GPU share of one Ray Train worker when use_gpu: below 1, several members share one GPU "
         "(one member rarely fills a large GPU)"))
@@ -183,9 +194,17 @@ class TrackingConfig(StrictModel):
     registry_name: str = "xrdmatch-superionic"
     #: A challenger becomes champion only if this metric beats the champion's.
     promotion_metric: str = "grouped_cv_macro_f1"
+
+    @field_validator("promotion_metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:  # a typo would silently never promote again
+        known = [f"grouped_cv_{m}" for m in ("macro_f1", "f1_superionic", "precision", "recall", "pr_auc")]
+        if v not in known:
+            raise ValueError(f"{v!r} is not a champion metric; one of {known}")
+        return v
     promotion_min_delta: float = 0.0
     promotion_greater_is_better: bool = True
-    #: A member calls superionic at p >= this; the ensemble when ceil(evaluation.vote_fraction x members)
+    #: A member calls superionic at p > this; the ensemble when ceil(evaluation.vote_fraction x members)
     #: members do (stored in the registered model's config).
     decision_threshold: float = Field(default=0.5, gt=0, lt=1)
     measured: MeasuredConfig = Field(default_factory=MeasuredConfig)
@@ -224,6 +243,13 @@ class ValidationConfig(StrictModel):
     max_atoms: int = Field(default=400, ge=1, description="refuse a structure whose supercell needs more atoms")
     min_distance: float = Field(default=0.6, gt=0, description="refuse input with atoms closer than this (A)")
     max_order_sites: int = Field(default=200, ge=1, description="largest supercell tried to order a disordered input")
+
+    @model_validator(mode="after")
+    def _supercell_bounds(self):
+        if self.min_atoms > self.max_atoms:
+            raise ValueError(f"min_atoms ({self.min_atoms}) exceeds max_atoms ({self.max_atoms}): every structure "
+                             "would be refused")
+        return self
     relax: bool = False
     relax_optimizer: Literal["FIRE", "BFGS"] = "FIRE"
     relax_fmax: float = Field(default=0.1, gt=0, description="eV/A")
@@ -333,10 +359,11 @@ def _expand_env(obj: Any, source: str, key: str = "") -> Any:
         return [_expand_env(v, source, f"{key}[{i}]") for i, v in enumerate(obj)]
     if isinstance(obj, str) and "${" in obj:
         def sub(m: re.Match[str]) -> str:
-            val = os.environ.get(m.group(1))
+            val = os.environ.get(m.group(1)) or None  # set but empty counts as unset, as ${VAR:-...} in a shell
             if val is None:
                 if m.group(2) is None:
-                    raise ConfigError(f"invalid config {source}: {key}: environment variable {m.group(1)} is not set")
+                    raise ConfigError(f"invalid config {source}: {key}: environment variable {m.group(1)} "
+                                      "is not set (or empty)")
                 val = m.group(2)
             return val
 
@@ -376,8 +403,28 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         raise ConfigError(_format_errors(source, err)) from None
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]+):[^@\s]*@")
+
+
+def redact(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host`` (URLs from ${ENV} in logs and params)."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def redacted_dump(cfg: Config) -> dict[str, Any]:
+    """The resolved config as JSON data with passwords in URLs masked: what is logged or stored."""
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        return redact(obj) if isinstance(obj, str) else obj
+
+    return walk(cfg.model_dump(mode="json"))
+
+
 def config_to_flat_params(cfg: Config) -> dict[str, str]:
-    """Flatten the resolved config into dotted keys (for MLflow params)."""
+    """Flatten the resolved config into dotted keys (for MLflow params; passwords masked)."""
     out: dict[str, str] = {}
 
     def walk(prefix: str, obj: Any) -> None:
@@ -387,5 +434,5 @@ def config_to_flat_params(cfg: Config) -> dict[str, str]:
         else:
             out[prefix] = str(obj)
 
-    walk("", cfg.model_dump(mode="json"))
+    walk("", redacted_dump(cfg))
     return out

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from xrdmatch.config import Config
+from xrdmatch.config import Config, redacted_dump
 from xrdmatch.platform.campaign_store import DONE, FAILED, RUNNING, CampaignStore, campaign_id_for
 from xrdmatch.platform.paths import RunPaths, database_key
 
@@ -591,8 +591,8 @@ def run_campaign(cfg: Config, run_dir: str | None = None, *, echo: Callable[[str
         cid = campaign_id_for(paths.root)
         url = store_url(cfg)
         store = CampaignStore(url, cid)
-        row = store.ensure_campaign(str(paths.root), cfg.model_dump(mode="json"))
-        if json.loads(row.config_json) != cfg.model_dump(mode="json"):
+        row = store.ensure_campaign(str(paths.root), redacted_dump(cfg))  # no password in the store
+        if json.loads(row.config_json) != redacted_dump(cfg):
             echo(f"warning: {paths.root} was started with another config; finished stages keep their results")
         ctx = Context(cfg, paths, store, url, echo=echo, progress=progress)
         init_ray(cfg.ray.address, cfg.ray.num_cpus)

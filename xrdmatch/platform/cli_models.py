@@ -11,6 +11,7 @@ from typing import Optional
 
 import typer
 
+from xrdmatch.config import redact
 from xrdmatch.platform.cli_common import ConfigOpt, DirOpt
 from xrdmatch.platform.cli_common import load_cfg as _load
 
@@ -53,12 +54,12 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     console = Console(highlight=False)
     versions = list_versions(cfg)
     if not versions:
-        console.print(f"no registered versions of {cfg.tracking.registry_name} in {tracking_uri(cfg)}", markup=False)
+        console.print(f"no registered versions of {cfg.tracking.registry_name} in {redact(tracking_uri(cfg))}", markup=False)
         return
     metric_names = sorted({m for v in versions for m in v.metrics})
     pm = cfg.tracking.promotion_metric
     metric_names = ([pm] if pm in metric_names else []) + [m for m in metric_names if m != pm][:3]
-    table = Table(title=f"{cfg.tracking.registry_name} ({tracking_uri(cfg)})")
+    table = Table(title=f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})")
     for col in ["version", "aliases", "created", *metric_names, "labelled (sources)", "unlabelled", "run"]:
         table.add_column(col, justify="right" if col in metric_names else "left")
     for v in versions:
@@ -171,7 +172,7 @@ def ui(
            "--host", host, "--port", str(port), "--workers", "1"]
     # the server's background job runner (GenAI scorers: a pool of huey workers) is not needed here
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
-    typer.echo(f"MLflow UI: http://{host}:{port}  (store {uri})", err=False)
+    typer.echo(f"MLflow UI: http://{host}:{port}  (store {redact(uri)})", err=False)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)

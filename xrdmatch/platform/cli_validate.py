@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from xrdmatch.config import redact
 from xrdmatch.platform.cli_common import ConfigOpt, DirOpt
 from xrdmatch.platform.cli_common import load_cfg as _config  # the same default config as every command
 
@@ -112,7 +113,7 @@ def status(
     url = store_url(cfg)
     jobs = queue.list_jobs(url, states=state or None, limit=limit)
     now = queue.store_now(url)
-    table = Table(title=f"validation jobs ({url})")
+    table = Table(title=f"validation jobs ({redact(url)})")
     for col in ("id", "structure", "formula", "state", "T done", "progress", "ETA", "verdict", "sigma_300 S/cm", "attempts", "error"):
         table.add_column(col, overflow="fold")
     colour = {"done": "green", "failed": "red", "running": "cyan", "inconclusive": "yellow"}

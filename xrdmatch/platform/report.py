@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from xrdmatch.config import Config
+from xrdmatch.config import Config, redact
 from xrdmatch.platform.campaign_store import DONE, CampaignStore, campaign_id_for
 
 STAGE_ORDER = ("patterns", "train", "register", "screen", "select", "validate", "label")
@@ -60,10 +60,10 @@ def _champion(cfg: Config) -> dict[str, Any] | None:
         missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
             e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e))
         if not missing:
-            raise RuntimeError(f"tracking store {uri}: {_first_line(e)}") from e
+            raise RuntimeError(f"tracking store {redact(uri)}: {_first_line(e)}") from e
         return None
     except Exception as e:  # noqa: BLE001 - unreadable store (corrupt SQLite, bad URI, ...)
-        raise RuntimeError(f"tracking store {uri}: {_first_line(e)}") from e
+        raise RuntimeError(f"tracking store {redact(uri)}: {_first_line(e)}") from e
     return champ(cfg)
 
 
