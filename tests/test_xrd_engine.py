@@ -105,6 +105,27 @@ def test_disordered_sites_parity():
     assert np.abs(xrd_pattern(pure) - xrd_pattern(half)).max() > 0.05
 
 
+def test_mixed_valence_and_spin_species_match_pymatgen_on_every_path(tmp_path):
+    """A site of Mn3+ 0.5 + Mn4+ 0.5 is Mn 1.0 for X-rays: the engine, the database record of a
+    CIF/JSON file and the queue's record agree with pymatgen (a record keyed by element once kept
+    Mn 0.5); a species with a spin is its element."""
+    from pymatgen.core import Lattice, Species, Structure
+
+    from xrdmatch.platform.databases import _parse_file, record_of_structure
+
+    s = Structure(Lattice.cubic(4.1), ["Li", {Species("Mn", 3): 0.5, Species("Mn", 4): 0.5}, "O", "O"],
+                  [[0, 0, 0], [0.5, 0.5, 0.5], [0.25, 0.25, 0.25], [0.75, 0.75, 0.75]])
+    ref = reference_pattern(s)
+    _assert_parity(xrd_pattern(s), ref, "Mn3+/Mn4+ site")
+    rec = record_of_structure("lmo", s)
+    assert rec.species[1] == "Mn"
+    _assert_parity(xrd_pattern_arrays(rec.lattice, rec.species, rec.frac_coords), ref, "record of the structure")
+    from_json = _parse_file("lmo.json", s.to_json().encode())
+    _assert_parity(xrd_pattern_arrays(from_json.lattice, from_json.species, from_json.frac_coords), ref, "JSON file")
+    spin = Structure(Lattice.cubic(4.3), [Species("Fe", 2, spin=5), "O"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    _assert_parity(xrd_pattern(spin), reference_pattern(spin), "Fe2+ with spin")
+
+
 def test_site_order_oxidation_states_and_periodic_images(parity_records):
     """Interleaved species (the regrouping path), 'O2-'-style species, coordinates off by lattice vectors."""
     from pymatgen.core import Structure

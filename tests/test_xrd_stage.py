@@ -287,3 +287,22 @@ def test_pattern_cache_key_follows_the_database_content(tmp_path, database_path)
     xz = tmp_path / "db.jsonl.xz"
     xz.write_bytes(lzma.compress(a.read_bytes()))
     assert database_key(xz).startswith("db-")
+
+
+def test_the_engine_version_follows_the_engine_code_and_pymatgen(tmp_path, monkeypatch):
+    """The pattern cache key's engine version changes with the engine's code (not its comments)
+    and names the pymatgen whose scattering table it read: an old cache is never served as new."""
+    from importlib import metadata
+
+    from xrdmatch.platform.xrd_stage import engine_version
+    from xrdmatch.simulation import xrd
+
+    base = engine_version()
+    assert base.endswith(f"-pymatgen-{metadata.version('pymatgen')}")
+    src = Path(xrd.__file__).read_text()
+    copy = tmp_path / "xrd.py"
+    copy.write_text(src + "\n# a comment only\n")
+    monkeypatch.setattr(xrd, "__file__", str(copy))
+    assert engine_version() == base
+    copy.write_text(src + "\nLORENTZ_TWEAK = 1.0\n")
+    assert engine_version() != base

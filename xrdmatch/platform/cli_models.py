@@ -172,6 +172,9 @@ def ui(
            "--host", host, "--port", str(port), "--workers", "1"]
     # the server's background job runner (GenAI scorers: a pool of huey workers) is not needed here
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: --host {host} serves the MLflow UI to other machines, without authentication: "
+                   "anyone who can reach this port can read and change runs and models", err=True)
     typer.echo(f"MLflow UI: http://{host}:{port}  (store {redact(uri)})", err=False)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -116,8 +116,9 @@ def _open_binary(p: Path):
     return open(p, "rb")
 
 
-def _folder_files(p: Path) -> list[Path]:
-    """Every visible regular file of the folder (not recursive), in name order."""
+def folder_files(p: Path) -> list[Path]:
+    """Every visible regular file of the folder (not recursive), in name order: the entries of a
+    folder database, and what its cache key hashes (``paths.database_key``)."""
     return sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
 
 
@@ -198,7 +199,7 @@ def _iter_units(p: Path, kind: Kind) -> Iterator[Any]:
     if kind == "jsonl":
         return _jsonl_raw(p)
     if kind == "folder":
-        return iter(_folder_files(p))
+        return iter(folder_files(p))
     return _ase_rows(p)
 
 
@@ -246,7 +247,7 @@ def count_entries(path: str | os.PathLike[str], limit: int | None = None) -> int
     p = _resolve(path)
     kind = database_kind(p)
     if kind == "folder":
-        n = len(_folder_files(p))
+        n = len(folder_files(p))
     elif kind == "ase":
         import ase.db
 
@@ -346,12 +347,15 @@ def _parse_json_line(where: str, line: bytes) -> Entry:
 
 def record_of_structure(sid: str, structure) -> Record:
     """Record of a pymatgen Structure; disordered sites become {symbol: occupancy} mappings."""
+    from xrdmatch.simulation.xrd import element_occupancies
+
     species: list = []
     for site in structure:
         if site.is_ordered:
             species.append(site.specie.symbol)
         else:
-            species.append({sp.symbol: float(occ) for sp, occ in site.species.items()})
+            occ = element_occupancies(site)  # mixed valence (Mn3+ 0.5 + Mn4+ 0.5) is Mn 1.0
+            species.append(next(iter(occ)) if len(occ) == 1 and abs(sum(occ.values()) - 1.0) < 1e-9 else occ)
     return Record(
         id=sid,
         formula=structure.composition.reduced_formula,
@@ -365,6 +369,11 @@ def _parse_file(name: str, data: bytes) -> Entry:
     sid = Path(name).stem
     if not data.strip():
         return BadEntry(sid, f"{name}: empty file")
+    if name.lower().endswith(".cif"):
+        blocks = len(re.findall(rb"^[ \t]*data_", data, flags=re.M | re.I))
+        if blocks > 1:  # pymatgen would read the first and drop the rest without a word
+            return BadEntry(sid, f"{name}: holds {blocks} structures (CIF data blocks); a database folder "
+                                 "takes one structure per file: split it")
     from pymatgen.core import Structure
 
     # from_file picks the format from the name (CIF, POSCAR/CONTCAR, .vasp, pymatgen JSON, ...)

@@ -18,7 +18,7 @@ def database_key(db_path: str | os.PathLike[str], limit: int | None = None) -> s
 
     Keyed on the bytes, not the name or size: another database under the same name, or one
     edited in place, must never be served the patterns of the first (a folder of structure
-    files hashes every file's relative path and bytes).
+    files hashes the name and bytes of every file the reader reads).
     """
     p = Path(db_path).resolve()
     digest = _content_digest(p) if p.is_file() else _folder_digest(p)
@@ -28,8 +28,10 @@ def database_key(db_path: str | os.PathLike[str], limit: int | None = None) -> s
 
 
 def _folder_digest(p: Path) -> str:
+    from xrdmatch.platform.databases import folder_files  # exactly the files the reader reads
+
     h = hashlib.sha1()
-    for f in sorted(x for x in p.rglob("*") if x.is_file()):
+    for f in folder_files(p):
         h.update(f"{f.relative_to(p)}|{_content_digest(f)}\n".encode())
     return h.hexdigest()
 

@@ -59,10 +59,17 @@ class StageError(RuntimeError):
 
 
 def engine_version() -> str:
-    """Version of the XRD engine: a cache made by another engine is recomputed, never mixed."""
-    from xrdmatch.simulation import xrd
+    """Version of what turns a database entry into a pattern: the engine's and the record
+    parser's code (syntax trees: comments and docstrings do not count) and pymatgen's version
+    (its scattering table). A cache made by another is recomputed, never mixed."""
+    from importlib import metadata
 
-    return str(getattr(xrd, "ENGINE_VERSION", None) or f"xrdmatch-{__version__}")
+    from xrdmatch.platform import databases
+    from xrdmatch.simulation import xrd
+    from xrdmatch.training.fingerprint import source_fingerprint
+
+    code = source_fingerprint(Path(m.__file__).read_text() for m in (xrd, databases))
+    return f"xrdmatch-{__version__}+{code[:12]}-pymatgen-{metadata.version('pymatgen')}"
 
 
 @dataclass

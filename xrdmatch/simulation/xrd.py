@@ -124,10 +124,19 @@ def xrd_pattern(structure) -> np.ndarray:
     Site properties (e.g. U11_cif thermal displacements) are ignored: no Debye-Waller factor.
     """
     if structure.is_ordered:
-        species: list = [str(sp) for sp in structure.species]
+        species: list = [sp.symbol for sp in structure.species]  # scattering depends on the element only
     else:
-        species = [{str(sp): occ for sp, occ in site.species.items()} for site in structure]
+        species = [element_occupancies(site) for site in structure]
     return xrd_pattern_arrays(structure.lattice.matrix, species, structure.frac_coords)
+
+
+def element_occupancies(site) -> dict[str, float]:
+    """{element: occupancy} of a site, summed over its species: a site of Mn3+ 0.5 and Mn4+ 0.5
+    is Mn 1.0 (keyed by species it would be two entries; keyed naively by element, Mn 0.5)."""
+    occ: dict[str, float] = {}
+    for sp, o in site.species.items():
+        occ[sp.symbol] = occ.get(sp.symbol, 0.0) + float(o)
+    return occ
 
 
 def xrd_pattern_arrays(lattice, species, frac_coords) -> np.ndarray:
