@@ -157,3 +157,215 @@ def test_screen_cli_scores_the_database_with_the_champion(mlflow_registry, tmp_p
     assert run.data.metrics["n_structures"] == 60
     assert {a.path for a in client.list_artifacts(run.info.run_id, "screen")} == {
         "screen/score_histogram.png", "screen/top.csv"}
+
+
+def test_pip_requirements_drop_local_versions(monkeypatch):
+    """``torch 2.13.0+cpu`` is not on PyPI: the logged pins carry public versions only."""
+    from xrdmatch.platform import registry
+
+    monkeypatch.setattr(registry.metadata, "version", lambda pkg: "2.13.0+cu130" if pkg == "torch" else "1.2.3+cpu")
+    reqs = registry._pip_requirements()
+    assert "torch==2.13.0" in reqs and "pydantic==1.2.3" in reqs
+    assert not [r for r in reqs if "+" in r], reqs
+
+
+_LOAD_WITHOUT_INSTALLED_XRDMATCH = r'''
+import ast, importlib.abc, json, os, re, site, sys
+from importlib import metadata
+from importlib.machinery import PathFinder
+from pathlib import Path
+
+repo, tracking_uri, model_uri, x_path, out_path = sys.argv[1:6]
+# the installed xrdmatch (editable finder, site-packages, the repo) is out of reach; a copy on
+# sys.path elsewhere (the model's code/ folder, once MLflow puts it there) is importable
+hidden = {os.path.realpath(p) for p in [repo, os.getcwd(), *site.getsitepackages(), site.getusersitepackages()]}
+
+
+class OnlyShippedXrdmatch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "xrdmatch":
+            spec = PathFinder.find_spec(name, [p for p in sys.path if p and os.path.realpath(p) not in hidden])
+            if spec is None:
+                raise ModuleNotFoundError("No module named 'xrdmatch' (installed copy hidden)", name=name)
+            return spec
+        if name.startswith("xrdmatch."):
+            return PathFinder.find_spec(name, path)  # from the parent package's own folder
+        return None
+
+
+sys.meta_path.insert(0, OnlyShippedXrdmatch())
+for m in [m for m in sys.modules if m == "xrdmatch" or m.startswith("xrdmatch.")]:
+    del sys.modules[m]
+try:
+    import xrdmatch  # noqa: F401
+    raise SystemExit("the installed xrdmatch is still importable")
+except ModuleNotFoundError:
+    pass
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+mlflow.set_tracking_uri(tracking_uri)
+model = mlflow.pyfunc.load_model(model_uri)
+X = np.load(x_path)
+out = model.predict(pd.DataFrame(X, columns=[f"v{i}" for i in range(1, X.shape[1] + 1)]))
+import xrdmatch
+
+root = Path(xrdmatch.__file__).resolve().parents[2]  # <model>/code/xrdmatch/__init__.py
+# third-party packages that the model's code imports and that this process really imported
+dists = metadata.packages_distributions()
+needed = {}  # top-level module -> the distributions that provide it
+for mod in list(sys.modules.values()):
+    f = getattr(mod, "__file__", None)
+    if not f or not Path(f).resolve().is_relative_to(root) or not f.endswith(".py"):
+        continue
+    for node in ast.walk(ast.parse(Path(f).read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+        for top in {n.split(".")[0] for n in names}:
+            if top in sys.modules and top not in sys.stdlib_module_names and top != "xrdmatch":
+                needed[top] = sorted(re.sub(r"[-_.]+", "-", d).lower() for d in dists.get(top, [top]))
+Path(out_path).write_text(json.dumps({"xrdmatch": xrdmatch.__file__, "model_root": str(root),
+                                      "needed": needed, **{c: out[c].tolist() for c in out.columns}}))
+'''
+
+
+def test_registered_model_loads_where_xrdmatch_is_not_installed(mlflow_registry, labelled, tmp_path, repo_root):
+    """The model ships its code (code_paths) and its requirements: a process that cannot import the
+    installed xrdmatch loads models:/... from / and predicts the ensemble's numbers."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from xrdmatch.platform.tracking import configure
+    from xrdmatch.training.ensemble import Ensemble
+    from xrdmatch.training.evaluation import combine
+
+    reg = mlflow_registry
+    uri = f"models:/{reg.cfg.tracking.registry_name}/3"
+    X = labelled.X[:9]
+    np.save(tmp_path / "X.npy", X)
+    script = tmp_path / "load.py"
+    script.write_text(_LOAD_WITHOUT_INSTALLED_XRDMATCH)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    res = subprocess.run([sys.executable, str(script), str(repo_root), reg.cfg.tracking.tracking_uri, uri,
+                          str(tmp_path / "X.npy"), str(tmp_path / "out.json")],
+                         cwd="/", env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert Path(got["xrdmatch"]).resolve().is_relative_to(Path(got["model_root"]) / "code")
+    b = Ensemble.load(reg.ens_b).predict_proba(X)
+    np.testing.assert_allclose(got["p_superionic"], b["p_mean"], rtol=1e-6)
+    np.testing.assert_array_equal(got["superionic"], combine(b["p_members"], reg.cfg.evaluation.vote_fraction)["pred"])
+    # requirements: every package the shipped code imported is pinned, with a version PyPI hosts
+    configure(reg.cfg)
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    reqs = (local / "requirements.txt").read_text().split()
+    assert not [r for r in reqs if "+" in r], reqs
+    pinned = {re.sub(r"[-_.]+", "-", r.split("==")[0]).lower() for r in reqs}
+    assert got["needed"] and all(pinned & set(d) for d in got["needed"].values()), (got["needed"], reqs)
+    assert {"torch", "pydantic", "pyyaml", "safetensors"} <= pinned
+
+
+def _members_proba(ens, X, block: int = 25) -> np.ndarray:
+    """(members, n) probabilities computed block by block, as the screening actors do."""
+    return np.concatenate([ens.predict_proba(X[i:i + block])["p_members"] for i in range(0, len(X), block)], axis=1)
+
+
+@pytest.fixture(scope="module")
+def custom_rule_registry(tmp_path_factory, mlflow_registry, labelled):
+    """The four members of ensembles A and B as one ensemble, registered (own run dir) with a
+    tracking.decision_threshold and evaluation.vote_fraction (0.75: 3 of 4 members) other than the
+    model's fallbacks (0.5, 0.5). Each tiny member is nearly constant, so the threshold goes in the
+    widest gap of the central values of the member whose median ranks third: the calls then
+    depend on the pattern, and on both settings."""
+    from types import SimpleNamespace
+
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.paths import RunPaths
+    from xrdmatch.platform.registry import register_ensemble
+    from xrdmatch.training.ensemble import Ensemble
+
+    root = tmp_path_factory.mktemp("custom_rule")
+    a, b = Ensemble.load(mlflow_registry.ens_a), Ensemble.load(mlflow_registry.ens_b)
+    ens_dir = Ensemble(members=a.members + b.members, network=a.network, threshold=a.threshold).save(root / "ens_ab")
+    P = _members_proba(Ensemble.load(ens_dir), labelled.X)
+    v = np.sort(P[np.argsort(np.median(P, axis=1))[-3]])[len(labelled.X) // 4: 3 * len(labelled.X) // 4]
+    gap = int(np.argmax(np.diff(v)))
+    threshold = float((v[gap] + v[gap + 1]) / 2)
+    cfg = load_config(None, {"run_dir": str(root / "run"), "tracking": {"decision_threshold": threshold},
+                             "evaluation": {"vote_fraction": 0.75}})
+    cfg.tracking.tracking_uri = RunPaths.of(cfg.run_dir).mlflow_tracking_uri
+    rv = register_ensemble(cfg, ens_dir, {"grouped_cv_macro_f1": 0.5}, mlflow_registry.lineage)
+    return SimpleNamespace(cfg=cfg, run_dir=root / "run", ens=ens_dir, version=rv, threshold=threshold)
+
+
+def test_pyfunc_applies_the_registered_threshold_and_vote_fraction(custom_rule_registry, labelled):
+    """The loaded model calls with the registered tracking.decision_threshold and
+    evaluation.vote_fraction (its model config), not its fallbacks."""
+    import mlflow
+
+    from xrdmatch.platform.pyfunc_model import patterns_frame
+    from xrdmatch.platform.tracking import configure
+    from xrdmatch.training.ensemble import Ensemble
+    from xrdmatch.training.metrics import vote
+
+    reg, thr = custom_rule_registry, custom_rule_registry.threshold
+    configure(reg.cfg)
+    model = mlflow.pyfunc.load_model(f"models:/{reg.cfg.tracking.registry_name}/{reg.version.version}")
+    assert model.model_config == {"threshold": thr, "vote_fraction": 0.75}
+    X = labelled.X
+    P = _members_proba(Ensemble.load(reg.ens), X)
+    want = vote(P, 0.75, thr)
+    # the data tell the registered rule from the fallbacks, each setting on its own
+    assert 0 < want.sum() < len(X)
+    for other in (vote(P, 0.5, 0.5), vote(P, 0.5, thr), vote(P, 0.75, 0.5)):
+        assert not np.array_equal(want, other)
+    np.testing.assert_array_equal(model.predict(patterns_frame(X))["superionic"], want)
+
+
+def test_screen_counts_with_the_models_rule(custom_rule_registry, tmp_path, monkeypatch):
+    """`xrdmatch screen` calls superionic as the served model does (>= ceil(vote_fraction x members)
+    members with p > threshold), with the model's threshold and vote_fraction, not p_mean >= the
+    config's threshold."""
+    import pandas as pd
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.patterns import ensure_patterns
+    from xrdmatch.platform.tracking import tracking_uri
+    from xrdmatch.training.ensemble import Ensemble
+    from xrdmatch.training.metrics import calls, vote
+
+    reg, thr = custom_rule_registry, custom_rule_registry.threshold
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg_path = tmp_path / "screen.yaml"  # the config keeps the defaults 0.5 / 0.5: the model's values must win
+    cfg_path.write_text(yaml.safe_dump({"run_dir": str(reg.run_dir), "ray": {"num_cpus": 2},
+                                        "database": {"limit": 60}, "xrd": {"batch_size": 30, "workers": 1},
+                                        "campaign": {"screen_batch_size": 25}}))
+    out = tmp_path / "scores.parquet"
+    res = CliRunner().invoke(app, ["screen", "--config", str(cfg_path), "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    cfg = load_config(cfg_path)
+    pt = ensure_patterns(cfg, progress=False)
+    P = _members_proba(Ensemble.load(reg.ens), pt.X)
+    want = vote(P, 0.75, thr)
+    assert 0 < want.sum() < len(want) and int(want.sum()) != int((P.mean(0) >= 0.5).sum())
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    run = next(r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "screen-v1")
+    assert run.data.metrics["n_positive"] == int(want.sum())
+    assert run.data.metrics["fraction_positive"] == pytest.approx(want.mean())
+    assert (run.data.tags["screen.decision_threshold"], run.data.tags["screen.vote_fraction"],
+            run.data.tags["screen.rule_from"]) == (f"{thr:g}", "0.75", "model")
+    assert f"{int(want.sum())} called superionic (>= 3 of 4 members with p > {thr:g})" in res.output
+    # the Parquet's votes are the members over the model's threshold
+    np.testing.assert_array_equal(pd.read_parquet(out)["votes"].to_numpy(), calls(P, thr).sum(0))

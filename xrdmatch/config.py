@@ -185,6 +185,9 @@ class MeasuredConfig(StrictModel):
     peak_prominence: float = Field(default=0.02, gt=0, lt=1, description="min peak prominence / max intensity")
     peak_min_snr: float = Field(default=5.0, ge=0, description="min peak prominence / counting-noise sigma")
     peak_min_distance_deg: float = Field(default=0.1, gt=0, description="closest two peaks may be")
+    kalpha2: Literal["auto", "strip", "none"] = Field(default="auto", description=(
+        "Cu K-alpha scans: strip K-alpha2 (Rachinger); auto = unless the scan shows no K-alpha2"))
+    kalpha2_ratio: float = Field(default=0.5, ge=0, lt=1, description="I(K-alpha2) / I(K-alpha1)")
 
 
 class TrackingConfig(StrictModel):

@@ -18,18 +18,23 @@ import numpy as np
 
 
 class _Scorer:
-    """Holds one ensemble; ``score`` returns (p_mean, p_std, votes) for a block of patterns."""
+    """Holds one ensemble; ``score`` returns (p_mean, p_std, votes) for a block of patterns
+    (votes: members with p > ``threshold``)."""
 
-    def __init__(self, ensemble, torch_threads: int = 1, device: str = "cpu"):
+    def __init__(self, ensemble, torch_threads: int = 1, device: str = "cpu", threshold: float = 0.5):
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
         self.ensemble = ensemble
         self.device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
+        self.threshold = threshold
 
     def score(self, start: int, X: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        from xrdmatch.training.metrics import calls
+
         out = self.ensemble.predict_proba(np.asarray(X, dtype=np.float32), device=self.device)
-        votes = out.get("votes")
+        members = out.get("p_members")
+        votes = calls(members, self.threshold).sum(axis=0) if members is not None else out.get("votes")
         votes = np.asarray(votes, dtype=np.float32) if votes is not None else np.full(len(X), np.nan, np.float32)
         return (start, np.asarray(out["p_mean"], np.float32), np.asarray(out["p_std"], np.float32), votes)
 
@@ -51,8 +56,11 @@ def screen(
     gpus_per_actor: float = 0.0,
     max_in_flight: int | None = None,
     progress: Callable[[int], None] | None = None,
+    threshold: float = 0.5,
 ) -> ScreeningResult:
     """Score every (start, X) block on a pool of actors; results land at ``start`` offsets.
+
+    ``votes``: members with p > ``threshold`` (the registered model's decision threshold).
 
     ``blocks`` is consumed lazily, so at most ``max_in_flight`` blocks are in memory/flight.
     """
@@ -61,7 +69,7 @@ def screen(
     Scorer = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)(_Scorer)
     model_ref = ray.put(ensemble)  # once; actors share it
     device = "cuda" if gpus_per_actor > 0 else "cpu"
-    pool = [Scorer.remote(model_ref, max(1, int(cpus_per_actor)), device) for _ in range(max(1, actors))]
+    pool = [Scorer.remote(model_ref, max(1, int(cpus_per_actor)), device, threshold) for _ in range(max(1, actors))]
     p_mean = np.full(n_total, np.nan, np.float32)
     p_std = np.full(n_total, np.nan, np.float32)
     votes = np.full(n_total, np.nan, np.float32)

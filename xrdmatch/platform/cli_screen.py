@@ -26,6 +26,20 @@ def ensemble_dir_of(model_uri: str) -> Path:
     return found[0]
 
 
+def decision_rule(ensemble_dir: Path, cfg) -> tuple[float, float, str]:
+    """(threshold, vote_fraction, where from) of the served model: its MLmodel's model config
+    (what ``pyfunc_model.decide`` applies), else the config's (a bare ensemble folder)."""
+    from mlflow.models import Model
+
+    for d in (ensemble_dir.parent, ensemble_dir.parent.parent):  # a pyfunc keeps it in artifacts/<name>
+        if (d / "MLmodel").is_file():
+            conf = Model.load(d / "MLmodel").flavors.get("python_function", {}).get("config") or {}
+            if "threshold" in conf and "vote_fraction" in conf:
+                return float(conf["threshold"]), float(conf["vote_fraction"]), "model"
+            break
+    return cfg.tracking.decision_threshold, cfg.evaluation.vote_fraction, "config"
+
+
 def screen(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="model URI [models:/<registry_name>@champion]"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="scores Parquet [RUN_DIR/scores/screen-<version>.parquet]"),
@@ -50,6 +64,7 @@ def screen(
     from xrdmatch.platform.registry import default_model_uri
     from xrdmatch.platform.tracking import array_hash, configure, mlflow_run
     from xrdmatch.training.ensemble import Ensemble
+    from xrdmatch.training.metrics import vote_threshold
 
     _quiet_mlflow()
     cfg = load_cfg(config, run_dir)
@@ -62,7 +77,9 @@ def screen(
             client = MlflowClient()
             mv = client.get_model_version_by_alias(name, ref) if ref else None
             version = str(mv.version) if mv is not None else uri.rsplit("/", 1)[-1]
-        ens = Ensemble.load(ensemble_dir_of(uri))
+        ens_dir = ensemble_dir_of(uri)
+        ens = Ensemble.load(ens_dir)
+        thr, vote_fraction, rule_from = decision_rule(ens_dir, cfg)
     except Exception as e:
         typer.echo(f"error: cannot load model {uri}: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2) from None
@@ -75,14 +92,18 @@ def screen(
                                                       "model.version": version}) as run:
         with progress_bar(total=n, desc="screen", unit="pattern", disable=not progress) as bar:
             res = run_screen(ens, blocks_of(pt.X, c.screen_batch_size), n, actors=actors,
-                             gpus_per_actor=c.screen_gpus_per_actor, progress=bar.update)
+                             gpus_per_actor=c.screen_gpus_per_actor, progress=bar.update, threshold=thr)
         path = out or Path(cfg.run_dir) / "scores" / f"screen-{version}.parquet"
         sha = write_scores(path, list(pt.ids), list(pt.formulas), res)
-        thr = cfg.tracking.decision_threshold
+        # the served model's call (pyfunc_model.decide): >= ceil(vote_fraction x members) members with p > thr
+        need = vote_threshold(len(ens.members), vote_fraction)
+        positive = res.votes >= need
         mlflow.set_tags({"lineage.unlabelled_hash": array_hash(pt.X), "lineage.unlabelled_count": str(n),
-                         "scores.path": str(path), "scores.sha256": sha})
-        mlflow.log_metrics({"n_structures": n, "n_positive": int((res.p_mean >= thr).sum()),
-                            "fraction_positive": float((res.p_mean >= thr).mean()),
+                         "scores.path": str(path), "scores.sha256": sha,
+                         "screen.decision_threshold": f"{thr:g}", "screen.vote_fraction": f"{vote_fraction:g}",
+                         "screen.votes_needed": str(need), "screen.rule_from": rule_from})
+        mlflow.log_metrics({"n_structures": n, "n_positive": int(positive.sum()),
+                            "fraction_positive": float(positive.mean()),
                             "mean_p": float(res.p_mean.mean()), "mean_spread": float(res.p_std.mean())})
         order = np.argsort(-res.p_mean, kind="stable")[:top]
         rows = [(str(pt.ids[i]), str(pt.formulas[i]), float(res.p_mean[i]), float(res.p_std[i])) for i in order]
@@ -91,7 +112,7 @@ def screen(
             (Path(tmp) / "top.csv").write_text("id,formula,p_superionic,p_std\n"
                                                + "".join(f"{a},{b},{p:.4f},{s:.4f}\n" for a, b, p, s in rows))
             mlflow.log_artifacts(tmp, "screen")
-    typer.echo(f"screened {n} structures with {uri} (v{version}): {int((res.p_mean >= thr).sum())} with "
-               f"p >= {thr:g} -> {path}; MLflow run {run.info.run_id}")
+    typer.echo(f"screened {n} structures with {uri} (v{version}): {int(positive.sum())} called superionic "
+               f"(>= {need} of {len(ens.members)} members with p > {thr:g}) -> {path}; MLflow run {run.info.run_id}")
     for sid, formula, p, s in rows:
         typer.echo(f"  {sid:>14s}  {formula:<24s} p = {p:.3f} +- {s:.3f}")

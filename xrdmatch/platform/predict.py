@@ -3,7 +3,8 @@
 Inputs (each path may be a folder: its files are taken in sorted order, recursively):
 - structure files any format pymatgen reads (CIF, POSCAR/CONTCAR, vasprun.xml, ...), else ASE
   (extxyz with several frames -> one row per frame; never for a CIF that pymatgen refuses):
-  simulated Cu K-alpha stick pattern;
+  simulated Cu K-alpha stick pattern; a CIF with several structure data blocks -> one row per
+  block (``<stem>#<i>``, like frames), a block pymatgen refuses -> an error row for that block;
 - a JSONL database in the shipped format (``.jsonl``, ``.jsonl.xz/.gz/.bz2``): one row per record;
 - measured powder scans (``.xy .xye .csv .txt .dat``: 2-theta, intensity) -> sticks
   (see :mod:`xrdmatch.platform.measured`), ``wavelength`` applies to these.
@@ -14,8 +15,10 @@ Nothing read from an input is unpickled.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,12 +89,70 @@ def _pattern(structure, source: str, sid: str) -> Item:
         return Item(source, sid, error=f"XRD pattern failed: {_short(e)}")
 
 
+#: A CIF data block starts here (pymatgen's own split, ``CifFile.from_str``).
+_CIF_BLOCK = re.compile(r"^\s*data_", flags=re.MULTILINE)
+#: Data names of atom sites: a block without them holds no structure (e.g. ``data_global``).
+_CIF_ATOMS = re.compile(r"^\s*_atom_site_", flags=re.MULTILINE | re.IGNORECASE)
+
+
+def is_cif(path: Path) -> bool:
+    """Whether pymatgen reads ``path`` as a CIF (its patterns ``*.cif*``, ``*.mcif*``: also .cif.gz)."""
+    name = path.name.lower()
+    return fnmatch.fnmatch(name, "*.cif*") or fnmatch.fnmatch(name, "*.mcif*")
+
+
+def cif_blocks(path: Path) -> list[tuple[str, str]]:
+    """(block name, text) of each data block of a CIF that describes atom sites, in file order.
+
+    Blocks without ``_atom_site_`` data names (a publication's ``data_global``, a powder pattern)
+    describe no structure and are left out; duplicate block names are kept (pymatgen's CifFile
+    would let the last one overwrite the others).
+    """
+    from monty.io import zopen
+
+    with zopen(path, mode="rt", encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    out = []
+    for chunk in _CIF_BLOCK.split(f"x\n{text}")[1:]:
+        if _CIF_ATOMS.search(chunk):
+            header = chunk.split(None, 1)[0] if chunk.strip() else ""
+            out.append((header, f"data_{chunk}"))
+    return out
+
+
+def cif_items(path: Path) -> list[Item] | None:
+    """One item per structure block of a CIF with several (ids ``<stem>#<i>``, like extxyz frames);
+    None for a CIF with at most one, which :func:`read_structures` reads as before.
+
+    Each block is parsed on its own, so a block pymatgen refuses becomes an error row naming the
+    block and pymatgen's reason, and the other blocks are still predicted.
+    """
+    from pymatgen.io.cif import CifParser
+
+    blocks = cif_blocks(path)
+    if len(blocks) < 2:
+        return None
+    items = []
+    for i, (header, text) in enumerate(blocks):
+        sid = f"{path.stem}#{i}"
+        try:
+            structure = CifParser.from_str(text).parse_structures(primitive=False, on_error="raise")[0]
+        except Exception as e:
+            items.append(Item(str(path), sid, error=f"CIF data block #{i} (data_{header}) refused by pymatgen: "
+                                                     f"{_short(e, 200)}"))
+            continue
+        items.append(_pattern(structure, str(path), sid))
+    return items
+
+
 def read_structures(path: Path) -> list[tuple[str, object]]:
     """(id, pymatgen Structure) of a structure file: pymatgen first, then ASE (all frames).
 
     A CIF that pymatgen refuses is refused (ValueError with pymatgen's reason): ASE's CIF
     reader would merge coinciding atoms and drop partial occupancies without a word, which is
     how a CIF with two atoms on one site used to be predicted as if nothing were wrong.
+    Only a CIF's first structure is read here: :func:`items_for_file` gives a CIF with several
+    data blocks to :func:`cif_items` first.
     """
     from pymatgen.core import Structure
 
@@ -155,6 +216,13 @@ def items_for_file(path: Path, wavelength: str | float | None, measured_cfg: Mea
             return [Item(src, path.stem, error=str(e))]
         except Exception as e:
             return [Item(src, path.stem, error=f"measured pattern failed: {_short(e)}")]
+    if is_cif(path):
+        try:
+            items = cif_items(path)
+        except Exception as e:
+            return [Item(src, path.stem, error=f"cannot read CIF: {_short(e)}")]
+        if items is not None:
+            return items
     try:
         structures = read_structures(path)
     except Exception as e:

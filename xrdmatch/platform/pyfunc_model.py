@@ -3,14 +3,16 @@
 Logged as *models from code*: MLflow stores this file's source and runs it on load (it ends
 with ``mlflow.models.set_model``), so loading unpickles nothing. The ensemble's weights travel
 as the artifact ``ensemble`` (the directory written by ``Ensemble.save``: safetensors + JSON)
-and are read with ``Ensemble.load`` in ``load_context``. The ``xrdmatch`` package must be
-importable where the model is loaded (it is not shipped inside the model).
+and are read with ``Ensemble.load`` in ``load_context``. The ``xrdmatch`` package travels with
+the model (``code_paths``: ``code/xrdmatch``, put on sys.path by MLflow at load), and its
+requirements list what ``load_context``/``predict`` import, so the model loads where xrdmatch
+is not installed; where it is already imported, that copy is used.
 
 Input: a pandas DataFrame, one pattern per row, columns ``v1`` .. ``v4501`` (the labelled
 CSV's names: Cu K-alpha, 2-theta 0-90 deg in 0.02 deg bins, maximum 1), float64.
 Output: a DataFrame with ``p_superionic`` (ensemble mean), ``p_std`` (spread across members)
 and ``superionic`` (1 when at least ceil(``vote_fraction`` x members) members give
-p >= ``threshold``: the rule the evaluation scored; both in the model config, from
+p > ``threshold``: the rule the evaluation scored; both in the model config, from
 ``evaluation.vote_fraction`` and ``tracking.decision_threshold``).
 """
 

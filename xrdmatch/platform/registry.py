@@ -25,6 +25,13 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 MODEL_NAME_IN_RUN = "model"
 PYFUNC_FILE = Path(__file__).resolve().parent / "pyfunc_model.py"
+#: Shipped with every version as ``code_paths`` (MLflow puts it on sys.path at load), so a
+#: registered model loads where xrdmatch is not installed.
+PACKAGE_DIR = PYFUNC_FILE.parent.parent
+#: Distributions the model imports at load and predict: the model file (mlflow, numpy, pandas),
+#: xrdmatch.training.ensemble and what it pulls in (torch, safetensors, xrdmatch.config:
+#: pydantic, pyyaml).
+RUNTIME_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "safetensors", "pydantic", "pyyaml")
 
 
 @dataclass
@@ -52,11 +59,15 @@ class VersionInfo:
 
 
 def _pip_requirements() -> list[str]:
-    """Pinned runtime deps of the pyfunc (explicit, so MLflow does not load the model to infer them)."""
+    """Pinned runtime deps of the pyfunc (explicit, so MLflow does not load the model to infer them).
+
+    Local version labels are dropped (``torch 2.13.0+cpu`` -> ``torch==2.13.0``): PyPI hosts no
+    such builds, so a pin with one cannot be installed from it.
+    """
     reqs = []
-    for pkg in ("mlflow", "torch", "numpy", "pandas", "safetensors"):
+    for pkg in RUNTIME_PACKAGES:
         try:
-            reqs.append(f"{pkg}=={metadata.version(pkg)}")
+            reqs.append(f"{pkg}=={metadata.version(pkg).split('+', 1)[0]}")
         except metadata.PackageNotFoundError:
             reqs.append(pkg)
     return reqs
@@ -161,6 +172,7 @@ def log_version(cfg: Config, ensemble_dir: str | os.PathLike[str], lineage: dict
             name=MODEL_NAME_IN_RUN,
             python_model=str(PYFUNC_FILE),
             artifacts={"ensemble": str(ens.resolve())},
+            code_paths=[str(PACKAGE_DIR)],
             signature=_signature(example),
             input_example=patterns_frame(example),
             pip_requirements=_pip_requirements(),
