@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_predict import _OVERLAP_CIF
 from xrdmatch import TWO_THETA_STEP
 from xrdmatch.platform.measured import (
     cu_kalpha_lines,
@@ -151,28 +152,8 @@ def test_kalpha2_options_are_checked(tmp_path):
 
 # ---- CIF files with several data blocks ----------------------------------------------------------
 
-_BAD_BLOCK = """data_{name}
-_cell_length_a 4.0
-_cell_length_b 4.0
-_cell_length_c 4.0
-_cell_angle_alpha 90
-_cell_angle_beta 90
-_cell_angle_gamma 90
-_symmetry_space_group_name_H-M 'P 1'
-loop_
-_symmetry_equiv_pos_as_xyz
-'x, y, z'
-loop_
-_atom_site_label
-_atom_site_type_symbol
-_atom_site_fract_x
-_atom_site_fract_y
-_atom_site_fract_z
-_atom_site_occupancy
-Li1 Li 0 0 0 1
-Li2 Li 0 0 0 1
-O1 O 0.5 0.5 0.5 1
-"""
+# two Li atoms on one site: pymatgen refuses the block (the same CIF as test_predict's)
+_BAD_BLOCK = _OVERLAP_CIF.replace("{occ}", "1").replace("{x2}", "0")
 
 
 def _block(structure, name: str) -> str:

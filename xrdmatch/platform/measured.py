@@ -142,7 +142,6 @@ def read_two_column(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarra
 #: Cu K-alpha2 handling of a Cu K-alpha scan: "auto" strips it (Rachinger) unless the scan shows it
 #: has none (:func:`kalpha2_evidence` above ``KALPHA2_AUTO_MAX``), "strip" always, "none" never.
 KALPHA2_MODES = ("auto", "strip", "none")
-KALPHA2_DEFAULT = "auto"
 #: "auto" leaves a Cu K-alpha scan unstripped when stripping would dig holes of more than this
 #: fraction of the peak area (:func:`kalpha2_evidence`; synthetic K-alpha1+2 scans: <= 0.026,
 #: single-line scans with peaks >= 20x the counting noise: >= 0.05; weaker ones overlap).
@@ -254,7 +253,7 @@ def sticks_from_scan(two_theta: np.ndarray, intensity: np.ndarray, cfg: Measured
     """Background-free peak positions (Cu 2-theta) and heights of a scan (steps 2-7 of the module doc).
 
     ``kalpha2`` ("auto" | "strip" | "none") and ``kalpha2_ratio``: step 5b, for a Cu K-alpha scan
-    (None: the config's ``kalpha2`` / ``kalpha2_ratio`` if it has them, else "auto" and 0.5).
+    (None: the config's ``kalpha2`` / ``kalpha2_ratio``, "auto" and 0.5 by default).
 
     Peaks are found in the scan's own angles (grid step and windows scaled by lambda / lambda_Cu,
     so a Mo scan is treated like a Cu one); their positions then move to Cu 2-theta and their
