@@ -30,11 +30,9 @@ class _Scorer:
         self.threshold = threshold
 
     def score(self, start: int, X: np.ndarray) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        from xrdmatch.training.metrics import calls
-
-        out = self.ensemble.predict_proba(np.asarray(X, dtype=np.float32), device=self.device)
-        members = out.get("p_members")
-        votes = calls(members, self.threshold).sum(axis=0) if members is not None else out.get("votes")
+        out = self.ensemble.predict_proba(np.asarray(X, dtype=np.float32), device=self.device,
+                                          decision_threshold=self.threshold)
+        votes = out.get("votes")
         votes = np.asarray(votes, dtype=np.float32) if votes is not None else np.full(len(X), np.nan, np.float32)
         return (start, np.asarray(out["p_mean"], np.float32), np.asarray(out["p_std"], np.float32), votes)
 

@@ -43,8 +43,8 @@ class Ensemble:
 
     @torch.no_grad()
     def predict_proba(self, X: np.ndarray, batch_size: int = 1024, device: str = "cpu",
-                      vote_fraction: float = 0.5) -> dict:
-        """P(superionic) per member -> {"p_mean", "p_std", "votes" (members with p > 0.5),
+                      vote_fraction: float = 0.5, decision_threshold: float = 0.5) -> dict:
+        """P(superionic) per member -> {"p_mean", "p_std", "votes" (members with p > decision_threshold),
         "majority" (at least ceil(vote_fraction x members) votes: the evaluated and served rule,
         ``metrics.vote``, as ``pyfunc_model.decide``), "p_members" (members x n)}."""
         from xrdmatch.training.preprocess import preprocess
@@ -59,8 +59,8 @@ class Ensemble:
             for i in range(0, len(x), batch_size):
                 xb = x[i : i + batch_size].to(dev)
                 probs[k, i : i + len(xb)] = net(xb).softmax(-1)[:, 1].double().cpu().numpy()
-        return {"p_mean": probs.mean(0), "p_std": probs.std(0), "votes": calls(probs).sum(0),
-                "majority": vote(probs, vote_fraction, 0.5).astype(np.int64), "p_members": probs}
+        return {"p_mean": probs.mean(0), "p_std": probs.std(0), "votes": calls(probs, decision_threshold).sum(0),
+                "majority": vote(probs, vote_fraction, decision_threshold).astype(np.int64), "p_members": probs}
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the ensemble folder (atomically: a temp folder renamed into place)."""
