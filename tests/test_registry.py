@@ -77,7 +77,8 @@ def test_pyfunc_is_the_ensemble(mlflow_registry, labelled):
     X = labelled.X[:12]
     model = mlflow.pyfunc.load_model(f"models:/{reg.cfg.tracking.registry_name}@champion")
     out = model.predict(patterns_frame(X))
-    assert list(out.columns) == ["p_superionic", "p_std", "superionic"]
+    assert list(out.columns) == ["p_superionic", "p_std", "superionic", "error"]
+    assert (out["error"] == "").all()
     b = Ensemble.load(reg.ens_b).predict_proba(X)
     a = Ensemble.load(reg.ens_a).predict_proba(X)
     np.testing.assert_allclose(out["p_superionic"], b["p_mean"], rtol=1e-6)
@@ -90,9 +91,23 @@ def test_pyfunc_is_the_ensemble(mlflow_registry, labelled):
     # signature: 4501 named double columns in, three columns out; a wrong frame is refused
     sig = model.metadata.signature
     assert sig.inputs.input_names() == COLUMNS and len(COLUMNS) == 4501
-    assert sig.outputs.input_names() == ["p_superionic", "p_std", "superionic"]
+    assert sig.outputs.input_names() == ["p_superionic", "p_std", "superionic", "error"]
     with pytest.raises(Exception):
         model.predict(patterns_frame(X).drop(columns=["v7"]))
+    # a bad row gets its reason and no prediction; the rest of the batch is scored as alone
+    bad = np.array(X, dtype=np.float64)
+    bad[2, 100] = np.nan
+    bad[5] = 0.0
+    bad[7, 3] = np.inf
+    got = model.predict(patterns_frame(bad))
+    assert "NaN or infinite" in got.loc[2, "error"] and "NaN or infinite" in got.loc[7, "error"]
+    assert "flat" in got.loc[5, "error"]
+    good = [i for i in range(len(X)) if i not in (2, 5, 7)]
+    assert (got.loc[good, "error"] == "").all()
+    assert got.loc[[2, 5, 7], ["p_superionic", "p_std"]].isna().all().all()
+    assert got.loc[[2, 5, 7], "superionic"].isna().all()
+    np.testing.assert_allclose(got.loc[good, "p_superionic"], b["p_mean"][good], rtol=1e-6)
+    np.testing.assert_array_equal(got.loc[good, "superionic"].astype(int), out.loc[good, "superionic"].astype(int))
     # models from code: the model folder holds our source file and the safetensors, no pickle
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{reg.cfg.tracking.registry_name}/3"))
     files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]

@@ -275,7 +275,9 @@ def predict_items(model, items: list[Item], batch_size: int = 1024) -> pd.DataFr
         out = model.predict(patterns_frame(np.stack([items[i].pattern for i in idx])))
         rows.loc[idx, "p_superionic"] = out["p_superionic"].to_numpy(float)
         rows.loc[idx, "p_std"] = out["p_std"].to_numpy(float)
-        rows.loc[idx, "superionic"] = out["superionic"].to_numpy(int)
+        rows.loc[idx, "superionic"] = pd.array(out["superionic"], dtype="Int64")
+        if "error" in out:  # versions registered before the column existed raise instead
+            rows.loc[idx, "error"] = out["error"].fillna("").astype(str).to_numpy()
     return rows[CSV_COLUMNS]
 
 

@@ -10,10 +10,13 @@ is not installed; where it is already imported, that copy is used.
 
 Input: a pandas DataFrame, one pattern per row, columns ``v1`` .. ``v4501`` (the labelled
 CSV's names: Cu K-alpha, 2-theta 0-90 deg in 0.02 deg bins, maximum 1), float64.
-Output: a DataFrame with ``p_superionic`` (ensemble mean), ``p_std`` (spread across members)
-and ``superionic`` (1 when at least ceil(``vote_fraction`` x members) members give
+Output: a DataFrame with ``p_superionic`` (ensemble mean), ``p_std`` (spread across members),
+``superionic`` (1 when at least ceil(``vote_fraction`` x members) members give
 p > ``threshold``: the rule the evaluation scored; both in the model config, from
-``evaluation.vote_fraction`` and ``tracking.decision_threshold``).
+``evaluation.vote_fraction`` and ``tracking.decision_threshold``) and ``error``. A row that
+cannot be scored (NaN or infinite values, a flat pattern) gets its reason in ``error`` and
+empty predictions; the other rows of the batch are predicted (a served batch is not lost to
+one bad row). A frame without the 4501 columns is refused whole, by MLflow's schema check.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pandas as pd
 
 N_BINS = 4501
 COLUMNS = [f"v{i}" for i in range(1, N_BINS + 1)]
-OUTPUT_COLUMNS = ["p_superionic", "p_std", "superionic"]
+OUTPUT_COLUMNS = ["p_superionic", "p_std", "superionic", "error"]
 
 
 def patterns_frame(X: np.ndarray) -> pd.DataFrame:
@@ -52,10 +55,18 @@ def frame_patterns(df: pd.DataFrame | np.ndarray) -> np.ndarray:
             X = X[None, :]
     if X.ndim != 2 or X.shape[1] != N_BINS:
         raise ValueError(f"patterns must have {N_BINS} values per row, got shape {X.shape}")
-    if not np.isfinite(X).all():
-        bad = int(np.flatnonzero(~np.isfinite(X).all(axis=1))[0])
-        raise ValueError(f"row {bad}: pattern has NaN or infinite values")
     return X
+
+
+def row_errors(X: np.ndarray) -> list[str]:
+    """Why each row cannot be scored ("" when it can): the model min-max normalises every
+    pattern, so only non-finite values and a pattern without range (no peak) are unusable."""
+    finite = np.isfinite(X).all(axis=1)
+    with np.errstate(invalid="ignore"):
+        flat = finite & (np.ptp(X, axis=1) == 0)
+    return ["pattern has NaN or infinite values" if not f else
+            "pattern is flat (all values equal): no peaks to score" if fl else ""
+            for f, fl in zip(finite, flat)]
 
 
 def decide(proba: dict[str, np.ndarray], threshold: float, vote_fraction: float) -> np.ndarray:
@@ -67,12 +78,6 @@ def decide(proba: dict[str, np.ndarray], threshold: float, vote_fraction: float)
     if members is None:
         return calls(proba["p_mean"], threshold).astype(np.int64)
     return vote(members, vote_fraction, threshold).astype(np.int64)
-
-
-def output_frame(proba: dict[str, np.ndarray], threshold: float = 0.5, vote_fraction: float = 0.5) -> pd.DataFrame:
-    p = np.asarray(proba["p_mean"], dtype=np.float64).reshape(-1)
-    s = np.asarray(proba["p_std"], dtype=np.float64).reshape(-1)
-    return pd.DataFrame({"p_superionic": p, "p_std": s, "superionic": decide(proba, threshold, vote_fraction)})
 
 
 class XRDMatchPyfunc(mlflow.pyfunc.PythonModel):
@@ -89,13 +94,17 @@ class XRDMatchPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         X = frame_patterns(model_input)
-        parts = []
-        for i in range(0, len(X), self.batch_size):
-            parts.append(output_frame(self.ensemble.predict_proba(X[i : i + self.batch_size]),
-                                      self.threshold, self.vote_fraction))
-        if not parts:
-            return pd.DataFrame({c: pd.Series(dtype="float64") for c in OUTPUT_COLUMNS})
-        return pd.concat(parts, ignore_index=True)
+        errors = row_errors(X)
+        n = len(X)
+        p, s = np.full(n, np.nan), np.full(n, np.nan)
+        called = pd.array([pd.NA] * n, dtype="Int64")
+        ok = np.flatnonzero([not e for e in errors])
+        for i in range(0, len(ok), self.batch_size):
+            idx = ok[i : i + self.batch_size]
+            proba = self.ensemble.predict_proba(X[idx])
+            p[idx], s[idx] = proba["p_mean"], proba["p_std"]
+            called[idx] = decide(proba, self.threshold, self.vote_fraction)
+        return pd.DataFrame({"p_superionic": p, "p_std": s, "superionic": called, "error": errors})
 
 
 # Models from code: when MLflow executes this file as the model (module name code_model_<uuid>),

@@ -90,7 +90,8 @@ def _signature(example: np.ndarray):
     from xrdmatch.platform.pyfunc_model import COLUMNS
 
     inputs = Schema([ColSpec("double", c) for c in COLUMNS])
-    outputs = Schema([ColSpec("double", "p_superionic"), ColSpec("double", "p_std"), ColSpec("long", "superionic")])
+    outputs = Schema([ColSpec("double", "p_superionic", required=False), ColSpec("double", "p_std", required=False),
+                      ColSpec("long", "superionic", required=False), ColSpec("string", "error")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
