@@ -279,9 +279,22 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
     versions = client.search_model_versions("name='xrdmatch-superionic'")
     assert [str(v.version) for v in versions] == ["1"]  # register was not redone, nor repeated
     assert versions[0].run_id == children["1"].info.run_id
+    # the screen's count is the registered model's calls over the same patterns
+    import numpy as np
+    import pandas as pd
+
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.patterns import load_patterns, patterns_dir_for
+    from xrdmatch.platform.pyfunc_model import patterns_frame
+
+    pt = load_patterns(patterns_dir_for(load_config(cfg, {"run_dir": str(run_dir)})))
+    served = mlflow.pyfunc.load_model("models:/xrdmatch-superionic/1").predict(patterns_frame(pt.X))
+    screened = store.stage(1, "screen").result
+    assert screened["n_positive"] == int(served["superionic"].sum())
+    votes = pd.read_parquet(scores[1].path).set_index("id").loc[list(pt.ids), "votes"].to_numpy()
+    np.testing.assert_array_equal(votes >= screened["votes_needed"], served["superionic"].to_numpy(bool))
 
     # status and report read it all back
-    from xrdmatch.config import load_config
     from xrdmatch.platform.report import campaign_status, write_report
 
     rcfg = load_config(cfg, {"run_dir": str(run_dir)})

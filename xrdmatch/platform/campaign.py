@@ -308,7 +308,7 @@ def stage_screen(ctx: Context, rnd: int):
     from xrdmatch.platform.progress import progress_bar
     from xrdmatch.platform.ray_utils import cluster_cpus
     from xrdmatch.training.ensemble import Ensemble
-    from xrdmatch.training.metrics import calls
+    from xrdmatch.training.metrics import vote_threshold
 
     cfg = ctx.cfg
     pt = ctx.patterns()
@@ -328,11 +328,15 @@ def stage_screen(ctx: Context, rnd: int):
     actors = cfg.campaign.screen_actors or max(1, min(cluster_cpus(), -(-n // cfg.campaign.screen_batch_size)))
     with progress_bar(total=n, desc=f"round {rnd} screen", unit="pattern", disable=not ctx.progress) as bar:
         res = screen(ens, blocks_of(pt.X, cfg.campaign.screen_batch_size), n, actors=actors,
-                     gpus_per_actor=cfg.campaign.screen_gpus_per_actor, progress=bar.update)
+                     gpus_per_actor=cfg.campaign.screen_gpus_per_actor, progress=bar.update,
+                     threshold=cfg.tracking.decision_threshold)
     path = ctx.scores_path(rnd)
     sha = write_scores(path, list(pt.ids), list(pt.formulas), res)
     hist, edges = np.histogram(res.p_mean, bins=20, range=(0, 1))
-    result = {"path": str(path), "n": n, "actors": actors, "n_positive": int(calls(res.p_mean).sum()),
+    # the registered model's call (pyfunc_model.decide), not mean p: >= need members with p > threshold
+    need = vote_threshold(len(ens.members), cfg.evaluation.vote_fraction)
+    result = {"path": str(path), "n": n, "actors": actors, "n_positive": int((res.votes >= need).sum()),
+              "votes_needed": need, "members": len(ens.members), "threshold": cfg.tracking.decision_threshold,
               "mean_p": float(res.p_mean.mean()), "mean_spread": float(res.p_std.mean()),
               "histogram": hist.tolist()}
     return result, {"scores": {"path": str(path), "n": n, "sha256": sha, "model_version": reg.get("version")}}
@@ -509,7 +513,9 @@ def summary_line(rnd: int, stage: str, result: dict[str, Any], seconds: float) -
                             + (f" (round {r['reused_from']}'s, not registered again)" if r.get("reused_from") else ""),
         "screen": lambda: (f"round {r['reused_from']}'s scores (same model and patterns): " if r.get("reused_from")
                            else "")
-                          + f"{r.get('n')} scored on {r.get('actors')} actors, {r.get('n_positive')} with p > 0.5",
+                          + f"{r.get('n')} scored on {r.get('actors')} actors, {r.get('n_positive')} called superionic"
+                          + (f" (>= {r['votes_needed']} of {r['members']} members with p > {r['threshold']:g})"
+                             if "votes_needed" in r else " (mean p > 0.5)"),
         "select": lambda: f"{len(r.get('picks', []))} picks ({r.get('strategy')}, {r.get('n_eligible')} eligible): "
                           + ", ".join(r.get("formulas", [])),
         "validate": lambda: ", ".join(f"{k}: {v}" for k, v in (r.get("verdicts") or {}).items()) or "nothing to validate",

@@ -316,7 +316,7 @@ def build_report(cfg: Config) -> str:
                       _fmt(f"v{reg['version']}" if reg.get("version") else None) + (" (champion)" if reg.get("promoted") else ""),
                       _fmt((sc.result or {}).get("n_positive") if sc and sc.status == DONE else None)])
     parts.append(_table(["round", "labels", "by source", "CV macro-F1", "CV F1 (superionic)", "CV PR-AUC",
-                         "registered", "p ≥ 0.5 in database"], mrows) if mrows else "<p class='empty'>no model yet</p>")
+                         "registered", "called superionic in database"], mrows) if mrows else "<p class='empty'>no model yet</p>")
     parts.append(_img(metrics_png(mdata), "model metrics per round"))
 
     # histogram
