@@ -452,6 +452,66 @@ def test_train_cli_logs_the_run_and_registers_the_ensemble(tmp_path, ray_local, 
     assert res.exit_code == 0 and "champion" in res.output and "112" in res.output, res.output
 
 
+def test_train_cli_resumes_after_kill_9_and_registers_once(tmp_path, ray_local, monkeypatch):
+    """`xrdmatch train` killed mid-training: the rerun reopens the same MLflow run, resumes the
+    member from its Ray Train checkpoint and registers one version; a third call trains nothing
+    and registers nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+    from xrdmatch.training.ensemble import Ensemble
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "run"
+    cfg = _tiny_config(tmp_path, {"training": {"iterations": 150, "checkpoint_every": 50, "ensemble_size": 1},
+                                  "campaign": {"eval_folds": 0}}, run_dir=run_dir)
+    args = ["train", "--config", str(cfg)]
+    proc = subprocess.Popen([sys.executable, "-m", "xrdmatch.cli", *args], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    try:
+        while time.time() - t0 < 240 and proc.poll() is None:
+            if any((run_dir / "train").glob("train-*/ray_results/*/checkpoint_*")):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -9, "the first run should have been killed mid-training"
+    assert not list((run_dir / "models").glob("train-*/ensemble.json"))
+    client = _client(cfg)
+    exp = client.get_experiment_by_name("xrdmatch")
+    killed = client.search_runs([exp.experiment_id], "tags.`xrdmatch.kind` = 'train'")
+    assert len(killed) == 1 and killed[0].info.status == "RUNNING"
+
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert f"resuming MLflow run {killed[0].info.run_id}" in res.output
+    runs = client.search_runs([exp.experiment_id], "tags.`xrdmatch.kind` = 'train'")
+    assert [r.info.run_id for r in runs] == [killed[0].info.run_id] and runs[0].info.status == "FINISHED"
+    hist = Ensemble.load(runs[0].data.tags["xrdmatch.model_dir"]).members[0].history
+    assert [h["step"] for h in hist] == list(range(1, 151))
+    assert hist[-1]["attempt_start"] >= 50  # continued from a checkpoint, not from step 0
+    # the loss curve was logged once, not once per attempt
+    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "member0.loss")] == list(range(1, 151))
+    versions = client.search_model_versions("name='xrdmatch-superionic'")
+    assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == runs[0].info.run_id
+
+    res = CliRunner().invoke(app, args)  # finished: nothing is trained or registered again
+    assert res.exit_code == 0, res.output
+    assert "already trained" in res.output and "registered xrdmatch-superionic v1" in res.output
+    assert len(client.search_runs([exp.experiment_id], "tags.`xrdmatch.kind` = 'train'")) == 1
+    assert len(client.search_model_versions("name='xrdmatch-superionic'")) == 1
+
+
 def test_unknown_method_is_a_clear_error(tmp_path):
     from typer.testing import CliRunner
 

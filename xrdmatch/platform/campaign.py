@@ -252,18 +252,8 @@ def stage_train(ctx: Context, rnd: int):
             "lineage": lineage, "train_s": round(train_s, 2), "eval_s": round(eval_s, 2)}, {}
 
 
-def _existing_version(cfg: Config, run_id: str):
-    from mlflow import MlflowClient
-
-    try:
-        found = MlflowClient().search_model_versions(f"name='{cfg.tracking.registry_name}' and run_id='{run_id}'")
-    except Exception:
-        return None
-    return found[0] if found else None
-
-
 def stage_register(ctx: Context, rnd: int):
-    from xrdmatch.platform.registry import register_ensemble, settle_version
+    from xrdmatch.platform.registry import register_ensemble, settle_version, version_of_run
 
     cfg = ctx.cfg
     tr = ctx.result(rnd, "train")
@@ -274,7 +264,7 @@ def stage_register(ctx: Context, rnd: int):
         mlflow.set_tag("xrdmatch.model_version", str(reg.get("version")))
         return {**reg, "promoted": False, "resumed": False, "reused_from": tr["reused_from"]}, {}
     run_id = ctx.round_run_ids.get(rnd)
-    prev = _existing_version(cfg, run_id) if run_id else None
+    prev = version_of_run(cfg, run_id) if run_id else None
     if prev is not None:  # registered before a crash: never register twice, but finish tagging it
         rv = settle_version(cfg, str(prev.version), tr.get("metrics", {}), tr.get("lineage", {}), run_id)
         return {"name": rv.name, "version": rv.version, "aliases": rv.aliases, "promoted": rv.promoted,

@@ -45,32 +45,75 @@ def train_run(cfg: "Config", *, use_ray: bool = True, log_fn: Callable[[int, dic
     return ens.save(paths.models_dir / run_id)
 
 
+def _train_runs(cfg: "Config", key: str) -> list:
+    """MLflow train runs of this training key, newest first."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return []
+    return mlflow.search_runs([exp.experiment_id], f"tags.`xrdmatch.train_key` = '{key}'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+
+
 def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True, echo=print) -> dict:
     """``train_run`` inside an MLflow run: config as params, per-step curves of every member and a
     learning-curves PNG, lineage tags, the promotion metric (``xrdmatch.platform.champion``),
-    then registration as one pyfunc model with the champion/challenger rule."""
+    then registration as one pyfunc model with the champion/challenger rule.
+
+    Resumable and idempotent: the run is named by the training key (code, data, settings; as a
+    campaign round's), so a rerun after a kill reopens the same MLflow run, resumes the members
+    from their Ray Train checkpoints and reuses a saved ensemble and cached champion members; a
+    rerun after it finished registers nothing twice (it settles the version a crash may have
+    left bare)."""
     import time
 
     import mlflow
     import numpy as np
 
+    from xrdmatch.platform.campaign import training_key
     from xrdmatch.platform.champion import champion_metrics
+    from xrdmatch.platform.paths import RunPaths
     from xrdmatch.platform.patterns import ensure_patterns
-    from xrdmatch.platform.registry import register_ensemble
-    from xrdmatch.platform.tracking import lineage_tags, log_training, mlflow_run
+    from xrdmatch.platform.registry import register_ensemble, settle_version, version_of_run
+    from xrdmatch.platform.tracking import configure, lineage_tags, log_training, mlflow_run
     from xrdmatch.training.dataset import build_training_set
     from xrdmatch.training.ensemble import Ensemble
 
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     patterns = ensure_patterns(cfg)
     ls, weights = build_training_set(cfg, patterns)
     lineage = lineage_tags(ls, patterns.X)
-    with mlflow_run(cfg, f"train-{run_id}", tags={"xrdmatch.kind": "train", **lineage}) as run:
+    key = training_key(cfg, lineage)
+    run_id = f"train-{key}"
+    configure(cfg)
+    earlier = _train_runs(cfg, key)
+    for r in earlier:
+        mv = version_of_run(cfg, r.info.run_id)
+        if mv is not None:  # trained and registered before: settle (a crash may have left it bare)
+            metrics = {k: v for k, v in r.data.metrics.items() if k.startswith("grouped_cv_")}
+            rv = settle_version(cfg, str(mv.version), metrics, lineage, r.info.run_id)
+            echo(f"already trained with these labels, data, settings and code: MLflow run {r.info.run_id}")
+            return {"model_dir": r.data.tags.get("xrdmatch.model_dir", ""), "run_id": r.info.run_id,
+                    "metrics": metrics, "version": rv.version, "aliases": rv.aliases, "promoted": rv.promoted,
+                    "name": rv.name, "resumed": True}
+    resume = earlier[0] if earlier else None
+    if resume is not None:
+        echo(f"resuming MLflow run {resume.info.run_id} ({resume.info.status.lower()}) of training {key}")
+    out = RunPaths.of(cfg.run_dir).models_dir / run_id
+    with mlflow_run(cfg, run_id, tags={"xrdmatch.kind": "train", "xrdmatch.train_key": key,
+                                       "xrdmatch.model_dir": str(out), **lineage},
+                    resume_run_id=resume.info.run_id if resume else None) as run:
+        done = (resume.data.metrics if resume else {})
         t0 = time.perf_counter()
-        out = train_run(cfg, use_ray=use_ray, run_id=run_id)
-        train_s = time.perf_counter() - t0
+        if (out / "ensemble.json").is_file():
+            echo(f"ensemble of training {key} already saved: {out}")
+        else:
+            train_run(cfg, use_ray=use_ray, run_id=run_id)
+        train_s = done.get("train_s", time.perf_counter() - t0)
         ens = Ensemble.load(out)
-        log_training({"members": [m.history for m in ens.members]})
+        if "xrdmatch.curves_logged" not in (resume.data.tags if resume else {}):
+            log_training({"members": [m.history for m in ens.members]})
+            mlflow.set_tag("xrdmatch.curves_logged", "1")
         echo(f"trained {len(ens.members)} members in {train_s:.0f} s; scoring the promotion metric "
              f"({cfg.campaign.eval_folds}-fold grouped CV)")
         t1 = time.perf_counter()
@@ -80,7 +123,9 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
         mlflow.log_dict(ens.info, "ensemble_info.json")
         result = {"model_dir": str(out), "run_id": run.info.run_id, "metrics": metrics}
         if register:
-            rv = register_ensemble(cfg, out, metrics, lineage, run_id=run.info.run_id)
+            mv = version_of_run(cfg, run.info.run_id)
+            rv = (settle_version(cfg, str(mv.version), metrics, lineage, run.info.run_id) if mv is not None
+                  else register_ensemble(cfg, out, metrics, lineage, run_id=run.info.run_id))
             result |= {"version": rv.version, "aliases": rv.aliases, "promoted": rv.promoted, "name": rv.name}
     return result
 

@@ -232,6 +232,19 @@ def settle_version(cfg: Config, version: str, metrics: dict[str, float], lineage
                              run_id=run_id, model_uri=f"models:/{name}/{version}")
 
 
+def version_of_run(cfg: Config, run_id: str):
+    """The registered version logged by MLflow run ``run_id`` (None: none, or the registry is
+    unreachable): a resumed stage settles it instead of registering the same model twice."""
+    from mlflow import MlflowClient
+
+    configure(cfg)
+    try:
+        found = MlflowClient().search_model_versions(f"name='{cfg.tracking.registry_name}' and run_id='{run_id}'")
+    except Exception:
+        return None
+    return found[0] if found else None
+
+
 def promote(cfg: Config, version: str | int, alias: str = CHAMPION) -> None:
     """Move an alias by hand (e.g. roll back the champion)."""
     from mlflow.tracking import MlflowClient

@@ -96,16 +96,24 @@ def log_params_flat(cfg: Config) -> None:
 
 @contextlib.contextmanager
 def mlflow_run(cfg: Config, run_name: str, *, nested: bool = False, tags: dict[str, str] | None = None,
-               log_config: bool = True, parent_run_id: str | None = None) -> Iterator[object]:
+               log_config: bool = True, parent_run_id: str | None = None,
+               resume_run_id: str | None = None) -> Iterator[object]:
     """Start an MLflow run with the config as params and the package/git tags.
 
     ``nested=True`` makes it a child of the active run; ``parent_run_id`` a child of that run
     even when it is not active in this process (campaign rounds after a resume).
+    ``resume_run_id`` reopens that run (a killed stage's) instead of starting another; its
+    params were logged when it started, so they are not logged again.
     """
     import mlflow
 
     configure(cfg)
     all_tags = base_tags() | {k: str(v) for k, v in (tags or {}).items()}
+    if resume_run_id:
+        with mlflow.start_run(run_id=resume_run_id) as run:
+            mlflow.set_tags(all_tags)
+            yield run
+        return
     with mlflow.start_run(run_name=run_name, nested=nested or parent_run_id is not None,
                           parent_run_id=parent_run_id, tags=all_tags) as run:
         if log_config:

@@ -82,9 +82,14 @@ class Ensemble:
         meta = {"format": FORMAT, "network": self.network, "threshold": self.threshold,
                 "members": entries, "info": self.info}
         (tmp / "ensemble.json").write_text(json.dumps(meta, indent=1, default=str))
+        # never a moment without a complete folder on disk: the old one is moved aside, not
+        # deleted, until the new one is in place
+        old = d.with_name(d.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
         if d.exists():
-            shutil.rmtree(d)
+            d.rename(old)
         tmp.rename(d)
+        shutil.rmtree(old, ignore_errors=True)
         return d
 
     @classmethod
