@@ -7,9 +7,10 @@ network's metrics, the paired per-fold macro-F1 difference and the wall-time rat
 
     python benchmarks/network_accuracy.py [--methods supervised] [--iterations 200] [--repeats 2]
 
-The default compares the supervised single model (vgg16_paper with FlexMatch costs 11-20 s per
-iteration on one CPU core, ~40-70 CPU-hours for this table; on a GPU pass --methods
-supervised,flexmatch). Member predictions are cached in --dir: a killed run resumes.
+The default compares the supervised single model (vgg16_paper with FlexMatch costs ~10-20 s per
+iteration on one CPU core, benchmarks/train_throughput.py; its 10 FlexMatch members would add
+~6-11 CPU-hours at 200 iterations, ~29-56 at 1000; on a GPU pass --methods supervised,flexmatch).
+Member predictions are cached in --dir: a killed run resumes.
 
 The members of one network can be trained on another machine, e.g. vgg16_paper on a GPU that
 has torch but not Ray or pymatgen: `--export-jobs DIR --networks vgg16_paper` writes the data and

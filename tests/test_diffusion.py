@@ -122,3 +122,83 @@ def test_short_runs_fall_back_to_unsmoothed_msd():
     frames = walk(1e-4, 1000.0, 0)[:20]  # 380 fs: too short for smoothed="max" (needs >= 1 ps lags)
     a = analyze_temperature(frames, 1000.0, DT_FS, SKIP)
     assert a.smoothed == "none" and a.diffusivity > 0 and a.n_frames == 20
+
+
+# --- which temperatures the fit uses, how many it needs, and the threshold itself ---
+
+
+@pytest.fixture(scope="module")
+def slow_at_600():
+    """Ea = 0.3 eV, D0 = 1e-3 cm^2/s: Li MSD ~1 A^2 at 600 K (below min_li_msd = 2), ~4, ~9 and
+    ~14 A^2 at 800, 1000 and 1200 K (the seeds are fixed, so these are the same every run)."""
+    res = analyses(0.3, 1e-3)
+    assert [round(a.li_msd) for a in res] == [1, 4, 9, 14]  # the premise of the tests below
+    return res
+
+
+def test_fit_excludes_temperatures_with_too_few_hops_and_says_so(slow_at_600):
+    from xrdmatch.simulation.diffusion import fit as arrhenius_fit
+
+    verdict, reason, f = decide(slow_at_600, host(), ValidationConfig())
+    assert verdict == "superionic", reason
+    assert f.temperatures == [800.0, 1000.0, 1200.0]  # 600 K is not in the fit ...
+    assert "from 3 temperatures (fit excludes 600 K: too few hops)" in reason  # ... and the verdict says so
+    used = slow_at_600[1:]
+    assert f == arrhenius_fit([a.temperature for a in used], [a.diffusivity for a in used], host())
+    assert f.ea_ev == pytest.approx(0.3, abs=0.05)
+    # min_li_msd decides which temperatures count: at 5 A^2 the 800 K run is left out as well
+    verdict, reason, f = decide(slow_at_600, host(), ValidationConfig(min_li_msd=5.0))
+    assert verdict == "superionic" and f.temperatures == [1000.0, 1200.0], reason
+    assert "from 2 temperatures (fit excludes 600, 800 K: too few hops)" in reason
+    # every temperature usable: no exclusion note
+    _, reason, f = decide(slow_at_600, host(), ValidationConfig(min_li_msd=0.5))
+    assert f.temperatures == TEMPS and "excludes" not in reason
+
+
+def test_fewer_usable_temperatures_than_min_fit_temperatures_is_inconclusive(slow_at_600):
+    # 3 usable (600 K has too few hops), 4 required
+    verdict, reason, f = decide(slow_at_600, host(), ValidationConfig(min_fit_temperatures=4))
+    assert verdict == "inconclusive" and f is None
+    assert reason == "Li diffusion seen at 3 temperature(s) < min_fit_temperatures=4"
+    # hops at the hottest temperature only (MSD >= 10 A^2 at 1200 K alone): one point is no fit
+    verdict, reason, f = decide(slow_at_600, host(), ValidationConfig(min_li_msd=10.0))
+    assert verdict == "inconclusive" and f is None
+    assert reason == "Li diffusion seen at 1 temperature(s) < min_fit_temperatures=2"
+    # exactly min_fit_temperatures usable is enough
+    verdict, reason, f = decide(slow_at_600, host(), ValidationConfig(min_fit_temperatures=3))
+    assert verdict == "superionic" and len(f.temperatures) == 3, reason
+
+
+def test_a_temperature_without_a_positive_diffusivity_is_not_fitted():
+    from xrdmatch.simulation.diffusion import TemperatureAnalysis
+
+    def point(t: float, d: float) -> TemperatureAnalysis:
+        return TemperatureAnalysis(t, d, 0.1 * abs(d), 10.0, 0.0, N_FRAMES, "max")
+
+    res = [point(t, arrhenius_d(0.3, 1e-3, t)) for t in TEMPS]
+    res[1] = point(800.0, -1e-6)  # enough MSD, but a negative slope: no ln D to fit
+    verdict, reason, f = decide(res, host(), ValidationConfig())
+    assert verdict == "superionic" and f.temperatures == [600.0, 1000.0, 1200.0], reason
+    assert "fit excludes 800 K" in reason
+    res[2] = point(1000.0, 0.0)
+    verdict, reason, f = decide(res, host(), ValidationConfig(min_fit_temperatures=3))
+    assert verdict == "inconclusive" and "seen at 2 temperature(s) < min_fit_temperatures=3" in reason
+
+
+def test_sigma_exactly_at_the_threshold_is_superionic():
+    """The threshold is inclusive (superionic means sigma_300 >= sigma_threshold): a fit whose
+    sigma(300 K) equals the threshold bit for bit is superionic; one ulp above the threshold is not."""
+    from xrdmatch.simulation.diffusion import TemperatureAnalysis
+    from xrdmatch.simulation.diffusion import fit as arrhenius_fit
+
+    diffs = [arrhenius_d(0.3, 1e-3, t) for t in TEMPS]
+    res = [TemperatureAnalysis(t, d, 0.1 * d, 10.0, 0.0, N_FRAMES, "max") for t, d in zip(TEMPS, diffs)]
+    sigma = arrhenius_fit(TEMPS, diffs, host()).sigma_300
+    assert 1e-6 < sigma < ValidationConfig().max_plausible_sigma
+    verdict, reason, f = decide(res, host(), ValidationConfig(sigma_threshold=sigma))
+    assert f.sigma_300 == sigma  # the decision really is at the boundary
+    assert verdict == "superionic" and " >= " in reason, reason
+    verdict, reason, f = decide(res, host(), ValidationConfig(sigma_threshold=float(np.nextafter(sigma, np.inf))))
+    assert verdict == "not_superionic" and " < " in reason, reason
+    verdict, _, _ = decide(res, host(), ValidationConfig(sigma_threshold=float(np.nextafter(sigma, 0.0))))
+    assert verdict == "superionic"

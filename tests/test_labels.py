@@ -92,3 +92,48 @@ def test_an_excluded_newest_label_does_not_hide_an_older_weighted_one(tmp_path):
     ls, w = build_training_set(cfg, pt)
     got = {sid: (src, int(y), float(wt)) for sid, src, y, wt in zip(ls.ids, ls.sources, ls.y, w) if sid.startswith("mp-")}
     assert got == {"mp-1": ("mlip-md", 1, 0.5), "mp-2": ("mlip-md", 0, 0.5)}
+
+
+def test_a_labelled_composition_is_not_a_candidate_again(tmp_path):
+    """``labelled_groups`` holds the reduced formula of every stored label (imported or from MD),
+    next to the paper's, and candidate selection skips every structure of those compositions."""
+    import pandas as pd
+
+    from xrdmatch.actors.screening import ScreeningResult, write_scores
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.campaign import Context, labelled_groups, stage_select
+    from xrdmatch.platform.campaign_store import CampaignStore
+    from xrdmatch.platform.data import load_labelled
+    from xrdmatch.platform.paths import RunPaths
+    from xrdmatch.platform.patterns import PatternTable
+
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"), "campaign": {"candidates_per_round": 2}})
+    paths = RunPaths.of(cfg.run_dir)
+    url = paths.store_url
+    paper = set(load_labelled(cfg.labels.path).groups)
+    assert {"Li7Pt", "Li9Ir", "Li5Au"}.isdisjoint(paper)  # only the store can label these
+    assert labelled_groups(cfg, url) == paper
+
+    store = CampaignStore(url, "c1")
+    store.ensure_campaign(str(paths.root), cfg.model_dump(mode="json"))
+    store.ensure_round(1)
+    ctx = Context(cfg, paths, store, url, echo=lambda s: None, progress=False)
+    ids = ["pt-a", "pt-b", "ir", "au"]
+    groups = ["Li7Pt", "Li7Pt", "Li9Ir", "Li5Au"]  # pt-a and pt-b: two polymorphs of one composition
+    ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
+    ctx._meta = pd.DataFrame({"group": groups, "elements": ["Li Pt", "Li Pt", "Ir Li", "Au Li"],
+                              "n_sites": 4, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
+    write_scores(ctx.scores_path(1), ids, groups, ScreeningResult(p_mean=np.asarray([0.99, 0.98, 0.9, 0.8]),
+                                                                  p_std=np.zeros(4), votes=np.ones(4)))
+    before, _ = stage_select(ctx, 1)
+    assert before["picks"] == ["pt-a", "ir"] and before["n_eligible"] == 4  # nothing labelled yet
+
+    f = tmp_path / "exp.csv"
+    f.write_text("structure_id,formula,label\nicsd-pt,Li14Pt2,0\n")  # not reduced, as a file may have it
+    assert import_labels(url, f) == (1, 0)
+    add_label(url, LabelRecord("mp-ir", "Ir2Li18", "mlip-md", 1, "proto"))  # a label from MD, elements unordered
+    got = labelled_groups(cfg, url)
+    assert got - paper == {"Li7Pt", "Li9Ir"}  # the reduced formulas, not Li14Pt2 / Ir2Li18
+    after, _ = stage_select(ctx, 1)
+    assert after["picks"] == ["au"]  # neither Li7Pt polymorph (another id than the label's) nor Li9Ir
+    assert after["n_eligible"] == 1 and after["n_labelled_groups"] == len(paper) + 2

@@ -128,21 +128,32 @@ def _result(sid: str, verdict: str = "superionic") -> dict:
     }
 
 
-def test_completing_twice_yields_one_label(store_url):
+@pytest.mark.parametrize(
+    ("verdict", "label", "sigma", "sigma_range"),
+    [("superionic", 1, 1e-3, (5e-4, 2e-3)), ("not_superionic", 0, 2.5e-8, (1e-8, 6e-8))],
+    ids=["superionic", "not_superionic"],
+)
+def test_completing_twice_yields_one_label(store_url, verdict, label, sigma, sigma_range):
     from xrdmatch.platform.labels import label_from_result
 
+    res = _result("li3n", verdict) | {"sigma_300": sigma, "sigma_300_range": list(sigma_range)}
     jid = queue.submit(store_url, "li3n", LI3N, _proto())
     job = queue.claim(store_url, "w1", lease_s=60)
-    lab = label_from_result(_result("li3n"), protocol_hash=job.protocol_hash, job_id=jid, record=job.record)
-    assert queue.complete(store_url, jid, "w1", _result("li3n"), lab)
-    assert not queue.complete(store_url, jid, "w2", _result("li3n"), lab)  # a second run of the same job
+    lab = label_from_result(res, protocol_hash=job.protocol_hash, job_id=jid, record=job.record)
+    assert lab is not None and lab.label == label  # a verdict either way is a label; only inconclusive is not
+    assert queue.complete(store_url, jid, "w1", res, lab)
+    assert not queue.complete(store_url, jid, "w2", res, lab)  # a second run of the same job
     labels = list_labels(store_url)
     assert len(labels) == 1
     got = labels[0]
-    assert (got.structure_id, got.label, got.method, got.formula) == ("li3n", 1, "mlip-md", "Li3N")
-    assert got.sigma_300_range == (5e-4, 2e-3) and got.diffusivity == {600.0: 1e-6, 900.0: 1e-5}
+    assert (got.structure_id, got.label, got.method, got.formula) == ("li3n", label, "mlip-md", "Li3N")
+    # the label carries the MD's own conductivity, whichever side of the threshold it is on
+    assert (got.verdict, got.sigma_300, got.sigma_300_range) == (verdict, sigma, sigma_range)
+    assert got.diffusivity == {600.0: 1e-6, 900.0: 1e-5}
     assert got.record["species"] == LI3N["species"] and got.job_id == jid
-    assert queue.get_job(store_url, jid).state == "done"
+    done = queue.get_job(store_url, jid)
+    assert done.state == "done" and done.error is None  # not_superionic is a result, not an inconclusive one
+    assert (done.verdict, done.sigma_300) == (verdict, sigma)
     # the same (structure, protocol) added directly is still one label
     _, created = add_label(store_url, lab)
     assert not created and len(list_labels(store_url)) == 1
