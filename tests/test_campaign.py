@@ -112,7 +112,7 @@ def test_training_key_and_member_cache_change_with_the_training_code(monkeypatch
 
 
 # ------------------------------------------------------------------------------ end to end
-def tiny_config(tmp_path: Path, rounds: int = 1) -> Path:
+def tiny_config(tmp_path: Path, rounds: int = 1, validation: dict | None = None) -> Path:
     cfg = {
         "seed": 0,
         "database": {"path": str(REPO / "data/mp_li_structures.jsonl.xz"), "limit": 240},
@@ -127,6 +127,7 @@ def tiny_config(tmp_path: Path, rounds: int = 1) -> Path:
         "campaign": {"rounds": rounds, "candidates_per_round": 1, "max_sites_md": 10, "eval_folds": 0,
                      "screen_batch_size": 120, "poll_s": 0.5},
     }
+    cfg["validation"] |= validation or {}
     p = tmp_path / "tiny.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
@@ -311,6 +312,49 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
     other.mkdir()
     assert queue.counts_by_state(f"sqlite:///{other / 'store.db'}")["done"] == 0
     assert list_labels(f"sqlite:///{other / 'store.db'}") == []
+
+
+@pytest.mark.slow
+def test_a_verdict_becomes_a_label_and_the_next_round_trains_on_it(tmp_path):
+    """The loop closed: round 1's MD verdict (acceptance criteria opened so 20 MD steps decide)
+    is a label in the store, round 2 trains a new ensemble on 113 labels, registers it as
+    version 2 and screens with it."""
+    from mlflow import MlflowClient
+
+    from xrdmatch.platform.labels import list_labels
+
+    cfg = tiny_config(tmp_path, rounds=2,
+                      validation={"min_li_msd": 0.0, "min_r2": 0.0, "max_framework_msd": 1000.0})
+    run_dir = tmp_path / "run"
+    log = tmp_path / "campaign.log"
+    proc = _start(cfg, run_dir, log)
+    try:
+        rc = proc.wait(400)
+    finally:
+        _kill(proc)
+    assert rc == 0, log.read_text()[-4000:]
+    store = _store(run_dir)
+    cands = store.candidates()
+    assert [c.round for c in cands] == [1, 2]
+    labels = {lab.structure_id: lab for lab in list_labels(store.url)}
+    c1 = cands[0]
+    assert c1.verdict in ("superionic", "not_superionic"), c1.verdict
+    assert set(labels) >= {c1.structure_id} and labels[c1.structure_id].method == "mlip-md"
+    assert labels[c1.structure_id].label == int(c1.verdict == "superionic")
+    assert store.stage(1, "label").result["new_labels"] == 1
+
+    tr1, tr2 = (store.stage(r, "train").result for r in (1, 2))
+    assert "reused_from" not in tr2 and tr2["train_key"] != tr1["train_key"]
+    assert tr1["n_labelled"] == 112 and tr2["n_labelled"] == 113
+    assert tr2["by_source"] == {"paper": 112, "mlip-md": 1}
+    assert tr2["labelled_hash"] != tr1["labelled_hash"] and tr2["model_dir"] != tr1["model_dir"]
+    assert {r: store.stage(r, "register").result["version"] for r in (1, 2)} == {1: "1", 2: "2"}
+    scores = {s.round: s for s in store.all_scores()}
+    assert scores[2].model_version == "2" and scores[2].sha256 != scores[1].sha256
+    # round 2 does not pick round 1's composition again
+    assert cands[1].structure_id != c1.structure_id and cands[1].formula != c1.formula
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
+    assert sorted(str(v.version) for v in client.search_model_versions("name='xrdmatch-superionic'")) == ["1", "2"]
 
 
 # ------------------------------------------------------------------------------ status of broken inputs
