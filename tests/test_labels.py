@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import yaml
 
 from xrdmatch.platform.labels import LabelInputError, LabelRecord, add_label, import_labels, list_labels
 
@@ -137,3 +138,39 @@ def test_a_labelled_composition_is_not_a_candidate_again(tmp_path):
     after, _ = stage_select(ctx, 1)
     assert after["picks"] == ["au"]  # neither Li7Pt polymorph (another id than the label's) nor Li9Ir
     assert after["n_eligible"] == 1 and after["n_labelled_groups"] == len(paper) + 2
+
+
+def test_labels_cli_imports_with_the_configs_threshold_once_and_lists_them(tmp_path):
+    """`xrdmatch labels import`: the config's sigma_threshold labels sigma-only rows, a rerun adds
+    nothing, a contradicting file is refused naming the row and leaves the store as it was."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+    from xrdmatch.platform.labels import list_labels
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "validation": {"sigma_threshold": 1e-3}}))
+    good = tmp_path / "measured.csv"
+    good.write_text("structure_id,formula,sigma_300\nx-1,Li3PS4,5e-4\nx-2,Li7P3S11,2e-3\n")
+    run = CliRunner()
+    res = run.invoke(app, ["labels", "import", str(good), "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "2 added, 0 already stored, 0 replaced" in res.output
+    url = f"sqlite:///{tmp_path / 'run' / 'store.db'}"
+    got = {lab.structure_id: (lab.label, lab.method) for lab in list_labels(url)}
+    # 5e-4 S/cm is superionic under the built-in 5e-5 but not under this config's 1e-3
+    assert got == {"x-1": (0, "experiment"), "x-2": (1, "experiment")}
+    res = run.invoke(app, ["labels", "import", str(good), "-c", str(cfg)])
+    assert res.exit_code == 0 and "0 added, 2 already stored" in res.output, res.output
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("structure_id,formula,label,sigma_300\nx-3,Li2S,0,1e-4\nx-4,Li3N,1,1e-4\n")
+    res = run.invoke(app, ["labels", "import", str(bad), "-c", str(cfg)])
+    assert res.exit_code == 2
+    assert "row 3 (x-4)" in res.output and "contradicts sigma_300" in res.output
+    assert len(list_labels(url)) == 2  # nothing of the bad file was stored
+
+    res = run.invoke(app, ["labels", "list", "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+    rows = [line.split("\t") for line in res.stdout.splitlines()[1:]]
+    assert [(r[0], r[1], r[3]) for r in rows] == [("x-1", "Li3PS4", "0"), ("x-2", "Li7P3S11", "1")]

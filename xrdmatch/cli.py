@@ -26,6 +26,7 @@ _COMMANDS = [
     ("xrdmatch.platform.cli_models", "predict", "predict"),
     ("xrdmatch.platform.cli_models", "ui", "ui"),
     ("xrdmatch.platform.cli_validate", "app", "validate"),
+    ("xrdmatch.platform.cli_labels", "app", "labels"),
     ("xrdmatch.platform.cli_campaign", "app", "campaign"),
 ]
 

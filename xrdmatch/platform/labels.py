@@ -300,7 +300,8 @@ def import_labels(url: str, path: str | os.PathLike[str], method: str = "experim
                   sigma_threshold: float | None = None, *, replace: bool = False) -> ImportCounts:
     """Import labels from a CSV with columns ``structure_id`` (or ``id``), ``formula`` and
     ``label`` (1 = superionic) and/or ``sigma_300`` (S/cm; labelled by ``sigma_threshold``,
-    by default ``validation.sigma_threshold``); optional ``method`` per row.
+    by default the built-in ``ValidationConfig().sigma_threshold``, 5e-5; ``xrdmatch labels
+    import`` passes the config's); optional ``method`` per row.
     Returns (rows added, rows already present), with ``.replaced``.
 
     The whole file is checked before anything is written, so a bad row leaves the store unchanged.

@@ -1,0 +1,68 @@
+"""`xrdmatch labels import|list` (owner: label store): measured or computed labels from outside
+the campaign go into the same store the MD verdicts land in, so the next training uses them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import typer
+
+from xrdmatch.config import redact
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt
+from xrdmatch.platform.cli_common import load_cfg as _config
+
+app = typer.Typer(help="Label store: import labels from a CSV, list the stored labels.", no_args_is_help=True)
+
+
+@app.command("import")
+def import_(
+    file: Path = typer.Argument(..., help="CSV: structure_id (or id), formula, label (1 = superionic) and/or "
+                                          "sigma_300 (S/cm at 300 K); optional method per row"),
+    method: str = typer.Option("experiment", "--method", "-m", help="method of rows without one"),
+    replace: bool = typer.Option(False, "--replace", help="replace stored labels whose values differ"),
+    config: Path = ConfigOpt,
+    run_dir: Path | None = DirOpt,
+) -> None:
+    """Import labels into the run's store (all rows or none; idempotent).
+
+    A row with only sigma_300 is labelled by the config's validation.sigma_threshold, and a
+    label that contradicts its own sigma_300 under that threshold is refused."""
+    from xrdmatch.platform.db import store_url
+    from xrdmatch.platform.labels import LabelInputError, import_labels
+
+    cfg = _config(config, run_dir)
+    url = store_url(cfg)
+    try:
+        counts = import_labels(url, file, method, cfg.validation.sigma_threshold, replace=replace)
+    except LabelInputError as e:
+        typer.echo(f"error: {e}".replace("pass replace=True", "pass --replace"), err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"{file}: {counts.added} added, {counts.present} already stored, {counts.replaced} replaced "
+               f"(store {redact(url)})")
+    ignored = sorted(m for m, w in cfg.labels.source_weights.items() if w == 0)
+    if ignored:
+        typer.echo(f"note: labels.source_weights gives {', '.join(ignored)} weight 0: training ignores those labels",
+                   err=True)
+
+
+@app.command("list")
+def list_(
+    method: list[str] = typer.Option(None, "--method", "-m", help="only these methods (repeatable)"),
+    config: Path = ConfigOpt,
+    run_dir: Path | None = DirOpt,
+) -> None:
+    """The stored labels, oldest first (tab-separated), and counts per method."""
+    from xrdmatch.platform.db import store_url
+    from xrdmatch.platform.labels import list_labels
+
+    cfg = _config(config, run_dir)
+    labels = list_labels(store_url(cfg), list(method) if method else None)
+    typer.echo("structure_id\tformula\tmethod\tlabel\tsigma_300\tround\tsource")
+    for lab in labels:
+        sigma = "" if lab.sigma_300 is None else f"{lab.sigma_300:.3g}"
+        rnd = "" if lab.campaign_round is None else str(lab.campaign_round)
+        typer.echo(f"{lab.structure_id}\t{lab.formula}\t{lab.method}\t{lab.label}\t{sigma}\t{rnd}\t{lab.source or ''}")
+    by = Counter((lab.method, lab.label) for lab in labels)
+    summary = ", ".join(f"{m}: {by[m, 1]} superionic / {by[m, 0] + by[m, 1]}" for m in sorted({m for m, _ in by}))
+    typer.echo(f"{len(labels)} labels" + (f" ({summary})" if summary else ""), err=True)
