@@ -112,7 +112,7 @@ def test_training_key_and_member_cache_change_with_the_training_code(monkeypatch
 
 
 # ------------------------------------------------------------------------------ end to end
-def tiny_config(tmp_path: Path, rounds: int = 1, validation: dict | None = None) -> Path:
+def tiny_config(tmp_path: Path, rounds: int = 1, validation: dict | None = None, training: dict | None = None) -> Path:
     cfg = {
         "seed": 0,
         "database": {"path": str(REPO / "data/mp_li_structures.jsonl.xz"), "limit": 240},
@@ -128,6 +128,7 @@ def tiny_config(tmp_path: Path, rounds: int = 1, validation: dict | None = None)
                      "screen_batch_size": 120, "poll_s": 0.5},
     }
     cfg["validation"] |= validation or {}
+    cfg["training"] |= training or {}
     p = tmp_path / "tiny.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
@@ -199,13 +200,20 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
     from xrdmatch.platform import queue
     from xrdmatch.platform.labels import list_labels
 
-    cfg = tiny_config(tmp_path, rounds=2)
+    # enough steps after the first checkpoint that the kill lands mid-training
+    cfg = tiny_config(tmp_path, rounds=2, training={"iterations": 40, "checkpoint_every": 10})
     run_dir = tmp_path / "run"
     log = tmp_path / "campaign.log"
 
-    # 1) kill -9 while round 1 trains; meanwhile a second campaign on the dir is refused
+    # 1) kill -9 while round 1 trains, after its first checkpoint; meanwhile a second campaign
+    # on the dir is refused
     proc = _start(cfg, run_dir, log)
-    store = _wait_for(lambda: _stage_running(run_dir, 1, "train"), proc, log, "round 1 train running")
+
+    def checkpointed():
+        st = _stage_running(run_dir, 1, "train")
+        return st if st and any((run_dir / "train" / "round-001").glob("ray_results/*/checkpoint_*")) else None
+
+    store = _wait_for(checkpointed, proc, log, "round 1 train checkpointed")
     second = subprocess.run([sys.executable, "-m", "xrdmatch.cli", "campaign", "run", "--config", str(cfg),
                              "--dir", str(run_dir)], capture_output=True, text=True, env=_env(), timeout=120)
     assert second.returncode == 3, second.stderr
@@ -294,6 +302,16 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
     assert screened["n_positive"] == int(served["superionic"].sum())
     votes = pd.read_parquet(scores[1].path).set_index("id").loc[list(pt.ids), "votes"].to_numpy()
     np.testing.assert_array_equal(votes >= screened["votes_needed"], served["superionic"].to_numpy(bool))
+    # the scores are the round's ensemble on those patterns, in their order
+    from xrdmatch.training.ensemble import Ensemble
+
+    ens = Ensemble.load(tr[1]["model_dir"])
+    got = pd.read_parquet(scores[1].path)
+    assert list(got["id"]) == list(pt.ids)
+    np.testing.assert_allclose(got["p_mean"], ens.predict_proba(pt.X)["p_mean"], rtol=1e-5, atol=1e-6)
+    # the killed training was resumed from its checkpoint, not restarted
+    hist = ens.members[0].history
+    assert [h["step"] for h in hist] == list(range(1, 41)) and hist[-1]["attempt_start"] >= 10
 
     # status and report read it all back
     from xrdmatch.platform.report import campaign_status, write_report

@@ -290,11 +290,15 @@ def test_cli_grouped_cv_resumes_after_kill_9_and_writes_the_json_shape(tmp_path,
     cache = shared_run / "evaluation" / "grouped-cv" / "members"
     rc = _kill_after_first_member(args, cache)
     assert rc == -9 and not out.exists(), "the first run should have been killed mid-way"
-    n_cached = len([f for f in cache.glob("*.npz") if not f.name.endswith(".tmp.npz")])
+    cached = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in cache.glob("*.npz") if not f.name.endswith(".tmp.npz")}
+    n_cached = len(cached)
     assert 1 <= n_cached < 6
     res = CliRunner().invoke(app, args)  # same command again: resumes
     assert res.exit_code == 0, res.output
     assert f"6 member trainings: {n_cached} cached, {6 - n_cached} to run" in res.output
+    # the finished members were read, not trained and written again
+    assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in cached} == cached
+    assert len(list(cache.glob("*.npz"))) == 6
     # the finished evaluation is an MLflow run: config, per-method metrics, JSON and figures
     run = _finished_run(cfg, "evaluate-grouped-cv")
     assert run.data.params["evaluation.folds"] == "2" and run.data.tags["xrdmatch.kind"] == "evaluate"
