@@ -279,7 +279,7 @@ def _kill_after_first_member(args, cache_dir, timeout=240):
     return proc.returncode
 
 
-def test_cli_grouped_cv_resumes_after_kill_9_and_writes_the_json_shape(tmp_path, ray_local, shared_run):
+def test_cli_grouped_cv_resumes_after_kill_9_and_writes_the_json_shape(tmp_path, ray_local, shared_run, labelled):
     from typer.testing import CliRunner
 
     from xrdmatch.cli import app
@@ -330,6 +330,23 @@ def test_cli_grouped_cv_resumes_after_kill_9_and_writes_the_json_shape(tmp_path,
     for g, rep, fold in zip(p["group"], p["repeat"], p["fold"]):
         folds_of.setdefault((rep, g), set()).add(fold)
     assert len(folds_of) < 112 and all(len(v) == 1 for v in folds_of.values())  # 103 formulas, none split
+    # the numbers follow from the predictions: true labels, per-fold metrics, their mean
+    from xrdmatch.training.metrics import binary_metrics
+
+    truth = dict(zip(labelled.ids, np.asarray(labelled.y).tolist()))
+    for x in r["results"]:
+        pm = r["predictions"][x["method"]]
+        assert [truth[i] for i in pm["id"]] == pm["y"]
+        rows = [f for f in r["per_fold"] if f["method"] == x["method"]]
+        assert len(rows) == 2
+        for f in rows:
+            sel = [k for k, (rep, fold) in enumerate(zip(pm["repeat"], pm["fold"])) if (rep, fold) == (f["repeat"], f["fold"])]
+            want = binary_metrics(np.asarray(pm["y"])[sel], np.asarray(pm["pred"])[sel], np.asarray(pm["p"])[sel])
+            for k in ("macro_f1", "f1_superionic", "precision", "recall", "pr_auc"):
+                assert f[k] == pytest.approx(want[k], abs=1e-9), (x["method"], f["fold"], k)
+        for k in ("macro_f1", "f1_superionic", "pr_auc"):
+            assert x[k] == pytest.approx(np.mean([f[k] for f in rows]), abs=1e-9)
+            assert run.data.metrics[f"{x['method']}.{k}"] == pytest.approx(x[k], abs=1e-9)
     table = md.read_text()
     assert table.startswith("| method | macro-F1 |") and "flexmatch-ensemble" in table and "wall time" in table
     # same command again: every member prediction comes from the cache, identical numbers
@@ -361,8 +378,18 @@ def test_paper_protocol_reports_what_the_paper_reports(tmp_path, ray_local, shar
     # 2 members x 20 labels from the 93-compound pool: >= 19 held-out + pool leftovers are unseen
     assert 112 - 40 <= x["n_unseen"] <= 112 - 20 and x["votes_needed"] == 1
     assert len(r["split"]["pool"]) == 93 and len(r["split"]["holdout"]) == 19
-    trained = r["predictions"]["flexmatch-ensemble"]["trained_on"]
+    pm = r["predictions"]["flexmatch-ensemble"]
+    trained = pm["trained_on"]
     assert sum(trained) == 112 - x["n_unseen"]
+    # all-112 and unseen figures follow from the per-compound calls
+    from xrdmatch.training.metrics import binary_metrics
+
+    y, pred, prob = (np.asarray(pm[k]) for k in ("y", "pred", "p"))
+    unseen = np.asarray(trained) == 0
+    assert x["macro_f1_all112"] == pytest.approx(binary_metrics(y, pred, prob)["macro_f1"], abs=1e-9)
+    want = binary_metrics(y[unseen], pred[unseen], prob[unseen])
+    assert x["macro_f1_unseen"] == pytest.approx(want["macro_f1"], abs=1e-9)
+    assert x["f1_superionic_unseen"] == pytest.approx(want["f1_superionic"], abs=1e-9)
     md = results_markdown(r)
     assert "paper (published" in md
     # figures depend on the CPU model: the result and its table name it
@@ -448,6 +475,26 @@ def test_train_cli_logs_the_run_and_registers_the_ensemble(tmp_path, ray_local, 
     assert run.data.params["training.iterations"] == "4"
     assert run.data.tags["lineage.labelled_count"] == "112" and run.data.tags["lineage.unlabelled_count"] == "24"
     assert 0.0 <= run.data.metrics["grouped_cv_macro_f1"] <= 1.0 and run.data.metrics["n_labelled"] == 112
+    # the promotion metric is the pooled out-of-fold calls of the cached fold members
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.patterns import ensure_patterns
+    from xrdmatch.training.dataset import build_training_set
+    from xrdmatch.training.metrics import binary_metrics, calls
+
+    c = load_config(cfg)
+    ls, _ = build_training_set(c, ensure_patterns(c, progress=False))
+    files = sorted((shared_run / "champion" / "members").glob("*.npz"))
+    assert len(files) == 2 * c.campaign.eval_ensemble_size
+    total, count = np.zeros(len(ls.y)), np.zeros(len(ls.y))
+    for f in files:
+        with np.load(f) as z:
+            total[z["predict"]] += z["p"]
+            count[z["predict"]] += 1
+    assert (count == c.campaign.eval_ensemble_size).all()  # every compound tested in exactly one fold
+    p = total / count
+    want = binary_metrics(np.asarray(ls.y), calls(p), p)
+    assert run.data.metrics["grouped_cv_macro_f1"] == pytest.approx(want["macro_f1"], abs=1e-9)
+    assert run.data.metrics["grouped_cv_pr_auc"] == pytest.approx(want["pr_auc"], abs=1e-9)
     hist = _client(cfg).get_metric_history(run.info.run_id, "member1.loss")
     assert [h.step for h in hist] == [1, 2, 3, 4]
     assert "plots/learning_curves.png" in _artifacts(cfg, run, "plots")
