@@ -149,7 +149,7 @@ def test_fit_excludes_temperatures_with_too_few_hops_and_says_so(slow_at_600):
     # min_li_msd decides which temperatures count: at 5 A^2 the 800 K run is left out as well
     verdict, reason, f = decide(slow_at_600, host(), ValidationConfig(min_li_msd=5.0))
     assert verdict == "superionic" and f.temperatures == [1000.0, 1200.0], reason
-    assert "from 2 temperatures (fit excludes 600, 800 K: too few hops)" in reason
+    assert "from 2 temperatures (fit excludes 600 K: too few hops, 800 K: too few hops)" in reason
     # every temperature usable: no exclusion note
     _, reason, f = decide(slow_at_600, host(), ValidationConfig(min_li_msd=0.5))
     assert f.temperatures == TEMPS and "excludes" not in reason
@@ -179,7 +179,7 @@ def test_a_temperature_without_a_positive_diffusivity_is_not_fitted():
     res[1] = point(800.0, -1e-6)  # enough MSD, but a negative slope: no ln D to fit
     verdict, reason, f = decide(res, host(), ValidationConfig())
     assert verdict == "superionic" and f.temperatures == [600.0, 1000.0, 1200.0], reason
-    assert "fit excludes 800 K" in reason
+    assert "fit excludes 800 K: no positive D" in reason
     res[2] = point(1000.0, 0.0)
     verdict, reason, f = decide(res, host(), ValidationConfig(min_fit_temperatures=3))
     assert verdict == "inconclusive" and "seen at 2 temperature(s) < min_fit_temperatures=3" in reason

@@ -162,7 +162,8 @@ def decide(
         return "inconclusive", f"non-Arrhenius: Ea = {f.ea_ev:.3f} eV <= 0", f
     if f.r2 is not None and f.r2 < cfg.min_r2:
         return "inconclusive", f"non-Arrhenius: R^2 = {f.r2:.2f} < min_r2={cfg.min_r2}", f
-    note = f" (fit excludes {', '.join(f'{t:g}' for t in skipped)} K: too few hops)" if skipped else ""
+    why = {a.temperature: "too few hops" if a.li_msd < cfg.min_li_msd else "no positive D" for a in analyses}
+    note = (f" (fit excludes {', '.join(f'{t:g} K: {why[t]}' for t in sorted(skipped))})" if skipped else "")
     label = "superionic" if f.sigma_300 >= cfg.sigma_threshold else "not_superionic"
     cmp = ">=" if label == "superionic" else "<"
     if f.sigma_300 > cfg.max_plausible_sigma:  # the verdict stands; the number does not
