@@ -111,6 +111,21 @@ def test_training_key_and_member_cache_change_with_the_training_code(monkeypatch
     assert after[0] != before[0] and after[1] != before[1]
 
 
+def test_the_code_fingerprint_covers_how_members_are_scored(monkeypatch):
+    """Cached member predictions come from Ensemble.predict_proba: another scoring function is
+    another fingerprint (a cache written by the old one is not reused)."""
+    from xrdmatch.training import fingerprint
+    from xrdmatch.training.ensemble import Ensemble
+
+    base = fingerprint.code_fingerprint.__wrapped__()
+
+    def predict_proba(self, X, batch_size=1024, device="cpu", **kw):
+        return {"p_mean": X.max(axis=1)}
+
+    monkeypatch.setattr(Ensemble, "predict_proba", predict_proba)
+    assert fingerprint.code_fingerprint.__wrapped__() != base
+
+
 # ------------------------------------------------------------------------------ end to end
 def tiny_config(tmp_path: Path, rounds: int = 1, validation: dict | None = None, training: dict | None = None) -> Path:
     cfg = {
