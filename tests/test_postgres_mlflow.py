@@ -108,3 +108,37 @@ def test_tracking_and_registry_on_postgres(mlflow_server, tmp_path):
     assert client.get_model_version_by_alias(name, "champion").version == mv.version
     found = client.search_model_versions(f"name='{name}' and tags.labelled_count='112'")
     assert [v.version for v in found] == [mv.version]
+
+
+def test_xrdmatch_registers_promotes_and_serves_through_the_server(mlflow_server, tmp_path, labelled):
+    """The platform's own path on the cluster's store: register_ensemble twice (the promotion
+    rule decides), list_versions reads the tags back, the champion loads as a pyfunc and
+    predicts what the ensemble does."""
+    import mlflow
+    import numpy as np
+
+    from tests.conftest import _tiny_ensemble
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.pyfunc_model import patterns_frame
+    from xrdmatch.platform.registry import list_versions, register_ensemble
+    from xrdmatch.platform.tracking import configure, lineage_tags
+    from xrdmatch.training.ensemble import Ensemble
+
+    url, _ = mlflow_server
+    tag = uuid.uuid4().hex[:8]
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"),
+                             "tracking": {"tracking_uri": url, "experiment": f"pg-{tag}",
+                                          "registry_name": f"pg-xrdmatch-{tag}"}})
+    ens = _tiny_ensemble(labelled, 0, tmp_path / "ens")
+    lineage = lineage_tags(labelled, labelled.X[:7])
+    first = register_ensemble(cfg, ens, {"grouped_cv_macro_f1": 0.5, "grouped_cv_pr_auc": 0.3}, lineage)
+    worse = register_ensemble(cfg, ens, {"grouped_cv_macro_f1": 0.4, "grouped_cv_pr_auc": 0.2}, lineage)
+    assert first.promoted and not worse.promoted
+    vs = {v.version: v for v in list_versions(cfg)}
+    assert "champion" in vs[str(first.version)].aliases and vs[str(worse.version)].aliases == ["challenger"]
+    assert vs[str(worse.version)].metrics["grouped_cv_macro_f1"] == 0.4
+    configure(cfg)
+    model = mlflow.pyfunc.load_model(f"models:/{cfg.tracking.registry_name}@champion")
+    X = labelled.X[:5]
+    got = model.predict(patterns_frame(X))
+    np.testing.assert_allclose(got["p_superionic"], Ensemble.load(ens).predict_proba(X)["p_mean"], rtol=1e-6)
