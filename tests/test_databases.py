@@ -92,13 +92,16 @@ def test_folder_of_cif_and_poscar(tmp_path, first_records):
     (tmp_path / "e-garbage.cif").write_text("this is not a CIF\n")
     two = s0.to(fmt="cif") + "\n" + s1.to(fmt="cif").replace("data_", "data_second_", 1)
     (tmp_path / "g-two-blocks.cif").write_text(two)  # pymatgen alone would read the first block only
+    # a journal's CIF: a metadata block without atoms, then the one structure
+    (tmp_path / "h-journal.cif").write_text("data_global\n_journal_name_full 'J. Chem.'\n_journal_year 2024\n\n"
+                                            + s0.to(fmt="cif"))
     (tmp_path / "POSCAR_f").write_text("no sites\n1.0\n4 0 0\n0 4 0\n0 0 4\nLi\n0\nDirect\n")
     (tmp_path / ".hidden").write_text("ignored")
 
     entries = list(iter_entries(tmp_path))
     assert database_kind(tmp_path) == "folder"
     assert [e.id for e in entries] == ["POSCAR_b", "POSCAR_f", "a-first", "c-disordered", "d-empty", "e-garbage",
-                                       "g-two-blocks"]
+                                       "g-two-blocks", "h-journal"]
     by = {e.id: e for e in entries}
     assert isinstance(by["a-first"], Record) and by["a-first"].formula == s0.composition.reduced_formula
     assert len(by["a-first"].species) == len(s0)
@@ -107,8 +110,10 @@ def test_folder_of_cif_and_poscar(tmp_path, first_records):
     assert by["d-empty"].reason == "d-empty.cif: empty file"
     assert "unreadable by pymatgen" in by["e-garbage"].reason
     assert by["POSCAR_f"].reason == "POSCAR_f: structure has no sites"
-    assert "holds 2 structures (CIF data blocks)" in by["g-two-blocks"].reason
-    assert count_entries(tmp_path) == 7
+    assert "holds 2 structures (CIF data blocks with atom sites)" in by["g-two-blocks"].reason
+    assert isinstance(by["h-journal"], Record) and by["h-journal"].formula == s0.composition.reduced_formula
+    np.testing.assert_allclose(by["h-journal"].lattice, s0.lattice.matrix, atol=1e-6)
+    assert count_entries(tmp_path) == 8
 
 
 def test_ase_database(tmp_path, first_records):

@@ -370,10 +370,12 @@ def _parse_file(name: str, data: bytes) -> Entry:
     if not data.strip():
         return BadEntry(sid, f"{name}: empty file")
     if name.lower().endswith(".cif"):
-        blocks = len(re.findall(rb"^[ \t]*data_", data, flags=re.M | re.I))
+        from xrdmatch.platform.cif import structure_blocks
+
+        blocks = len(structure_blocks(data.decode("utf-8", errors="replace")))
         if blocks > 1:  # pymatgen would read the first and drop the rest without a word
-            return BadEntry(sid, f"{name}: holds {blocks} structures (CIF data blocks); a database folder "
-                                 "takes one structure per file: split it")
+            return BadEntry(sid, f"{name}: holds {blocks} structures (CIF data blocks with atom sites); a "
+                                 "database folder takes one structure per file: split it")
     from pymatgen.core import Structure
 
     # from_file picks the format from the name (CIF, POSCAR/CONTCAR, .vasp, pymatgen JSON, ...)

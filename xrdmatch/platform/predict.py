@@ -18,7 +18,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,12 +88,6 @@ def _pattern(structure, source: str, sid: str) -> Item:
         return Item(source, sid, error=f"XRD pattern failed: {_short(e)}")
 
 
-#: A CIF data block starts here (pymatgen's own split, ``CifFile.from_str``).
-_CIF_BLOCK = re.compile(r"^\s*data_", flags=re.MULTILINE)
-#: Data names of atom sites: a block without them holds no structure (e.g. ``data_global``).
-_CIF_ATOMS = re.compile(r"^\s*_atom_site_", flags=re.MULTILINE | re.IGNORECASE)
-
-
 def is_cif(path: Path) -> bool:
     """Whether pymatgen reads ``path`` as a CIF (its patterns ``*.cif*``, ``*.mcif*``: also .cif.gz)."""
     name = path.name.lower()
@@ -102,22 +95,13 @@ def is_cif(path: Path) -> bool:
 
 
 def cif_blocks(path: Path) -> list[tuple[str, str]]:
-    """(block name, text) of each data block of a CIF that describes atom sites, in file order.
-
-    Blocks without ``_atom_site_`` data names (a publication's ``data_global``, a powder pattern)
-    describe no structure and are left out; duplicate block names are kept (pymatgen's CifFile
-    would let the last one overwrite the others).
-    """
+    """(block name, text) of each data block of a CIF that describes atom sites (``cif.structure_blocks``)."""
     from monty.io import zopen
 
+    from xrdmatch.platform.cif import structure_blocks
+
     with zopen(path, mode="rt", encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    out = []
-    for chunk in _CIF_BLOCK.split(f"x\n{text}")[1:]:
-        if _CIF_ATOMS.search(chunk):
-            header = chunk.split(None, 1)[0] if chunk.strip() else ""
-            out.append((header, f"data_{chunk}"))
-    return out
+        return structure_blocks(f.read())
 
 
 def cif_items(path: Path) -> list[Item] | None:
