@@ -661,3 +661,35 @@ def test_a_composition_picked_in_an_earlier_round_is_not_picked_again(tmp_path):
     store.ensure_round(2)
     result, _ = stage_select(ctx, 2)
     assert result["picks"] == ["new-1", "new-2"]
+
+
+def test_only_structures_the_md_can_take_are_eligible(tmp_path):
+    """md_cell_atoms: the MD supercell's atom count, or 'never' for a unit cell above
+    max_sites_md, a broken lattice, or a cell whose smallest fitting supercell exceeds max_atoms."""
+    import pandas as pd
+
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.campaign import md_cell_atoms
+    from xrdmatch.simulation.md import choose_supercell
+
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"), "campaign": {"max_sites_md": 10},
+                             "validation": {"min_atoms": 8, "min_length": 9.0, "max_atoms": 60}})
+    meta = pd.DataFrame({"n_sites": [2, 12, 2, 2, 4],
+                         "a": [4.5, 5.0, float("nan"), 2.0, 9.5],
+                         "b": [4.5, 5.0, 4.0, 2.0, 9.5],
+                         "c": [4.5, 5.0, 4.0, 2.0, 9.5]})
+    got = md_cell_atoms(cfg, meta)
+    m = choose_supercell((4.5, 4.5, 4.5), 2, 8, 9.0, 60)
+    assert got[0] == 2 * m[0] * m[1] * m[2] == 16  # 2 x 2 x 2 copies reach 9 A
+    assert got[4] == 8  # 9.5 A already: two copies of 4 sites reach min_atoms
+    never = got.max()
+    assert never >= 10**9 and list(got[[1, 2, 3]]) == [never] * 3  # too many sites; NaN; 5^3 x 2 = 250 > 60
+
+
+def test_a_round_without_an_eligible_candidate_ends_the_campaign(tmp_path):
+    from xrdmatch.platform.campaign import should_stop
+
+    cfg, store, ctx = _round_one_store(tmp_path, {"campaign": {"rounds": 5}}, [])
+    assert should_stop(ctx, 2) == "round 1 found no eligible candidate"
+    cfg, store, ctx = _round_one_store(tmp_path / "b", {"campaign": {"rounds": 5}}, [{"structure_id": "x"}])
+    assert should_stop(ctx, 2) is None
