@@ -384,3 +384,72 @@ def test_screen_counts_with_the_models_rule(custom_rule_registry, tmp_path, monk
     assert f"{int(want.sum())} called superionic (>= 3 of 4 members with p > {thr:g})" in res.output
     # the Parquet's votes are the members over the model's threshold
     np.testing.assert_array_equal(pd.read_parquet(out)["votes"].to_numpy(), calls(P, thr).sum(0))
+
+
+def test_an_unreachable_store_is_not_an_empty_registry(tmp_path, monkeypatch):
+    """Real MLflow errors: a missing model or alias is "none"; a store that cannot be reached is an
+    error, and `xrdmatch models` says so instead of "no registered versions"."""
+    import mlflow
+    import yaml
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+    from xrdmatch.platform.registry import not_found
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri, uri)
+    errors = []
+    for call in (lambda: client.get_model_version_by_alias("absent", "champion"),
+                 lambda: (client.create_registered_model("m"), client.get_model_version_by_alias("m", "champion"))):
+        with pytest.raises(MlflowException) as e:
+            call()
+        errors.append(e.value)
+    assert all(not_found(e) for e in errors)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    down = "http://127.0.0.1:9"  # nothing listens on the discard port
+    with pytest.raises(MlflowException) as e:
+        MlflowClient(down, down).get_model_version_by_alias("m", "champion")
+    assert not not_found(e.value)
+    mlflow.set_tracking_uri(uri)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "tracking": {"tracking_uri": down}}))
+    res = CliRunner().invoke(app, ["models", "-c", str(cfg)])
+    assert res.exit_code == 1 and "error: tracking store http://127.0.0.1:9" in res.output, res.output
+    assert "no registered versions" not in res.output
+
+
+def test_a_failed_champion_lookup_promotes_nothing_and_a_retry_decides(tmp_path, labelled, monkeypatch):
+    """The champion lookup fails with a store error (injected: an outage between two calls cannot
+    be timed otherwise): settle_version raises and writes no decision; once the store answers, a
+    retry decides on the real champion's metric."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import _tiny_ensemble
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.registry import log_version, register_ensemble, settle_version
+    from xrdmatch.platform.tracking import lineage_tags
+
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"),
+                             "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}})
+    ens = _tiny_ensemble(labelled, 0, tmp_path / "ens")
+    lineage = lineage_tags(labelled, labelled.X[:7])
+    first = register_ensemble(cfg, ens, {"grouped_cv_macro_f1": 0.6}, lineage)
+    version, run_id = log_version(cfg, ens, lineage)
+    real = MlflowClient.get_model_version_by_alias
+
+    def outage(self, name, alias):
+        raise MlflowException("API request failed: connection refused", error_code="INTERNAL_ERROR")
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", outage)
+    with pytest.raises(MlflowException, match="connection refused"):
+        settle_version(cfg, version, {"grouped_cv_macro_f1": 0.4}, lineage, run_id)
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", real)
+    client = MlflowClient(cfg.tracking.tracking_uri, cfg.tracking.tracking_uri)
+    assert "promotion.promoted" not in (client.get_model_version(cfg.tracking.registry_name, version).tags or {})
+    assert str(client.get_model_version_by_alias(cfg.tracking.registry_name, "champion").version) == str(first.version)
+    rv = settle_version(cfg, version, {"grouped_cv_macro_f1": 0.4}, lineage, run_id)
+    assert not rv.promoted and rv.aliases == ["challenger"]

@@ -52,7 +52,12 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     _quiet_mlflow()
     cfg = _load(config, run_dir)
     console = Console(highlight=False)
-    versions = list_versions(cfg)
+    try:
+        versions = list_versions(cfg)
+    except Exception as e:  # noqa: BLE001 - an unreachable or unreadable store is not "nothing registered"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        typer.echo(f"error: tracking store {redact(tracking_uri(cfg))}: {msg}", err=True)
+        raise typer.Exit(1) from None
     if not versions:
         console.print(f"no registered versions of {cfg.tracking.registry_name} in {redact(tracking_uri(cfg))}", markup=False)
         return

@@ -95,6 +95,15 @@ def _signature(example: np.ndarray):
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+def not_found(e: Exception) -> bool:
+    """Whether an MLflow error says the model or alias does not exist (as opposed to a store
+    that cannot be reached or read, which must fail the caller, not read as "none")."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, MlflowException) and (e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+        e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e)))
+
+
 def _metric_tag(name: str) -> str:
     return f"metric.{name}"
 
@@ -210,7 +219,9 @@ def settle_version(cfg: Config, version: str, metrics: dict[str, float], lineage
                 "promotion.rule": rule, "promotion.metric": cfg.tracking.promotion_metric}
         try:
             champ = client.get_model_version_by_alias(name, CHAMPION)
-        except MlflowException:
+        except MlflowException as e:
+            if not not_found(e):  # an unreachable store is not "no champion": never promote on it
+                raise
             champ = None
         old = _as_float(champ.tags.get(_metric_tag(cfg.tracking.promotion_metric))) if champ is not None else None
         new = clean_metrics.get(cfg.tracking.promotion_metric)
@@ -233,15 +244,13 @@ def settle_version(cfg: Config, version: str, metrics: dict[str, float], lineage
 
 
 def version_of_run(cfg: Config, run_id: str):
-    """The registered version logged by MLflow run ``run_id`` (None: none, or the registry is
-    unreachable): a resumed stage settles it instead of registering the same model twice."""
+    """The registered version logged by MLflow run ``run_id`` (None: none): a resumed stage
+    settles it instead of registering the same model twice. An unreachable registry raises
+    (read as "none", it would register the model again)."""
     from mlflow import MlflowClient
 
     configure(cfg)
-    try:
-        found = MlflowClient().search_model_versions(f"name='{cfg.tracking.registry_name}' and run_id='{run_id}'")
-    except Exception:
-        return None
+    found = MlflowClient().search_model_versions(f"name='{cfg.tracking.registry_name}' and run_id='{run_id}'")
     return found[0] if found else None
 
 
@@ -269,8 +278,10 @@ def list_versions(cfg: Config, filter_tags: dict[str, str] | None = None) -> lis
         by_version: dict[str, list[str]] = {}
         for alias, v in (client.get_registered_model(name).aliases or {}).items():
             by_version.setdefault(str(v), []).append(alias)
-    except MlflowException:
-        return []  # nothing registered yet
+    except MlflowException as e:
+        if not_found(e):
+            return []  # nothing registered yet
+        raise
     out = []
     for mv in versions:
         tags = dict(mv.tags)

@@ -46,6 +46,7 @@ def _champion(cfg: Config) -> dict[str, Any] | None:
     from mlflow.exceptions import MlflowException
 
     from xrdmatch.platform.campaign import _champion as champ
+    from xrdmatch.platform.registry import not_found
     from xrdmatch.platform.tracking import configure, tracking_uri
 
     try:
@@ -57,9 +58,7 @@ def _champion(cfg: Config) -> dict[str, Any] | None:
         # campaign._champion says None for any failure; ask once here to tell "no champion" from "no store"
         MlflowClient().get_model_version_by_alias(cfg.tracking.registry_name, "champion")
     except MlflowException as e:
-        missing = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
-            e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e))
-        if not missing:
+        if not not_found(e):
             raise RuntimeError(f"tracking store {redact(uri)}: {_first_line(e)}") from e
         return None
     except Exception as e:  # noqa: BLE001 - unreadable store (corrupt SQLite, bad URI, ...)
