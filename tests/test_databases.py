@@ -283,3 +283,33 @@ def test_xrd_cli_warns_of_duplicate_ids_and_fails_when_no_pattern_is_computed(ra
     res = CliRunner().invoke(app, ["xrd", "--db", str(empty), "--out", str(tmp_path / "o3"), "--no-progress"])
     assert res.exit_code == 1, res.output
     assert f"error: no pattern was computed: {empty} has no entries" in res.output
+
+
+def test_a_structure_file_that_names_code_is_refused_without_running_it(tmp_path, first_records):
+    """pymatgen JSON decodes site properties with monty, which imports any @module and calls any
+    @callable: such a file is refused (folder database, predict) and the module is never
+    imported; a plain pymatgen JSON or YAML structure, site properties included, still reads."""
+    import json
+    import sys
+
+    from xrdmatch.platform.predict import read_structures
+    from xrdmatch.platform.structure_files import read_structure
+
+    s = _structure(first_records[0])
+    s.add_site_property("magmom", [0.0] * len(s))
+    d = s.as_dict()
+    evil = json.loads(json.dumps(d))
+    evil["sites"][0]["properties"]["x"] = {"@module": "this", "@callable": "__name__"}  # `import this` prints
+    (tmp_path / "evil.json").write_text(json.dumps(evil))
+    (tmp_path / "plain.json").write_text(json.dumps(d))
+    s.to(filename=str(tmp_path / "plain-y.yaml"))
+    assert "this" not in sys.modules
+    by = {e.id: e for e in iter_entries(tmp_path)}
+    assert "names code outside pymatgen" in by["evil"].reason and "@callable" in by["evil"].reason
+    with pytest.raises(ValueError, match="names code outside pymatgen"):
+        read_structures(tmp_path / "evil.json")
+    assert "this" not in sys.modules
+    for name in ("plain", "plain-y"):
+        assert isinstance(by[name], Record) and by[name].formula == s.composition.reduced_formula
+    y = read_structure(tmp_path / "plain-y.yaml")
+    assert y.composition == s.composition and list(y.site_properties["magmom"]) == [0.0] * len(s)

@@ -33,9 +33,9 @@ def submit(
     errors: list[str] = []
     for f in files:
         try:
-            from pymatgen.core import Structure
+            from xrdmatch.platform.structure_files import read_structure
 
-            structures.append((Path(f).stem, Structure.from_file(f)))
+            structures.append((Path(f).stem, read_structure(f)))
         except Exception as err:
             errors.append(f"{f}: not a structure file pymatgen can read ({type(err).__name__}: {err})")
     if ids:

@@ -376,7 +376,7 @@ def _parse_file(name: str, data: bytes) -> Entry:
         if blocks > 1:  # pymatgen would read the first and drop the rest without a word
             return BadEntry(sid, f"{name}: holds {blocks} structures (CIF data blocks with atom sites); a "
                                  "database folder takes one structure per file: split it")
-    from pymatgen.core import Structure
+    from xrdmatch.platform.structure_files import read_structure
 
     # from_file picks the format from the name (CIF, POSCAR/CONTCAR, .vasp, pymatgen JSON, ...)
     with tempfile.TemporaryDirectory(prefix="xrdmatch-") as tmp:
@@ -385,7 +385,7 @@ def _parse_file(name: str, data: bytes) -> Entry:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                s = Structure.from_file(str(f))
+                s = read_structure(f)
         except Exception as e:  # noqa: BLE001 - any reader failure is a bad entry
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "at least 1 site" in msg:

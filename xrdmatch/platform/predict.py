@@ -138,10 +138,12 @@ def read_structures(path: Path) -> list[tuple[str, object]]:
     Only a CIF's first structure is read here: :func:`items_for_file` gives a CIF with several
     data blocks to :func:`cif_items` first.
     """
-    from pymatgen.core import Structure
+    from xrdmatch.platform.structure_files import UnsafeStructureFile, read_structure
 
     try:
-        return [(path.stem or path.name, Structure.from_file(path))]
+        return [(path.stem or path.name, read_structure(path))]
+    except UnsafeStructureFile as e:
+        raise ValueError(str(e)) from None
     except Exception as e_pmg:
         pmg_err = _short(e_pmg, 150)
     if path.suffix.lower() in (".cif", ".mcif"):
