@@ -33,6 +33,16 @@ join_head() {
 
 case "$mode" in
   head)
+    # the dashboard and client ports accept jobs (code): off loopback only with a token, or open on purpose
+    case "${RAY_DASHBOARD_HOST:-127.0.0.1}" in
+      127.0.0.1|localhost|::1) ;;
+      *)
+        if [ "${RAY_AUTH_MODE:-}" != token ] && [ "${RAY_AUTH_MODE:-}" != disabled ]; then
+          echo "entrypoint: RAY_DASHBOARD_HOST=$RAY_DASHBOARD_HOST exposes a Ray head that runs any submitted job;" \
+               "set RAY_AUTH_TOKEN (a Kubernetes/compose secret), or RAY_AUTH_MODE=disabled to run it open on purpose" >&2
+          exit 2
+        fi ;;
+    esac
     if [ "${RAY_AUTH_MODE:-}" = token ] && [ -z "${RAY_AUTH_TOKEN:-}" ] && [ ! -s "$token_file" ]; then
       ray get-auth-token --generate >/dev/null
     fi

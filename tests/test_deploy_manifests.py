@@ -7,6 +7,7 @@ secrets, and that every command is a mode the entry-point script implements.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 
@@ -104,6 +105,24 @@ def test_kuberay_manifests(name):
     assert groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     if doc["kind"] == "RayJob":
         assert doc["spec"]["entrypoint"].split()[-1] in modes
+    # every Ray node and the driver carry the cluster's token, from the secret (the head's
+    # dashboard listens on the pod network and takes jobs)
+    pods = [spec["headGroupSpec"]["template"], *(g["template"] for g in groups.values())]
+    if doc["kind"] == "RayJob":
+        pods.append(doc["spec"]["submitterPodTemplate"])
+    for pod in pods:
+        for c in pod["spec"]["containers"]:
+            tok = {e["name"]: e for e in c["env"]}.get("RAY_AUTH_TOKEN")
+            assert tok and tok["valueFrom"]["secretKeyRef"] == {"name": "xrdmatch-secrets", "key": "ray-auth-token"}, c["name"]
+
+
+def test_entrypoint_refuses_an_open_head_off_loopback():
+    """A head whose dashboard binds the pod network must have a token (or be opened on purpose);
+    refused before Ray starts."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_BLOCK="0", RAY_DASHBOARD_HOST="0.0.0.0", RAY_AUTH_TOKEN_PATH="/nonexistent")
+    r = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), "head"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2 and "RAY_AUTH_TOKEN" in r.stderr, r.stderr
 
 
 def test_dockerfile_installs_with_the_readme_command():
