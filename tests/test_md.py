@@ -114,6 +114,9 @@ def test_unavailable_calculators_say_how_to_install(tmp_path, monkeypatch):
         get_calculator("ase.calculators.emt.EMT")
     calc, info = get_calculator("ase.calculators.emt.EMT", method="mlip-md")
     assert type(calc).__name__ == "EMT" and info.method == "mlip-md"
+    # a protocol (it can come from a queue row) names a calculator class, never any callable
+    with pytest.raises(CalculatorUnavailable, match="not an ASE calculator class"):
+        get_calculator("subprocess.Popen", {"args": ["true"]}, method="aimd")
     from xrdmatch.simulation.calculators import label_method
 
     assert label_method("ase.calculators.vasp") == label_method("gpaw.calculator") == "aimd"

@@ -68,7 +68,8 @@ def make_worker_id(tag: str | int = 0) -> str:
 def job_workdir(cfg: Config, job: queue.Job) -> Path:
     """One directory per (structure, protocol): a re-run of the job resumes its checkpoint there."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", job.structure_id)[:100]
-    return RunPaths.of(cfg.run_dir).md_dir / f"{safe}-{job.protocol_hash[:12]}"
+    proto = re.sub(r"[^0-9a-f]+", "_", job.protocol_hash[:12])  # a hex digest; never a path from the store
+    return RunPaths.of(cfg.run_dir).md_dir / f"{safe}-{proto}"
 
 
 class _Progress:

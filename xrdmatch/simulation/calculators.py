@@ -138,6 +138,11 @@ def _dotted(name: str, kwargs: dict[str, Any], method: str | None = None):
     cls = getattr(module, cls_name, None)
     if cls is None:
         raise CalculatorUnavailable(f"calculator {name!r}: {module_name} has no attribute {cls_name!r}")
+    from ase.calculators.calculator import BaseCalculator
+
+    if not (isinstance(cls, type) and issubclass(cls, BaseCalculator)):  # a queued protocol names it: only calculators
+        raise CalculatorUnavailable(f"calculator {name!r} is not an ASE calculator class "
+                                    "(a subclass of ase.calculators.calculator.BaseCalculator)")
     method = method or label_method(module_name)
     if method is None:  # its labels would be weighted as some source they are not
         raise CalculatorUnavailable(
