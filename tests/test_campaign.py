@@ -693,3 +693,23 @@ def test_a_round_without_an_eligible_candidate_ends_the_campaign(tmp_path):
     assert should_stop(ctx, 2) == "round 1 found no eligible candidate"
     cfg, store, ctx = _round_one_store(tmp_path / "b", {"campaign": {"rounds": 5}}, [{"structure_id": "x"}])
     assert should_stop(ctx, 2) is None
+
+
+def test_status_and_report_say_why_a_stage_failed(tmp_path):
+    """The reason a stage failed outlives the terminal: `campaign status` and the report show
+    the stored error's first line."""
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.report import campaign_status, write_report
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(None, {"run_dir": str(run_dir)})
+    store = CampaignStore(f"sqlite:///{run_dir / 'store.db'}", _new_campaign(run_dir))
+    store.ensure_round(1)
+    store.start_stage(1, "validate")
+    store.fail_stage(1, "validate", "CampaignError: calculator 'gpaw' unavailable on <every> worker\nTraceback ...")
+    status = campaign_status(cfg)
+    assert "round 1: " in "\n".join(status) and "validate: FAILED (attempt 1)" in "\n".join(status)
+    assert "  validate failed: CampaignError: calculator 'gpaw' unavailable on <every> worker" in status
+    html_text = write_report(cfg).read_text()
+    assert "calculator &#x27;gpaw&#x27; unavailable on &lt;every&gt; worker" in html_text and "Traceback" not in html_text

@@ -28,6 +28,12 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg.splitlines()[0]}" if msg else type(e).__name__
 
 
+def _error_line(error: str) -> str:
+    """The line of a stored stage error worth showing: its first, cut at 300 characters."""
+    lines = error.strip().splitlines()
+    return lines[0][:300] if lines else ""
+
+
 def _open(cfg: Config) -> tuple[CampaignStore, str]:
     from xrdmatch.platform.db import store_url
     from xrdmatch.platform.paths import RunPaths
@@ -96,6 +102,10 @@ def campaign_status(cfg: Config) -> list[str]:
             else:
                 parts.append(f"{name}: {s.status.upper()} (attempt {s.attempts})")
         lines.append(f"round {rnd}: " + ", ".join(parts))
+        for name in STAGE_ORDER:  # why a stage failed: the traceback is gone with the terminal
+            s = by_round[rnd].get(name)
+            if s is not None and s.status != DONE and s.error:
+                lines.append(f"  {name} {s.status.lower()}: {_error_line(s.error)}")
     from xrdmatch.platform.lock import lock_holder
     from xrdmatch.platform.paths import RunPaths
 
@@ -363,8 +373,9 @@ def build_report(cfg: Config) -> str:
     # timings
     parts.append("<h2>Stage timings</h2>")
     trows = [[str(s.round), html.escape(s.stage), html.escape(s.status), str(s.attempts),
-              _fmt(s.duration_s, ".1f")] for s in stages]
-    parts.append(_table(["round", "stage", "status", "attempts", "seconds"], trows))
+              _fmt(s.duration_s, ".1f"), html.escape(_error_line(s.error or "")) if s.status != DONE else ""]
+             for s in stages]
+    parts.append(_table(["round", "stage", "status", "attempts", "seconds", "error"], trows))
     body = "\n".join(parts)
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>xrdmatch campaign report</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>")
