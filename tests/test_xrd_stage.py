@@ -306,3 +306,29 @@ def test_the_engine_version_follows_the_engine_code_and_pymatgen(tmp_path, monke
     assert engine_version() == base
     copy.write_text(src + "\nLORENTZ_TWEAK = 1.0\n")
     assert engine_version() != base
+
+
+def test_ray_errors_read_as_the_users_exception(ray_local):
+    """A failed Ray task or actor is reported by its exception, not Ray's header line."""
+    import ray
+
+    from xrdmatch.platform.ray_utils import error_text
+
+    @ray.remote
+    def task():
+        raise ValueError("entry 7: structure has no sites")
+
+    @ray.remote
+    class Broken:
+        def __init__(self):
+            raise ImportError("No module named 'pymatgen'")
+
+        def run(self):
+            return 1
+
+    with pytest.raises(ray.exceptions.RayError) as e1:
+        ray.get(task.remote())
+    with pytest.raises(ray.exceptions.RayError) as e2:
+        ray.get(Broken.remote().run.remote())
+    assert error_text(e1.value) == "ValueError: entry 7: structure has no sites"
+    assert error_text(e2.value) == "ActorDiedError: ImportError: No module named 'pymatgen'"

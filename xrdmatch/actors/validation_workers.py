@@ -356,7 +356,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
     import ray
     from ray.exceptions import RayActorError, RayError
 
-    from xrdmatch.platform.ray_utils import init_ray
+    from xrdmatch.platform.ray_utils import error_text, init_ray
     from xrdmatch.platform.tracking import configure
 
     v = cfg.validation
@@ -385,11 +385,12 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
         if replaced[slot] < v.max_restarts:
             replaced[slot] += 1
             log.warning("validation worker %d lost (%s); starting a replacement (%d/%d); its job is "
-                        "taken again once its lease expires", slot, type(err).__name__, replaced[slot],
+                        "taken again once its lease expires", slot, error_text(err), replaced[slot],
                         v.max_restarts)
             spawn(slot)
         else:
-            log.warning("validation worker %d lost for good after %d replacements (%s)", slot, v.max_restarts, err)
+            log.warning("validation worker %d lost for good after %d replacements (%s)", slot, v.max_restarts,
+                        error_text(err))
 
     def more_work() -> bool:
         if max_jobs is not None and len(summary.outcomes) >= max_jobs:
@@ -433,7 +434,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
                     lost(slot, err)
                     continue
                 except RayError as err:  # the call raised inside the actor: replace it, as if it died
-                    log.warning("validation worker %d raised: %s", slot, str(err).splitlines()[0])
+                    log.warning("validation worker %d raised: %s", slot, error_text(err))
                     ray.kill(actor)
                     lost(slot, err)
                     continue

@@ -244,5 +244,6 @@ def ensure_patterns(cfg: "Config", progress: bool = True) -> PatternTable:
         restart_incompatible=True,
     )
     if not summary.done:
-        raise PatternsError(f"{out}: XRD stage did not finish: {summary.line()}")
+        why = "; ".join(f"batch {k}: {msg}" for k, msg in sorted(summary.failed_batches.items())[:3])
+        raise PatternsError(f"{out}: XRD stage did not finish: {summary.line()}" + (f" ({why})" if why else ""))
     return load_patterns(out)

@@ -52,3 +52,18 @@ def cluster_cpus() -> int:
     import ray
 
     return int(ray.cluster_resources().get("CPU", 1))
+
+
+def error_text(e: BaseException, limit: int = 300) -> str:
+    """One line that says what went wrong in a Ray task or actor: the user's exception (its type
+    and message), not Ray's header line (``ray::XRDWorker.run() (pid=..., ip=...)``)."""
+    import re
+
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        msg = str(cause).strip()
+        line = f"{type(cause).__name__}: {msg.splitlines()[0]}" if msg else type(cause).__name__
+    else:
+        lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() if ln.strip()]
+        line = f"{type(e).__name__}: {lines[-1]}" if lines else type(e).__name__
+    return line[:limit]

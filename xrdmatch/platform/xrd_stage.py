@@ -50,6 +50,9 @@ INFLIGHT_PER_ACTOR = 2
 MANIFEST_EVERY_S = 1.0
 #: Warn this often while no actor of the pool can be placed on the cluster.
 NO_ACTOR_WARN_S = 60.0
+#: Actor starts that may fail in a row, per worker, before the stage stops and says why (an
+#: actor that cannot be created, e.g. a node without the package, would otherwise be retried forever).
+MAX_FAILED_STARTS = 3
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +318,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
     instead of waiting for an actor that cannot be scheduled.
     """
     from xrdmatch.actors.xrd_actors import new_worker
-    from xrdmatch.platform.ray_utils import cluster_cpus, init_ray
+    from xrdmatch.platform.ray_utils import cluster_cpus, error_text, init_ray
 
     t_ray = time.perf_counter()
     ray = init_ray(ray_address, num_cpus)
@@ -372,6 +375,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
     def work_left() -> bool:
         return bool(queue) or not exhausted
 
+    failed_starts = 0
     try:
         while inflight or work_left():
             fill()
@@ -392,7 +396,12 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
                     try:
                         ray.get(ref)
                         alive[slot] = True
-                    except ray.exceptions.RayError:
+                        failed_starts = 0
+                    except ray.exceptions.RayError as e:
+                        failed_starts += 1
+                        if failed_starts >= MAX_FAILED_STARTS * n:  # broken nodes/image: say why, never spin
+                            raise StageError(f"no XRD actor could start ({failed_starts} tries in a row): "
+                                             f"{error_text(e)}") from None
                         replace(slot, pool[slot])
                     continue
                 k, slot, items, attempt, actor = inflight.pop(ref)
@@ -405,7 +414,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
                     if attempt < max_retries:
                         queue.append((k, items, attempt + 1))
                     else:
-                        failed[k] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                        failed[k] = error_text(e)
                     continue
                 if res.errors is not None:
                     atomic_write_bytes(errors_part_path(out, k), res.errors)
