@@ -384,7 +384,8 @@ def set_mlflow_run(url: str, job_id: int, run_id: str) -> None:
 
 
 def requeue(url: str, states: tuple[str, ...] = ("failed",), job_ids: list[int] | None = None) -> int:
-    """Put finished jobs back in the queue (e.g. after installing a missing calculator)."""
+    """Put finished jobs back in the queue (e.g. after installing a missing calculator), each with
+    a fresh ``max_attempts`` budget (its earlier claims said nothing about the fixed setup)."""
     bad = set(states) - set(FINISHED)
     if bad:
         raise QueueError(f"cannot requeue jobs in states {sorted(bad)}: only finished ones {FINISHED}")
@@ -392,7 +393,8 @@ def requeue(url: str, states: tuple[str, ...] = ("failed",), job_ids: list[int] 
         q = update(JobRow).where(JobRow.state.in_(list(states)))
         if job_ids is not None:
             q = q.where(JobRow.id.in_(list(job_ids)))
-        return conn.execute(q.values(state="queued", worker_id=None, lease_expires=None, error=None)).rowcount
+        return conn.execute(q.values(state="queued", worker_id=None, lease_expires=None, error=None,
+                                     attempts=0)).rowcount
 
 
 def get_job(url: str, job_id: int) -> Job | None:
