@@ -453,3 +453,20 @@ def test_a_failed_champion_lookup_promotes_nothing_and_a_retry_decides(tmp_path,
     assert str(client.get_model_version_by_alias(cfg.tracking.registry_name, "champion").version) == str(first.version)
     rv = settle_version(cfg, version, {"grouped_cv_macro_f1": 0.4}, lineage, run_id)
     assert not rv.promoted and rv.aliases == ["challenger"]
+
+
+def test_screening_pool_fits_the_cluster():
+    """One actor per CPU, never more than blocks; GPU actors only as many as GPUs fit, and none
+    on a cluster without GPUs is an error naming the setting (not a screen that waits forever)."""
+    import ray
+
+    from xrdmatch.actors.screening import pool_size
+    from xrdmatch.platform.ray_utils import init_ray
+
+    init_ray(None, 2)
+    cpus = int(ray.cluster_resources()["CPU"])
+    assert pool_size(21755, 1000, None, 0.0) == cpus
+    assert pool_size(500, 1000, None, 0.0) == 1 and pool_size(500, 1000, 7, 0.0) == 7
+    assert ray.cluster_resources().get("GPU", 0) == 0
+    with pytest.raises(RuntimeError, match="campaign.screen_gpus_per_actor = 0.5 but the Ray cluster has 0 GPUs"):
+        pool_size(21755, 1000, None, 0.5)

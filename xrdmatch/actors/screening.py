@@ -103,6 +103,25 @@ def screen(
     return ScreeningResult(p_mean, p_std, votes)
 
 
+def pool_size(n: int, batch_size: int, actors: int | None, gpus_per_actor: float) -> int:
+    """Screening actors the cluster can run at once: ``actors`` (config) or one per CPU, never
+    more than blocks, and on GPUs never more than fit (an actor that cannot be placed would hold
+    its blocks forever). No GPU with ``gpus_per_actor`` > 0 is an error naming the setting."""
+    import ray
+
+    from xrdmatch.platform.ray_utils import cluster_cpus
+
+    want = actors or max(1, min(cluster_cpus(), -(-n // batch_size)))
+    if gpus_per_actor <= 0:
+        return want
+    gpus = float(ray.cluster_resources().get("GPU", 0.0))
+    fit = int(gpus // gpus_per_actor + 1e-9)
+    if fit < 1:
+        raise RuntimeError(f"campaign.screen_gpus_per_actor = {gpus_per_actor:g} but the Ray cluster has "
+                           f"{gpus:g} GPUs: set it to 0 to screen on CPUs")
+    return max(1, min(want, fit))
+
+
 def blocks_of(X: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
     for start in range(0, len(X), batch_size):
         yield start, X[start:start + batch_size]

@@ -294,9 +294,8 @@ def _champion(cfg: Config) -> dict[str, Any] | None:
 
 def stage_screen(ctx: Context, rnd: int):
 
-    from xrdmatch.actors.screening import blocks_of, screen, write_scores
+    from xrdmatch.actors.screening import blocks_of, pool_size, screen, write_scores
     from xrdmatch.platform.progress import progress_bar
-    from xrdmatch.platform.ray_utils import cluster_cpus
     from xrdmatch.training.ensemble import Ensemble
     from xrdmatch.training.metrics import vote_threshold
 
@@ -315,7 +314,8 @@ def stage_screen(ctx: Context, rnd: int):
                 {"scores": {"path": str(path), "n": prev.n, "sha256": prev.sha256, "model_version": reg.get("version")}})
     ens = Ensemble.load(tr["model_dir"])
     n = len(pt.ids)
-    actors = cfg.campaign.screen_actors or max(1, min(cluster_cpus(), -(-n // cfg.campaign.screen_batch_size)))
+    actors = pool_size(n, cfg.campaign.screen_batch_size, cfg.campaign.screen_actors,
+                       cfg.campaign.screen_gpus_per_actor)
     with progress_bar(total=n, desc=f"round {rnd} screen", unit="pattern", disable=not ctx.progress) as bar:
         res = screen(ens, blocks_of(pt.X, cfg.campaign.screen_batch_size), n, actors=actors,
                      gpus_per_actor=cfg.campaign.screen_gpus_per_actor, progress=bar.update,

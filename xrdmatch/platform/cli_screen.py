@@ -55,12 +55,12 @@ def screen(
     import numpy as np
     from mlflow.tracking import MlflowClient
 
-    from xrdmatch.actors.screening import blocks_of, screen as run_screen, write_scores
+    from xrdmatch.actors.screening import blocks_of, pool_size, screen as run_screen, write_scores
     from xrdmatch.platform.cli_models import _quiet_mlflow
     from xrdmatch.platform.patterns import ensure_patterns
     from xrdmatch.platform.plots import score_histogram_png
     from xrdmatch.platform.progress import progress_bar
-    from xrdmatch.platform.ray_utils import cluster_cpus, init_ray
+    from xrdmatch.platform.ray_utils import init_ray
     from xrdmatch.platform.registry import default_model_uri
     from xrdmatch.platform.tracking import array_hash, configure, mlflow_run
     from xrdmatch.training.ensemble import Ensemble
@@ -87,7 +87,7 @@ def screen(
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     n = len(pt.ids)
     c = cfg.campaign
-    actors = c.screen_actors or max(1, min(cluster_cpus(), -(-n // c.screen_batch_size)))
+    actors = pool_size(n, c.screen_batch_size, c.screen_actors, c.screen_gpus_per_actor)
     with mlflow_run(cfg, f"screen-v{version}", tags={"xrdmatch.kind": "screen", "model.uri": uri,
                                                       "model.version": version}) as run:
         with progress_bar(total=n, desc="screen", unit="pattern", disable=not progress) as bar:
