@@ -98,3 +98,36 @@ def test_select_candidates_end_to_end_on_shipped_patterns(labelled):
     mask = eligibility_mask(presence, vocab, n_sites, labelled.groups, required=["Li"], forbidden={"U"},
                             max_sites=60, labelled_groups=already)
     assert sel.scores[0] == pytest.approx(ucb[mask].max())
+
+
+def test_greedy_diverse_top_equals_the_all_pairs_rule():
+    """The greedy walk picks exactly what the all-pairs definition picks (best first, no pick
+    more similar than the threshold to, or of the composition of, a better pick), including when
+    one composition crowds the top of the ranking and the picks need most of the list."""
+    rng = np.random.default_rng(3)
+    base = rng.random((40, 4501)).astype(np.float32) ** 8
+    rows, groups = [], []
+    for k in range(3000):  # 40 prototypes with noisy copies; group 0 has 2000 members at the top
+        j = 0 if k < 2000 else int(rng.integers(1, 40))
+        rows.append(base[j] + 0.05 * rng.random(4501).astype(np.float32))
+        groups.append(f"g{j}" if j else "crowd")
+    X = np.stack(rows)
+    score = np.concatenate([np.linspace(1.0, 0.9, 2000), rng.random(1000) * 0.8])
+    mask = rng.random(3000) > 0.1
+
+    def all_pairs(n, thr):
+        order = [i for i in np.argsort(-score, kind="stable") if mask[i]]
+        V = X[order] / np.linalg.norm(X[order], axis=1, keepdims=True)
+        S = V @ V.T
+        picks = []
+        for a in range(len(order)):
+            if all(S[a, b] <= thr and groups[order[a]] != groups[order[b]] for b in picks):
+                picks.append(a)
+                if len(picks) == n:
+                    break
+        return [order[a] for a in picks]
+
+    for n, thr in ((5, 0.95), (30, 0.99), (60, 0.999)):
+        want = all_pairs(n, thr)
+        assert diverse_top(score, mask, X, groups, n, thr).tolist() == want
+        assert diverse_top(score, mask, X, groups, n, thr, pool=7).tolist() == want

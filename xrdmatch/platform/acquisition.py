@@ -102,32 +102,38 @@ def diverse_top(
     pool: int = 512,
 ) -> np.ndarray:
     """Indices of up to ``n`` picks, best first, pairwise cosine similarity <= threshold and
-    pairwise different compositions. Only the best ``pool`` eligible structures are compared
-    (one matrix product); the pool grows if duplicates exhaust it."""
+    pairwise different compositions: greedy, best score first, each candidate compared only with
+    the picks so far (at most ``n`` patterns), ``pool`` candidates per matrix product. Cost grows
+    with the candidates walked, not their square (a composition with hundreds of polymorphs at
+    the top of the ranking no longer forces an all-pairs matrix of the whole database)."""
     if n <= 0:
         return np.zeros(0, dtype=np.int64)
     eligible = np.flatnonzero(mask & np.isfinite(score))
     order = eligible[np.argsort(-score[eligible], kind="stable")]
     g = np.asarray(groups, dtype=object)
-    size = max(pool, 4 * n)
-    while True:
-        cand = order[:size]
+    picks: list[int] = []
+    taken: set = set()
+    P = np.zeros((0, X.shape[1]), dtype=np.float32)  # unit vectors of the picks so far
+    for start in range(0, len(order), max(1, pool)):
+        cand = order[start:start + pool]
+        fresh = np.fromiter((grp not in taken for grp in g[cand]), dtype=bool, count=len(cand))
+        if not fresh.any():
+            continue
+        cand = cand[fresh]
         V = np.asarray(X[cand], dtype=np.float32)
         V = V / np.maximum(np.linalg.norm(V, axis=1, keepdims=True), 1e-12)
-        S = V @ V.T
-        same = g[cand][:, None] == g[cand][None, :]
-        blocked = np.zeros(len(cand), dtype=bool)
-        picks: list[int] = []
-        for i in range(len(cand)):
-            if blocked[i]:
+        blocked = (V @ P.T > similarity_threshold).any(axis=1) if len(P) else np.zeros(len(cand), dtype=bool)
+        new: list[int] = []
+        for i in np.flatnonzero(~blocked):
+            if g[cand[i]] in taken or (new and (V[new] @ V[i] > similarity_threshold).any()):
                 continue
-            picks.append(i)
+            new.append(int(i))
+            picks.append(int(cand[i]))
+            taken.add(g[cand[i]])
             if len(picks) == n:
-                break
-            blocked |= (S[i] > similarity_threshold) | same[i]
-        if len(picks) == n or size >= len(order):
-            return cand[np.asarray(picks, dtype=np.int64)]
-        size *= 4
+                return np.asarray(picks, dtype=np.int64)
+        P = np.vstack([P, V[new]])
+    return np.asarray(picks, dtype=np.int64)
 
 
 @dataclass(frozen=True)
