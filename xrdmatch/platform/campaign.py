@@ -58,6 +58,7 @@ class Context:
     progress: bool = True
     _patterns: Any = None
     _meta: Any = None
+    _md_atoms: Any = None  # (settings it was computed for, array)
     round_run_ids: dict[int, str] = field(default_factory=dict)
 
     # patterns of the whole database (the XRD stage's resumable cache)
@@ -80,6 +81,15 @@ class Context:
             self._meta = structure_meta(self.cfg, self.paths.root / "structures" / f"{self.db_key()}.parquet",
                                         list(self.patterns().ids))
         return self._meta
+
+    def md_atoms(self) -> np.ndarray:
+        """``md_cell_atoms`` of every structure, computed once per process (seconds on the whole
+        database; every round's patterns and select stages need it)."""
+        v = self.cfg.validation
+        key = (v.min_atoms, v.min_length, v.max_atoms, self.cfg.campaign.max_sites_md)
+        if self._md_atoms is None or self._md_atoms[0] != key:
+            self._md_atoms = (key, md_cell_atoms(self.cfg, self.meta()))
+        return self._md_atoms[1]
 
     def scores_path(self, rnd: int) -> Path:
         return self.paths.root / "scores" / f"round-{rnd:03d}.parquet"
@@ -183,9 +193,9 @@ def labelled_groups(cfg: Config, url: str) -> set[str]:
 # --------------------------------------------------------------------------------------
 def stage_patterns(ctx: Context, rnd: int):
     t = ctx.patterns()
-    meta = ctx.meta()
+    ctx.meta()  # builds the structure facts cache the select stage reads
     return {"n_patterns": int(len(t.ids)), "db_key": ctx.db_key(),
-            "n_md_sized": int((md_cell_atoms(ctx.cfg, meta) <= ctx.cfg.validation.max_atoms).sum())}, {}
+            "n_md_sized": int((ctx.md_atoms() <= ctx.cfg.validation.max_atoms).sum())}, {}
 
 
 def training_key(cfg: Config, lineage: dict[str, str]) -> str:
@@ -353,7 +363,7 @@ def stage_select(ctx: Context, rnd: int):
     exclude = np.isin(np.asarray(pt.ids, dtype=object), earlier) if earlier else None
     sel = select_candidates(
         scores["p_mean"].to_numpy(), scores["p_std"].to_numpy(), pt.X, presence, vocab,
-        md_cell_atoms(cfg, meta), groups, n, strategy=c.acquisition, k=c.ucb_k,
+        ctx.md_atoms(), groups, n, strategy=c.acquisition, k=c.ucb_k,
         similarity_threshold=c.similarity_threshold, required=c.required_elements, forbidden=forbidden,
         max_sites=cfg.validation.max_atoms, exclude=exclude, pool=c.candidate_pool,
         # a composition picked in an earlier round (even one MD left inconclusive) is not sent again as a polymorph
