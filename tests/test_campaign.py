@@ -713,3 +713,36 @@ def test_status_and_report_say_why_a_stage_failed(tmp_path):
     assert "  validate failed: CampaignError: calculator 'gpaw' unavailable on <every> worker" in status
     html_text = write_report(cfg).read_text()
     assert "calculator &#x27;gpaw&#x27; unavailable on &lt;every&gt; worker" in html_text and "Traceback" not in html_text
+
+
+def test_a_calculator_that_cannot_run_fails_the_stage_not_the_candidates(tmp_path, database_path):
+    """Every MD job of the round fails on the setup (a calculator that is not installed): the
+    validate stage fails saying so, and no candidate is recorded as failed (no verdict, no
+    composition excluded later); after the fix, requeue + rerun validate them."""
+    import json
+    from itertools import islice
+
+    import ray
+
+    from xrdmatch.platform import queue
+    from xrdmatch.platform.campaign import CampaignError, stage_validate
+    from xrdmatch.platform.data import iter_jsonl_lines
+    from xrdmatch.platform.ray_utils import init_ray
+
+    recs = [json.loads(line) for _, line in islice(iter_jsonl_lines(database_path), 1)]
+    db = tmp_path / "db.jsonl"
+    db.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    cfg, store, ctx = _round_one_store(
+        tmp_path, {"database": {"path": str(db)}, "campaign": {"poll_s": 0.2},
+                   "validation": {"calculator": "notapackage.Calc", "method": "mlip-md", "workers": 1,
+                                  "poll_s": 0.2, "min_atoms": 1, "min_length": 0.0}},
+        [{"structure_id": r["id"]} for r in recs])
+    init_ray(None, 2)
+    try:
+        with pytest.raises(CampaignError, match="every MD job failed because the calculator cannot be used: "
+                                                "CalculatorUnavailable: calculator 'notapackage.Calc'"):
+            stage_validate(ctx, 1)
+    finally:
+        ray.shutdown()
+    assert [j.state for j in queue.list_jobs(ctx.url)] == ["failed"]
+    assert [c.verdict for c in store.candidates(1)] == [None]

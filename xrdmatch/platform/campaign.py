@@ -460,6 +460,10 @@ def stage_validate(ctx: Context, rnd: int):
             time.sleep(cfg.campaign.poll_s)
     if worker is not None:
         worker.join(timeout=60)
+    setup = [j.error for j in jobs.values() if j.state == "failed" and (j.error or "").startswith("CalculatorUnavailable")]
+    if job_ids and len(setup) == len(job_ids):  # the setup, not the structures: no verdict, no budget spent
+        raise CampaignError(f"round {rnd}: every MD job failed because the calculator cannot be used: {setup[0]}; "
+                            "fix the setup, then `xrdmatch validate requeue --state failed` and run the campaign again")
     states: dict[str, str] = {sid: "refused" for sid in refused}
     for sid, jid in job_ids.items():
         j = jobs[jid]
