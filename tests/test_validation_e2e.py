@@ -221,3 +221,41 @@ def test_killed_worker_job_is_finished_by_another_after_the_lease(tmp_path, reco
     assert t_first > killed_t or (t_first == killed_t and step_first > cfg.validation.traj_interval), job.progress
     labels = list_labels(url)
     assert len(labels) == 1 and labels[0].structure_id == sid and labels[0].job_id == jid
+
+
+def test_workers_lost_for_good_is_an_error_not_a_finished_run(tmp_path, records, ray_local):
+    """With no replacement left (max_restarts 0), a worker killed mid-MD leaves nobody to do the
+    work: run_workers raises saying so (it returned as if finished, and a campaign restarted it
+    forever), and the job stays leased for a later worker."""
+    import threading
+
+    from xrdmatch.actors.validation_workers import WorkersLost, run_workers
+
+    cfg = _cfg(tmp_path, production_steps=400, max_restarts=0)
+    url = store_url(cfg)
+    sid = "mp-10182"
+    jid = queue.submit(url, sid, records[sid], cfg.validation)
+    raised: list[BaseException] = []
+
+    def work():
+        try:
+            run_workers(cfg, n=1)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            raised.append(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    deadline = time.time() + 180
+    job = None
+    while time.time() < deadline:
+        job = queue.get_job(url, jid)
+        if job.state == "running" and job.progress.get("step", 0) >= 2:
+            break
+        time.sleep(0.2)
+    assert job is not None and job.state == "running", job
+    os.kill(int(job.worker_id.split(":")[1]), signal.SIGKILL)  # the actor's process: a lost worker
+    t.join(120)
+    assert not t.is_alive()
+    assert len(raised) == 1 and isinstance(raised[0], WorkersLost), raised
+    assert "all 1 validation workers were lost" in str(raised[0])
+    assert queue.get_job(url, jid).state == "running"  # taken again once its lease expires

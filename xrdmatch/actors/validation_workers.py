@@ -61,6 +61,10 @@ class WorkSummary:
         return sum(o.state == state for o in self.outcomes)
 
 
+class WorkersLost(RuntimeError):
+    """Every worker slot lost its actor more than ``validation.max_restarts`` times."""
+
+
 def make_worker_id(tag: str | int = 0) -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{tag}"
 
@@ -373,6 +377,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
     working: dict[Any, tuple[int, Any]] = {}  # work_one() ref -> (slot, actor)
     actors: list[Any] = []
     replaced = [0] * n
+    gone: dict[int, str] = {}  # slot -> why its last actor was lost, once it is not replaced again
 
     def spawn(slot: int) -> None:
         a = cls.options(num_cpus=v.cpus_per_job, num_gpus=v.gpus_per_job, max_restarts=0,
@@ -389,8 +394,9 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
                         v.max_restarts)
             spawn(slot)
         else:
+            gone[slot] = error_text(err)
             log.warning("validation worker %d lost for good after %d replacements (%s)", slot, v.max_restarts,
-                        error_text(err))
+                        gone[slot])
 
     def more_work() -> bool:
         if max_jobs is not None and len(summary.outcomes) >= max_jobs:
@@ -452,4 +458,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+    if len(gone) == n and more_work():  # nobody left to do the work: say why, never return as if done
+        raise WorkersLost(f"all {n} validation workers were lost, each after {v.max_restarts} replacements; "
+                          f"last error: {next(reversed(gone.values()))}")
     return summary

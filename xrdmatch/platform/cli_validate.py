@@ -73,7 +73,7 @@ def work(
     run_dir: Path | None = DirOpt,
 ) -> None:
     """Run Ray validation workers that pull jobs from the queue."""
-    from xrdmatch.actors.validation_workers import run_workers
+    from xrdmatch.actors.validation_workers import WorkersLost, run_workers
 
     cfg = _config(config, run_dir)
 
@@ -81,7 +81,11 @@ def work(
         what = o.verdict if o.state in ("done", "inconclusive") else o.error
         typer.echo(f"job {o.job_id} {o.structure_id}: {o.state} ({what}) in {o.runtime_s:.1f} s", err=o.state == "failed")
 
-    summary = run_workers(cfg, n=workers, until_empty=until_empty, max_jobs=max_jobs, on_outcome=show)
+    try:
+        summary = run_workers(cfg, n=workers, until_empty=until_empty, max_jobs=max_jobs, on_outcome=show)
+    except WorkersLost as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1) from None
     states = ", ".join(f"{s} {summary.count(s)}" for s in ("done", "inconclusive", "failed") if summary.count(s))
     typer.echo(f"finished {len(summary.outcomes)} job(s){': ' + states if states else ''}")
 
