@@ -572,3 +572,23 @@ def test_unknown_method_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["evaluate", "--config", str(cfg), "--out", str(tmp_path / "x.json")])
     assert res.exit_code == 2
     assert "meanteacher" in res.output and not (tmp_path / "x.json").exists()
+
+
+def test_a_failing_member_keeps_the_others_work_and_names_itself(tmp_path, ray_local, labelled):
+    """One member training raises (here: a job whose training indices are out of range): the
+    others finish and are cached, and the error names the failed member and its exception."""
+    from xrdmatch.config import Config, TrainingConfig
+    from xrdmatch.training.evaluation import MemberJob, MemberTrainingError, run_jobs
+
+    X, y = np.asarray(labelled.X, np.float32), np.asarray(labelled.y, np.int64)
+    tcfg = TrainingConfig(network="fast", algorithm="supervised", iterations=2, batch_labelled=8, ensemble_size=1)
+    good = MemberJob("f0/m0", "supervised", 1, np.arange(0, 80), np.arange(80, 112), digest="good")
+    bad = MemberJob("f1/m0", "supervised", 2, np.arange(100, 130), np.arange(0, 10), digest="bad")
+    cache = tmp_path / "members"
+    logs: list[str] = []
+    with pytest.raises(MemberTrainingError, match=r"1 of 2 member trainings failed .*f1/m0: IndexError") as e:
+        run_jobs([good, bad], X, y, np.zeros((0, X.shape[1]), np.float32), tcfg, cache, Config(), logs.append)
+    assert not isinstance(e.value, ValueError)  # `evaluate` reads a ValueError as bad input (exit 2)
+    assert (cache / good.cache_name()).is_file() and not (cache / bad.cache_name()).exists()
+    out = run_jobs([good], X, y, np.zeros((0, X.shape[1]), np.float32), tcfg, cache, Config(), logs.append)
+    assert out["f0/m0"].shape == (32,) and "1 member trainings: 1 cached, 0 to run" in logs

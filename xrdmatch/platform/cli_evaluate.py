@@ -79,7 +79,7 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
     the JSON and its confusion-matrix / PR / calibration PNGs as artifacts."""
     from xrdmatch.config import ConfigError, load_config
     from xrdmatch.platform.tracking import log_evaluation, mlflow_run
-    from xrdmatch.training.evaluation import evaluate_grouped_cv, evaluate_paper, write_json
+    from xrdmatch.training.evaluation import MemberTrainingError, evaluate_grouped_cv, evaluate_paper, write_json
 
     try:
         cfg = load_config(config, overrides)
@@ -92,6 +92,9 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
                                                              "evaluation.protocol": protocol.value}) as run:
         try:
             result = fn(cfg, log_fn=lambda s: err.print(s, highlight=False))
+        except MemberTrainingError as e:  # the run failed, not its input (a RayTaskError can be a ValueError too)
+            err.print(f"[red]evaluate --protocol {protocol.value}: {e}", highlight=False)
+            raise typer.Exit(1) from None
         except ValueError as e:  # impossible split / unknown method: the message names the input
             err.print(f"[red]evaluate --protocol {protocol.value}: {e}")
             raise typer.Exit(2) from None

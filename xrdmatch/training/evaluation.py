@@ -154,7 +154,7 @@ def run_jobs(
     if not todo:
         return out
 
-    from xrdmatch.platform.ray_utils import init_ray
+    from xrdmatch.platform.ray_utils import error_text, init_ray
     from xrdmatch.training.ray_train import member_task_options
 
     ray = init_ray(cfg.ray.address, cfg.ray.num_cpus)
@@ -167,16 +167,30 @@ def run_jobs(
         for j in todo
     }
     t0, done = time.time(), 0
+    failed: dict[str, str] = {}
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         j = pending.pop(ready[0])
-        p, dt = ray.get(ready[0])
+        try:
+            p, dt = ray.get(ready[0])
+        except ray.exceptions.RayError as e:  # keep the others' work: they are cached as they finish
+            failed[j.key] = error_text(e)
+            log(f"  {j.key} failed: {failed[j.key]}")
+            continue
         save_member_prediction(cache_dir / j.cache_name(), p, j.predict, j.seed)
         out[j.key] = p
         done += 1
         eta = (time.time() - t0) / done * len(pending)
         log(f"  [{done}/{len(todo)}] {j.key} trained in {dt:.0f} s (eta {eta / 60:.1f} min)")
+    if failed:
+        first = next(iter(failed.items()))
+        raise MemberTrainingError(f"{len(failed)} of {len(todo)} member trainings failed (the {done} others are "
+                                  f"cached; rerun to retry only the failed): {first[0]}: {first[1]}")
     return out
+
+
+class MemberTrainingError(RuntimeError):
+    """Member trainings raised; the message names them. Not a ValueError: not the user's input."""
 
 
 # ------------------------------------------------------------------ data
