@@ -43,6 +43,35 @@ def test_lock_is_exclusive_names_the_holder_and_dies_with_it(tmp_path):
             os.killpg(holder.pid, signal.SIGKILL)
 
 
+def test_an_md_folder_has_one_writer_and_a_killed_one_frees_it(tmp_path):
+    """exclusive_dir (each MD job's folder): a second worker waits, renewing its lease, and gives
+    up after the timeout; once the holder dies (kill -9) the folder is taken at once."""
+    from xrdmatch.platform.lock import DirectoryBusy, exclusive_dir
+
+    md = tmp_path / "md" / "mp-1-abc"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time; from xrdmatch.platform.lock import exclusive_dir\n"
+         f"with exclusive_dir({str(md)!r}, 5):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        beats = []
+        with pytest.raises(DirectoryBusy, match="still in use by another process"):
+            with exclusive_dir(md, timeout_s=1.0, poll_s=0.1, while_waiting=lambda: beats.append(1)):
+                pass
+        assert len(beats) >= 5  # the waiting worker kept its lease alive
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        entered = []
+        with exclusive_dir(md, timeout_s=1.0):
+            entered.append(True)
+        assert entered == [True]
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+
+
 def test_store_records_stages_once_and_keeps_campaigns_apart(tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"  # one database, two campaigns (e.g. one PostgreSQL)
     a = CampaignStore(url, campaign_id_for(tmp_path / "a"))

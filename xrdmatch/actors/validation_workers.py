@@ -31,6 +31,7 @@ from xrdmatch.config import Config, ValidationConfig
 from xrdmatch.platform import queue
 from xrdmatch.platform.db import store_url
 from xrdmatch.platform.labels import label_from_result
+from xrdmatch.platform.lock import DirectoryBusy, exclusive_dir
 from xrdmatch.platform.paths import RunPaths
 
 log = logging.getLogger(__name__)
@@ -257,10 +258,12 @@ def process_job(cfg: Config, url: str, job: queue.Job, worker_id: str) -> JobOut
         except Exception as err:
             raise ValidationInputError(f"structure {job.structure_id!r}: unreadable record ({err})") from None
         workdir = job_workdir(cfg, job)
-        workdir.mkdir(parents=True, exist_ok=True)
-        result = run_validation(structure, proto, workdir, job.structure_id,
-                                progress=tracker.progress, heartbeat=tracker.heartbeat)
-    except LeaseLost as err:
+        # one writer per MD folder: a worker that lost this job's lease may still be running its
+        # MD there until its next heartbeat tells it so
+        with exclusive_dir(workdir, timeout_s=cfg.validation.lease_s, while_waiting=tracker.heartbeat):
+            result = run_validation(structure, proto, workdir, job.structure_id,
+                                    progress=tracker.progress, heartbeat=tracker.heartbeat)
+    except (LeaseLost, DirectoryBusy) as err:
         log.warning("%s", err)
         out.state, out.error = "lost", str(err)
         return out

@@ -12,6 +12,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -91,3 +93,34 @@ def lock_holder(path: str | os.PathLike[str]) -> dict | None:
         return None
     finally:
         os.close(fd)
+
+
+class DirectoryBusy(RuntimeError):
+    """Another process kept a working directory for longer than we could wait."""
+
+
+@contextmanager
+def exclusive_dir(path: str | os.PathLike[str], timeout_s: float, poll_s: float = 0.5,
+                  while_waiting=None) -> Iterator[None]:
+    """Hold an exclusive flock on ``path/.lock`` while the block runs (one MD job's folder, one
+    writer): wait up to ``timeout_s`` for another holder (a worker that lost its lease stops at
+    its next heartbeat), calling ``while_waiting()`` between tries; the kernel drops the lock
+    when its holder dies, so kill -9 leaves nothing to clean."""
+    d = Path(path)
+    d.mkdir(parents=True, exist_ok=True)
+    fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - t0 > timeout_s:
+                    raise DirectoryBusy(f"{d} is still in use by another process after {timeout_s:.0f} s") from None
+                if while_waiting is not None:
+                    while_waiting()
+                time.sleep(poll_s)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
