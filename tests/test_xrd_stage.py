@@ -332,3 +332,41 @@ def test_ray_errors_read_as_the_users_exception(ray_local):
         ray.get(Broken.remote().run.remote())
     assert error_text(e1.value) == "ValueError: entry 7: structure has no sites"
     assert error_text(e2.value) == "ActorDiedError: ImportError: No module named 'pymatgen'"
+
+
+def test_one_run_per_patterns_folder(ray_local, database_path, tmp_path, monkeypatch):
+    """Campaigns, `xrdmatch xrd`, train and screen share the patterns cache: while one run holds
+    the folder (a real process holding its lock), another waits and, out of patience, fails
+    without touching the folder; once the holder dies it runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import xrdmatch.platform.xrd_stage as stage
+    from xrdmatch.platform.lock import DirectoryBusy
+
+    out = tmp_path / "patterns"
+    first = run_xrd_stage(database_path, out, workers=1, batch_size=12, limit=24, progress=False)
+    assert first.done
+    before = {f: f.stat().st_mtime_ns for f in out.iterdir()}
+    lock = out.parent / f".{out.name}.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from xrdmatch.platform.lock import exclusive_file\n"
+                               f"with exclusive_file({str(lock)!r}, 5):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(stage, "LOCK_WAIT_S", 1.5)
+        with pytest.raises(DirectoryBusy, match="still in use by another process"):
+            run_xrd_stage(database_path, out, workers=1, batch_size=8, limit=24, progress=False,
+                          restart_incompatible=True)  # would clear the folder: other batch size
+        assert {f: f.stat().st_mtime_ns for f in out.iterdir()} == before
+        os.killpg(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        again = run_xrd_stage(database_path, out, workers=1, batch_size=8, limit=24, progress=False,
+                              restart_incompatible=True)
+        assert again.done and again.patterns == first.patterns
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)

@@ -100,15 +100,14 @@ class DirectoryBusy(RuntimeError):
 
 
 @contextmanager
-def exclusive_dir(path: str | os.PathLike[str], timeout_s: float, poll_s: float = 0.5,
-                  while_waiting=None) -> Iterator[None]:
-    """Hold an exclusive flock on ``path/.lock`` while the block runs (one MD job's folder, one
-    writer): wait up to ``timeout_s`` for another holder (a worker that lost its lease stops at
-    its next heartbeat), calling ``while_waiting()`` between tries; the kernel drops the lock
+def exclusive_file(lock_path: str | os.PathLike[str], timeout_s: float, poll_s: float = 0.5,
+                   while_waiting=None) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock_path`` while the block runs: wait up to ``timeout_s``
+    for another holder, calling ``while_waiting()`` between tries; the kernel drops the lock
     when its holder dies, so kill -9 leaves nothing to clean."""
-    d = Path(path)
-    d.mkdir(parents=True, exist_ok=True)
-    fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lp = Path(lock_path)
+    lp.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         t0 = time.monotonic()
         while True:
@@ -117,10 +116,17 @@ def exclusive_dir(path: str | os.PathLike[str], timeout_s: float, poll_s: float 
                 break
             except BlockingIOError:
                 if time.monotonic() - t0 > timeout_s:
-                    raise DirectoryBusy(f"{d} is still in use by another process after {timeout_s:.0f} s") from None
+                    raise DirectoryBusy(f"{lp.parent} is still in use by another process after {timeout_s:.0f} s "
+                                        f"({lp})") from None
                 if while_waiting is not None:
                     while_waiting()
                 time.sleep(poll_s)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def exclusive_dir(path: str | os.PathLike[str], timeout_s: float, poll_s: float = 0.5, while_waiting=None):
+    """``exclusive_file`` on ``path/.lock`` (one MD job's folder, one writer): a worker that lost
+    its lease stops at its next heartbeat, so the next one waits for it."""
+    return exclusive_file(Path(path) / ".lock", timeout_s, poll_s, while_waiting)

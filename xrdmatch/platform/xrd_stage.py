@@ -21,8 +21,9 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from xrdmatch.platform.patterns import (
     shard_meta,
     shard_path,
 )
+from xrdmatch.platform.lock import exclusive_file
 from xrdmatch.platform.paths import database_key
 
 #: Batches queued per actor: one running, one waiting, so an actor never idles on the driver.
@@ -53,6 +55,8 @@ NO_ACTOR_WARN_S = 60.0
 #: Actor starts that may fail in a row, per worker, before the stage stops and says why (an
 #: actor that cannot be created, e.g. a node without the package, would otherwise be retried forever).
 MAX_FAILED_STARTS = 3
+#: How long a run waits for another run writing the same patterns folder.
+LOCK_WAIT_S = 24 * 3600.0
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +238,21 @@ def _summary_from(out: Path, man: dict[str, Any], t0: float, computed: int, entr
 # ----------------------------------------------------------------------------- the run
 
 
+def _in_background(fn, *args) -> Future:
+    """``fn(*args)`` on a daemon thread (the progress bar's count of the database): unlike a
+    thread pool's, it never holds up the exit of an interrupted run."""
+    fut: Future = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever reads the result
+            fut.set_exception(e)
+
+    threading.Thread(target=run, name="count-entries", daemon=True).start()
+    return fut
+
+
 def run_xrd_stage(
     db_path: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -262,7 +281,22 @@ def run_xrd_stage(
     kind = database_kind(db)
     out = Path(out_dir).expanduser().resolve()
     ident = _identity(db, kind, limit, batch_size)
+    # one run per patterns folder (a campaign, `xrdmatch xrd`, train and screen share the cache):
+    # a second waits and then finds the folder finished, instead of clearing the first's files
+    waiting: list[bool] = []
 
+    def say_once() -> None:
+        if not waiting:
+            waiting.append(True)
+            log.warning("another XRD run is writing %s: waiting for it to finish", out)
+
+    with exclusive_file(out.parent / f".{out.name}.lock", timeout_s=LOCK_WAIT_S, poll_s=1.0, while_waiting=say_once):
+        return _run_locked(db, kind, out, ident, t0, workers, batch_size, limit, progress, max_retries,
+                           ray_address, num_cpus, restart_incompatible)
+
+
+def _run_locked(db, kind, out, ident, t0, workers, batch_size, limit, progress, max_retries, ray_address, num_cpus,
+                restart_incompatible) -> StageSummary:
     prev = read_manifest(out)
     if prev is not None and not _same_run(prev, ident):
         if not restart_incompatible:
@@ -282,8 +316,7 @@ def run_xrd_stage(
         return _summary_from(out, prev, t0, 0, 0)
 
     _write_manifest(out, _manifest(ident, done, False, {}))
-    counter = ThreadPoolExecutor(1) if progress else None
-    total_f = counter.submit(count_entries, db, limit) if counter else None
+    total_f = _in_background(count_entries, db, limit) if progress else None
     batches = iter_raw_batches(db, batch_size, limit, skip=set(done))
     first = next(batches, None)
     computed, entries_now, failed, ray_s = 0, 0, {}, 0.0
@@ -291,8 +324,6 @@ def run_xrd_stage(
         computed, entries_now, failed, ray_s = _run_pool(
             out, ident, done, first, batches, workers, max_retries, ray_address, num_cpus, total_f, t0
         )
-    if counter:
-        counter.shutdown(wait=False, cancel_futures=True)
 
     finished = not failed
     extra: dict[str, Any] = {"last_run_wall_s": round(time.perf_counter() - t0, 2), "last_run_ray_start_s": round(ray_s, 2)}
