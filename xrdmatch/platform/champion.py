@@ -57,5 +57,8 @@ def champion_metrics(cfg: Config, ls, weights: np.ndarray, X_unlab: np.ndarray,
     for k, (_, te) in enumerate(splits):
         p[te] = combine(np.stack([probs[f"champion/f{k}/m{m}"] for m in range(tcfg.ensemble_size)]), 0.5)["p_mean"]
     ok = np.isfinite(p)
-    m = binary_metrics(y[ok], calls(p[ok]), p[ok])
+    if not ok.all():  # a diverged member: never silently score a subset (promotion compares these)
+        raise ValueError(f"promotion metric: {int((~ok).sum())} of {len(p)} compounds got no finite probability "
+                         f"from their fold's members (a member diverged?); cached in {cache}")
+    m = binary_metrics(y, calls(p), p)
     return {f"grouped_cv_{k}": float(v) for k, v in m.items() if isinstance(v, (int, float))}

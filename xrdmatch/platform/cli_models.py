@@ -118,7 +118,7 @@ def predict(
     configure(cfg)
     uri = model or default_model_uri(cfg)
     try:
-        mdl = load_model(uri)
+        mdl = load_model(uri, cfg)
     except Exception as e:
         typer.echo(f"error: cannot load model {uri}: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2) from None

@@ -236,11 +236,18 @@ def collect_items(inputs: list[str | os.PathLike[str]], wavelength: str | float 
     return items
 
 
-def load_model(model_uri: str):
-    """The registered pyfunc (``models:/name@alias``, ``runs:/...``, a local path)."""
-    import mlflow
+def load_model(model_uri: str, cfg=None):
+    """The registered model (``models:/name@alias``, ``runs:/...``, a local path) as the pyfunc
+    serves it, built from its weights (safetensors) and the decision rule in its MLmodel: no
+    code or pickle shipped inside a model folder is run (whoever can move an alias could
+    otherwise run code on the machine that predicts)."""
+    from xrdmatch.config import Config
+    from xrdmatch.platform.cli_screen import decision_rule, ensemble_dir_of
+    from xrdmatch.platform.pyfunc_model import XRDMatchPyfunc
 
-    return mlflow.pyfunc.load_model(model_uri)
+    ens_dir = ensemble_dir_of(model_uri)
+    threshold, vote_fraction, _ = decision_rule(ens_dir, cfg or Config())
+    return XRDMatchPyfunc.from_ensemble(ens_dir, threshold, vote_fraction)
 
 
 def predict_items(model, items: list[Item], batch_size: int = 1024) -> pd.DataFrame:

@@ -83,6 +83,17 @@ def decide(proba: dict[str, np.ndarray], threshold: float, vote_fraction: float)
 class XRDMatchPyfunc(mlflow.pyfunc.PythonModel):
     """Loads the ensemble from the ``ensemble`` artifact; predicts in batches."""
 
+    @classmethod
+    def from_ensemble(cls, ensemble_dir, threshold: float, vote_fraction: float, batch_size: int = 512):
+        """The same model from an ensemble folder and its decision rule, without MLflow's loader
+        (which runs the code shipped in the model folder): what ``xrdmatch predict`` uses."""
+        from xrdmatch.training.ensemble import Ensemble
+
+        self = cls()
+        self.threshold, self.vote_fraction, self.batch_size = float(threshold), float(vote_fraction), int(batch_size)
+        self.ensemble = Ensemble.load(ensemble_dir)
+        return self
+
     def load_context(self, context) -> None:
         from xrdmatch.training.ensemble import Ensemble
 
@@ -92,7 +103,9 @@ class XRDMatchPyfunc(mlflow.pyfunc.PythonModel):
         self.batch_size = int(cfg.get("batch_size", 512))
         self.ensemble = Ensemble.load(context.artifacts["ensemble"])
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame | None = None, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        if model_input is None:  # called as model.predict(frame), like a loaded pyfunc
+            context, model_input = None, context
         X = frame_patterns(model_input)
         errors = row_errors(X)
         n = len(X)
