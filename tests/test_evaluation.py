@@ -520,7 +520,7 @@ def test_train_cli_resumes_after_kill_9_and_registers_once(tmp_path, ray_local, 
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"
-    cfg = _tiny_config(tmp_path, {"training": {"iterations": 150, "checkpoint_every": 50, "ensemble_size": 1},
+    cfg = _tiny_config(tmp_path, {"training": {"iterations": 200, "checkpoint_every": 50, "ensemble_size": 1},
                                   "campaign": {"eval_folds": 0}}, run_dir=run_dir)
     args = ["train", "--config", str(cfg)]
     proc = subprocess.Popen([sys.executable, "-m", "xrdmatch.cli", *args], start_new_session=True,
@@ -528,7 +528,9 @@ def test_train_cli_resumes_after_kill_9_and_registers_once(tmp_path, ray_local, 
     t0 = time.time()
     try:
         while time.time() - t0 < 240 and proc.poll() is None:
-            if any((run_dir / "train").glob("train-*/ray_results/*/checkpoint_*")):
+            # two checkpoints on disk: the first is committed (a checkpoint folder appears before
+            # Ray Train records it, so a kill at the first one can leave nothing to resume from)
+            if len(list((run_dir / "train").glob("train-*/ray_results/*/checkpoint_*"))) >= 2:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.05)
@@ -549,10 +551,10 @@ def test_train_cli_resumes_after_kill_9_and_registers_once(tmp_path, ray_local, 
     runs = client.search_runs([exp.experiment_id], "tags.`xrdmatch.kind` = 'train'")
     assert [r.info.run_id for r in runs] == [killed[0].info.run_id] and runs[0].info.status == "FINISHED"
     hist = Ensemble.load(runs[0].data.tags["xrdmatch.model_dir"]).members[0].history
-    assert [h["step"] for h in hist] == list(range(1, 151))
+    assert [h["step"] for h in hist] == list(range(1, 201))
     assert hist[-1]["attempt_start"] >= 50  # continued from a checkpoint, not from step 0
     # the loss curve was logged once, not once per attempt
-    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "member0.loss")] == list(range(1, 151))
+    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "member0.loss")] == list(range(1, 201))
     versions = client.search_model_versions("name='xrdmatch-superionic'")
     assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == runs[0].info.run_id
 

@@ -247,7 +247,17 @@ def load_model(model_uri: str, cfg=None):
 
     ens_dir = ensemble_dir_of(model_uri)
     threshold, vote_fraction, _ = decision_rule(ens_dir, cfg or Config())
-    return XRDMatchPyfunc.from_ensemble(ens_dir, threshold, vote_fraction)
+    return _Served(XRDMatchPyfunc.from_ensemble(ens_dir, threshold, vote_fraction))
+
+
+class _Served:
+    """``.predict(frame)`` like a loaded pyfunc, on the model object itself."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return self.model.predict(None, frame)
 
 
 def predict_items(model, items: list[Item], batch_size: int = 1024) -> pd.DataFrame:

@@ -103,9 +103,7 @@ class XRDMatchPyfunc(mlflow.pyfunc.PythonModel):
         self.batch_size = int(cfg.get("batch_size", 512))
         self.ensemble = Ensemble.load(context.artifacts["ensemble"])
 
-    def predict(self, context, model_input: pd.DataFrame | None = None, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        if model_input is None:  # called as model.predict(frame), like a loaded pyfunc
-            context, model_input = None, context
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         X = frame_patterns(model_input)
         errors = row_errors(X)
         n = len(X)
