@@ -21,15 +21,18 @@ from xrdmatch.platform.lock import RunDirLock, RunDirLocked, lock_holder
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _holding(code: str) -> subprocess.Popen:
+    """A process that runs ``code`` (which takes a lock, then prints 'held' and sleeps), once it holds it."""
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def test_lock_is_exclusive_names_the_holder_and_dies_with_it(tmp_path):
     lock = tmp_path / "campaign.lock"
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys,time; from xrdmatch.platform.lock import RunDirLock; "
-         f"l = RunDirLock({str(lock)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    holder = _holding("import sys,time; from xrdmatch.platform.lock import RunDirLock; "
+                      f"l = RunDirLock({str(lock)!r}).acquire(); print('held', flush=True); time.sleep(60)")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirLocked, match=rf"in use by pid {holder.pid} on "):
             RunDirLock(lock).acquire()
         assert lock_holder(lock)["pid"] == holder.pid  # what `campaign status` shows
@@ -49,13 +52,9 @@ def test_an_md_folder_has_one_writer_and_a_killed_one_frees_it(tmp_path):
     from xrdmatch.platform.lock import DirectoryBusy, exclusive_dir
 
     md = tmp_path / "md" / "mp-1-abc"
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import time; from xrdmatch.platform.lock import exclusive_dir\n"
-         f"with exclusive_dir({str(md)!r}, 5):\n    print('held', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    holder = _holding("import time; from xrdmatch.platform.lock import exclusive_dir\n"
+                      f"with exclusive_dir({str(md)!r}, 5):\n    print('held', flush=True); time.sleep(60)")
     try:
-        assert holder.stdout.readline().strip() == "held"
         beats = []
         with pytest.raises(DirectoryBusy, match="still in use by another process"):
             with exclusive_dir(md, timeout_s=1.0, poll_s=0.1, while_waiting=lambda: beats.append(1)):

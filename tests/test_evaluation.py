@@ -254,8 +254,8 @@ def ray_local():
     ray.shutdown()
 
 
-def _kill_after_first_member(args, cache_dir, timeout=240):
-    """Run the CLI in its own session; SIGKILL the whole group once one member is cached."""
+def _kill_cli_when(args, ready, timeout=240):
+    """Run the CLI in its own session; SIGKILL the whole group once ``ready()`` is true."""
     import os
     import signal
     import subprocess
@@ -267,8 +267,7 @@ def _kill_after_first_member(args, cache_dir, timeout=240):
     t0 = time.time()
     try:
         while time.time() - t0 < timeout and proc.poll() is None:
-            # a finished member, not the .tmp.npz it is written to before its atomic rename
-            if cache_dir.is_dir() and any(not f.name.endswith(".tmp.npz") for f in cache_dir.glob("*.npz")):
+            if ready():
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.05)
@@ -277,6 +276,11 @@ def _kill_after_first_member(args, cache_dir, timeout=240):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     return proc.returncode
+
+
+def _a_member_cached(cache_dir):
+    # a finished member, not the .tmp.npz it is written to before its atomic rename
+    return lambda: cache_dir.is_dir() and any(not f.name.endswith(".tmp.npz") for f in cache_dir.glob("*.npz"))
 
 
 def test_cli_grouped_cv_resumes_after_kill_9_and_writes_the_json_shape(tmp_path, ray_local, shared_run, labelled):
@@ -288,7 +292,7 @@ def test_cli_grouped_cv_resumes_after_kill_9_and_writes_the_json_shape(tmp_path,
     out, md = tmp_path / "cv.json", tmp_path / "cv.md"
     args = ["evaluate", "--protocol", "grouped-cv", "--config", str(cfg), "--out", str(out), "--markdown", str(md)]
     cache = shared_run / "evaluation" / "grouped-cv" / "members"
-    rc = _kill_after_first_member(args, cache)
+    rc = _kill_cli_when(args, _a_member_cached(cache))
     assert rc == -9 and not out.exists(), "the first run should have been killed mid-way"
     cached = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in cache.glob("*.npz") if not f.name.endswith(".tmp.npz")}
     n_cached = len(cached)
@@ -507,12 +511,6 @@ def test_train_cli_resumes_after_kill_9_and_registers_once(tmp_path, ray_local, 
     """`xrdmatch train` killed mid-training: the rerun reopens the same MLflow run, resumes the
     member from its Ray Train checkpoint and registers one version; a third call trains nothing
     and registers nothing."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from typer.testing import CliRunner
 
     from xrdmatch.cli import app
@@ -523,22 +521,10 @@ def test_train_cli_resumes_after_kill_9_and_registers_once(tmp_path, ray_local, 
     cfg = _tiny_config(tmp_path, {"training": {"iterations": 200, "checkpoint_every": 50, "ensemble_size": 1},
                                   "campaign": {"eval_folds": 0}}, run_dir=run_dir)
     args = ["train", "--config", str(cfg)]
-    proc = subprocess.Popen([sys.executable, "-m", "xrdmatch.cli", *args], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
-    try:
-        while time.time() - t0 < 240 and proc.poll() is None:
-            # two checkpoints on disk: the first is committed (a checkpoint folder appears before
-            # Ray Train records it, so a kill at the first one can leave nothing to resume from)
-            if len(list((run_dir / "train").glob("train-*/ray_results/*/checkpoint_*"))) >= 2:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -9, "the first run should have been killed mid-training"
+    # two checkpoints on disk: the first is committed (a checkpoint folder appears before Ray
+    # Train records it, so a kill at the first one can leave nothing to resume from)
+    rc = _kill_cli_when(args, lambda: len(list((run_dir / "train").glob("train-*/ray_results/*/checkpoint_*"))) >= 2)
+    assert rc == -9, "the first run should have been killed mid-training"
     assert not list((run_dir / "models").glob("train-*/ensemble.json"))
     client = _client(cfg)
     exp = client.get_experiment_by_name("xrdmatch")
