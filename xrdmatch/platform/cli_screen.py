@@ -15,31 +15,6 @@ import typer
 from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, load_cfg
 
 
-def ensemble_dir_of(model_uri: str) -> Path:
-    """Local folder of the ensemble inside a logged pyfunc model (downloaded if remote)."""
-    import mlflow
-
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
-    found = sorted(p.parent for p in local.rglob("ensemble.json"))
-    if not found:
-        raise FileNotFoundError(f"{model_uri}: no xrdmatch ensemble inside the model (no ensemble.json)")
-    return found[0]
-
-
-def decision_rule(ensemble_dir: Path, cfg) -> tuple[float, float, str]:
-    """(threshold, vote_fraction, where from) of the served model: its MLmodel's model config
-    (what ``pyfunc_model.decide`` applies), else the config's (a bare ensemble folder)."""
-    from mlflow.models import Model
-
-    for d in (ensemble_dir.parent, ensemble_dir.parent.parent):  # a pyfunc keeps it in artifacts/<name>
-        if (d / "MLmodel").is_file():
-            conf = Model.load(d / "MLmodel").flavors.get("python_function", {}).get("config") or {}
-            if "threshold" in conf and "vote_fraction" in conf:
-                return float(conf["threshold"]), float(conf["vote_fraction"]), "model"
-            break
-    return cfg.tracking.decision_threshold, cfg.evaluation.vote_fraction, "config"
-
-
 def screen(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="model URI [models:/<registry_name>@champion]"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="scores Parquet [RUN_DIR/scores/screen-<version>.parquet]"),
@@ -61,7 +36,7 @@ def screen(
     from xrdmatch.platform.plots import score_histogram_png
     from xrdmatch.platform.progress import progress_bar
     from xrdmatch.platform.ray_utils import init_ray
-    from xrdmatch.platform.registry import default_model_uri
+    from xrdmatch.platform.registry import decision_rule, default_model_uri, ensemble_dir_of
     from xrdmatch.platform.tracking import array_hash, configure, mlflow_run
     from xrdmatch.training.ensemble import Ensemble
     from xrdmatch.training.metrics import vote_threshold

@@ -242,7 +242,7 @@ def load_model(model_uri: str, cfg=None):
     code or pickle shipped inside a model folder is run (whoever can move an alias could
     otherwise run code on the machine that predicts)."""
     from xrdmatch.config import Config
-    from xrdmatch.platform.cli_screen import decision_rule, ensemble_dir_of
+    from xrdmatch.platform.registry import decision_rule, ensemble_dir_of
     from xrdmatch.platform.pyfunc_model import XRDMatchPyfunc
 
     ens_dir = ensemble_dir_of(model_uri)

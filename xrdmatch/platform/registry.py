@@ -295,5 +295,31 @@ def list_versions(cfg: Config, filter_tags: dict[str, str] | None = None) -> lis
     return out
 
 
+def ensemble_dir_of(model_uri: str) -> Path:
+    """Local folder of the ensemble inside a logged pyfunc model (downloaded if remote): its
+    weights, read without running anything the model folder ships (``screen``, ``predict``)."""
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    found = sorted(p.parent for p in local.rglob("ensemble.json"))
+    if not found:
+        raise FileNotFoundError(f"{model_uri}: no xrdmatch ensemble inside the model (no ensemble.json)")
+    return found[0]
+
+
+def decision_rule(ensemble_dir: Path, cfg) -> tuple[float, float, str]:
+    """(threshold, vote_fraction, where from) of the served model: its MLmodel's model config
+    (what ``pyfunc_model.decide`` applies), else the config's (a bare ensemble folder)."""
+    from mlflow.models import Model
+
+    for d in (ensemble_dir.parent, ensemble_dir.parent.parent):  # a pyfunc keeps it in artifacts/<name>
+        if (d / "MLmodel").is_file():
+            conf = Model.load(d / "MLmodel").flavors.get("python_function", {}).get("config") or {}
+            if "threshold" in conf and "vote_fraction" in conf:
+                return float(conf["threshold"]), float(conf["vote_fraction"]), "model"
+            break
+    return cfg.tracking.decision_threshold, cfg.evaluation.vote_fraction, "config"
+
+
 def default_model_uri(cfg: Config) -> str:
     return f"models:/{cfg.tracking.registry_name}@{CHAMPION}"
