@@ -263,7 +263,7 @@ def stage_train(ctx: Context, rnd: int):
 
 
 def stage_register(ctx: Context, rnd: int):
-    from xrdmatch.platform.registry import register_ensemble, settle_version, version_of_run
+    from xrdmatch.platform.registry import register_ensemble
 
     cfg = ctx.cfg
     tr = ctx.result(rnd, "train")
@@ -273,15 +273,11 @@ def stage_register(ctx: Context, rnd: int):
         reg = ctx.result(tr["reused_from"], "register")
         mlflow.set_tag("xrdmatch.model_version", str(reg.get("version")))
         return {**reg, "promoted": False, "resumed": False, "reused_from": tr["reused_from"]}, {}
-    run_id = ctx.round_run_ids.get(rnd)
-    prev = version_of_run(cfg, run_id) if run_id else None
-    if prev is not None:  # registered before a crash: never register twice, but finish tagging it
-        rv = settle_version(cfg, str(prev.version), tr.get("metrics", {}), tr.get("lineage", {}), run_id)
-        return {"name": rv.name, "version": rv.version, "aliases": rv.aliases, "promoted": rv.promoted,
-                "metrics": tr.get("metrics", {}), "resumed": True}, {}
-    rv = register_ensemble(cfg, tr["model_dir"], tr.get("metrics", {}), tr.get("lineage", {}), run_id=run_id)
+    # registered before a crash (same round run): that version is settled, never a second one
+    rv = register_ensemble(cfg, tr["model_dir"], tr.get("metrics", {}), tr.get("lineage", {}),
+                           run_id=ctx.round_run_ids.get(rnd))
     return {"name": rv.name, "version": str(rv.version), "aliases": list(rv.aliases), "promoted": bool(rv.promoted),
-            "metrics": tr.get("metrics", {})}, {}
+            "metrics": tr.get("metrics", {}), **({"resumed": True} if rv.resumed else {})}, {}
 
 
 def _champion(cfg: Config) -> dict[str, Any] | None:

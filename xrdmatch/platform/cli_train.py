@@ -123,9 +123,7 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
         mlflow.log_dict(ens.info, "ensemble_info.json")
         result = {"model_dir": str(out), "run_id": run.info.run_id, "metrics": metrics}
         if register:
-            mv = version_of_run(cfg, run.info.run_id)
-            rv = (settle_version(cfg, str(mv.version), metrics, lineage, run.info.run_id) if mv is not None
-                  else register_ensemble(cfg, out, metrics, lineage, run_id=run.info.run_id))
+            rv = register_ensemble(cfg, out, metrics, lineage, run_id=run.info.run_id)  # once per run
             result |= {"version": rv.version, "aliases": rv.aliases, "promoted": rv.promoted, "name": rv.name}
     return result
 

@@ -11,6 +11,7 @@ decision are written as tags on the version and on the run. Version tags carry t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -42,6 +43,7 @@ class RegisteredVersion:
     promoted: bool
     run_id: str | None = None
     model_uri: str | None = None
+    resumed: bool = False  # the run had registered it already (a crash came before its tags)
 
 
 @dataclass
@@ -156,7 +158,12 @@ def register_ensemble(cfg: Config, ensemble_dir: str | os.PathLike[str], metrics
 
     ``run_id``: log into that run (e.g. the training run); None: the active run, else a new
     ``register`` run. Returns the new version with its aliases and whether it became champion.
+    Once per run: a run that registered a version already (a resumed stage) gets that version
+    settled, never a second one.
     """
+    prev = version_of_run(cfg, run_id) if run_id else None
+    if prev is not None:
+        return dataclasses.replace(settle_version(cfg, str(prev.version), metrics, lineage, run_id), resumed=True)
     version, this_run = log_version(cfg, ensemble_dir, lineage, run_id, input_example)
     return settle_version(cfg, version, metrics, lineage, this_run)
 
