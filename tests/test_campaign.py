@@ -232,9 +232,11 @@ def _stage_running(run_dir: Path, rnd: int, stage: str):
 
 
 @pytest.mark.slow
-def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
-    """Killed while training and while validating, resumed each time; round 2, without a new
-    label, reuses round 1's model instead of training it again."""
+def test_campaign_resumes_after_kill9_exactly_once_and_learns_from_its_verdict(tmp_path):
+    """Killed while training and while validating, resumed each time, every finished stage kept;
+    the loop closes: round 1's MD verdict (acceptance criteria opened so 20 MD steps decide) is a
+    label in the store, round 2 trains a new ensemble on 113 labels, registers it as version 2
+    and screens with it. (A round without a new label: test_a_round_without_a_new_label_...)"""
     import hashlib
 
     import mlflow
@@ -244,23 +246,28 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
     from xrdmatch.platform.labels import list_labels
 
     # enough steps after the first checkpoint that the kill lands mid-training
-    cfg = tiny_config(tmp_path, rounds=2, training={"iterations": 60, "checkpoint_every": 10})
+    cfg = tiny_config(tmp_path, rounds=2, training={"iterations": 30, "checkpoint_every": 5},
+                      # criteria opened and temperatures far apart, so that 20 MD steps decide
+                      # (over 40 fs the MSD grows with T: Ea > 0, not 'non-Arrhenius')
+                      validation={"min_li_msd": 0.0, "min_r2": 0.0, "max_framework_msd": 1000.0,
+                                  "temperatures": [600.0, 2000.0]})
     run_dir = tmp_path / "run"
     log = tmp_path / "campaign.log"
 
-    # 1) kill -9 while round 1 trains, after its first checkpoint; meanwhile a second campaign
-    # on the dir is refused
+    # 1) a second campaign on the dir is refused while the first runs; kill -9 the first while
+    # round 1 trains, after its first checkpoint
     proc = _start(cfg, run_dir, log)
+    _wait_for(lambda: _store(run_dir), proc, log, "the campaign started")  # it holds the run-dir lock
+    second = subprocess.run([sys.executable, "-m", "xrdmatch.cli", "campaign", "run", "--config", str(cfg),
+                             "--dir", str(run_dir)], capture_output=True, text=True, env=_env(), timeout=120)
+    assert second.returncode == 3, second.stderr
+    assert f"in use by pid {proc.pid}" in second.stderr
 
     def checkpointed():  # two on disk: the first is committed (its folder appears before Ray Train records it)
         st = _stage_running(run_dir, 1, "train")
         return st if st and len(list((run_dir / "train" / "round-001").glob("ray_results/*/checkpoint_*"))) >= 2 else None
 
     store = _wait_for(checkpointed, proc, log, "round 1 train checkpointed")
-    second = subprocess.run([sys.executable, "-m", "xrdmatch.cli", "campaign", "run", "--config", str(cfg),
-                             "--dir", str(run_dir)], capture_output=True, text=True, env=_env(), timeout=120)
-    assert second.returncode == 3, second.stderr
-    assert f"in use by pid {proc.pid}" in second.stderr
     before_a = _snapshot(store)
     assert (1, "patterns") in before_a
     _kill(proc)
@@ -281,7 +288,7 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
         assert before_b[key] == rec, f"finished stage {key} was redone"
     assert {(1, s) for s in ("patterns", "train", "register", "screen", "select")} <= set(before_b)
 
-    # 3) resume to the end: round 1 finishes, round 2 (no new label) reuses round 1's model
+    # 3) resume to the end: round 1 finishes with a label, round 2 trains on it
     proc = _start(cfg, run_dir, log)
     rc = proc.wait(300)
     out = log.read_text()
@@ -308,29 +315,37 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
         assert c.verdict is not None
     assert sum(store.stage(r, "label").result["new_labels"] for r in (1, 2)) == len(labels)
 
-    # round 1 brought no label (20 MD steps: no Li hop), so round 2 has its model, version and scores
-    assert store.stage(1, "label").result["new_labels"] == 0
+    # the verdict is a label, and round 2 trained, registered and screened with it
+    labels_by_id = {lab.structure_id: lab for lab in labels}
+    c1 = cands[0]
+    assert c1.verdict in ("superionic", "not_superionic"), c1.verdict
+    assert labels_by_id[c1.structure_id].method == "mlip-md"
+    assert labels_by_id[c1.structure_id].label == int(c1.verdict == "superionic")
+    assert store.stage(1, "label").result["new_labels"] == 1
     tr = {r: store.stage(r, "train").result for r in (1, 2)}
-    assert "reused_from" not in tr[1] and tr[2]["reused_from"] == 1
-    assert tr[2]["train_key"] == tr[1]["train_key"] and tr[2]["model_dir"] == tr[1]["model_dir"]
-    assert {r: store.stage(r, "register").result["version"] for r in (1, 2)} == {1: "1", 2: "1"}
+    assert "reused_from" not in tr[2] and tr[2]["train_key"] != tr[1]["train_key"]
+    assert tr[1]["n_labelled"] == 112 and tr[2]["n_labelled"] == 113
+    assert tr[2]["by_source"] == {"paper": 112, "mlip-md": 1}
+    assert tr[2]["labelled_hash"] != tr[1]["labelled_hash"] and tr[2]["model_dir"] != tr[1]["model_dir"]
+    assert {r: store.stage(r, "register").result["version"] for r in (1, 2)} == {1: "1", 2: "2"}
     scores = {s.round: s for s in store.all_scores()}
-    assert scores[2].sha256 == scores[1].sha256 and scores[2].path != scores[1].path
+    assert scores[2].model_version == "2" and scores[2].sha256 != scores[1].sha256
     for s in scores.values():  # scores pointer + Parquet per round
         assert hashlib.sha256(Path(s.path).read_bytes()).hexdigest() == s.sha256 and s.n == 240
+    # round 2 does not pick round 1's composition again
+    assert cands[1].structure_id != c1.structure_id and cands[1].formula != c1.formula
 
-    # MLflow: the same parent run, one child per round, one registered version per trained round
+    # MLflow: the same parent run, one child per round, one registered version per round
     mlflow.set_tracking_uri(f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
     assert store.campaign().mlflow_run_id == parent_run
     client = MlflowClient()
     exp = client.get_experiment_by_name("xrdmatch")
     children = {r.data.tags["xrdmatch.round"]: r for r in
                 client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run}'")}
-    assert sorted(children) == ["1", "2"]
-    assert children["2"].data.tags["xrdmatch.model_from_round"] == "1"
-    versions = client.search_model_versions("name='xrdmatch-superionic'")
-    assert [str(v.version) for v in versions] == ["1"]  # register was not redone, nor repeated
-    assert versions[0].run_id == children["1"].info.run_id
+    assert sorted(children) == ["1", "2"] and "xrdmatch.model_from_round" not in children["2"].data.tags
+    versions = {str(v.version): v for v in client.search_model_versions("name='xrdmatch-superionic'")}
+    assert sorted(versions) == ["1", "2"]  # register was not redone, nor repeated
+    assert versions["1"].run_id == children["1"].info.run_id and versions["2"].run_id == children["2"].info.run_id
     # the screen's count is the registered model's calls over the same patterns
     import numpy as np
     import pandas as pd
@@ -354,7 +369,7 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
     np.testing.assert_allclose(got["p_mean"], ens.predict_proba(pt.X)["p_mean"], rtol=1e-5, atol=1e-6)
     # the killed training was resumed from its checkpoint, not restarted
     hist = ens.members[0].history
-    assert [h["step"] for h in hist] == list(range(1, 61)) and hist[-1]["attempt_start"] >= 10
+    assert [h["step"] for h in hist] == list(range(1, 31)) and hist[-1]["attempt_start"] >= 5
 
     # status and report read it all back
     from xrdmatch.platform.report import campaign_status, write_report
@@ -374,48 +389,52 @@ def test_campaign_resumes_after_kill9_exactly_once(tmp_path):
     assert queue.counts_by_state(f"sqlite:///{other / 'store.db'}")["done"] == 0
     assert list_labels(f"sqlite:///{other / 'store.db'}") == []
 
-
-@pytest.mark.slow
-def test_a_verdict_becomes_a_label_and_the_next_round_trains_on_it(tmp_path):
-    """The loop closed: round 1's MD verdict (acceptance criteria opened so 20 MD steps decide)
-    is a label in the store, round 2 trains a new ensemble on 113 labels, registers it as
-    version 2 and screens with it."""
+def test_a_round_without_a_new_label_reuses_the_last_model_and_its_version(tmp_path):
+    """Round 2's labels, data, settings and code are round 1's (its MD gave no label): its train
+    stage reuses round 1's ensemble instead of training it again, its register stage that
+    ensemble's version instead of registering a copy, and its screen gives the same scores."""
+    import mlflow
+    import ray
     from mlflow import MlflowClient
 
-    from xrdmatch.platform.labels import list_labels
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.campaign import Context, stage_register, stage_screen, stage_train
+    from xrdmatch.platform.paths import RunPaths
+    from xrdmatch.platform.ray_utils import init_ray
+    from xrdmatch.platform.tracking import configure
 
-    cfg = tiny_config(tmp_path, rounds=2,
-                      validation={"min_li_msd": 0.0, "min_r2": 0.0, "max_framework_msd": 1000.0})
-    run_dir = tmp_path / "run"
-    log = tmp_path / "campaign.log"
-    proc = _start(cfg, run_dir, log)
+    cfg = load_config(tiny_config(tmp_path, training={"iterations": 2}),
+                      {"run_dir": str(tmp_path / "run"), "database": {"limit": 24}, "xrd": {"batch_size": 12}})
+    paths = RunPaths.of(cfg.run_dir)
+    cfg.tracking.tracking_uri = paths.mlflow_tracking_uri
+    store = CampaignStore(paths.store_url, "c1")
+    store.ensure_campaign(str(paths.root), {})
+    ctx = Context(cfg, paths, store, paths.store_url, echo=lambda s: None, progress=False)
+    configure(cfg)
+    init_ray(None, 2)
+    res = {}
     try:
-        rc = proc.wait(400)
+        for rnd in (1, 2):  # the campaign's loop, for these three stages
+            store.ensure_round(rnd)
+            with mlflow.start_run(run_name=f"round-{rnd}") as run:
+                ctx.round_run_ids[rnd] = run.info.run_id
+                for name, stage in (("train", stage_train), ("register", stage_register), ("screen", stage_screen)):
+                    store.start_stage(rnd, name)
+                    res[rnd, name], extra = stage(ctx, rnd)
+                    store.finish_stage(rnd, name, res[rnd, name], 0.0, **extra)
     finally:
-        _kill(proc)
-    assert rc == 0, log.read_text()[-4000:]
-    store = _store(run_dir)
-    cands = store.candidates()
-    assert [c.round for c in cands] == [1, 2]
-    labels = {lab.structure_id: lab for lab in list_labels(store.url)}
-    c1 = cands[0]
-    assert c1.verdict in ("superionic", "not_superionic"), c1.verdict
-    assert set(labels) >= {c1.structure_id} and labels[c1.structure_id].method == "mlip-md"
-    assert labels[c1.structure_id].label == int(c1.verdict == "superionic")
-    assert store.stage(1, "label").result["new_labels"] == 1
-
-    tr1, tr2 = (store.stage(r, "train").result for r in (1, 2))
-    assert "reused_from" not in tr2 and tr2["train_key"] != tr1["train_key"]
-    assert tr1["n_labelled"] == 112 and tr2["n_labelled"] == 113
-    assert tr2["by_source"] == {"paper": 112, "mlip-md": 1}
-    assert tr2["labelled_hash"] != tr1["labelled_hash"] and tr2["model_dir"] != tr1["model_dir"]
-    assert {r: store.stage(r, "register").result["version"] for r in (1, 2)} == {1: "1", 2: "2"}
+        ray.shutdown()
+    tr1, tr2 = res[1, "train"], res[2, "train"]
+    assert "reused_from" not in tr1 and tr2["reused_from"] == 1
+    assert tr2["train_key"] == tr1["train_key"] and tr2["model_dir"] == tr1["model_dir"]
+    assert [p.name for p in (paths.root / "train").iterdir()] == ["round-001"]  # nothing trained for round 2
+    assert res[1, "register"]["version"] == res[2, "register"]["version"] == "1"
+    assert res[2, "register"]["reused_from"] == 1 and res[2, "register"]["promoted"] is False
+    client = MlflowClient()
+    assert [str(v.version) for v in client.search_model_versions(f"name='{cfg.tracking.registry_name}'")] == ["1"]
+    assert client.get_run(ctx.round_run_ids[2]).data.tags["xrdmatch.model_from_round"] == "1"
     scores = {s.round: s for s in store.all_scores()}
-    assert scores[2].model_version == "2" and scores[2].sha256 != scores[1].sha256
-    # round 2 does not pick round 1's composition again
-    assert cands[1].structure_id != c1.structure_id and cands[1].formula != c1.formula
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow' / 'mlflow.db'}")
-    assert sorted(str(v.version) for v in client.search_model_versions("name='xrdmatch-superionic'")) == ["1", "2"]
+    assert scores[2].sha256 == scores[1].sha256 and scores[2].path != scores[1].path and scores[2].n == 24
 
 
 # ------------------------------------------------------------------------------ status of broken inputs

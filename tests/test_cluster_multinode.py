@@ -64,33 +64,40 @@ def _raylet_pids(marker: str) -> list[int]:
     return pids
 
 
-@pytest.fixture
-def cluster(tmp_path):
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    """The head node, started once for the module (each test kills and restarts the second node)."""
     # Ray >= 2.5x authenticates nodes and drivers with a token; one for this test cluster.
-    token = tmp_path / "ray_auth_token"
+    token = tmp_path_factory.mktemp("ray_auth") / "ray_auth_token"
     token.write_text(os.urandom(16).hex())
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
     port = _free_port()
     temp = Path(f"/tmp/xrdm-ray-{port}")  # short: unix socket paths are limited to 107 bytes
-    head = subprocess.run(
-        ["bash", str(ENTRY), "head", f"--temp-dir={temp}", "--num-cpus=1", '--resources={"xrdm_head": 1}'],
-        env=_env(RAY_NODE_IP="127.0.0.1", RAY_PORT=str(port), RAY_CLIENT_PORT=str(_free_port())),
-        capture_output=True, text=True, timeout=180,
-    )
-    assert head.returncode == 0, head.stdout + head.stderr
-    address = f"127.0.0.1:{port}"
-    worker = subprocess.run(
-        ["bash", str(ENTRY), "worker", "--num-cpus=1", '--resources={"xrdm_node2": 1}'],
-        env=_env(RAY_NODE_IP="127.0.0.1", RAY_HEAD_ADDRESS=address),
-        capture_output=True, text=True, timeout=180,
-    )
     try:
-        assert worker.returncode == 0, worker.stdout + worker.stderr
-        _wait_nodes(address, 2)
-        yield address
+        head = subprocess.run(
+            ["bash", str(ENTRY), "head", f"--temp-dir={temp}", "--num-cpus=1", '--resources={"xrdm_head": 1}'],
+            env=_env(RAY_NODE_IP="127.0.0.1", RAY_PORT=str(port), RAY_CLIENT_PORT=str(_free_port())),
+            capture_output=True, text=True, timeout=180,
+        )
+        assert head.returncode == 0, head.stdout + head.stderr
+        yield f"127.0.0.1:{port}"
     finally:
         subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
         os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+
+
+@pytest.fixture
+def cluster(head):
+    """Head + a live second node (started through the entry point; a test kills its own)."""
+    if not _raylet_pids("xrdm_node2"):  # still up if the last test failed before killing it
+        worker = subprocess.run(
+            ["bash", str(ENTRY), "worker", "--num-cpus=1", '--resources={"xrdm_node2": 1}'],
+            env=_env(RAY_NODE_IP="127.0.0.1", RAY_HEAD_ADDRESS=head),
+            capture_output=True, text=True, timeout=180,
+        )
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+    _wait_nodes(head, 2)
+    yield head
 
 
 def _wait_nodes(address: str, n: int, timeout: float = 60) -> None:

@@ -460,57 +460,11 @@ def _artifacts(cfg_path, run, path=None) -> set[str]:
     return {a.path for a in _client(cfg_path).list_artifacts(run.info.run_id, path)}
 
 
-def test_train_cli_logs_the_run_and_registers_the_ensemble(tmp_path, ray_local, shared_run, monkeypatch):
-    """`xrdmatch train`: Ray Train members, an MLflow run with curves and lineage, a registered
-    pyfunc version that becomes champion (the first one) and shows in `xrdmatch models`."""
-    from typer.testing import CliRunner
-
-    from xrdmatch.cli import app
-
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = _tiny_config(tmp_path, {"training": {"iterations": 4}, "campaign": {"eval_folds": 2, "eval_iterations": 2}},
-                       run_dir=shared_run)
-    res = CliRunner().invoke(app, ["train", "--config", str(cfg)])
-    assert res.exit_code == 0, res.output
-    assert "registered xrdmatch-superionic v" in res.output and "champion" in res.output
-    run = next(r for r in _client(cfg).search_runs([_client(cfg).get_experiment_by_name("xrdmatch").experiment_id])
-               if r.info.run_name.startswith("train-"))
-    assert run.info.status == "FINISHED" and run.data.tags["xrdmatch.kind"] == "train"
-    assert run.data.params["training.iterations"] == "4"
-    assert run.data.tags["lineage.labelled_count"] == "112" and run.data.tags["lineage.unlabelled_count"] == "24"
-    assert 0.0 <= run.data.metrics["grouped_cv_macro_f1"] <= 1.0 and run.data.metrics["n_labelled"] == 112
-    # the promotion metric is the pooled out-of-fold calls of the cached fold members
-    from xrdmatch.config import load_config
-    from xrdmatch.platform.patterns import ensure_patterns
-    from xrdmatch.training.dataset import build_training_set
-    from xrdmatch.training.metrics import binary_metrics, calls
-
-    c = load_config(cfg)
-    ls, _ = build_training_set(c, ensure_patterns(c, progress=False))
-    files = sorted((shared_run / "champion" / "members").glob("*.npz"))
-    assert len(files) == 2 * c.campaign.eval_ensemble_size
-    total, count = np.zeros(len(ls.y)), np.zeros(len(ls.y))
-    for f in files:
-        with np.load(f) as z:
-            total[z["predict"]] += z["p"]
-            count[z["predict"]] += 1
-    assert (count == c.campaign.eval_ensemble_size).all()  # every compound tested in exactly one fold
-    p = total / count
-    want = binary_metrics(np.asarray(ls.y), calls(p), p)
-    assert run.data.metrics["grouped_cv_macro_f1"] == pytest.approx(want["macro_f1"], abs=1e-9)
-    assert run.data.metrics["grouped_cv_pr_auc"] == pytest.approx(want["pr_auc"], abs=1e-9)
-    hist = _client(cfg).get_metric_history(run.info.run_id, "member1.loss")
-    assert [h.step for h in hist] == [1, 2, 3, 4]
-    assert "plots/learning_curves.png" in _artifacts(cfg, run, "plots")
-    assert run.data.tags["registry.version"] and run.data.tags["registry.promoted"] == "true"
-    res = CliRunner().invoke(app, ["models", "--config", str(cfg)])
-    assert res.exit_code == 0 and "champion" in res.output and "112" in res.output, res.output
-
-
-def test_train_cli_resumes_after_kill_9_and_registers_once(tmp_path, ray_local, monkeypatch):
+def test_train_cli_resumes_after_kill_9_logs_the_run_and_registers_once(tmp_path, ray_local, monkeypatch):
     """`xrdmatch train` killed mid-training: the rerun reopens the same MLflow run, resumes the
-    member from its Ray Train checkpoint and registers one version; a third call trains nothing
-    and registers nothing."""
+    member from its Ray Train checkpoint, logs curves and lineage once, scores the promotion
+    metric and registers one pyfunc version that becomes champion (the first one) and shows in
+    `xrdmatch models`; a third call trains nothing and registers nothing."""
     from typer.testing import CliRunner
 
     from xrdmatch.cli import app
@@ -518,9 +472,10 @@ def test_train_cli_resumes_after_kill_9_and_registers_once(tmp_path, ray_local, 
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"
-    cfg = _tiny_config(tmp_path, {"training": {"iterations": 200, "checkpoint_every": 50, "ensemble_size": 1},
-                                  "campaign": {"eval_folds": 0}}, run_dir=run_dir)
+    cfg = _tiny_config(tmp_path, {"training": {"iterations": 30, "checkpoint_every": 5, "ensemble_size": 1},
+                                  "campaign": {"eval_folds": 2, "eval_iterations": 2}}, run_dir=run_dir)
     args = ["train", "--config", str(cfg)]
+
     # two checkpoints on disk: the first is committed (a checkpoint folder appears before Ray
     # Train records it, so a kill at the first one can leave nothing to resume from)
     rc = _kill_cli_when(args, lambda: len(list((run_dir / "train").glob("train-*/ray_results/*/checkpoint_*"))) >= 2)
@@ -534,15 +489,45 @@ def test_train_cli_resumes_after_kill_9_and_registers_once(tmp_path, ray_local, 
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert f"resuming MLflow run {killed[0].info.run_id}" in res.output
+    assert "registered xrdmatch-superionic v1" in res.output and "champion" in res.output
     runs = client.search_runs([exp.experiment_id], "tags.`xrdmatch.kind` = 'train'")
-    assert [r.info.run_id for r in runs] == [killed[0].info.run_id] and runs[0].info.status == "FINISHED"
-    hist = Ensemble.load(runs[0].data.tags["xrdmatch.model_dir"]).members[0].history
-    assert [h["step"] for h in hist] == list(range(1, 201))
-    assert hist[-1]["attempt_start"] >= 50  # continued from a checkpoint, not from step 0
+    assert [r.info.run_id for r in runs] == [killed[0].info.run_id]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("train-")
+    hist = Ensemble.load(run.data.tags["xrdmatch.model_dir"]).members[0].history
+    assert [h["step"] for h in hist] == list(range(1, 31))
+    assert hist[-1]["attempt_start"] >= 5  # continued from a checkpoint, not from step 0
     # the loss curve was logged once, not once per attempt
-    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "member0.loss")] == list(range(1, 201))
+    assert [h.step for h in client.get_metric_history(run.info.run_id, "member0.loss")] == list(range(1, 31))
+    assert "plots/learning_curves.png" in _artifacts(cfg, run, "plots")
+    assert run.data.params["training.iterations"] == "30"
+    assert run.data.tags["lineage.labelled_count"] == "112" and run.data.tags["lineage.unlabelled_count"] == "24"
+    assert 0.0 <= run.data.metrics["grouped_cv_macro_f1"] <= 1.0 and run.data.metrics["n_labelled"] == 112
+    # the promotion metric is the pooled out-of-fold calls of the cached fold members
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.patterns import ensure_patterns
+    from xrdmatch.training.dataset import build_training_set
+    from xrdmatch.training.metrics import binary_metrics, calls
+
+    c = load_config(cfg)
+    ls, _ = build_training_set(c, ensure_patterns(c, progress=False))
+    files = sorted((run_dir / "champion" / "members").glob("*.npz"))
+    assert len(files) == 2 * c.campaign.eval_ensemble_size
+    total, count = np.zeros(len(ls.y)), np.zeros(len(ls.y))
+    for f in files:
+        with np.load(f) as z:
+            total[z["predict"]] += z["p"]
+            count[z["predict"]] += 1
+    assert (count == c.campaign.eval_ensemble_size).all()  # every compound tested in exactly one fold
+    p = total / count
+    want = binary_metrics(np.asarray(ls.y), calls(p), p)
+    assert run.data.metrics["grouped_cv_macro_f1"] == pytest.approx(want["macro_f1"], abs=1e-9)
+    assert run.data.metrics["grouped_cv_pr_auc"] == pytest.approx(want["pr_auc"], abs=1e-9)
     versions = client.search_model_versions("name='xrdmatch-superionic'")
-    assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == runs[0].info.run_id
+    assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == run.info.run_id
+    assert run.data.tags["registry.version"] == "1" and run.data.tags["registry.promoted"] == "true"
+    res = CliRunner().invoke(app, ["models", "--config", str(cfg)])
+    assert res.exit_code == 0 and "champion" in res.output and "112" in res.output, res.output
 
     res = CliRunner().invoke(app, args)  # finished: nothing is trained or registered again
     assert res.exit_code == 0, res.output

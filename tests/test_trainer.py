@@ -296,9 +296,21 @@ def test_ray_rerun_resumes_only_the_same_member(ray_local, tmp_path):
     X, y = synthetic(24)
     a_cfg = tiny(algorithm="supervised", iterations=4, lr=3e-4)
     A = train_ensemble(X, y, None, a_cfg, run_dir=tmp_path, run_name="r").members[0]
+    (run_folder,) = (tmp_path / "ray_results").glob("r-member0-*")
+    files = {p: p.stat().st_mtime_ns for p in run_folder.rglob("*")}
     again = train_ensemble(X, y, None, a_cfg, run_dir=tmp_path, run_name="r").members[0]
     assert all(torch.equal(A.state_dict[k], again.state_dict[k]) for k in A.state_dict)
     assert again.history == A.history  # restored from the checkpoint, not retrained
+    # read from the final checkpoint its finished run names, without a Ray Train run
+    assert {p: p.stat().st_mtime_ns for p in run_folder.rglob("*")} == files
+    from xrdmatch.training.ray_train import FINISHED_FILE, finished_state
+
+    assert finished_state(run_folder, 4)["step"] == 4
+    assert finished_state(run_folder, 5) is None  # not the end of a 5-step member
+    record = (run_folder / FINISHED_FILE).read_text()
+    (run_folder / FINISHED_FILE).write_text(record[:-3])  # a torn record is not trusted
+    assert finished_state(run_folder, 4) is None
+    (run_folder / FINISHED_FILE).write_text(record)
     B = train_ensemble(X, y, None, a_cfg.model_copy(update={"lr": 3e-2, "seed": 7}),
                        run_dir=tmp_path, run_name="r").members[0]
     assert B.seed == 7000 and B.history[0]["attempt_start"] == 0

@@ -9,7 +9,9 @@ the group (``FailureConfig(max_failures=2)``) and the loop resumes from
 ``ray.train.get_checkpoint()``. Re-running the same member (same settings, seed and data) with
 the same run dir and run name also resumes (Ray Train restores a run from its storage folder); a
 member that differs in any of them gets another name, so it starts fresh instead of restoring
-another member's checkpoint. Members run concurrently, as many at once
+another member's checkpoint. A finished member is read from its final checkpoint (named in
+``finished.json`` beside its checkpoints) without starting Ray Train again: a resumed campaign
+round or ``xrdmatch train`` pays no controller and worker group (~10 s) per member done before. Members run concurrently, as many at once
 as the cluster has CPUs (or GPUs, ``gpus_per_worker`` of one each) for their workers.
 """
 
@@ -30,6 +32,7 @@ from xrdmatch.config import TrainingConfig
 from xrdmatch.training.trainer import Member
 
 STATE_FILE = "state.safetensors"
+FINISHED_FILE = "finished.json"  # in a member's Ray Train folder: its final checkpoint's folder name
 
 
 def resolve_use_gpu(cfg: TrainingConfig, resources: dict | None = None) -> bool:
@@ -152,6 +155,10 @@ def fit_member(data_ref, cfg: TrainingConfig, seed: int, storage: Path, name: st
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    total = cfg.iterations * cfg.pseudo_label_rounds
+    done = finished_state(storage / name, total)
+    if done is not None:
+        return Member(network=cfg.network, state_dict=done["ema"], history=done["history"], seed=seed)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "seed": seed, "data": data_ref,
@@ -173,10 +180,29 @@ def fit_member(data_ref, cfg: TrainingConfig, seed: int, storage: Path, name: st
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
         state = load_state(d)
-    total = cfg.iterations * cfg.pseudo_label_rounds
     if state["step"] != total:
         raise RuntimeError(f"Ray Train run {name}: last checkpoint at step {state['step']}, expected {total}")
+    final = Path(result.checkpoint.path)
+    if final.parent == storage / name:  # local storage (the run dir): remember which one is final
+        tmp = final.parent / f".{FINISHED_FILE}.tmp"
+        tmp.write_text(json.dumps({"checkpoint": final.name, "step": total}))
+        os.replace(tmp, final.parent / FINISHED_FILE)
     return Member(network=cfg.network, state_dict=state["ema"], history=state["history"], seed=seed)
+
+
+def finished_state(run_folder: Path, total: int) -> dict | None:
+    """The final state of a member whose Ray Train run finished (None: not finished, or its
+    record is unreadable, and Ray Train restores the run instead)."""
+    marker = run_folder / FINISHED_FILE
+    if not marker.is_file():
+        return None
+    try:
+        state = load_state(str(run_folder / json.loads(marker.read_text())["checkpoint"]))
+    except Exception as e:  # noqa: BLE001 - any unreadable record: fall back to Ray Train's restore
+        logging.getLogger(__name__).warning("ignoring %s (%s: %s): Ray Train restores the run", marker,
+                                            type(e).__name__, e)
+        return None
+    return state if state["step"] == total else None
 
 
 def concurrent_members(resources: dict, cfg: TrainingConfig, use_gpu: bool, n_members: int) -> int:
