@@ -187,6 +187,27 @@ def test_fail_and_requeue(store_url):
     assert job.id == jid and job.attempts == 1 and job.error is None  # a fresh crash budget
 
 
+
+def test_release_hands_back_only_the_stopped_workers_running_jobs(store_url):
+    """A stopped worker's job (Ctrl-C, SIGTERM) is queued again at once and its interrupted claim
+    is not counted; other workers' jobs and finished jobs are left as they are."""
+    a, b, c = (queue.submit(store_url, sid, LI3N, _proto()) for sid in ("a", "b", "c"))
+    queue.claim(store_url, "w1", lease_s=600)
+    time.sleep(0.01)
+    assert queue.claim(store_url, "w1", lease_s=0.01).id == b  # lease runs out: w2 takes b over
+    time.sleep(0.05)
+    assert queue.claim(store_url, "w2", lease_s=600).id == b
+    assert queue.heartbeat(store_url, b, "w2", lease_s=600, progress={"fraction": 0.4})
+    assert queue.claim(store_url, "w3", lease_s=600).id == c
+    assert queue.fail(store_url, c, "w3", "MD exploded")
+    assert queue.release(store_url, ["w2", "w3", "nobody"]) == 1  # b only: c is finished
+    got = {j.structure_id: (j.state, j.attempts, j.worker_id) for j in queue.list_jobs(store_url)}
+    assert got == {"a": ("running", 1, "w1"), "b": ("queued", 1, None), "c": ("failed", 1, "w3")}
+    assert queue.get_job(store_url, b).progress["fraction"] == 0.4  # kept for the resume
+    assert queue.release(store_url, []) == 0
+    job = queue.claim(store_url, "w4", lease_s=600)
+    assert job.id == b and job.attempts == 2  # w1's lost claim counts, w2's stopped one does not
+
 def test_label_import_is_validated_and_idempotent(store_url, tmp_path):
     good = tmp_path / "exp.csv"
     good.write_text("structure_id,formula,sigma_300,label\nicsd-1,Li10GeP2S12,1.2e-2,\nicsd-2,Li3N,,0\n")

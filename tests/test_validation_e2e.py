@@ -223,6 +223,49 @@ def test_killed_worker_job_is_finished_by_another_after_the_lease(tmp_path, reco
     assert len(labels) == 1 and labels[0].structure_id == sid and labels[0].job_id == jid
 
 
+def test_a_stopped_worker_hands_its_job_back_at_once(tmp_path, records, ray_local):
+    """SIGTERM to `validate work` mid-MD (docker stop, kubectl delete, a scheduler's time limit):
+    the job it held is queued again at once, its interrupted claim not counted, instead of staying
+    leased for lease_s (here 10 minutes); the next worker takes it at once and resumes the MD."""
+    from xrdmatch.actors.validation_workers import run_workers
+
+    cfg = _cfg(tmp_path, lease_s=600.0)
+    url = store_url(cfg)
+    sid = "mp-10182"
+    jid = queue.submit(url, sid, records[sid], cfg.validation)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    log = tmp_path / "worker.log"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("xrdmatch")), "validate", "work", "--workers", "1",
+                                 "--config", str(cfg_file)], stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    try:
+        def mid_md():
+            job = queue.get_job(url, jid)
+            return job if job.state == "running" and job.progress.get("step", 0) >= 4 else None
+
+        _wait_for(mid_md, 180, proc, log)
+        proc.send_signal(signal.SIGTERM)  # to the CLI alone, as a container runtime sends it
+        rc = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = log.read_text()
+    assert rc != 0 and "handed 1 running job(s) back to the queue" in out, out[-3000:]
+    job = queue.get_job(url, jid)
+    assert (job.state, job.attempts, job.worker_id) == ("queued", 0, None)
+    stopped_at = job.progress["fraction"]
+    assert 0 < stopped_at < 1
+
+    summary = run_workers(cfg, n=1)  # at once: with a 10-minute lease only a handed-back job can be taken now
+    assert [(o.job_id, o.state) for o in summary.outcomes] == [(jid, "done")]
+    job = queue.get_job(url, jid)
+    assert job.attempts == 1 and job.progress["fraction_at_claim"] == stopped_at  # resumed, not restarted
+    assert [lab.structure_id for lab in list_labels(url)] == [sid]
+
 def test_workers_lost_for_good_is_an_error_not_a_finished_run(tmp_path, records, ray_local):
     """With no replacement left (max_restarts 0), a worker killed mid-MD leaves nobody to do the
     work: run_workers raises saying so (it returned as if finished, and a campaign restarted it

@@ -358,7 +358,9 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
     A lost actor (its process crashed, or its node died) is replaced by a new one, up to
     ``validation.max_restarts`` times per slot; the replacement gets work once Ray has placed
     it, so a cluster that lost a node goes on with the nodes it has. The job the lost actor
-    held is taken again when its lease expires (and resumes from its MD checkpoint).
+    held is taken again when its lease expires (and resumes from its MD checkpoint). Stopped
+    (Ctrl-C, or SIGTERM: Ray's driver turns it into SystemExit), it kills its actors and hands
+    their jobs back at once.
     """
     import ray
     from ray.exceptions import RayActorError, RayError
@@ -379,6 +381,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
     starting: dict[Any, tuple[int, Any]] = {}  # ready() ref -> (slot, actor): not placed yet
     working: dict[Any, tuple[int, Any]] = {}  # work_one() ref -> (slot, actor)
     actors: list[Any] = []
+    worker_id: dict[int, str] = {}  # slot -> id of its live actor: its job is handed back on the way out
     replaced = [0] * n
     gone: dict[int, str] = {}  # slot -> why its last actor was lost, once it is not replaced again
 
@@ -390,6 +393,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
 
     def lost(slot: int, err: BaseException) -> None:
         summary.actor_crashes += 1
+        worker_id.pop(slot, None)  # its job is taken again when its lease expires, as one more attempt
         if replaced[slot] < v.max_restarts:
             replaced[slot] += 1
             log.warning("validation worker %d lost (%s); starting a replacement (%d/%d); its job is "
@@ -429,7 +433,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
                 if ref in starting:
                     slot, actor = starting.pop(ref)
                     try:
-                        ray.get(ref)
+                        worker_id[slot] = ray.get(ref)
                     except RayError as err:
                         lost(slot, err)
                         continue
@@ -461,6 +465,14 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+        # stopped (Ctrl-C, SIGTERM, an error here): the jobs our live actors held go back to the
+        # queue now, not when their leases run out, and without using up an attempt
+        try:
+            if n_back := queue.release(url, worker_id.values()):
+                log.warning("handed %d running job(s) back to the queue; they resume from their checkpoints", n_back)
+        except SQLAlchemyError as err:
+            log.warning("could not hand the running jobs back (%s): they are taken again when their leases "
+                        "expire", str(err).splitlines()[0])
     if len(gone) == n and more_work():  # nobody left to do the work: say why, never return as if done
         raise WorkersLost(f"all {n} validation workers were lost, each after {v.max_restarts} replacements; "
                           f"last error: {next(reversed(gone.values()))}")

@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, and_, or_, select, update
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, and_, case, or_, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from xrdmatch.platform.db import Base, connect, engine_for
@@ -395,6 +395,21 @@ def requeue(url: str, states: tuple[str, ...] = ("failed",), job_ids: list[int] 
             q = q.where(JobRow.id.in_(list(job_ids)))
         return conn.execute(q.values(state="queued", worker_id=None, lease_expires=None, error=None,
                                      attempts=0)).rowcount
+
+
+def release(url: str, worker_ids) -> int:
+    """Hand back the running jobs of these workers, which were stopped (Ctrl-C, SIGTERM), not
+    lost: queued again at once instead of leased until ``lease_s`` runs out, and the interrupted
+    claim does not count against ``max_attempts``. The MD resumes from its checkpoint."""
+    ids = [w for w in worker_ids if w]
+    if not ids:
+        return 0
+    with _engine(url).begin() as conn:
+        return conn.execute(
+            update(JobRow).where(JobRow.state == "running", JobRow.worker_id.in_(ids))
+            .values(state="queued", worker_id=None, lease_expires=None,
+                    attempts=case((JobRow.attempts > 0, JobRow.attempts - 1), else_=0))
+        ).rowcount
 
 
 def get_job(url: str, job_id: int) -> Job | None:
