@@ -4,17 +4,22 @@ The ensemble goes into the object store once (``ray.put``) and every actor resol
 reference at start-up; each task then scores a block of hundreds/thousands of patterns, so
 per-task overhead is negligible next to the forward passes. Results come back as small
 arrays (mean probability, spread, votes) and are written to one Parquet file per round.
+An actor that dies (OOM kill, lost node) is replaced and its blocks are scored again, so one
+lost process does not cost the round's whole screen.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class _Scorer:
@@ -55,49 +60,84 @@ def screen(
     max_in_flight: int | None = None,
     progress: Callable[[int], None] | None = None,
     threshold: float = 0.5,
+    max_replacements: int | None = None,
 ) -> ScreeningResult:
     """Score every (start, X) block on a pool of actors; results land at ``start`` offsets.
 
     ``votes``: members with p > ``threshold`` (the registered model's decision threshold).
 
     ``blocks`` is consumed lazily, so at most ``max_in_flight`` blocks are in memory/flight.
+    A dead actor is replaced (at most ``max_replacements``, default 2 per actor) and its blocks
+    go to the new one; a block that loses its actor 3 times is an error naming it.
     """
     import ray
+    from ray.exceptions import RayActorError
+
+    from xrdmatch.platform.ray_utils import error_text
 
     Scorer = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)(_Scorer)
     model_ref = ray.put(ensemble)  # once; actors share it
     device = "cuda" if gpus_per_actor > 0 else "cpu"
-    pool = [Scorer.remote(model_ref, max(1, int(cpus_per_actor)), device, threshold) for _ in range(max(1, actors))]
+
+    def new_actor():
+        return Scorer.remote(model_ref, max(1, int(cpus_per_actor)), device, threshold)
+
+    pool = [new_actor() for _ in range(max(1, actors))]
+    started = list(pool)  # every actor, replacements too: all are killed at the end
+    replacements_left = 2 * len(pool) if max_replacements is None else max_replacements
+    losses: dict[int, int] = {}  # block start -> actors lost while scoring it
     p_mean = np.full(n_total, np.nan, np.float32)
     p_std = np.full(n_total, np.nan, np.float32)
     votes = np.full(n_total, np.nan, np.float32)
     limit = max_in_flight or 2 * len(pool)
-    pending: dict = {}
+    pending: dict = {}  # ref -> (slot, actor, start, X): what to send again if the actor dies
     it = iter(blocks)
     k = 0
 
+    def submit(slot: int, start: int, X) -> None:
+        pending[pool[slot].score.remote(start, X)] = (slot, pool[slot], start, X)
+
     def collect(done_refs) -> None:
+        nonlocal replacements_left
         for ref in done_refs:
-            pending.pop(ref)
-            start, m, s, v = ray.get(ref)
+            slot, actor, start, X = pending.pop(ref)
+            try:
+                _, m, s, v = ray.get(ref)
+            except RayActorError as err:
+                losses[start] = losses.get(start, 0) + 1
+                if losses[start] >= 3:
+                    raise RuntimeError(f"screening block {start}..{start + len(X) - 1} lost its actor "
+                                       f"{losses[start]} times: {error_text(err)}") from err
+                if pool[slot] is actor:  # the first of its blocks to report the death replaces it
+                    if replacements_left <= 0:
+                        raise RuntimeError(f"screening actors kept dying, no replacement left: {error_text(err)}") from err
+                    replacements_left -= 1
+                    pool[slot] = new_actor()
+                    started.append(pool[slot])
+                    log.warning("screening actor %d lost (%s); a new one scores its blocks again", slot,
+                                error_text(err))
+                submit(slot, start, X)
+                continue
             p_mean[start:start + len(m)], p_std[start:start + len(m)], votes[start:start + len(m)] = m, s, v
             if progress:
                 progress(len(m))
 
     try:
         for start, X in it:
-            if len(pending) >= limit:
+            while len(pending) >= limit:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 collect(done)
-            ref = pool[k % len(pool)].score.remote(start, X)
-            pending[ref] = start
+            submit(k % len(pool), start, X)
             k += 1
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             collect(done)
     finally:
-        for a in pool:
-            ray.kill(a)
+        for a in started:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
     if np.isnan(p_mean).any():
         raise RuntimeError(f"screening left {int(np.isnan(p_mean).sum())} structures unscored")
     return ScreeningResult(p_mean, p_std, votes)
