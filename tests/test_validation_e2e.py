@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -171,10 +172,10 @@ def _wait_for(pred, timeout: float, proc: subprocess.Popen, log: Path):
     raise AssertionError(f"timed out; worker log:\n{log.read_text()[-3000:]}")
 
 
-def test_killed_worker_job_is_finished_by_another_after_the_lease(tmp_path, records, ray_local):
-    from xrdmatch.actors.validation_workers import run_workers
-
-    cfg = _cfg(tmp_path, production_steps=30)
+def _cli_worker_mid_md(tmp_path: Path, records, **validation) -> SimpleNamespace:
+    """`xrdmatch validate work` (its own process, session and local Ray) on one queued job,
+    returned once its MD is a few steps in; the caller ends the process."""
+    cfg = _cfg(tmp_path, **validation)
     url = store_url(cfg)
     sid = "mp-10182"
     jid = queue.submit(url, sid, records[sid], cfg.validation)
@@ -186,17 +187,31 @@ def test_killed_worker_job_is_finished_by_another_after_the_lease(tmp_path, reco
     with open(log, "w") as fh:
         proc = subprocess.Popen([str(xrdmatch), "validate", "work", "--workers", "1", "--config", str(cfg_file)],
                                 stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        def mid_md():
-            job = queue.get_job(url, jid)
-            return job if job.state == "running" and job.progress.get("step", 0) >= 4 else None
 
+    def mid_md():
+        job = queue.get_job(url, jid)
+        return job if job.state == "running" and job.progress.get("step", 0) >= 4 else None
+
+    try:
         job = _wait_for(mid_md, 180, proc, log)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    return SimpleNamespace(cfg=cfg, url=url, sid=sid, jid=jid, cfg_file=cfg_file, log=log, proc=proc, job=job)
+
+
+def test_killed_worker_job_is_finished_by_another_after_the_lease(tmp_path, records, ray_local):
+    from xrdmatch.actors.validation_workers import run_workers
+
+    w = _cli_worker_mid_md(tmp_path, records, production_steps=30)
+    cfg, url, sid, jid, job, proc = w.cfg, w.url, w.sid, w.jid, w.job, w.proc
+    try:
         from typer.testing import CliRunner
 
         from xrdmatch.cli import app
 
-        res = CliRunner().invoke(app, ["validate", "status", "--config", str(cfg_file), "--state", "running"])
+        res = CliRunner().invoke(app, ["validate", "status", "--config", str(w.cfg_file), "--state", "running"])
         assert res.exit_code == 0 and "running" in res.output and " K " in res.output, res.output
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its local Ray (raylet, GCS) ...
@@ -229,24 +244,9 @@ def test_a_stopped_worker_hands_its_job_back_at_once(tmp_path, records, ray_loca
     leased for lease_s (here 10 minutes); the next worker takes it at once and resumes the MD."""
     from xrdmatch.actors.validation_workers import run_workers
 
-    cfg = _cfg(tmp_path, lease_s=600.0)
-    url = store_url(cfg)
-    sid = "mp-10182"
-    jid = queue.submit(url, sid, records[sid], cfg.validation)
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    log = tmp_path / "worker.log"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("xrdmatch")), "validate", "work", "--workers", "1",
-                                 "--config", str(cfg_file)], stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+    w = _cli_worker_mid_md(tmp_path, records, lease_s=600.0)
+    cfg, url, sid, jid, proc, log = w.cfg, w.url, w.sid, w.jid, w.proc, w.log
     try:
-        def mid_md():
-            job = queue.get_job(url, jid)
-            return job if job.state == "running" and job.progress.get("step", 0) >= 4 else None
-
-        _wait_for(mid_md, 180, proc, log)
         proc.send_signal(signal.SIGTERM)  # to the CLI alone, as a container runtime sends it
         rc = proc.wait(120)
     finally:

@@ -87,21 +87,20 @@ class XRDMatchPyfunc(mlflow.pyfunc.PythonModel):
     def from_ensemble(cls, ensemble_dir, threshold: float, vote_fraction: float, batch_size: int = 512):
         """The same model from an ensemble folder and its decision rule, without MLflow's loader
         (which runs the code shipped in the model folder): what ``xrdmatch predict`` uses."""
-        from xrdmatch.training.ensemble import Ensemble
-
         self = cls()
-        self.threshold, self.vote_fraction, self.batch_size = float(threshold), float(vote_fraction), int(batch_size)
-        self.ensemble = Ensemble.load(ensemble_dir)
+        self._load(ensemble_dir, threshold, vote_fraction, batch_size)
         return self
 
     def load_context(self, context) -> None:
+        cfg = dict(getattr(context, "model_config", None) or {})
+        self._load(context.artifacts["ensemble"], cfg.get("threshold", 0.5), cfg.get("vote_fraction", 0.5),
+                   cfg.get("batch_size", 512))
+
+    def _load(self, ensemble_dir, threshold, vote_fraction, batch_size) -> None:
         from xrdmatch.training.ensemble import Ensemble
 
-        cfg = dict(getattr(context, "model_config", None) or {})
-        self.threshold = float(cfg.get("threshold", 0.5))
-        self.vote_fraction = float(cfg.get("vote_fraction", 0.5))
-        self.batch_size = int(cfg.get("batch_size", 512))
-        self.ensemble = Ensemble.load(context.artifacts["ensemble"])
+        self.threshold, self.vote_fraction, self.batch_size = float(threshold), float(vote_fraction), int(batch_size)
+        self.ensemble = Ensemble.load(ensemble_dir)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         X = frame_patterns(model_input)
