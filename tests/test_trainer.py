@@ -310,6 +310,12 @@ def test_ray_rerun_resumes_only_the_same_member(ray_local, tmp_path):
     record = (run_folder / FINISHED_FILE).read_text()
     (run_folder / FINISHED_FILE).write_text(record[:-3])  # a torn record is not trusted
     assert finished_state(run_folder, 4) is None
+    import json
+    import shutil
+
+    shutil.copytree(run_folder / json.loads(record)["checkpoint"], tmp_path / "elsewhere")
+    (run_folder / FINISHED_FILE).write_text(json.dumps({"checkpoint": "../../elsewhere", "step": 4}))
+    assert finished_state(run_folder, 4) is None  # only a checkpoint folder of this run
     (run_folder / FINISHED_FILE).write_text(record)
     B = train_ensemble(X, y, None, a_cfg.model_copy(update={"lr": 3e-2, "seed": 7}),
                        run_dir=tmp_path, run_name="r").members[0]

@@ -11,8 +11,9 @@ the same run dir and run name also resumes (Ray Train restores a run from its st
 member that differs in any of them gets another name, so it starts fresh instead of restoring
 another member's checkpoint. A finished member is read from its final checkpoint (named in
 ``finished.json`` beside its checkpoints) without starting Ray Train again: a resumed campaign
-round or ``xrdmatch train`` pays no controller and worker group (~10 s) per member done before. Members run concurrently, as many at once
-as the cluster has CPUs (or GPUs, ``gpus_per_worker`` of one each) for their workers.
+round or ``xrdmatch train`` pays no controller and worker group (~10 s) per member done before.
+Members run concurrently, as many at once as the cluster has CPUs (or GPUs, ``gpus_per_worker``
+of one each) for their workers.
 """
 
 from __future__ import annotations
@@ -197,7 +198,10 @@ def finished_state(run_folder: Path, total: int) -> dict | None:
     if not marker.is_file():
         return None
     try:
-        state = load_state(str(run_folder / json.loads(marker.read_text())["checkpoint"]))
+        folder = json.loads(marker.read_text())["checkpoint"]
+        if not isinstance(folder, str) or Path(folder).name != folder:
+            raise ValueError(f"not a checkpoint folder name: {folder!r}")
+        state = load_state(str(run_folder / folder))
     except Exception as e:  # noqa: BLE001 - any unreadable record: fall back to Ray Train's restore
         logging.getLogger(__name__).warning("ignoring %s (%s: %s): Ray Train restores the run", marker,
                                             type(e).__name__, e)
