@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xrdmatch.platform.campaign_store import DONE, RUNNING, CampaignStore, campaign_id_for
+from xrdmatch.platform.campaign_store import DONE, FAILED, RUNNING, CampaignStore, campaign_id_for
 from xrdmatch.platform.lock import RunDirLock, RunDirLocked, lock_holder
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,10 +233,10 @@ def _stage_running(run_dir: Path, rnd: int, stage: str):
 
 @pytest.mark.slow
 def test_campaign_resumes_after_kill9_exactly_once_and_learns_from_its_verdict(tmp_path):
-    """Killed while training and while validating, resumed each time, every finished stage kept;
-    the loop closes: round 1's MD verdict (acceptance criteria opened so 20 MD steps decide) is a
-    label in the store, round 2 trains a new ensemble on 113 labels, registers it as version 2
-    and screens with it. (A round without a new label: test_a_round_without_a_new_label_...)"""
+    """Killed (kill -9) while training and stopped (SIGTERM) while validating, resumed each time,
+    every finished stage kept; the loop closes: round 1's MD verdict is a label in the store,
+    round 2 trains a new ensemble on 113 labels, registers it as version 2 and screens with it.
+    (A round without a new label: test_a_round_without_a_new_label_...)"""
     import hashlib
 
     import mlflow
@@ -274,7 +274,9 @@ def test_campaign_resumes_after_kill9_exactly_once_and_learns_from_its_verdict(t
     parent_run = store.campaign().mlflow_run_id
     assert parent_run
 
-    # 2) resume; kill -9 while round 1 validates (MD job claimed by a worker)
+    # 2) resume; stop it with SIGTERM (docker stop, kubectl delete) while round 1 validates (MD
+    # job claimed by a worker): the stage is recorded as stopped and the job handed back, not
+    # left leased (kill -9 of a worker mid-MD: tests/test_validation_e2e.py)
     proc = _start(cfg, run_dir, log)
 
     def md_running():
@@ -283,7 +285,13 @@ def test_campaign_resumes_after_kill9_exactly_once_and_learns_from_its_verdict(t
 
     store = _wait_for(md_running, proc, log, "round 1 MD job running")
     before_b = _snapshot(store)
-    _kill(proc)
+    proc.send_signal(signal.SIGTERM)  # to the CLI alone, as a container runtime sends it
+    assert proc.wait(120) != 0
+    _kill(proc)  # anything left in its session
+    stopped = store.stage(1, "validate")
+    assert stopped.status == FAILED and stopped.error.startswith("SystemExit"), stopped.error
+    (job,) = queue.list_jobs(store.url)
+    assert (job.state, job.attempts, job.worker_id) == ("queued", 0, None), log.read_text()[-3000:]
     for key, rec in before_a.items():
         assert before_b[key] == rec, f"finished stage {key} was redone"
     assert {(1, s) for s in ("patterns", "train", "register", "screen", "select")} <= set(before_b)

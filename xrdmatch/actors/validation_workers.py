@@ -348,7 +348,7 @@ def _actor_class():
 
 
 def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max_jobs: int | None = None,
-                on_outcome=None) -> WorkSummary:
+                on_outcome=None, stop=None) -> WorkSummary:
     """Run ``n`` (default ``validation.workers``) Ray worker actors on the config's store.
 
     ``until_empty``: return once no job is queued or running (a job held by a dead worker is
@@ -359,7 +359,8 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
     ``validation.max_restarts`` times per slot; the replacement gets work once Ray has placed
     it, so a cluster that lost a node goes on with the nodes it has. The job the lost actor
     held is taken again when its lease expires (and resumes from its MD checkpoint). Stopped
-    (Ctrl-C, or SIGTERM: Ray's driver turns it into SystemExit), it kills its actors and hands
+    (Ctrl-C, or SIGTERM: Ray's driver turns it into SystemExit), or told to by ``stop`` (a
+    ``threading.Event``, for a caller that runs it in a thread), it kills its actors and hands
     their jobs back at once.
     """
     import ray
@@ -422,6 +423,8 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
     waited = time.monotonic()
     try:
         while working or starting:
+            if stop is not None and stop.is_set():
+                break
             if not working and not more_work():
                 break  # actors still waiting for a place on the cluster are not needed
             done, _ = ray.wait(list(working) + list(starting), num_returns=1, timeout=max(1.0, wait_s))
@@ -473,6 +476,8 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
         except SQLAlchemyError as err:
             log.warning("could not hand the running jobs back (%s): they are taken again when their leases "
                         "expire", str(err).splitlines()[0])
+    if stop is not None and stop.is_set():
+        return summary
     if len(gone) == n and more_work():  # nobody left to do the work: say why, never return as if done
         raise WorkersLost(f"all {n} validation workers were lost, each after {v.max_restarts} replacements; "
                           f"last error: {next(reversed(gone.values()))}")

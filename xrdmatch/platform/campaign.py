@@ -415,10 +415,13 @@ def stage_validate(ctx: Context, rnd: int):
         return {j.id: j for j in queue.list_jobs(ctx.url) if j.id in set(job_ids.values())}
 
     errors: list[BaseException] = []
+    # the workers run in a thread: a stop of this one (Ctrl-C, SIGTERM) tells them to hand their
+    # jobs back, as `validate work` does, instead of dying with the interpreter, jobs leased
+    stop = threading.Event()
 
     def work() -> None:
         try:
-            queue.run_workers(cfg, cfg.validation.workers, until_empty=True)
+            queue.run_workers(cfg, cfg.validation.workers, until_empty=True, stop=stop)
         except BaseException as e:  # reported by the waiting loop
             errors.append(e)
 
@@ -427,35 +430,38 @@ def stage_validate(ctx: Context, rnd: int):
     if any(j.state not in queue.FINISHED for j in jobs.values()):
         worker = threading.Thread(target=work, name="validation-workers", daemon=True)
         worker.start()
-    t0 = time.monotonic()
-    shown = None  # redraw only on a change: in a log file (no TTY) every redraw is a line
-    with tqdm(total=len(job_ids), desc=f"round {rnd} validate", unit="job", disable=not ctx.progress) as bar:
-        while True:
-            jobs = mine()
-            done = sum(j.state in queue.FINISHED for j in jobs.values())
-            running = [j for j in jobs.values() if j.state == "running"]
-            prog = (running[0].progress or {}) if running else {}
-            text = f"{running[0].structure_id} {prog.get('stage', '')} {prog.get('T', '')}".strip() if running else ""
-            if (done, text) != shown:
-                bar.n = done
-                bar.set_postfix_str(text, refresh=False)
-                bar.refresh()
-                shown = (done, text)
-            if done == len(job_ids):
-                break
-            if worker is not None and not worker.is_alive():
-                if errors:
-                    raise CampaignError(f"round {rnd}: validation workers failed: {errors[0]!r}") from errors[0]
-                # workers stopped (queue looked empty: a job held by a dead worker's lease); go again
-                worker = threading.Thread(target=work, name="validation-workers", daemon=True)
+    try:
+        t0 = time.monotonic()
+        shown = None  # redraw only on a change: in a log file (no TTY) every redraw is a line
+        with tqdm(total=len(job_ids), desc=f"round {rnd} validate", unit="job", disable=not ctx.progress) as bar:
+            while True:
+                jobs = mine()
+                done = sum(j.state in queue.FINISHED for j in jobs.values())
+                running = [j for j in jobs.values() if j.state == "running"]
+                prog = (running[0].progress or {}) if running else {}
+                text = f"{running[0].structure_id} {prog.get('stage', '')} {prog.get('T', '')}".strip() if running else ""
+                if (done, text) != shown:
+                    bar.n = done
+                    bar.set_postfix_str(text, refresh=False)
+                    bar.refresh()
+                    shown = (done, text)
+                if done == len(job_ids):
+                    break
+                if worker is not None and not worker.is_alive():
+                    if errors:
+                        raise CampaignError(f"round {rnd}: validation workers failed: {errors[0]!r}") from errors[0]
+                    # workers stopped (queue looked empty: a job held by a dead worker's lease); go again
+                    worker = threading.Thread(target=work, name="validation-workers", daemon=True)
+                    time.sleep(cfg.campaign.poll_s)
+                    worker.start()
+                if cfg.campaign.validation_timeout_s and time.monotonic() - t0 > cfg.campaign.validation_timeout_s:
+                    raise CampaignError(f"round {rnd}: no verdicts after {cfg.campaign.validation_timeout_s} s; "
+                                        f"jobs {sorted(job_ids.values())} (see `xrdmatch validate status`)")
                 time.sleep(cfg.campaign.poll_s)
-                worker.start()
-            if cfg.campaign.validation_timeout_s and time.monotonic() - t0 > cfg.campaign.validation_timeout_s:
-                raise CampaignError(f"round {rnd}: no verdicts after {cfg.campaign.validation_timeout_s} s; "
-                                    f"jobs {sorted(job_ids.values())} (see `xrdmatch validate status`)")
-            time.sleep(cfg.campaign.poll_s)
-    if worker is not None:
-        worker.join(timeout=60)
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.join(timeout=60)
     setup = [j.error for j in jobs.values() if j.state == "failed" and (j.error or "").startswith("CalculatorUnavailable")]
     if job_ids and len(setup) == len(job_ids):  # the setup, not the structures: no verdict, no budget spent
         raise CampaignError(f"round {rnd}: every MD job failed because the calculator cannot be used: {setup[0]}; "

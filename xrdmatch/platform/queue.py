@@ -446,11 +446,11 @@ def store_now(url: str) -> float:
         return float(conn.execute(select(now_sql(conn))).scalar_one())
 
 
-def run_workers(cfg, n: int | None = None, until_empty: bool = True, max_jobs: int | None = None):
+def run_workers(cfg, n: int | None = None, until_empty: bool = True, max_jobs: int | None = None, stop=None):
     """Run ``n`` Ray validation workers on the config's store (see ``xrdmatch.actors.validation_workers``)."""
     from xrdmatch.actors.validation_workers import run_workers as _run
 
-    return _run(cfg, n=n, until_empty=until_empty, max_jobs=max_jobs)
+    return _run(cfg, n=n, until_empty=until_empty, max_jobs=max_jobs, stop=stop)
 
 
 def _float(x: Any) -> float | None:
