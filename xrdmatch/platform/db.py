@@ -8,6 +8,7 @@ migration step in :func:`_migrate` when a table changes.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from functools import lru_cache
@@ -31,12 +32,32 @@ class SchemaVersion(Base):
     version: Mapped[int] = mapped_column(Integer)
 
 
+_BUSY_S = 30.0
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={int(_BUSY_S * 1000)}")
+    _journal_mode_wal(cur)
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+def _journal_mode_wal(cur) -> None:
+    """WAL is a property of the file, set by the first process that opens it. Switching a new
+    file to WAL needs an exclusive lock, and SQLite answers "database is locked" at once, busy
+    timeout or not, when other processes open the same new file at that moment (the campaign
+    and its workers do): retry, as the busy timeout would."""
+    t0, delay = time.monotonic(), 0.01
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() - t0 > _BUSY_S:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.5)
 
 
 @lru_cache(maxsize=16)
@@ -44,7 +65,7 @@ def engine_for(url: str) -> Engine:
     """One engine per URL per process. SQLite gets WAL + a busy timeout so several
     processes (workers, the campaign) can share the file."""
     if url.startswith("sqlite"):
-        eng = create_engine(url, connect_args={"timeout": 30}, future=True)
+        eng = create_engine(url, connect_args={"timeout": _BUSY_S}, future=True)
         event.listen(eng, "connect", _sqlite_pragmas)
     else:
         eng = create_engine(url, pool_pre_ping=True, future=True)
