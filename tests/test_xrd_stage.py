@@ -28,13 +28,40 @@ from xrdmatch.platform.xrd_stage import StageError, run_xrd_stage
 from xrdmatch.simulation.xrd import xrd_pattern
 
 
+#: An entry with this id kills the worker process that reads it, as a crash or an OOM kill in
+#: the XRD engine would (a fault no input produces on demand): see :func:`_kill_on_marked_entry`.
+KILLER_ID = "test-entry-that-kills-its-worker"
+
+
+def _kill_on_marked_entry() -> None:
+    """Ray worker setup hook: the XRD actors' parser SIGKILLs its own process on KILLER_ID."""
+    import os
+    import signal
+
+    from xrdmatch.actors import xrd_actors
+
+    parse = xrd_actors.parse_raw
+
+    def parse_or_die(item):
+        entry = parse(item)
+        if entry.id == "test-entry-that-kills-its-worker":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return entry
+
+    xrd_actors.parse_raw = parse_or_die
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
 
+    from ray import cloudpickle
+
     from xrdmatch.platform.ray_utils import WORKER_ENV
 
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": dict(WORKER_ENV)}, logging_level="WARNING")
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook: Ray's workers cannot import tests/
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": _kill_on_marked_entry})
     yield ray
     ray.shutdown()
 
@@ -140,6 +167,37 @@ def test_bad_entries_recorded_rest_completes(ray_local, records, tmp_path):
     assert load_patterns(tmp_path / "out2").ids == [records[0]["id"], records[1]["id"]]
     err = load_errors(tmp_path / "out2")
     assert err["id"].tolist() == ["mp-cut"] and "db.jsonl.gz:2: not valid JSON" in err["reason"][0]
+
+
+def test_an_entry_that_kills_its_worker_is_an_error_and_its_batch_is_written(ray_local, records, tmp_path,
+                                                                              monkeypatch):
+    from xrdmatch.platform import xrd_stage
+
+    db = tmp_path / "db.jsonl"
+    recs = [dict(r) for r in records[:8]]
+    recs[3]["id"] = KILLER_ID  # line 4, the last of batch 0 (entries 0-3)
+    db.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "out"
+    s = run_xrd_stage(db, out, workers=2, batch_size=4, max_retries=1, progress=False)
+    assert s.done and (s.entries, s.patterns, s.failures) == (8, 7, 1) and not s.failed_batches
+    table = load_patterns(out)
+    assert table.ids == [r["id"] for r in recs if r["id"] != KILLER_ID]  # in database order, each once
+    for r, x in zip(recs[:3], table.X[:3]):  # the killer's batch, computed in parts and merged
+        np.testing.assert_allclose(x, xrd_pattern(structure_from_record(r)), atol=1e-6)
+    err = load_errors(out)
+    assert err["id"].tolist() == [KILLER_ID] and err["batch"].tolist() == [0]
+    assert err["reason"][0].startswith("db.jsonl:4: the XRD worker died computing this entry, alone, 2 times (")
+    assert [(sh["index"], sh["entries"], sh["count"], sh["errors"]) for sh in read_manifest(out)["shards"]] == [
+        (0, 4, 3, 1), (1, 4, 4, 0)]
+    again = run_xrd_stage(db, out, workers=2, batch_size=4, max_retries=1, progress=False)
+    assert again.done and again.computed_shards == 0 and load_patterns(out).ids == table.ids
+
+    # beyond the run's allowance, dying workers look like broken workers, not entries: the batch
+    # is left unfinished for a rerun, nothing is written off as an error
+    monkeypatch.setattr(xrd_stage, "MAX_KILLER_ENTRIES", 0)
+    s = run_xrd_stage(db, tmp_path / "out2", workers=1, batch_size=1, max_retries=0, limit=4, progress=False)
+    assert not s.done and list(s.failed_batches) == [3] and "broken workers or nodes" in s.failed_batches[3]
+    assert (s.patterns, s.failures) == (3, 0)
 
 
 def test_ase_database_patterns(ray_local, records, tmp_path):

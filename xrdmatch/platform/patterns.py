@@ -137,6 +137,22 @@ def encode_errors(ids: list[str], reasons: list[str], batch: int) -> bytes:
     return buf.getvalue()
 
 
+def decode_shard(data: bytes) -> "PatternTable":
+    import pyarrow.parquet as pq
+
+    return _table_to_patterns(pq.read_table(io.BytesIO(data)))
+
+
+def decode_errors(data: bytes | None) -> tuple[list[str], list[str]]:
+    """(ids, reasons) of an errors part's bytes (None: no errors)."""
+    import pyarrow.parquet as pq
+
+    if data is None:
+        return [], []
+    t = pq.read_table(io.BytesIO(data), columns=["id", "reason"])
+    return t.column("id").to_pylist(), t.column("reason").to_pylist()
+
+
 def shard_meta(path: Path) -> dict[str, Any] | None:
     """The batch counts stored in a shard's footer, or None if the file is not a valid shard."""
     import pyarrow.parquet as pq

@@ -13,6 +13,12 @@ Why it is shaped this way:
   for the live actors, and a replacement actor is asked for; it gets work once Ray can
   place it. A batch whose computation raises is retried ``max_retries`` times, then left
   for the next run (the summary says so, nothing is marked done).
+* An entry that kills its worker (a crash or an OOM kill, which no ``try`` in the worker can
+  catch) would otherwise hold up every stage after this one, run after run. The batches an
+  actor held when it died run again, each alone on an actor (so a death names its task); one
+  that kills its actor again is split in halves, and so on, until the entry is alone. Once it
+  has killed ``max_retries`` + 1 actors it becomes an error row naming it, and the rest of its
+  batch is written as one shard as usual.
 """
 
 from __future__ import annotations
@@ -26,17 +32,23 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import numpy as np
 
 from xrdmatch import N_BINS, __version__
 from xrdmatch.config import resolve_path
-from xrdmatch.platform.databases import DatabaseError, count_entries, database_kind, iter_raw_batches
+from xrdmatch.platform.databases import _ID_IN_LINE, DatabaseError, count_entries, database_kind, iter_raw_batches
 from xrdmatch.platform.patterns import (
     ERRORS,
     ERRORS_DIR,
     MANIFEST,
     SHARDS,
     atomic_write_bytes,
+    decode_errors,
+    decode_shard,
+    encode_errors,
+    encode_shard,
     errors_part_path,
     read_manifest,
     shard_index,
@@ -55,6 +67,9 @@ NO_ACTOR_WARN_S = 60.0
 #: Actor starts that may fail in a row, per worker, before the stage stops and says why (an
 #: actor that cannot be created, e.g. a node without the package, would otherwise be retried forever).
 MAX_FAILED_STARTS = 3
+#: Entries a run may record as killing their workers. More looks like broken workers or nodes,
+#: not broken entries: the batches are then left unfinished (rerun) instead of turned into errors.
+MAX_KILLER_ENTRIES = 10
 #: How long a run waits for another run writing the same patterns folder.
 LOCK_WAIT_S = 24 * 3600.0
 
@@ -339,6 +354,55 @@ def _run_locked(db, kind, out, ident, t0, workers, batch_size, limit, progress, 
     return summary
 
 
+def _raw_id(item: tuple) -> tuple[str, str]:
+    """(id, where) of a raw database item, without parsing it: parsing may be what kills a worker."""
+    if item[0] == "json":
+        m = _ID_IN_LINE.search(item[2])
+        return (m.group(1).decode("utf-8", "replace") if m else item[1]), item[1]
+    if item[0] == "file":
+        return Path(item[1]).stem, item[1]
+    return item[1].id, item[1].id
+
+
+class _Task(NamedTuple):
+    k: int  # the batch
+    items: list
+    attempt: int  # failures charged to this task (it ran alone when its actor died, or it raised)
+    off: int  # offset of items[0] in batch k (0 unless the batch was split)
+    suspect: bool  # its actor died while it was in flight: it runs alone on an actor
+
+
+@dataclass
+class _Split:
+    """Batch ``k`` after a worker died on it: its parts' results, gathered until none is left."""
+
+    entries: int
+    left: int = 1  # parts not finished yet
+    parts: list[tuple[int, Any]] = field(default_factory=list)  # (offset in the batch, BatchResult)
+    killers: list[tuple[int, str, str]] = field(default_factory=list)  # (offset, id, reason)
+
+    def merged(self, k: int, meta: dict[str, Any]) -> Any:
+        """One BatchResult for the whole batch: patterns and error rows in the batch's order."""
+        from xrdmatch.actors.xrd_actors import BatchResult
+
+        ids: list[str] = []
+        formulas: list[str] = []
+        xs: list[np.ndarray] = []
+        errors: list[tuple[int, int, str, str]] = [(off, 0, i, why) for off, i, why in self.killers]
+        for off, res in sorted(self.parts, key=lambda p: p[0]):
+            t = decode_shard(res.shard)
+            ids += t.ids
+            formulas += t.formulas
+            xs.append(t.X)
+            errors += [(off, n, i, why) for n, (i, why) in enumerate(zip(*decode_errors(res.errors)))]
+        errors.sort(key=lambda e: (e[0], e[1]))
+        X = np.concatenate(xs) if xs else np.empty((0, N_BINS), np.float32)
+        meta = dict(meta, batch=k, entries=self.entries, ok=len(ids), errors=len(errors))
+        err_bytes = encode_errors([e[2] for e in errors], [e[3] for e in errors], k) if errors else None
+        return BatchResult(k, self.entries, len(ids), len(errors), encode_shard(ids, formulas, X, meta), err_bytes,
+                           sum(r.seconds for _, r in self.parts))
+
+
 def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_address, num_cpus, total_f, t0):
     """Feed batches to the actor pool, write results as they come; returns (shards, entries, failed, Ray start s).
 
@@ -360,42 +424,48 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
     alive = [False] * n
     bar = _progress_bar(total_f, sum(m["entries"] for m in done.values()))
     meta = {"run": _run_tag(ident)}
-    inflight: dict[Any, tuple[int, int, list, int, Any]] = {}  # ref -> (k, slot, items, attempt, actor)
+    inflight: dict[Any, tuple[_Task, int, Any]] = {}  # ref -> (task, slot, actor)
     load = [0] * n
-    queue: list[tuple[int, list, int]] = [(first[0], first[1], 0)]
+    alone = [False] * n  # the slot runs a suspect task: nothing else goes there
+    queue: list[_Task] = [_Task(first[0], first[1], 0, 0, False)]
     exhausted = False
     failed: dict[int, str] = {}
+    splits: dict[int, _Split] = {}
+    killers = 0
     computed = entries_now = 0
     last_manifest = time.monotonic()
     no_actor_since: float | None = None
 
-    def next_batch():
+    def next_task(idle: bool) -> _Task | None:
         nonlocal exhausted
+        for i, t in enumerate(queue):
+            if idle or not t.suspect:
+                return queue.pop(i)
         if queue:
-            return queue.pop(0)
+            return None  # only suspects wait: let this actor drain, then it takes one
         if exhausted:
             return None
         b = next(batches, None)
         if b is None:
             exhausted = True
             return None
-        return (b[0], b[1], 0)
+        return _Task(b[0], b[1], 0, 0, False)
 
     def fill():
         for slot in sorted(range(n), key=lambda s: load[s]):
-            while alive[slot] and load[slot] < INFLIGHT_PER_ACTOR:
-                b = next_batch()
-                if b is None:
-                    return
-                k, items, attempt = b
-                ref = pool[slot].run.remote(k, items, meta)
-                inflight[ref] = (k, slot, items, attempt, pool[slot])
+            while alive[slot] and not alone[slot] and load[slot] < INFLIGHT_PER_ACTOR:
+                t = next_task(idle=load[slot] == 0)
+                if t is None:
+                    break
+                ref = pool[slot].run.remote(t.k, t.items, meta)
+                inflight[ref] = (t, slot, pool[slot])
                 load[slot] += 1
+                alone[slot] = t.suspect
 
     def replace(slot: int, dead: Any) -> None:
         if pool[slot] is not dead:
             return  # another batch of the same dead actor already had it replaced
-        alive[slot] = False
+        alive[slot] = alone[slot] = False
         try:
             ray.kill(pool[slot])
         except Exception:  # noqa: BLE001 - already gone
@@ -405,6 +475,20 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
 
     def work_left() -> bool:
         return bool(queue) or not exhausted
+
+    def write(k: int, res: Any) -> None:
+        nonlocal computed, entries_now
+        if res.errors is not None:
+            atomic_write_bytes(errors_part_path(out, k), res.errors)
+        atomic_write_bytes(shard_path(out, k), res.shard)
+        done[k] = {"batch": k, "entries": res.n_entries, "ok": res.n_ok, "errors": res.n_errors}
+        computed += 1
+        entries_now += res.n_entries
+        if bar is not None:
+            if bar.total is None and total_f is not None and total_f.done() and not total_f.exception():
+                bar.total = total_f.result()
+            bar.update(res.n_entries)
+            bar.set_postfix(failures=sum(m["errors"] for m in done.values()), refresh=False)
 
     failed_starts = 0
     try:
@@ -435,29 +519,51 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
                                              f"{error_text(e)}") from None
                         replace(slot, pool[slot])
                     continue
-                k, slot, items, attempt, actor = inflight.pop(ref)
+                t, slot, actor = inflight.pop(ref)
+                k = t.k
                 load[slot] -= 1
+                if t.suspect:
+                    alone[slot] = False
                 try:
                     res = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    if isinstance(e, ray.exceptions.RayActorError):
+                    died = isinstance(e, ray.exceptions.RayActorError)
+                    if died:
                         replace(slot, actor)  # the actor (or its node) is gone; its batches go to the others
-                    if attempt < max_retries:
-                        queue.append((k, items, attempt + 1))
+                    if died and not t.suspect:  # not known to have killed it: run it again, alone
+                        queue.append(t._replace(suspect=True))
+                    elif died and len(t.items) > 1:  # it killed its actor: halve it, the other half finishes
+                        splits.setdefault(k, _Split(len(t.items))).left += 1
+                        h = len(t.items) // 2
+                        queue += [_Task(k, t.items[:h], 0, t.off, True), _Task(k, t.items[h:], 0, t.off + h, True)]
+                    elif t.attempt < max_retries:
+                        queue.append(t._replace(attempt=t.attempt + 1))
+                    elif died and killers < MAX_KILLER_ENTRIES:
+                        killers += 1
+                        sid, where = _raw_id(t.items[0])
+                        tries = t.attempt + 1
+                        why = (f"{where}: the XRD worker died computing this entry, alone, {tries} "
+                               f"time{'s' if tries > 1 else ''} ({error_text(e)})")
+                        log.warning("%s", why)
+                        sp = splits.setdefault(k, _Split(1))
+                        sp.killers.append((t.off, sid, why))
+                        sp.left -= 1
+                        if not sp.left:
+                            write(k, splits.pop(k).merged(k, meta))
+                    elif died:
+                        failed[k] = (f"{killers} entries killed their workers in this run and another one did in this "
+                                     f"batch: that looks like broken workers or nodes, not entries ({error_text(e)})")
                     else:
                         failed[k] = error_text(e)
                     continue
-                if res.errors is not None:
-                    atomic_write_bytes(errors_part_path(out, k), res.errors)
-                atomic_write_bytes(shard_path(out, k), res.shard)
-                done[k] = {"batch": k, "entries": res.n_entries, "ok": res.n_ok, "errors": res.n_errors}
-                computed += 1
-                entries_now += res.n_entries
-                if bar is not None:
-                    if bar.total is None and total_f is not None and total_f.done() and not total_f.exception():
-                        bar.total = total_f.result()
-                    bar.update(res.n_entries)
-                    bar.set_postfix(failures=sum(m["errors"] for m in done.values()), refresh=False)
+                if k in splits:
+                    sp = splits[k]
+                    sp.parts.append((t.off, res))
+                    sp.left -= 1
+                    if sp.left:
+                        continue
+                    res = splits.pop(k).merged(k, meta)
+                write(k, res)
             if time.monotonic() - last_manifest > MANIFEST_EVERY_S:
                 _write_manifest(out, _manifest(ident, done, False, {}))
                 last_manifest = time.monotonic()
