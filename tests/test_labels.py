@@ -25,7 +25,7 @@ def test_one_structure_twice_in_a_file_with_opposite_labels_is_refused_naming_bo
         import_labels(url, f)
     assert list_labels(url) == []  # nothing of that file
     f.write_text("structure_id,formula,label\nx-1,Li3N,1\nx-1,Li3N,1\n")  # the same row twice: one label
-    assert import_labels(url, f) == (1, 0) and _labels(url) == {"x-1": 1}
+    assert import_labels(url, f) == (1, 0, 0) and _labels(url) == {"x-1": 1}
 
 
 @pytest.mark.parametrize("label, sigma", [("0", "1.2e-2"), ("1", "1e-7")])
@@ -37,26 +37,26 @@ def test_a_label_contradicting_its_own_sigma_is_refused(url, tmp_path, label, si
         import_labels(url, f)
     assert list_labels(url) == []
     f.write_text("structure_id,formula,label,sigma_300\nicsd-9,Li10GeP2S12,1,1.2e-2\nicsd-8,LiCl,0,1e-9\n")
-    assert import_labels(url, f) == (2, 0) and _labels(url) == {"icsd-9": 1, "icsd-8": 0}
+    assert import_labels(url, f) == (2, 0, 0) and _labels(url) == {"icsd-9": 1, "icsd-8": 0}
 
 
 def test_reimporting_a_corrected_file_fails_naming_the_row_unless_replace(url, tmp_path):
     f = tmp_path / "exp.csv"
     f.write_text("structure_id,formula,label\nicsd-1,Li10GeP2S12,0\nicsd-2,Li3N,1\n")  # icsd-1 inverted
-    assert import_labels(url, f) == (2, 0)
+    assert import_labels(url, f) == (2, 0, 0)
     f.write_text("structure_id,formula,label\nicsd-1,Li10GeP2S12,1\nicsd-2,Li3N,1\nicsd-3,LiCl,0\n")
     with pytest.raises(LabelInputError, match=r"row 2 \(icsd-1, experiment\): label 0 vs 1 .*replace=True"):
         import_labels(url, f)
     assert _labels(url) == {"icsd-1": 0, "icsd-2": 1}  # nothing of the corrected file yet
     got = import_labels(url, f, replace=True)
-    assert got == (1, 1) and got.replaced == 1 and "replaced=1" in repr(got)
+    assert got == (1, 1, 1) and "replaced=1" in repr(got)
     assert _labels(url) == {"icsd-1": 1, "icsd-2": 1, "icsd-3": 0} and len(list_labels(url)) == 3
     got = import_labels(url, f)  # an identical re-import changes nothing
-    assert got == (0, 3) and got.replaced == 0
+    assert got == (0, 3, 0)
     # labels of other sources for the same structure are not the import's to replace
     add_label(url, LabelRecord("icsd-1", "Li10GeP2S12", "mlip-md", 0, "proto"))
     f.write_text("structure_id,formula,label\nicsd-1,Li10GeP2S12,1\n")
-    assert import_labels(url, f) == (0, 1)
+    assert import_labels(url, f) == (0, 1, 0)
     assert sorted((lab.method, lab.label) for lab in list_labels(url) if lab.structure_id == "icsd-1") == [
         ("experiment", 1), ("mlip-md", 0)]
 
@@ -131,7 +131,7 @@ def test_a_labelled_composition_is_not_a_candidate_again(tmp_path):
 
     f = tmp_path / "exp.csv"
     f.write_text("structure_id,formula,label\nicsd-pt,Li14Pt2,0\n")  # not reduced, as a file may have it
-    assert import_labels(url, f) == (1, 0)
+    assert import_labels(url, f) == (1, 0, 0)
     add_label(url, LabelRecord("mp-ir", "Ir2Li18", "mlip-md", 1, "proto"))  # a label from MD, elements unordered
     got = labelled_groups(cfg, url)
     assert got - paper == {"Li7Pt", "Li9Ir"}  # the reduced formulas, not Li14Pt2 / Ir2Li18

@@ -211,8 +211,8 @@ def test_release_hands_back_only_the_stopped_workers_running_jobs(store_url):
 def test_label_import_is_validated_and_idempotent(store_url, tmp_path):
     good = tmp_path / "exp.csv"
     good.write_text("structure_id,formula,sigma_300,label\nicsd-1,Li10GeP2S12,1.2e-2,\nicsd-2,Li3N,,0\n")
-    assert import_labels(store_url, good) == (2, 0)
-    assert import_labels(store_url, good) == (0, 2)
+    assert import_labels(store_url, good) == (2, 0, 0)
+    assert import_labels(store_url, good) == (0, 2, 0)
     labs = {r.structure_id: r for r in list_labels(store_url, methods=["experiment"])}
     assert labs["icsd-1"].label == 1 and labs["icsd-2"].label == 0 and labs["icsd-1"].source == "exp.csv:2"
     bad = tmp_path / "bad.csv"

@@ -418,12 +418,15 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
             return True
         return counts["queued"] + counts["running"] > 0
 
+    def stopped() -> bool:
+        return stop is not None and stop.is_set()
+
     for i in range(n):
         spawn(i)
     waited = time.monotonic()
     try:
         while working or starting:
-            if stop is not None and stop.is_set():
+            if stopped():
                 break
             if not working and not more_work():
                 break  # actors still waiting for a place on the cluster are not needed
@@ -476,7 +479,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
         except SQLAlchemyError as err:
             log.warning("could not hand the running jobs back (%s): they are taken again when their leases "
                         "expire", str(err).splitlines()[0])
-    if stop is not None and stop.is_set():
+    if stopped():
         return summary
     if len(gone) == n and more_work():  # nobody left to do the work: say why, never return as if done
         raise WorkersLost(f"all {n} validation workers were lost, each after {v.max_restarts} replacements; "

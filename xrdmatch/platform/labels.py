@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, insert, select, update
 from sqlalchemy.engine import Connection
@@ -269,20 +269,13 @@ def label_from_result(result: dict[str, Any], *, protocol_hash: str, job_id: int
     )
 
 
-class ImportCounts(tuple):
-    """``(added, present)`` of :func:`import_labels`: rows new to the store and rows already
-    stored with the same values; ``replaced``: stored rows whose values a re-import replaced."""
+class ImportCounts(NamedTuple):
+    """What :func:`import_labels` did: rows new to the store, rows already stored with the same
+    values, and stored rows whose values a re-import replaced."""
 
-    added = property(lambda self: self[0])
-    present = property(lambda self: self[1])
-
-    def __new__(cls, added: int, present: int, replaced: int = 0):
-        self = super().__new__(cls, (added, present))
-        self.replaced = replaced
-        return self
-
-    def __repr__(self) -> str:
-        return f"ImportCounts(added={self[0]}, present={self[1]}, replaced={self.replaced})"
+    added: int
+    present: int
+    replaced: int = 0
 
 
 def _same_label(a: LabelRecord, b: LabelRecord) -> list[str]:
