@@ -28,40 +28,19 @@ from xrdmatch.platform.xrd_stage import StageError, run_xrd_stage
 from xrdmatch.simulation.xrd import xrd_pattern
 
 
-#: An entry with this id kills the worker process that reads it, as a crash or an OOM kill in
-#: the XRD engine would (a fault no input produces on demand): see :func:`_kill_on_marked_entry`.
+#: An entry with this id kills the worker process that reads it (xrdmatch.actors.xrd_faults).
 KILLER_ID = "test-entry-that-kills-its-worker"
-
-
-def _kill_on_marked_entry() -> None:
-    """Ray worker setup hook: the XRD actors' parser SIGKILLs its own process on KILLER_ID."""
-    import os
-    import signal
-
-    from xrdmatch.actors import xrd_actors
-
-    parse = xrd_actors.parse_raw
-
-    def parse_or_die(item):
-        entry = parse(item)
-        if entry.id == "test-entry-that-kills-its-worker":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return entry
-
-    xrd_actors.parse_raw = parse_or_die
 
 
 @pytest.fixture(scope="module")
 def ray_local():
     import ray
 
-    from ray import cloudpickle
-
+    from xrdmatch.actors.xrd_faults import kill_on_id
     from xrdmatch.platform.ray_utils import WORKER_ENV
 
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook: Ray's workers cannot import tests/
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": _kill_on_marked_entry})
+             runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": kill_on_id(KILLER_ID)})
     yield ray
     ray.shutdown()
 
@@ -180,13 +159,15 @@ def test_an_entry_that_kills_its_worker_is_an_error_and_its_batch_is_written(ray
     out = tmp_path / "out"
     s = run_xrd_stage(db, out, workers=2, batch_size=4, max_retries=1, progress=False)
     assert s.done and (s.entries, s.patterns, s.failures) == (8, 7, 1) and not s.failed_batches
+    # its actor died with batch 0 in flight, then under batch 0 alone, its half [2, K], and K alone twice
+    assert s.replaced_actors == 5 and "5 actors replaced" in s.line()
     table = load_patterns(out)
     assert table.ids == [r["id"] for r in recs if r["id"] != KILLER_ID]  # in database order, each once
     for r, x in zip(recs[:3], table.X[:3]):  # the killer's batch, computed in parts and merged
         np.testing.assert_allclose(x, xrd_pattern(structure_from_record(r)), atol=1e-6)
     err = load_errors(out)
     assert err["id"].tolist() == [KILLER_ID] and err["batch"].tolist() == [0]
-    assert err["reason"][0].startswith("db.jsonl:4: the XRD worker died computing this entry, alone, 2 times (")
+    assert err["reason"][0].startswith("db.jsonl:4: the XRD worker died computing this entry, alone, 2 times (ActorDiedError, worker exit type ")
     assert [(sh["index"], sh["entries"], sh["count"], sh["errors"]) for sh in read_manifest(out)["shards"]] == [
         (0, 4, 3, 1), (1, 4, 4, 0)]
     again = run_xrd_stage(db, out, workers=2, batch_size=4, max_retries=1, progress=False)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -109,6 +110,7 @@ class StageSummary:
     failed_batches: dict[int, str] = field(default_factory=dict)
     duplicate_ids: int = 0
     ray_start_s: float = 0.0  # connecting to / starting Ray, part of wall_s
+    replaced_actors: int = 0  # actors of this run lost (crash, OOM kill, node gone, failed start) and replaced
 
     @property
     def rate(self) -> float:
@@ -120,7 +122,8 @@ class StageSummary:
         return (
             f"XRD {state}: {self.entries} structures, {self.patterns} patterns, {self.failures} failures, "
             f"{self.shards} shards ({self.computed_shards} computed now) in {self.wall_s:.1f} s wall "
-            f"(Ray start {self.ray_start_s:.1f} s), {self.rate:.0f} patterns/s -> {self.out_dir}"
+            f"(Ray start {self.ray_start_s:.1f} s{f'; {self.replaced_actors} actors replaced' if self.replaced_actors else ''}), "
+            f"{self.rate:.0f} patterns/s -> {self.out_dir}"
         )
 
 
@@ -334,9 +337,9 @@ def _run_locked(db, kind, out, ident, t0, workers, batch_size, limit, progress, 
     total_f = _in_background(count_entries, db, limit) if progress else None
     batches = iter_raw_batches(db, batch_size, limit, skip=set(done))
     first = next(batches, None)
-    computed, entries_now, failed, ray_s = 0, 0, {}, 0.0
+    computed, entries_now, failed, ray_s, replaced = 0, 0, {}, 0.0, 0
     if first is not None:
-        computed, entries_now, failed, ray_s = _run_pool(
+        computed, entries_now, failed, ray_s, replaced = _run_pool(
             out, ident, done, first, batches, workers, max_retries, ray_address, num_cpus, total_f, t0
         )
 
@@ -351,6 +354,7 @@ def _run_locked(db, kind, out, ident, t0, workers, batch_size, limit, progress, 
     summary = _summary_from(out, man, t0, computed, entries_now)
     summary.failed_batches = failed
     summary.ray_start_s = ray_s
+    summary.replaced_actors = replaced
     return summary
 
 
@@ -370,6 +374,13 @@ class _Task(NamedTuple):
     attempt: int  # failures charged to this task (it ran alone when its actor died, or it raised)
     off: int  # offset of items[0] in batch k (0 unless the batch was split)
     suspect: bool  # its actor died while it was in flight: it runs alone on an actor
+
+
+def _death_text(e: BaseException) -> str:
+    """Ray's word on a dead actor, short: its exception and the worker's exit type (the rest of
+    Ray's message is the same list of possible causes every time)."""
+    m = re.search(r"Worker exit type: (\w+)", str(e))
+    return type(e).__name__ + (f", worker exit type {m.group(1)}" if m else "")
 
 
 @dataclass
@@ -404,7 +415,9 @@ class _Split:
 
 
 def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_address, num_cpus, total_f, t0):
-    """Feed batches to the actor pool, write results as they come; returns (shards, entries, failed, Ray start s).
+    """Feed batches to the actor pool, write results as they come.
+
+    Returns (shards written, entries written, failed batches, Ray start s, actors replaced).
 
     An actor gets work only once it is up (its ``ready`` call returned). A lost actor (its
     process or its whole node died) fails its in-flight batches at once; they go back to the
@@ -431,7 +444,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
     exhausted = False
     failed: dict[int, str] = {}
     splits: dict[int, _Split] = {}
-    killers = 0
+    killers = replaced = 0
     computed = entries_now = 0
     last_manifest = time.monotonic()
     no_actor_since: float | None = None
@@ -463,8 +476,10 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
                 alone[slot] = t.suspect
 
     def replace(slot: int, dead: Any) -> None:
+        nonlocal replaced
         if pool[slot] is not dead:
             return  # another batch of the same dead actor already had it replaced
+        replaced += 1
         alive[slot] = alone[slot] = False
         try:
             ray.kill(pool[slot])
@@ -543,7 +558,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
                         sid, where = _raw_id(t.items[0])
                         tries = t.attempt + 1
                         why = (f"{where}: the XRD worker died computing this entry, alone, {tries} "
-                               f"time{'s' if tries > 1 else ''} ({error_text(e)})")
+                               f"time{'s' if tries > 1 else ''} ({_death_text(e)})")
                         log.warning("%s", why)
                         sp = splits.setdefault(k, _Split(1))
                         sp.killers.append((t.off, sid, why))
@@ -575,7 +590,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone
                 pass
-    return computed, entries_now, failed, ray_s
+    return computed, entries_now, failed, ray_s, replaced
 
 
 def _progress_bar(total_f, initial: int):
