@@ -154,7 +154,8 @@ def _parent_pid(pid: int) -> int:
 
 def test_validation_queue_survives_losing_a_node(cluster, tmp_path, database_path):
     """Two MD jobs on two 1-CPU nodes; node 2 dies mid-job; the head's worker takes its job over
-    after the lease and resumes it: every job done once, one label each."""
+    (the driver ends the lost worker's lease, or the lease runs out) and resumes it: every job
+    done once, one label each."""
     import yaml
 
     from xrdmatch.config import load_config

@@ -208,6 +208,23 @@ def test_release_hands_back_only_the_stopped_workers_running_jobs(store_url):
     job = queue.claim(store_url, "w4", lease_s=600)
     assert job.id == b and job.attempts == 2  # w1's lost claim counts, w2's stopped one does not
 
+
+def test_expire_frees_only_the_lost_workers_running_jobs_and_counts_the_claim(store_url):
+    """A worker Ray reported dead: its job may be taken at once (not after its 10-minute lease),
+    and the lost claim counts against max_attempts."""
+    a, b = (queue.submit(store_url, sid, LI3N, _proto()) for sid in ("a", "b"))
+    queue.claim(store_url, "w1", lease_s=600)
+    queue.claim(store_url, "w2", lease_s=600)
+    assert queue.claim(store_url, "w3", lease_s=600) is None  # both leased
+    assert queue.expire(store_url, ["w1", "nobody", None]) == 1 and queue.expire(store_url, []) == 0
+    job = queue.claim(store_url, "w3", lease_s=600, max_attempts=2)
+    assert (job.id, job.attempts, job.worker_id) == (a, 2, "w3")
+    assert not queue.heartbeat(store_url, a, "w1", lease_s=600)  # the lost worker, if alive, lets go
+    assert queue.expire(store_url, ["w3"]) == 1
+    assert queue.claim(store_url, "w4", lease_s=600, max_attempts=2) is None  # a killed 2 workers: failed
+    got = {j.structure_id: (j.state, j.attempts) for j in queue.list_jobs(store_url)}
+    assert got == {"a": ("failed", 2), "b": ("running", 1)}
+
 def test_label_import_is_validated_and_idempotent(store_url, tmp_path):
     good = tmp_path / "exp.csv"
     good.write_text("structure_id,formula,sigma_300,label\nicsd-1,Li10GeP2S12,1.2e-2,\nicsd-2,Li3N,,0\n")

@@ -269,12 +269,13 @@ def test_a_stopped_worker_hands_its_job_back_at_once(tmp_path, records, ray_loca
 def test_workers_lost_for_good_is_an_error_not_a_finished_run(tmp_path, records, ray_local):
     """With no replacement left (max_restarts 0), a worker killed mid-MD leaves nobody to do the
     work: run_workers raises saying so (it returned as if finished, and a campaign restarted it
-    forever), and the job stays leased for a later worker."""
+    forever). Its driver saw it die, so the job's 10-minute lease is ended: a later worker takes
+    it at once, as its second attempt."""
     import threading
 
     from xrdmatch.actors.validation_workers import WorkersLost, run_workers
 
-    cfg = _cfg(tmp_path, production_steps=400, max_restarts=0)
+    cfg = _cfg(tmp_path, production_steps=400, max_restarts=0, lease_s=600.0)
     url = store_url(cfg)
     sid = "mp-10182"
     jid = queue.submit(url, sid, records[sid], cfg.validation)
@@ -301,4 +302,6 @@ def test_workers_lost_for_good_is_an_error_not_a_finished_run(tmp_path, records,
     assert not t.is_alive()
     assert len(raised) == 1 and isinstance(raised[0], WorkersLost), raised
     assert "all 1 validation workers were lost" in str(raised[0])
-    assert queue.get_job(url, jid).state == "running"  # taken again once its lease expires
+    job = queue.get_job(url, jid)
+    assert job.state == "running" and job.attempts == 1 and job.lease_expires < queue.store_now(url)
+    assert queue.claim(url, "next-worker", lease_s=60.0).id == jid  # now, not in 10 minutes

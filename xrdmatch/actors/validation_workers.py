@@ -3,10 +3,10 @@
 Each actor is created with ``num_cpus=validation.cpus_per_job`` and
 ``num_gpus=validation.gpus_per_job`` so that jobs pack onto a cluster's nodes without
 oversubscription. A lost actor (crashed process, dead node) is replaced by the driver, up to
-``validation.max_restarts`` times per slot. The queue's lease covers the job it held: a
-worker that dies mid-job stops renewing its lease, and the job is claimed again when the
-lease expires; the MD resumes from its trajectory checkpoint in the job's work directory
-(``run_dir/md/<id>-<protocol>``).
+``validation.max_restarts`` times per slot, and ends the lease of the job it held so that the
+job is claimed again at once. The lease covers what no driver sees: a worker whose driver
+died too stops renewing it, and its job is claimed again when it expires. Either way the MD
+resumes from its trajectory checkpoint in the job's work directory (``run_dir/md/<id>-<protocol>``).
 
 :func:`process_job` is a plain function (the actor only loops over it), so the same logic
 runs without Ray.
@@ -358,7 +358,8 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
     A lost actor (its process crashed, or its node died) is replaced by a new one, up to
     ``validation.max_restarts`` times per slot; the replacement gets work once Ray has placed
     it, so a cluster that lost a node goes on with the nodes it has. The job the lost actor
-    held is taken again when its lease expires (and resumes from its MD checkpoint). Stopped
+    held is taken again at once, as one more attempt (its lease is ended: ``queue.expire``),
+    and resumes from its MD checkpoint. Stopped
     (Ctrl-C, or SIGTERM: Ray's driver turns it into SystemExit), or told to by ``stop`` (a
     ``threading.Event``, for a caller that runs it in a thread), it kills its actors and hands
     their jobs back at once.
@@ -394,12 +395,16 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
 
     def lost(slot: int, err: BaseException) -> None:
         summary.actor_crashes += 1
-        worker_id.pop(slot, None)  # its job is taken again when its lease expires, as one more attempt
+        wid = worker_id.pop(slot, None)
+        try:  # Ray says it is dead: its job is taken again now, as one more attempt, not after its lease
+            queue.expire(url, [wid])
+        except SQLAlchemyError as e:
+            log.warning("could not end the lost worker's lease (%s): its job is taken again when the lease "
+                        "expires", str(e).splitlines()[0])
         if replaced[slot] < v.max_restarts:
             replaced[slot] += 1
             log.warning("validation worker %d lost (%s); starting a replacement (%d/%d); its job is "
-                        "taken again once its lease expires", slot, error_text(err), replaced[slot],
-                        v.max_restarts)
+                        "taken again at once", slot, error_text(err), replaced[slot], v.max_restarts)
             spawn(slot)
         else:
             gone[slot] = error_text(err)

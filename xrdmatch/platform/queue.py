@@ -8,9 +8,9 @@ Claiming is one conditional ``UPDATE ... WHERE id = :id AND (state = 'queued' OR
 (state = 'running' AND lease_expires < now))`` with a rowcount check: exclusive on SQLite
 (one writer at a time) and on PostgreSQL (READ COMMITTED re-checks the WHERE clause on the
 row's newest version after waiting for a concurrent writer). A worker that dies stops
-renewing its lease, so its job is claimed again once the lease expires; ``attempts``
-counts claims and a job that keeps killing its workers ends ``failed`` after
-``max_attempts``. All times are the store's clock (unix seconds), not the worker's.
+renewing its lease, so its job is claimed again once the lease expires (at once when the
+worker's driver saw it die: :func:`expire`); ``attempts`` counts claims and a job that keeps
+killing its workers ends ``failed`` after ``max_attempts``. All times are the store's clock (unix seconds), not the worker's.
 """
 
 from __future__ import annotations
@@ -409,6 +409,23 @@ def release(url: str, worker_ids) -> int:
             update(JobRow).where(JobRow.state == "running", JobRow.worker_id.in_(ids))
             .values(state="queued", worker_id=None, lease_expires=None,
                     attempts=case((JobRow.attempts > 0, JobRow.attempts - 1), else_=0))
+        ).rowcount
+
+
+def expire(url: str, worker_ids) -> int:
+    """End the leases of these workers' running jobs now: Ray reported the workers dead (a
+    crash, an OOM kill, a lost node), so their jobs are taken again at once instead of when
+    ``lease_s`` runs out. The lost claim still counts against ``max_attempts``, so a job that
+    keeps killing its workers still ends failed. A worker that is alive after all (a node cut
+    off from Ray but not from the store) renews at its next heartbeat, unless another worker
+    took the job first: then its heartbeat says the job is no longer its own."""
+    ids = [w for w in worker_ids if w]
+    if not ids:
+        return 0
+    with _engine(url).begin() as conn:
+        return conn.execute(
+            update(JobRow).where(JobRow.state == "running", JobRow.worker_id.in_(ids))
+            .values(lease_expires=now_sql(conn) - 1.0)
         ).rowcount
 
 
