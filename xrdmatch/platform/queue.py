@@ -401,15 +401,9 @@ def release(url: str, worker_ids) -> int:
     """Hand back the running jobs of these workers, which were stopped (Ctrl-C, SIGTERM), not
     lost: queued again at once instead of leased until ``lease_s`` runs out, and the interrupted
     claim does not count against ``max_attempts``. The MD resumes from its checkpoint."""
-    ids = [w for w in worker_ids if w]
-    if not ids:
-        return 0
-    with _engine(url).begin() as conn:
-        return conn.execute(
-            update(JobRow).where(JobRow.state == "running", JobRow.worker_id.in_(ids))
-            .values(state="queued", worker_id=None, lease_expires=None,
-                    attempts=case((JobRow.attempts > 0, JobRow.attempts - 1), else_=0))
-        ).rowcount
+    return _update_running_jobs_of(url, worker_ids, lambda conn: {
+        "state": "queued", "worker_id": None, "lease_expires": None,
+        "attempts": case((JobRow.attempts > 0, JobRow.attempts - 1), else_=0)})
 
 
 def expire(url: str, worker_ids) -> int:
@@ -419,13 +413,17 @@ def expire(url: str, worker_ids) -> int:
     keeps killing its workers still ends failed. A worker that is alive after all (a node cut
     off from Ray but not from the store) renews at its next heartbeat, unless another worker
     took the job first: then its heartbeat says the job is no longer its own."""
+    return _update_running_jobs_of(url, worker_ids, lambda conn: {"lease_expires": now_sql(conn) - 1.0})
+
+
+def _update_running_jobs_of(url: str, worker_ids, values) -> int:
+    """Set ``values(conn)`` on the running jobs these workers hold; returns how many."""
     ids = [w for w in worker_ids if w]
     if not ids:
         return 0
     with _engine(url).begin() as conn:
         return conn.execute(
-            update(JobRow).where(JobRow.state == "running", JobRow.worker_id.in_(ids))
-            .values(lease_expires=now_sql(conn) - 1.0)
+            update(JobRow).where(JobRow.state == "running", JobRow.worker_id.in_(ids)).values(**values(conn))
         ).rowcount
 
 
