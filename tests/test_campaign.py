@@ -4,6 +4,7 @@ and reuses its model in a round without a new label; real Ray, MLflow, CHGNet MD
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -406,13 +407,25 @@ def test_a_round_without_a_new_label_reuses_the_last_model_and_its_version(tmp_p
     from mlflow import MlflowClient
 
     from xrdmatch.config import load_config
-    from xrdmatch.platform.campaign import Context, stage_register, stage_screen, stage_train
+    from xrdmatch.platform.campaign import (
+        Context,
+        stage_patterns,
+        stage_register,
+        stage_screen,
+        stage_train,
+        summary_line,
+    )
+    from xrdmatch.platform.data import iter_jsonl_lines
     from xrdmatch.platform.paths import RunPaths
     from xrdmatch.platform.ray_utils import init_ray
     from xrdmatch.platform.tracking import configure
 
+    db = tmp_path / "db.jsonl"  # 23 entries and a broken line: the patterns stage says where it went
+    lines = [line.strip() for _, line in itertools.islice(iter_jsonl_lines(REPO / "data/mp_li_structures.jsonl.xz"), 23)]
+    db.write_text("\n".join(lines[:10] + ['{"id": "mp-cut", "lattice": [[1, 0'] + lines[10:]) + "\n")
     cfg = load_config(tiny_config(tmp_path, training={"iterations": 2}),
-                      {"run_dir": str(tmp_path / "run"), "database": {"limit": 24}, "xrd": {"batch_size": 12}})
+                      {"run_dir": str(tmp_path / "run"), "database": {"path": str(db), "limit": None},
+                       "xrd": {"batch_size": 12}})
     paths = RunPaths.of(cfg.run_dir)
     cfg.tracking.tracking_uri = paths.mlflow_tracking_uri
     store = CampaignStore(paths.store_url, "c1")
@@ -426,12 +439,16 @@ def test_a_round_without_a_new_label_reuses_the_last_model_and_its_version(tmp_p
             store.ensure_round(rnd)
             with mlflow.start_run(run_name=f"round-{rnd}") as run:
                 ctx.round_run_ids[rnd] = run.info.run_id
-                for name, stage in (("train", stage_train), ("register", stage_register), ("screen", stage_screen)):
+                for name, stage in (("patterns", stage_patterns), ("train", stage_train), ("register", stage_register),
+                                    ("screen", stage_screen)):
                     store.start_stage(rnd, name)
                     res[rnd, name], extra = stage(ctx, rnd)
                     store.finish_stage(rnd, name, res[rnd, name], 0.0, **extra)
     finally:
         ray.shutdown()
+    pat = res[1, "patterns"]
+    assert (pat["n_patterns"], pat["n_failed"]) == (23, 1) and pat["errors_file"].endswith("errors.parquet")
+    assert summary_line(1, "patterns", pat, 1.0).endswith(f"; 1 entries failed, see {pat['errors_file']}")
     tr1, tr2 = res[1, "train"], res[2, "train"]
     assert "reused_from" not in tr1 and tr2["reused_from"] == 1
     assert tr2["train_key"] == tr1["train_key"] and tr2["model_dir"] == tr1["model_dir"]
@@ -442,7 +459,7 @@ def test_a_round_without_a_new_label_reuses_the_last_model_and_its_version(tmp_p
     assert [str(v.version) for v in client.search_model_versions(f"name='{cfg.tracking.registry_name}'")] == ["1"]
     assert client.get_run(ctx.round_run_ids[2]).data.tags["xrdmatch.model_from_round"] == "1"
     scores = {s.round: s for s in store.all_scores()}
-    assert scores[2].sha256 == scores[1].sha256 and scores[2].path != scores[1].path and scores[2].n == 24
+    assert scores[2].sha256 == scores[1].sha256 and scores[2].path != scores[1].path and scores[2].n == 23
 
 
 # ------------------------------------------------------------------------------ status of broken inputs

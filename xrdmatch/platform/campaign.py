@@ -192,10 +192,15 @@ def labelled_groups(cfg: Config, url: str) -> set[str]:
 # stages: each returns (result dict, extra rows for the same transaction)
 # --------------------------------------------------------------------------------------
 def stage_patterns(ctx: Context, rnd: int):
+    from xrdmatch.platform.patterns import ERRORS, patterns_dir_for, read_manifest
+
     t = ctx.patterns()
     ctx.meta()  # builds the structure facts cache the select stage reads
+    out = patterns_dir_for(ctx.cfg)
+    n_failed = int(read_manifest(out)["totals"]["errors"])  # entries without a pattern: say where they are
     return {"n_patterns": int(len(t.ids)), "db_key": ctx.db_key(),
-            "n_md_sized": int((ctx.md_atoms() <= ctx.cfg.validation.max_atoms).sum())}, {}
+            "n_md_sized": int((ctx.md_atoms() <= ctx.cfg.validation.max_atoms).sum()),
+            "n_failed": n_failed, **({"errors_file": str(out / ERRORS)} if n_failed else {})}, {}
 
 
 def training_key(cfg: Config, lineage: dict[str, str]) -> str:
@@ -508,7 +513,8 @@ def summary_line(rnd: int, stage: str, result: dict[str, Any], seconds: float) -
     """One line per finished stage."""
     r = result or {}
     what = {
-        "patterns": lambda: f"{r.get('n_patterns')} patterns ({r.get('n_md_sized')} small enough for MD)",
+        "patterns": lambda: f"{r.get('n_patterns')} patterns ({r.get('n_md_sized')} small enough for MD)"
+                            + (f"; {r['n_failed']} entries failed, see {r.get('errors_file')}" if r.get("n_failed") else ""),
         "train": lambda: (f"no new label since round {r['reused_from']}: its ensemble is this round's; "
                           if r.get("reused_from") else "")
                          + (f"{r.get('n_labelled')} labels {r.get('by_source')}; "
