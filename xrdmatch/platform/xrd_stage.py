@@ -39,6 +39,8 @@ import numpy as np
 
 from xrdmatch import N_BINS, __version__
 from xrdmatch.config import resolve_path
+# _ID_IN_LINE: the parser's own way to find a line's id without parsing it (a helper in databases.py
+# would change the engine_version fingerprint, and with it every pattern cache)
 from xrdmatch.platform.databases import _ID_IN_LINE, DatabaseError, count_entries, database_kind, iter_raw_batches
 from xrdmatch.platform.patterns import (
     ERRORS,
@@ -119,11 +121,11 @@ class StageSummary:
 
     def line(self) -> str:
         state = "done" if self.done else f"UNFINISHED ({len(self.failed_batches)} batches failed; rerun to finish)"
+        lost = f"; {self.replaced_actors} actors replaced" if self.replaced_actors else ""
         return (
             f"XRD {state}: {self.entries} structures, {self.patterns} patterns, {self.failures} failures, "
             f"{self.shards} shards ({self.computed_shards} computed now) in {self.wall_s:.1f} s wall "
-            f"(Ray start {self.ray_start_s:.1f} s{f'; {self.replaced_actors} actors replaced' if self.replaced_actors else ''}), "
-            f"{self.rate:.0f} patterns/s -> {self.out_dir}"
+            f"(Ray start {self.ray_start_s:.1f} s{lost}), {self.rate:.0f} patterns/s -> {self.out_dir}"
         )
 
 
