@@ -298,11 +298,17 @@ def test_ray_rerun_resumes_only_the_same_member(ray_local, tmp_path):
     A = train_ensemble(X, y, None, a_cfg, run_dir=tmp_path, run_name="r").members[0]
     (run_folder,) = (tmp_path / "ray_results").glob("r-member0-*")
     files = {p: p.stat().st_mtime_ns for p in run_folder.rglob("*")}
-    again = train_ensemble(X, y, None, a_cfg, run_dir=tmp_path, run_name="r").members[0]
+
+    class NoRayTrain:  # a tripwire: the finished member must not start a Ray Train run to be read back
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("a finished member started a Ray Train run")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("ray.train.torch.TorchTrainer", NoRayTrain)
+        again = train_ensemble(X, y, None, a_cfg, run_dir=tmp_path, run_name="r").members[0]
     assert all(torch.equal(A.state_dict[k], again.state_dict[k]) for k in A.state_dict)
-    assert again.history == A.history  # restored from the checkpoint, not retrained
-    # read from the final checkpoint its finished run names, without a Ray Train run
-    assert {p: p.stat().st_mtime_ns for p in run_folder.rglob("*")} == files
+    assert again.history == A.history  # restored from its final checkpoint, not retrained
+    assert {p: p.stat().st_mtime_ns for p in run_folder.rglob("*")} == files  # nothing written
     from xrdmatch.training.ray_train import FINISHED_FILE, finished_state
 
     assert finished_state(run_folder, 4)["step"] == 4
