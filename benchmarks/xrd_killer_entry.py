@@ -3,10 +3,10 @@
     python benchmarks/xrd_killer_entry.py [--database PATH] [--at INDEX] [--workers N] [--batch-size B]
 
 Writes the database twice as plain JSONL (same size): as it is (the reference), and with entry
-``--at``'s id replaced by a marked id. A Ray worker setup hook (``xrdmatch.actors.xrd_faults``) makes
-the XRD actors SIGKILL their own process when they read that id, as a crash or an OOM kill in
-the engine would (no input does so on demand). Both run through the stage in one Ray session, into fresh folders, with the
-default config's batch size and retries. Prints both summaries, the killer's error row, whether
+``--at``'s id replaced by a marked id. A Ray worker setup hook (``xrdmatch.actors.xrd_faults``)
+makes the XRD actors SIGKILL their own process when they read that id, as a crash or an OOM
+kill in the engine would (no input does so on demand). Both run through the stage in one Ray
+session, into fresh folders, with the default config's batch size and retries. Prints both summaries, the killer's error row, whether
 every other entry got the same pattern as in the reference run, and the wall-time ratio.
 """
 

@@ -10,7 +10,8 @@ Claiming is one conditional ``UPDATE ... WHERE id = :id AND (state = 'queued' OR
 row's newest version after waiting for a concurrent writer). A worker that dies stops
 renewing its lease, so its job is claimed again once the lease expires (at once when the
 worker's driver saw it die: :func:`expire`); ``attempts`` counts claims and a job that keeps
-killing its workers ends ``failed`` after ``max_attempts``. All times are the store's clock (unix seconds), not the worker's.
+killing its workers ends ``failed`` after ``max_attempts``. All times are the store's clock
+(unix seconds), not the worker's.
 """
 
 from __future__ import annotations
