@@ -73,7 +73,7 @@ def screen(
     import ray
     from ray.exceptions import RayActorError
 
-    from xrdmatch.platform.ray_utils import error_text
+    from xrdmatch.platform.ray_utils import error_text, kill_actors
 
     Scorer = ray.remote(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor)(_Scorer)
     model_ref = ray.put(ensemble)  # once; actors share it
@@ -133,11 +133,7 @@ def screen(
             done, _ = ray.wait(list(pending), num_returns=1)
             collect(done)
     finally:
-        for a in started:
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        kill_actors(*started)
     if np.isnan(p_mean).any():
         raise RuntimeError(f"screening left {int(np.isnan(p_mean).sum())} structures unscored")
     return ScreeningResult(p_mean, p_std, votes)

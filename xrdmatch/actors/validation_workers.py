@@ -367,7 +367,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
     import ray
     from ray.exceptions import RayActorError, RayError
 
-    from xrdmatch.platform.ray_utils import error_text, init_ray
+    from xrdmatch.platform.ray_utils import error_text, init_ray, kill_actors
     from xrdmatch.platform.tracking import configure
 
     v = cfg.validation
@@ -459,7 +459,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
                     continue
                 except RayError as err:  # the call raised inside the actor: replace it, as if it died
                     log.warning("validation worker %d raised: %s", slot, error_text(err))
-                    ray.kill(actor)
+                    kill_actors(actor)
                     lost(slot, err)
                     continue
                 if got is not None:
@@ -471,11 +471,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
                     working[actor.work_one.remote(wait_s)] = (slot, actor)
                 waited = time.monotonic()
     finally:
-        for a in actors:
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        kill_actors(*actors)
         # stopped (Ctrl-C, SIGTERM, an error here): the jobs our live actors held go back to the
         # queue now, not when their leases run out, and without using up an attempt
         try:

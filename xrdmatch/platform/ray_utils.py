@@ -48,6 +48,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None):
     return ray
 
 
+def kill_actors(*actors) -> None:
+    """Kill each actor now; one that is already gone is skipped (pools end this way, error or not)."""
+    import ray
+
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
 def cluster_cpus() -> int:
     import ray
 

@@ -428,7 +428,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
     instead of waiting for an actor that cannot be scheduled.
     """
     from xrdmatch.actors.xrd_actors import new_worker
-    from xrdmatch.platform.ray_utils import cluster_cpus, error_text, init_ray
+    from xrdmatch.platform.ray_utils import cluster_cpus, error_text, init_ray, kill_actors
 
     t_ray = time.perf_counter()
     ray = init_ray(ray_address, num_cpus)
@@ -483,10 +483,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
             return  # another batch of the same dead actor already had it replaced
         replaced += 1
         alive[slot] = alone[slot] = False
-        try:
-            ray.kill(pool[slot])
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        kill_actors(pool[slot])
         pool[slot] = new_worker()
         starting[pool[slot].ready.remote()] = slot
 
@@ -587,11 +584,7 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
     finally:
         if bar is not None:
             bar.close()
-        for a in pool:
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
+        kill_actors(*pool)
     return computed, entries_now, failed, ray_s, replaced
 
 
