@@ -201,6 +201,19 @@ def _cli_worker_mid_md(tmp_path: Path, records, **validation) -> SimpleNamespace
     return SimpleNamespace(cfg=cfg, url=url, sid=sid, jid=jid, cfg_file=cfg_file, log=log, proc=proc, job=job)
 
 
+def _ran_to_its_end(summary, url: str, jid: int, sid: str) -> queue.Job:
+    """The resumed job ended with a result, and with a label exactly when it ended ``done``.
+    Either end counts: these few steps of MD at 2 temperatures come out superionic or (a
+    negative Ea from the noise) inconclusive depending on where the first worker was stopped,
+    since the thermostat restarts at a resume (md.py)."""
+    job = queue.get_job(url, jid)
+    assert [(o.job_id, o.state) for o in summary.outcomes] == [(jid, job.state)], summary
+    assert job.state in ("done", "inconclusive") and job.result["structure_id"] == sid, job
+    labels = list_labels(url)
+    assert [(lab.structure_id, lab.job_id) for lab in labels] == ([(sid, jid)] if job.state == "done" else [])
+    return job
+
+
 def test_killed_worker_job_is_finished_by_another_after_the_lease(tmp_path, records, ray_local):
     from xrdmatch.actors.validation_workers import run_workers
 
@@ -227,15 +240,12 @@ def test_killed_worker_job_is_finished_by_another_after_the_lease(tmp_path, reco
     killed_at, killed_t = job.progress["fraction"], job.progress["temperature"]
 
     summary = run_workers(cfg, n=1)  # waits for the dead worker's lease, then takes the job over
-    assert [(o.job_id, o.state) for o in summary.outcomes] == [(jid, "done")]
-    job = queue.get_job(url, jid)
-    assert job.state == "done" and job.attempts == 2 and int(job.worker_id.split(":")[1]) != actor_pid
+    job = _ran_to_its_end(summary, url, jid, sid)
+    assert job.attempts == 2 and int(job.worker_id.split(":")[1]) != actor_pid
     # the second worker resumed the MD from its checkpoint instead of starting over
     assert job.progress["fraction_at_claim"] == killed_at
     t_first, step_first = job.progress["first_progress"]
     assert t_first > killed_t or (t_first == killed_t and step_first > cfg.validation.traj_interval), job.progress
-    labels = list_labels(url)
-    assert len(labels) == 1 and labels[0].structure_id == sid and labels[0].job_id == jid
 
 
 def test_a_stopped_worker_hands_its_job_back_at_once(tmp_path, records, ray_local):
@@ -261,10 +271,9 @@ def test_a_stopped_worker_hands_its_job_back_at_once(tmp_path, records, ray_loca
     assert 0 < stopped_at < 1
 
     summary = run_workers(cfg, n=1)  # at once: with a 10-minute lease only a handed-back job can be taken now
-    assert [(o.job_id, o.state) for o in summary.outcomes] == [(jid, "done")]
-    job = queue.get_job(url, jid)
+    job = _ran_to_its_end(summary, url, jid, sid)
     assert job.attempts == 1 and job.progress["fraction_at_claim"] == stopped_at  # resumed, not restarted
-    assert [lab.structure_id for lab in list_labels(url)] == [sid]
+
 
 def test_workers_lost_for_good_is_an_error_not_a_finished_run(tmp_path, records, ray_local):
     """With no replacement left (max_restarts 0), a worker killed mid-MD leaves nobody to do the
