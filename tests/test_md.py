@@ -21,7 +21,7 @@ from pymatgen.core import Lattice, Structure  # noqa: E402
 from pymatgen.io.ase import AseAtomsAdaptor  # noqa: E402
 
 from xrdmatch.config import ValidationConfig  # noqa: E402
-from xrdmatch.simulation.md import choose_supercell, read_frames  # noqa: E402
+from xrdmatch.simulation.md import choose_supercell, read_frames, run_temperature  # noqa: E402
 from xrdmatch.simulation.validate import (  # noqa: E402
     CalculatorUnavailable,
     ValidationInputError,
@@ -200,6 +200,57 @@ def test_exploding_cell_is_inconclusive(tmp_path):
     assert r2.reason == r.reason
 
 
+class _Stop(Exception):
+    pass
+
+
+def _same_frames(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x.positions, y.positions)
+                                    and np.array_equal(x.get_momenta(), y.get_momenta()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("thermostat", ["nose-hoover", "langevin", "berendsen"])
+def test_a_resumed_md_makes_the_frames_of_an_uninterrupted_one(tmp_path, thermostat):
+    """The thermostat's state is checkpointed with each frame: a run stopped after a frame, and
+    one killed between writing a frame and its state (that frame is then computed again),
+    continue to the very trajectory of a run never stopped. (CHGNet, which builds its graph
+    anew for each call; a calculator that keeps a neighbour list between calls, such as EMT,
+    differs in the last bits after a restart however the MD is checkpointed.)"""
+    from xrdmatch.simulation.calculators import get_calculator
+
+    atoms = AseAtomsAdaptor.get_atoms(li2o())
+    calc, _ = get_calculator("chgnet")
+    cfg = tiny_cfg(thermostat=thermostat, equilibration_steps=4, production_steps=12)
+
+    def run(d: Path, stop_at: int | None = None) -> None:
+        def progress(T, step, n):
+            if step == stop_at:
+                raise _Stop
+        try:
+            run_temperature(atoms, calc, 1200.0, cfg, d, "p", progress=progress)
+        except _Stop:
+            pass
+
+    run(tmp_path / "ref")
+    ref = read_frames(tmp_path / "ref" / "md.traj")
+    assert len(ref) == 9 and not _same_frames(ref[:2], ref[1:3])  # it moves
+
+    run(tmp_path / "a", stop_at=6)  # stopped after frame 3 and its state
+    assert len(read_frames(tmp_path / "a" / "md.traj")) == 4
+    run(tmp_path / "a")
+    assert _same_frames(read_frames(tmp_path / "a" / "md.traj"), ref)
+
+    # killed after writing frame 5 but before its state: the state of frame 4 is on disk
+    b = tmp_path / "b"
+    run(b, stop_at=8)
+    state4 = (b / "state.json").read_text()
+    run(b, stop_at=10)
+    (b / "state.json").write_text(state4)
+    assert len(read_frames(b / "md.traj")) == 6 and json.loads(state4)["frames"] == 5
+    run(b)
+    assert _same_frames(read_frames(b / "md.traj"), ref)
+
+
 RUNNER = textwrap.dedent(
     """
     import sys, torch
@@ -252,6 +303,11 @@ def test_kill9_resumes_from_last_frame(tmp_path):
     for a, b in zip(before, after[: len(before)]):
         assert np.array_equal(a.positions, b.positions)
     assert beats  # the queue's lease is renewed
+    # ... and continued to the very trajectory and result of a run never killed
+    ref = run_validation(li2o(), cfg, tmp_path / "ref", "li2o")
+    for T in ("1000K", "1400K"):
+        assert _same_frames(read_frames(work / T / "md.traj"), read_frames(tmp_path / "ref" / T / "md.traj")), T
+    assert r.diffusivity == ref.diffusivity and r.verdict == ref.verdict
     assert r.temperatures_done == [1000.0, 1400.0]
     assert set(r.diffusivity) == {1000.0, 1400.0} and all(d > 0 for d in r.diffusivity.values())
     assert r.verdict in {"superionic", "not_superionic", "inconclusive"} and r.reason

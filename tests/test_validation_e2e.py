@@ -203,9 +203,9 @@ def _cli_worker_mid_md(tmp_path: Path, records, **validation) -> SimpleNamespace
 
 def _ran_to_its_end(summary, url: str, jid: int, sid: str) -> queue.Job:
     """The resumed job ended with a result, and with a label exactly when it ended ``done``.
-    Either end counts: these few steps of MD at 2 temperatures come out superionic or (a
-    negative Ea from the noise) inconclusive depending on where the first worker was stopped,
-    since the thermostat restarts at a resume (md.py)."""
+    Either end counts: these tests are about handing the job over. The verdict of these few MD
+    steps is a coin toss (a negative Ea from the noise is inconclusive), and test_md checks that
+    a resumed MD gives the result of one never stopped."""
     job = queue.get_job(url, jid)
     assert [(o.job_id, o.state) for o in summary.outcomes] == [(jid, job.state)], summary
     assert job.state in ("done", "inconclusive") and job.result["structure_id"] == sid, job

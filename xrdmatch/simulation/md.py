@@ -4,13 +4,18 @@ One temperature = one folder ``<workdir>/<T>K/`` holding ``md.traj`` (an ``ase.i
 one frame every ``traj_interval`` steps, frame 0 = the start) and ``state.json`` (written
 atomically). A killed run resumes from the last frame of the trajectory (positions, momenta;
 the step is the frame count) and appends; a finished temperature is skipped. The thermostat's
-own state (Nose-Hoover chain variables, Langevin RNG) restarts at a resume: an NVT run stays a
-valid NVT sample, it is just not bit-identical to an uninterrupted one.
+own state (Nose-Hoover chain variables, Langevin generator) is saved in ``state.json`` with every
+frame and restored, so a resumed run continues the trajectory an uninterrupted one makes (the
+same frames and verdict, with a calculator that keeps no state between calls, such as CHGNet).
+A frame written without its state (a kill between the two) is computed again. A checkpoint
+without a state for its last frame (a run by an older version, a trajectory that lost frames)
+restarts the thermostat: still a valid NVT sample, not the same one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -23,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from xrdmatch.config import ValidationConfig
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[float, int, int], None]
 Heartbeat = Callable[[], None]
@@ -265,6 +272,41 @@ def _thermostat(atoms, cfg: ValidationConfig, temperature: float, seed_key: tupl
     return NVTBerendsen(atoms, timestep=dt, temperature_K=temperature, taut=tau)
 
 
+def thermostat_state(dyn) -> dict[str, Any]:
+    """What the thermostat carries besides positions and momenta: the Nose-Hoover chain's
+    variables or the Langevin generator's state (ASE keeps the chain's private: a version that
+    renames them gives only the kind, and resumes restart the chain)."""
+    nhc = getattr(dyn, "_thermostat", None)
+    eta, p_eta = getattr(nhc, "_eta", None), getattr(nhc, "_p_eta", None)
+    if isinstance(eta, np.ndarray) and isinstance(p_eta, np.ndarray):
+        return {"kind": "nose-hoover", "eta": eta.tolist(), "p_eta": p_eta.tolist()}
+    rng = getattr(dyn, "rng", None)
+    if isinstance(rng, np.random.Generator):
+        return {"kind": "langevin", "rng": rng.bit_generator.state}
+    return {"kind": type(dyn).__name__}
+
+
+_STATELESS = ("NVTBerendsen",)  # thermostats with nothing to carry between steps
+
+
+def restore_thermostat(dyn, saved: dict[str, Any]) -> bool:
+    """Put a ``thermostat_state`` back; False when it does not fit this thermostat."""
+    kind = thermostat_state(dyn)["kind"]
+    if saved.get("kind") != kind:
+        return False
+    if kind == "nose-hoover":
+        nhc = dyn._thermostat
+        eta, p_eta = np.asarray(saved["eta"], float), np.asarray(saved["p_eta"], float)
+        if eta.shape != nhc._eta.shape or p_eta.shape != nhc._p_eta.shape:
+            return False
+        nhc._eta, nhc._p_eta = eta, p_eta
+        return True
+    if kind == "langevin":
+        dyn.rng.bit_generator.state = saved["rng"]
+        return True
+    return kind in _STATELESS
+
+
 def frame_counts(cfg: ValidationConfig) -> tuple[int, int]:
     """(equilibration frames, production frames); step counts are rounded up to traj_interval."""
     k = cfg.traj_interval
@@ -317,6 +359,9 @@ def run_temperature(
             )
 
     frames = read_frames(traj_path)
+    saved = (state or {}).get("thermostat")
+    if saved is not None and int(state.get("frames", -1)) == len(frames) - 1:
+        frames = frames[:-1]  # killed between a frame and its state: recompute that frame, identically
     md_seconds = float(state.get("md_seconds", 0.0)) if state else 0.0
     if frames:
         atoms = frames[-1].copy()
@@ -331,6 +376,12 @@ def run_temperature(
         start = 0
     atoms.calc = calc
     n_frames = len(frames)
+    dyn = _thermostat(atoms, cfg, temperature, (cfg.seed, int(temperature), start))
+    dyn.nsteps = start  # observers fire on nsteps % interval == 0, and not again for the resumed frame
+    if frames and not (saved is not None and int(state.get("frames", -1)) == n_frames
+                       and restore_thermostat(dyn, saved)):
+        log.warning("%s: the thermostat restarts at frame %d (no saved state for that frame): the run "
+                    "goes on as a valid NVT sample, not the one an uninterrupted run makes", tdir, n_frames - 1)
 
     def save_state(status: str, reason: str | None = None) -> None:
         write_json_atomic(
@@ -348,6 +399,7 @@ def run_temperature(
                 "traj_interval": k,
                 "timestep_fs": cfg.timestep_fs,
                 "md_seconds": md_seconds,
+                "thermostat": thermostat_state(dyn),  # of the last frame: a resume continues from both
             },
         )
 
@@ -356,8 +408,6 @@ def run_temperature(
         save_state("done")
         return TemperatureRun(temperature, traj_path, True, None, n_frames, md_seconds, 0)
 
-    dyn = _thermostat(atoms, cfg, temperature, (cfg.seed, int(temperature), start))
-    dyn.nsteps = start  # observers fire on nsteps % interval == 0, and not again for the resumed frame
     t0 = time.monotonic()
     last_beat = [t0]
     min_d = 0.5 * cfg.min_distance
