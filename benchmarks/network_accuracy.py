@@ -77,8 +77,9 @@ def main() -> None:
         export_jobs(Path(args.export_jobs), Path(args.dir), data, exports)
         return
     nets = list(results)
+    over = results[nets[0]]["results"][0].get("std_over", "repeats")  # one repeat: the folds' spread
     print(f"\ngrouped-cv: {args.folds} folds x {args.repeats} repeats by reduced formula, "
-          f"{args.iterations} iterations, mean ± std over repeats")
+          f"{args.iterations} iterations, mean ± std over {over}")
     print(f"{'network':12s} {'method':12s} {'macro-F1':>14s} {'F1 superionic':>14s} {'PR-AUC':>14s} {'wall s':>8s}")
     for net in nets:
         for r in results[net]["results"]:
