@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -49,19 +50,40 @@ def _env(**extra) -> dict[str, str]:
     return env
 
 
-def _raylet_pids(marker: str) -> list[int]:
-    """PIDs of raylet processes whose command line carries this node's custom resource."""
-    pids = []
+def _cmdlines():
+    """(pid, command line) of every process on the machine."""
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            yield int(d.name), (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "raylet" in cmd.split(" ")[0] and marker in cmd:
-            pids.append(int(d.name))
-    return pids
+
+
+def _raylet_pids(marker: str) -> list[int]:
+    """PIDs of raylet processes whose command line carries this node's custom resource."""
+    return [pid for pid, cmd in _cmdlines() if "raylet" in cmd.split(" ")[0] and marker in cmd]
+
+
+def _cluster_pids(port: int, temp: Path) -> list[int]:
+    """This test cluster's processes: they name its GCS address or its temp dir."""
+    own = re.compile(rf"127\.0\.0\.1:{port}\b|{re.escape(str(temp))}")
+    return [pid for pid, cmd in _cmdlines() if pid != os.getpid() and own.search(cmd)]
+
+
+def _stop_cluster(port: int, temp: Path) -> None:
+    """Kill this cluster and nothing else: `ray stop --force` kills every Ray on the machine,
+    such as a campaign or a benchmark someone runs beside the tests."""
+    for pid in _cluster_pids(port, temp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 30
+    while _cluster_pids(port, temp) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _cluster_pids(port, temp), "test cluster processes outlived SIGKILL"
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +104,7 @@ def head(tmp_path_factory):
         assert head.returncode == 0, head.stdout + head.stderr
         yield f"127.0.0.1:{port}"
     finally:
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+        _stop_cluster(port, temp)
         os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
 
 
