@@ -360,7 +360,8 @@ def run_temperature(
 
     frames = read_frames(traj_path)
     saved = (state or {}).get("thermostat")
-    if saved is not None and int(state.get("frames", -1)) == len(frames) - 1:
+    saved_at = int(state.get("frames", -1)) if saved is not None else -1  # frames written when it was saved
+    if frames and saved_at == len(frames) - 1:
         frames = frames[:-1]  # killed between a frame and its state: recompute that frame, identically
     md_seconds = float(state.get("md_seconds", 0.0)) if state else 0.0
     if frames:
@@ -378,8 +379,7 @@ def run_temperature(
     n_frames = len(frames)
     dyn = _thermostat(atoms, cfg, temperature, (cfg.seed, int(temperature), start))
     dyn.nsteps = start  # observers fire on nsteps % interval == 0, and not again for the resumed frame
-    if frames and not (saved is not None and int(state.get("frames", -1)) == n_frames
-                       and restore_thermostat(dyn, saved)):
+    if frames and not (saved_at == n_frames and restore_thermostat(dyn, saved)):
         log.warning("%s: the thermostat restarts at frame %d (no saved state for that frame): the run "
                     "goes on as a valid NVT sample, not the one an uninterrupted run makes", tdir, n_frames - 1)
 
