@@ -342,7 +342,7 @@ def _run_locked(db, kind, out, ident, t0, workers, batch_size, limit, progress, 
     computed, entries_now, failed, ray_s, replaced = 0, 0, {}, 0.0, 0
     if first is not None:
         computed, entries_now, failed, ray_s, replaced = _run_pool(
-            out, ident, done, first, batches, workers, max_retries, ray_address, num_cpus, total_f, t0
+            out, ident, done, first, batches, workers, max_retries, ray_address, num_cpus, total_f
         )
 
     finished = not failed
@@ -416,10 +416,23 @@ class _Split:
                            sum(r.seconds for _, r in self.parts))
 
 
-def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_address, num_cpus, total_f, t0):
+def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_address, num_cpus, total_f):
     """Feed batches to the actor pool, write results as they come.
 
     Returns (shards written, entries written, failed batches, Ray start s, actors replaced).
+    """
+    from xrdmatch.platform.ray_utils import cluster_cpus, init_ray
+
+    t_ray = time.perf_counter()
+    ray = init_ray(ray_address, num_cpus)
+    ray_s = time.perf_counter() - t_ray
+    run = _PoolRun(ray, out, ident, done, first, batches, workers or max(1, cluster_cpus()), max_retries, total_f)
+    run.run()
+    return run.computed, run.entries_now, run.failed, ray_s, run.replaced
+
+
+class _PoolRun:
+    """One run of the actor pool over the batches left.
 
     An actor gets work only once it is up (its ``ready`` call returned). A lost actor (its
     process or its whole node died) fails its in-flight batches at once; they go back to the
@@ -427,165 +440,187 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
     only once Ray can place it, so a cluster that lost a node finishes on the nodes it has left
     instead of waiting for an actor that cannot be scheduled.
     """
-    from xrdmatch.actors.xrd_actors import new_worker
-    from xrdmatch.platform.ray_utils import cluster_cpus, error_text, init_ray, kill_actors
 
-    t_ray = time.perf_counter()
-    ray = init_ray(ray_address, num_cpus)
-    ray_s = time.perf_counter() - t_ray
-    n = workers or max(1, cluster_cpus())
-    pool = [new_worker() for _ in range(n)]
-    starting = {pool[s].ready.remote(): s for s in range(n)}  # ready ref -> slot
-    alive = [False] * n
-    bar = _progress_bar(total_f, sum(m["entries"] for m in done.values()))
-    meta = {"run": _run_tag(ident)}
-    inflight: dict[Any, tuple[_Task, int, Any]] = {}  # ref -> (task, slot, actor)
-    load = [0] * n
-    alone = [False] * n  # the slot runs a suspect task: nothing else goes there
-    queue: list[_Task] = [_Task(first[0], first[1], 0, 0, False)]
-    exhausted = False
-    failed: dict[int, str] = {}
-    splits: dict[int, _Split] = {}
-    killers = replaced = 0
-    computed = entries_now = 0
-    last_manifest = time.monotonic()
-    no_actor_since: float | None = None
+    def __init__(self, ray, out, ident, done, first, batches, n, max_retries, total_f):
+        from xrdmatch.actors.xrd_actors import new_worker
 
-    def next_task(idle: bool) -> _Task | None:
-        nonlocal exhausted
-        for i, t in enumerate(queue):
+        self.ray, self.out, self.ident, self.done, self.batches, self.n = ray, out, ident, done, batches, n
+        self.max_retries, self.total_f = max_retries, total_f
+        self.new_worker = new_worker
+        self.meta = {"run": _run_tag(ident)}
+        # actor slots: the actor, whether it is up, batches it holds, whether it runs a suspect alone
+        self.pool = [new_worker() for _ in range(n)]
+        self.starting = {self.pool[s].ready.remote(): s for s in range(n)}  # ready ref -> slot
+        self.alive = [False] * n
+        self.load = [0] * n
+        self.alone = [False] * n
+        self.inflight: dict[Any, tuple[_Task, int, Any]] = {}  # ref -> (task, slot, actor)
+        # work: tasks to run again (retried, suspect, halves) before the database's next batch
+        self.queue: list[_Task] = [_Task(first[0], first[1], 0, 0, False)]
+        self.exhausted = False
+        self.splits: dict[int, _Split] = {}
+        # outcome
+        self.failed: dict[int, str] = {}
+        self.killers = self.replaced = self.computed = self.entries_now = 0
+        self.failed_starts = 0
+        self.bar = _progress_bar(total_f, sum(m["entries"] for m in done.values()))
+
+    def run(self) -> None:
+        from xrdmatch.platform.ray_utils import kill_actors
+
+        last_manifest = time.monotonic()
+        no_actor_since: float | None = None
+        try:
+            while self.inflight or self.work_left():
+                self.fill()
+                if not self.inflight and not self.work_left():
+                    break
+                if not any(self.alive):
+                    no_actor_since = no_actor_since or time.monotonic()
+                    if time.monotonic() - no_actor_since > NO_ACTOR_WARN_S:
+                        log.warning("no XRD actor could be placed for %.0f s: does the cluster have free CPUs?",
+                                    time.monotonic() - no_actor_since)
+                        no_actor_since = time.monotonic()
+                else:
+                    no_actor_since = None
+                ready, _ = self.ray.wait(list(self.inflight) + list(self.starting), num_returns=1,
+                                         timeout=NO_ACTOR_WARN_S)
+                for ref in ready:
+                    if ref in self.starting:
+                        self.started(ref)
+                    else:
+                        self.returned(ref)
+                if time.monotonic() - last_manifest > MANIFEST_EVERY_S:
+                    _write_manifest(self.out, _manifest(self.ident, self.done, False, {}))
+                    last_manifest = time.monotonic()
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            kill_actors(*self.pool)
+
+    def work_left(self) -> bool:
+        return bool(self.queue) or not self.exhausted
+
+    def next_task(self, idle: bool) -> _Task | None:
+        for i, t in enumerate(self.queue):
             if idle or not t.suspect:
-                return queue.pop(i)
-        if queue:
+                return self.queue.pop(i)
+        if self.queue:
             return None  # only suspects wait: let this actor drain, then it takes one
-        if exhausted:
+        if self.exhausted:
             return None
-        b = next(batches, None)
+        b = next(self.batches, None)
         if b is None:
-            exhausted = True
+            self.exhausted = True
             return None
         return _Task(b[0], b[1], 0, 0, False)
 
-    def fill():
-        for slot in sorted(range(n), key=lambda s: load[s]):
-            while alive[slot] and not alone[slot] and load[slot] < INFLIGHT_PER_ACTOR:
-                t = next_task(idle=load[slot] == 0)
+    def fill(self) -> None:
+        for slot in sorted(range(self.n), key=lambda s: self.load[s]):
+            while self.alive[slot] and not self.alone[slot] and self.load[slot] < INFLIGHT_PER_ACTOR:
+                t = self.next_task(idle=self.load[slot] == 0)
                 if t is None:
                     break
-                ref = pool[slot].run.remote(t.k, t.items, meta)
-                inflight[ref] = (t, slot, pool[slot])
-                load[slot] += 1
-                alone[slot] = t.suspect
+                ref = self.pool[slot].run.remote(t.k, t.items, self.meta)
+                self.inflight[ref] = (t, slot, self.pool[slot])
+                self.load[slot] += 1
+                self.alone[slot] = t.suspect
 
-    def replace(slot: int, dead: Any) -> None:
-        nonlocal replaced
-        if pool[slot] is not dead:
+    def replace(self, slot: int, dead: Any) -> None:
+        from xrdmatch.platform.ray_utils import kill_actors
+
+        if self.pool[slot] is not dead:
             return  # another batch of the same dead actor already had it replaced
-        replaced += 1
-        alive[slot] = alone[slot] = False
-        kill_actors(pool[slot])
-        pool[slot] = new_worker()
-        starting[pool[slot].ready.remote()] = slot
+        self.replaced += 1
+        self.alive[slot] = self.alone[slot] = False
+        kill_actors(self.pool[slot])
+        self.pool[slot] = self.new_worker()
+        self.starting[self.pool[slot].ready.remote()] = slot
 
-    def work_left() -> bool:
-        return bool(queue) or not exhausted
+    def started(self, ref: Any) -> None:
+        """An actor's ``ready`` call returned: it takes work, or it is replaced."""
+        from xrdmatch.platform.ray_utils import error_text
 
-    def write(k: int, res: Any) -> None:
-        nonlocal computed, entries_now
+        slot = self.starting.pop(ref)
+        try:
+            self.ray.get(ref)
+            self.alive[slot] = True
+            self.failed_starts = 0
+        except self.ray.exceptions.RayError as e:
+            self.failed_starts += 1
+            if self.failed_starts >= MAX_FAILED_STARTS * self.n:  # broken nodes/image: say why, never spin
+                raise StageError(f"no XRD actor could start ({self.failed_starts} tries in a row): "
+                                 f"{error_text(e)}") from None
+            self.replace(slot, self.pool[slot])
+
+    def returned(self, ref: Any) -> None:
+        """A batch (or part of one) came back: write it once all of it is in, or handle its failure."""
+        t, slot, actor = self.inflight.pop(ref)
+        self.load[slot] -= 1
+        if t.suspect:
+            self.alone[slot] = False
+        try:
+            res = self.ray.get(ref)
+        except self.ray.exceptions.RayError as e:
+            self.failure(t, slot, actor, e)
+            return
+        if t.k in self.splits:
+            sp = self.splits[t.k]
+            sp.parts.append((t.off, res))
+            sp.left -= 1
+            if sp.left:
+                return
+            res = self.splits.pop(t.k).merged(t.k, self.meta)
+        self.write(t.k, res)
+
+    def failure(self, t: _Task, slot: int, actor: Any, e: BaseException) -> None:
+        """Requeue, split, retry, name a killer entry, or give the batch up for this run."""
+        from xrdmatch.platform.ray_utils import error_text
+
+        k = t.k
+        died = isinstance(e, self.ray.exceptions.RayActorError)
+        if died:
+            self.replace(slot, actor)  # the actor (or its node) is gone; its batches go to the others
+        if died and not t.suspect:  # not known to have killed it: run it again, alone
+            self.queue.append(t._replace(suspect=True))
+        elif died and len(t.items) > 1:  # it killed its actor: halve it, the other half finishes
+            self.splits.setdefault(k, _Split(len(t.items))).left += 1
+            h = len(t.items) // 2
+            self.queue += [_Task(k, t.items[:h], 0, t.off, True), _Task(k, t.items[h:], 0, t.off + h, True)]
+        elif t.attempt < self.max_retries:
+            self.queue.append(t._replace(attempt=t.attempt + 1))
+        elif died and self.killers < MAX_KILLER_ENTRIES:
+            self.killers += 1
+            sid, where = _raw_id(t.items[0])
+            tries = t.attempt + 1
+            why = (f"{where}: the XRD worker died computing this entry, alone, {tries} "
+                   f"time{'s' if tries > 1 else ''} ({_death_text(e)})")
+            log.warning("%s", why)
+            sp = self.splits.setdefault(k, _Split(1))
+            sp.killers.append((t.off, sid, why))
+            sp.left -= 1
+            if not sp.left:
+                self.write(k, self.splits.pop(k).merged(k, self.meta))
+        elif died:
+            self.failed[k] = (f"{self.killers} entries killed their workers in this run and another one did in "
+                              f"this batch: that looks like broken workers or nodes, not entries ({error_text(e)})")
+        else:
+            self.failed[k] = error_text(e)
+
+    def write(self, k: int, res: Any) -> None:
+        """Errors part before shard, each atomically: the shard is the proof that batch k is done."""
         if res.errors is not None:
-            atomic_write_bytes(errors_part_path(out, k), res.errors)
-        atomic_write_bytes(shard_path(out, k), res.shard)
-        done[k] = {"batch": k, "entries": res.n_entries, "ok": res.n_ok, "errors": res.n_errors}
-        computed += 1
-        entries_now += res.n_entries
+            atomic_write_bytes(errors_part_path(self.out, k), res.errors)
+        atomic_write_bytes(shard_path(self.out, k), res.shard)
+        self.done[k] = {"batch": k, "entries": res.n_entries, "ok": res.n_ok, "errors": res.n_errors}
+        self.computed += 1
+        self.entries_now += res.n_entries
+        bar, total_f = self.bar, self.total_f
         if bar is not None:
             if bar.total is None and total_f is not None and total_f.done() and not total_f.exception():
                 bar.total = total_f.result()
             bar.update(res.n_entries)
-            bar.set_postfix(failures=sum(m["errors"] for m in done.values()), refresh=False)
-
-    failed_starts = 0
-    try:
-        while inflight or work_left():
-            fill()
-            if not inflight and not work_left():
-                break
-            if not any(alive):
-                no_actor_since = no_actor_since or time.monotonic()
-                if time.monotonic() - no_actor_since > NO_ACTOR_WARN_S:
-                    log.warning("no XRD actor could be placed for %.0f s: does the cluster have free CPUs?",
-                                time.monotonic() - no_actor_since)
-                    no_actor_since = time.monotonic()
-            else:
-                no_actor_since = None
-            ready, _ = ray.wait(list(inflight) + list(starting), num_returns=1, timeout=NO_ACTOR_WARN_S)
-            for ref in ready:
-                if ref in starting:
-                    slot = starting.pop(ref)
-                    try:
-                        ray.get(ref)
-                        alive[slot] = True
-                        failed_starts = 0
-                    except ray.exceptions.RayError as e:
-                        failed_starts += 1
-                        if failed_starts >= MAX_FAILED_STARTS * n:  # broken nodes/image: say why, never spin
-                            raise StageError(f"no XRD actor could start ({failed_starts} tries in a row): "
-                                             f"{error_text(e)}") from None
-                        replace(slot, pool[slot])
-                    continue
-                t, slot, actor = inflight.pop(ref)
-                k = t.k
-                load[slot] -= 1
-                if t.suspect:
-                    alone[slot] = False
-                try:
-                    res = ray.get(ref)
-                except ray.exceptions.RayError as e:
-                    died = isinstance(e, ray.exceptions.RayActorError)
-                    if died:
-                        replace(slot, actor)  # the actor (or its node) is gone; its batches go to the others
-                    if died and not t.suspect:  # not known to have killed it: run it again, alone
-                        queue.append(t._replace(suspect=True))
-                    elif died and len(t.items) > 1:  # it killed its actor: halve it, the other half finishes
-                        splits.setdefault(k, _Split(len(t.items))).left += 1
-                        h = len(t.items) // 2
-                        queue += [_Task(k, t.items[:h], 0, t.off, True), _Task(k, t.items[h:], 0, t.off + h, True)]
-                    elif t.attempt < max_retries:
-                        queue.append(t._replace(attempt=t.attempt + 1))
-                    elif died and killers < MAX_KILLER_ENTRIES:
-                        killers += 1
-                        sid, where = _raw_id(t.items[0])
-                        tries = t.attempt + 1
-                        why = (f"{where}: the XRD worker died computing this entry, alone, {tries} "
-                               f"time{'s' if tries > 1 else ''} ({_death_text(e)})")
-                        log.warning("%s", why)
-                        sp = splits.setdefault(k, _Split(1))
-                        sp.killers.append((t.off, sid, why))
-                        sp.left -= 1
-                        if not sp.left:
-                            write(k, splits.pop(k).merged(k, meta))
-                    elif died:
-                        failed[k] = (f"{killers} entries killed their workers in this run and another one did in this "
-                                     f"batch: that looks like broken workers or nodes, not entries ({error_text(e)})")
-                    else:
-                        failed[k] = error_text(e)
-                    continue
-                if k in splits:
-                    sp = splits[k]
-                    sp.parts.append((t.off, res))
-                    sp.left -= 1
-                    if sp.left:
-                        continue
-                    res = splits.pop(k).merged(k, meta)
-                write(k, res)
-            if time.monotonic() - last_manifest > MANIFEST_EVERY_S:
-                _write_manifest(out, _manifest(ident, done, False, {}))
-                last_manifest = time.monotonic()
-    finally:
-        if bar is not None:
-            bar.close()
-        kill_actors(*pool)
-    return computed, entries_now, failed, ray_s, replaced
+            bar.set_postfix(failures=sum(m["errors"] for m in self.done.values()), refresh=False)
 
 
 def _progress_bar(total_f, initial: int):
