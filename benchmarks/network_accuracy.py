@@ -5,7 +5,7 @@ grouped-cv`: folds grouped by reduced formula, the same splits, seeds and iterat
 0.5, nothing chosen on a test fold), so the per-fold differences are paired. Prints each
 network's metrics, the paired per-fold macro-F1 difference and the wall-time ratio.
 
-    python benchmarks/network_accuracy.py [--methods supervised] [--iterations 200] [--repeats 2]
+    python benchmarks/network_accuracy.py [--methods supervised] [--iterations 200] [--repeats 2] [--calls]
 
 The default compares the supervised single model (vgg16_paper with FlexMatch costs ~10-20 s per
 iteration on one CPU core, benchmarks/train_throughput.py; its 10 FlexMatch members would add
@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dir", default="runs/bench/network-accuracy")
+    ap.add_argument("--calls", action="store_true",
+                    help="also print, per fold, how many test compounds each model called superionic")
     ap.add_argument("--export-jobs", metavar="DIR",
                     help="write the member trainings that --dir does not hold yet (and their data) to DIR, "
                          "train nothing; scripts/train_member_jobs.py trains them elsewhere")
@@ -100,10 +102,28 @@ def main() -> None:
             print("wall time: not comparable, members came from the cache (above)")
         else:
             print(f"wall time {other} / {base}: {walls[other] / max(walls[base], 1e-9):.1f}x")
+    if args.calls:
+        print_calls(results)
     for net, (n_cached, n) in cached.items():
         if n_cached:
             print(f"{net}: {n_cached} of {n} member trainings read from the cache in {args.dir} "
                   f"(trained before or on another machine), wall s counts only the rest")
+
+
+def print_calls(results: dict) -> None:
+    """Called superionic (at the evaluation's threshold) against truly superionic, per test fold:
+    what a low macro-F1 with an unchanged PR-AUC is made of (a shifted threshold, not a lost ranking)."""
+    print("called superionic / truly superionic / compounds, per test fold (repeat/fold order)")
+    for net, res in results.items():
+        for m, cols in res["predictions"].items():
+            keys = sorted(set(zip(cols["repeat"], cols["fold"])))
+            rows = list(zip(cols["repeat"], cols["fold"], cols["pred"], cols["y"]))
+            cells = []
+            for key in keys:
+                pred = [p for r, f, p, _ in rows if (r, f) == key]
+                true = [y for r, f, _, y in rows if (r, f) == key]
+                cells.append(f"{sum(pred)}/{sum(true)}/{len(pred)}")
+            print(f"{net:12s} {m:12s} " + " ".join(f"{c:>8s}" for c in cells))
 
 
 def export_jobs(out: Path, run_root: Path, data, exports: list) -> None:
