@@ -30,17 +30,26 @@ from xrdmatch.simulation.xrd import xrd_pattern
 
 #: An entry with this id kills the worker process that reads it (xrdmatch.actors.xrd_faults).
 KILLER_ID = "test-entry-that-kills-its-worker"
+#: The batch holding an entry with this id raises while writing its shard, the first RAISES times.
+RAISER_ID = "test-entry-whose-batch-raises"
+RAISES = 3
 
 
 @pytest.fixture(scope="module")
-def ray_local():
+def raise_count(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("faults") / "raises"
+
+
+@pytest.fixture(scope="module")
+def ray_local(raise_count):
     import ray
 
-    from xrdmatch.actors.xrd_faults import kill_on_id
+    from xrdmatch.actors.xrd_faults import faults
     from xrdmatch.platform.ray_utils import WORKER_ENV
 
+    hook = faults(kill_id=KILLER_ID, raise_id=RAISER_ID, raise_times=RAISES, raise_count=raise_count)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
-             runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": kill_on_id(KILLER_ID)})
+             runtime_env={"env_vars": dict(WORKER_ENV), "worker_process_setup_hook": hook})
     yield ray
     ray.shutdown()
 
@@ -179,6 +188,34 @@ def test_an_entry_that_kills_its_worker_is_an_error_and_its_batch_is_written(ray
     s = run_xrd_stage(db, tmp_path / "out2", workers=1, batch_size=1, max_retries=0, limit=4, progress=False)
     assert not s.done and list(s.failed_batches) == [3] and "broken workers or nodes" in s.failed_batches[3]
     assert (s.patterns, s.failures) == (3, 0)
+
+
+def test_a_batch_that_raises_is_retried_then_left_for_the_next_run(ray_local, records, tmp_path, raise_count):
+    """A batch whose computation raises (not an entry: its shard cannot be written) is retried
+    ``max_retries`` times, then left unfinished: the run says which batch and why, keeps every
+    other shard, and the next run computes that batch alone."""
+    from xrdmatch.actors.xrd_faults import RAISED
+
+    db = tmp_path / "db.jsonl"
+    recs = [dict(r) for r in records[:12]]
+    recs[5]["id"] = RAISER_ID  # batch 1 (entries 4-7)
+    db.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "out"
+    raise_count.unlink(missing_ok=True)
+    s = run_xrd_stage(db, out, workers=2, batch_size=4, max_retries=1, progress=False)
+    assert raise_count.stat().st_size == 2  # the first try and its one retry
+    assert not s.done and list(s.failed_batches) == [1] and RAISED in s.failed_batches[1]
+    assert s.replaced_actors == 0  # it raised: its actor lives on
+    man = read_manifest(out)
+    assert not man["done"] and RAISED in man["failed_batches"]["1"]
+    assert [sh["index"] for sh in man["shards"]] == [0, 2]
+    kept = _shard_stats(out)
+
+    again = run_xrd_stage(db, out, workers=2, batch_size=4, max_retries=1, progress=False)
+    assert raise_count.stat().st_size == RAISES  # raised once more, then its retry went through
+    assert again.done and again.computed_shards == 1 and not again.failed_batches
+    assert {k: v for k, v in _shard_stats(out).items() if k in kept} == kept  # 0 and 2 not rewritten
+    assert load_patterns(out).ids == [r["id"] for r in recs]
 
 
 def test_ase_database_patterns(ray_local, records, tmp_path):

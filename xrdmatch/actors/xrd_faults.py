@@ -1,33 +1,57 @@
-"""Fault injection for tests and benchmarks only: an XRD entry that kills its worker.
+"""Fault injection for tests and benchmarks only: XRD entries that kill their worker or fail their batch.
 
 A crash or an OOM kill in the engine ends the worker process, beyond any ``try``, and no input
-does so on demand. ``runtime_env={"worker_process_setup_hook": kill_on_id(marked_id)}``: in
-every worker Ray starts, the XRD actors' parser SIGKILLs its own process when it reads the
-marked id.
+does so on demand; nor does any input make a whole batch raise (the shard writer failing, a bug
+outside the per-entry ``try``). ``runtime_env={"worker_process_setup_hook": faults(...)}``: in
+every worker Ray starts, the XRD actors' parser SIGKILLs its own process when it reads
+``kill_id``, and a batch holding ``raise_id`` raises while writing its shard, the first
+``raise_times`` times over all workers (counted in the file ``raise_count``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+
+#: What the injected batch failure says: tests look for it in the stage's failed batches.
+RAISED = "injected failure of the batch holding the marked entry"
 
 
-def kill_on_id(marked_id: str) -> Callable[[], None]:
-    """A Ray worker setup hook (sent by value: it is a closure) that arms the marked id."""
+def faults(kill_id: str | None = None, raise_id: str | None = None, raise_times: int = 0,
+           raise_count: str | Path | None = None) -> Callable[[], None]:
+    """A Ray worker setup hook (sent by value: it is a closure) that arms the marked ids."""
+    count_path = None if raise_count is None else str(raise_count)
 
-    def kill_on_marked_id() -> None:
+    def arm_marked_ids() -> None:
         import os
         import signal
 
         from xrdmatch.actors import xrd_actors
 
-        parse = xrd_actors.parse_raw
+        parse, encode = xrd_actors.parse_raw, xrd_actors.encode_shard
 
         def parse_or_die(item):
             entry = parse(item)
-            if entry.id == marked_id:
+            if kill_id is not None and entry.id == kill_id:
                 os.kill(os.getpid(), signal.SIGKILL)
             return entry
 
-        xrd_actors.parse_raw = parse_or_die
+        def encode_or_raise(ids, *args, **kwargs):
+            if raise_id is not None and raise_id in ids and count_path is not None:
+                with open(count_path, "a+b") as f:  # one byte per failure, across worker processes
+                    f.seek(0, os.SEEK_END)
+                    if f.tell() < raise_times:
+                        f.write(b"x")
+                        f.flush()
+                        raise OSError(RAISED)
+            return encode(ids, *args, **kwargs)
 
-    return kill_on_marked_id
+        xrd_actors.parse_raw = parse_or_die
+        xrd_actors.encode_shard = encode_or_raise
+
+    return arm_marked_ids
+
+
+def kill_on_id(marked_id: str) -> Callable[[], None]:
+    """The hook that only kills: the worker reading ``marked_id`` SIGKILLs itself."""
+    return faults(kill_id=marked_id)
