@@ -218,6 +218,30 @@ def test_a_batch_that_raises_is_retried_then_left_for_the_next_run(ray_local, re
     assert load_patterns(out).ids == [r["id"] for r in recs]
 
 
+def test_a_cluster_where_no_actor_can_start_stops_the_stage_and_says_so(database_path, tmp_path):
+    """Actors that cannot start (a broken image on the nodes) are asked for again a few times,
+    then the stage stops with an error naming the cause instead of asking forever. A Ray of its
+    own, in a subprocess: every worker of it fails its start."""
+    script = f"""
+import ray
+from xrdmatch.actors.xrd_faults import faults
+from xrdmatch.platform.xrd_stage import StageError, run_xrd_stage
+ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+         runtime_env={{"worker_process_setup_hook": faults(fail_start=True)}})
+try:
+    run_xrd_stage({str(database_path)!r}, {str(tmp_path / "out")!r}, workers=2, batch_size=4, limit=8, progress=False)
+except StageError as e:
+    print("StageError:", e)
+else:
+    print("finished")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, RAY_USAGE_STATS_ENABLED="0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "StageError: no XRD actor could start (6 tries in a row)" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert not read_manifest(tmp_path / "out")["done"]
+
+
 def test_ase_database_patterns(ray_local, records, tmp_path):
     import ase.db
     from pymatgen.io.ase import AseAtomsAdaptor

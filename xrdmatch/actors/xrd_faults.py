@@ -5,7 +5,8 @@ does so on demand; nor does any input make a whole batch raise (the shard writer
 outside the per-entry ``try``). ``runtime_env={"worker_process_setup_hook": faults(...)}``: in
 every worker Ray starts, the XRD actors' parser SIGKILLs its own process when it reads
 ``kill_id``, and a batch holding ``raise_id`` raises while writing its shard, the first
-``raise_times`` times over all workers (counted in the file ``raise_count``).
+``raise_times`` times over all workers (counted in the file ``raise_count``). ``fail_start``: no
+worker can start at all (the hook raises, as a node with a broken image would).
 """
 
 from __future__ import annotations
@@ -15,14 +16,17 @@ from pathlib import Path
 
 #: What the injected batch failure says: tests look for it in the stage's failed batches.
 RAISED = "injected failure of the batch holding the marked entry"
+FAILED_START = "injected failure of every worker's start"
 
 
 def faults(kill_id: str | None = None, raise_id: str | None = None, raise_times: int = 0,
-           raise_count: str | Path | None = None) -> Callable[[], None]:
+           raise_count: str | Path | None = None, fail_start: bool = False) -> Callable[[], None]:
     """A Ray worker setup hook (sent by value: it is a closure) that arms the marked ids."""
     count_path = None if raise_count is None else str(raise_count)
 
     def arm_marked_ids() -> None:
+        if fail_start:
+            raise RuntimeError(FAILED_START)
         import os
         import signal
 

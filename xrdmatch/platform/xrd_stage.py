@@ -550,7 +550,8 @@ class _PoolRun:
             self.failed_starts += 1
             if self.failed_starts >= MAX_FAILED_STARTS * self.n:  # broken nodes/image: say why, never spin
                 raise StageError(f"no XRD actor could start ({self.failed_starts} tries in a row): "
-                                 f"{error_text(e)}") from None
+                                 f"{error_text(e)}; why a worker failed is in Ray's worker logs "
+                                 "(the driver's stderr, `ray logs`)") from None
             self.replace(slot, self.pool[slot])
 
     def returned(self, ref: Any) -> None:
