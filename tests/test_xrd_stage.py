@@ -220,7 +220,7 @@ def test_a_batch_that_raises_is_retried_then_left_for_the_next_run(ray_local, re
 
 def test_a_cluster_where_no_actor_can_start_stops_the_stage_and_says_so(database_path, tmp_path):
     """Actors that cannot start (a broken image on the nodes) are asked for again a few times,
-    then the stage stops with an error naming the cause instead of asking forever. A Ray of its
+    then the stage stops with an error that says so instead of asking forever. A Ray of its
     own, in a subprocess: every worker of it fails its start."""
     script = f"""
 import ray
