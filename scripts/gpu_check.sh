@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 DEV=${DEV:-.dev}
 mode=${1:-}
 ITERATIONS=${ITERATIONS:-1000}
-ACC="benchmarks/network_accuracy.py --methods ${METHODS:-supervised,flexmatch} --iterations $ITERATIONS"
+ACC="benchmarks/network_accuracy.py --methods ${METHODS:-supervised,flexmatch} --iterations $ITERATIONS --calls"
 TT_ARGS=${TT_ARGS:---iterations 20}  # train_throughput.py's arguments (fewer to try `run` on a CPU)
 
 case "$mode" in
