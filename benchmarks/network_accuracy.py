@@ -117,13 +117,11 @@ def print_calls(results: dict) -> None:
     print("called superionic / truly superionic / compounds, per test fold (repeat/fold order)")
     for net, res in results.items():
         for m, cols in res["predictions"].items():
-            keys = sorted(set(zip(cols["repeat"], cols["fold"])))
-            rows = list(zip(cols["repeat"], cols["fold"], cols["pred"], cols["y"]))
+            rep, fold, pred, y = (np.asarray(cols[k]) for k in ("repeat", "fold", "pred", "y"))
             cells = []
-            for key in keys:
-                pred = [p for r, f, p, _ in rows if (r, f) == key]
-                true = [y for r, f, _, y in rows if (r, f) == key]
-                cells.append(f"{sum(pred)}/{sum(true)}/{len(pred)}")
+            for r, f in sorted(set(zip(rep.tolist(), fold.tolist()))):
+                on = (rep == r) & (fold == f)
+                cells.append(f"{pred[on].sum()}/{y[on].sum()}/{on.sum()}")
             print(f"{net:12s} {m:12s} " + " ".join(f"{c:>8s}" for c in cells))
 
 

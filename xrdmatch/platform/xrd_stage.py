@@ -60,6 +60,7 @@ from xrdmatch.platform.patterns import (
 )
 from xrdmatch.platform.lock import exclusive_file
 from xrdmatch.platform.paths import database_key
+from xrdmatch.platform.ray_utils import cluster_cpus, error_text, init_ray, kill_actors  # no Ray import
 
 #: Batches queued per actor: one running, one waiting, so an actor never idles on the driver.
 INFLIGHT_PER_ACTOR = 2
@@ -421,8 +422,6 @@ def _run_pool(out, ident, done, first, batches, workers, max_retries, ray_addres
 
     Returns (shards written, entries written, failed batches, Ray start s, actors replaced).
     """
-    from xrdmatch.platform.ray_utils import cluster_cpus, init_ray
-
     t_ray = time.perf_counter()
     ray = init_ray(ray_address, num_cpus)
     ray_s = time.perf_counter() - t_ray
@@ -449,8 +448,8 @@ class _PoolRun:
         self.new_worker = new_worker
         self.meta = {"run": _run_tag(ident)}
         # actor slots: the actor, whether it is up, batches it holds, whether it runs a suspect alone
-        self.pool = [new_worker() for _ in range(n)]
-        self.starting = {self.pool[s].ready.remote(): s for s in range(n)}  # ready ref -> slot
+        self.pool: list[Any] = []  # started in run(), whose finally kills them
+        self.starting: dict[Any, int] = {}  # ready ref -> slot
         self.alive = [False] * n
         self.load = [0] * n
         self.alone = [False] * n
@@ -466,11 +465,11 @@ class _PoolRun:
         self.bar = _progress_bar(total_f, sum(m["entries"] for m in done.values()))
 
     def run(self) -> None:
-        from xrdmatch.platform.ray_utils import kill_actors
-
         last_manifest = time.monotonic()
         no_actor_since: float | None = None
         try:
+            self.pool = [self.new_worker() for _ in range(self.n)]
+            self.starting = {a.ready.remote(): s for s, a in enumerate(self.pool)}
             while self.inflight or self.work_left():
                 self.fill()
                 if not self.inflight and not self.work_left():
@@ -527,8 +526,6 @@ class _PoolRun:
                 self.alone[slot] = t.suspect
 
     def replace(self, slot: int, dead: Any) -> None:
-        from xrdmatch.platform.ray_utils import kill_actors
-
         if self.pool[slot] is not dead:
             return  # another batch of the same dead actor already had it replaced
         self.replaced += 1
@@ -539,8 +536,6 @@ class _PoolRun:
 
     def started(self, ref: Any) -> None:
         """An actor's ``ready`` call returned: it takes work, or it is replaced."""
-        from xrdmatch.platform.ray_utils import error_text
-
         slot = self.starting.pop(ref)
         try:
             self.ray.get(ref)
@@ -576,8 +571,6 @@ class _PoolRun:
 
     def failure(self, t: _Task, slot: int, actor: Any, e: BaseException) -> None:
         """Requeue, split, retry, name a killer entry, or give the batch up for this run."""
-        from xrdmatch.platform.ray_utils import error_text
-
         k = t.k
         died = isinstance(e, self.ray.exceptions.RayActorError)
         if died:
