@@ -18,7 +18,13 @@ from xrdmatch.platform.databases import (
     database_kind,
     iter_entries,
     iter_raw_batches,
+    raw_item_id,
 )
+
+
+def _raw_ids(path) -> list[str]:
+    """The ids the XRD stage names entries by before parsing them (e.g. one that kills a worker)."""
+    return [raw_item_id(item)[0] for _, items in iter_raw_batches(path, 100) for item in items]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +84,7 @@ def test_bad_jsonl_lines_become_error_entries(tmp_path, first_records):
     assert "zero volume" in bad["mp-flat"]
     assert "JSON object" in bad["db.jsonl.gz:7"]
     assert isinstance(entries[0], Record) and isinstance(entries[-1], Record)
+    assert _raw_ids(path) == [e.id for e in entries]  # unparsed, each line goes by the same name
 
 
 def test_folder_of_cif_and_poscar(tmp_path, first_records):
@@ -114,6 +121,7 @@ def test_folder_of_cif_and_poscar(tmp_path, first_records):
     assert isinstance(by["h-journal"], Record) and by["h-journal"].formula == s0.composition.reduced_formula
     np.testing.assert_allclose(by["h-journal"].lattice, s0.lattice.matrix, atol=1e-6)
     assert count_entries(tmp_path) == 8
+    assert _raw_ids(tmp_path) == [e.id for e in entries]
 
 
 def test_ase_database(tmp_path, first_records):
@@ -135,6 +143,7 @@ def test_ase_database(tmp_path, first_records):
     assert entries[2].reason == "structure has no sites"
     assert "not a periodic crystal" in entries[3].reason
     assert count_entries(path) == 4
+    assert _raw_ids(path) == [e.id for e in entries]
 
 
 def test_unusable_database_paths(tmp_path):

@@ -408,6 +408,20 @@ def parse_raw(item: RawItem) -> Entry:
     raise ValueError(f"unknown raw item tag {tag!r}")
 
 
+def raw_item_id(item: RawItem) -> tuple[str, str]:
+    """(id, where) of a raw item without parsing it: parsing may be what kills a worker, and the
+    XRD stage must still name the entry that did."""
+    tag = item[0]
+    if tag == "json":
+        m = _ID_IN_LINE.search(item[2])
+        return (m.group(1).decode("utf-8", "replace") if m else item[1]), item[1]
+    if tag == "file":
+        return Path(item[1]).stem, item[1]
+    if tag == "entry":
+        return item[1].id, item[1].id
+    raise ValueError(f"unknown raw item tag {tag!r}")
+
+
 def iter_entries(path: str | os.PathLike[str], limit: int | None = None) -> Iterator[Entry]:
     """Every entry of a database (streamed): a Record, or a BadEntry saying why not."""
     for _, items in iter_raw_batches(path, 256, limit):

@@ -39,9 +39,7 @@ import numpy as np
 
 from xrdmatch import N_BINS, __version__
 from xrdmatch.config import resolve_path
-# _ID_IN_LINE: the parser's own way to find a line's id without parsing it (a helper in databases.py
-# would change the engine_version fingerprint, and with it every pattern cache)
-from xrdmatch.platform.databases import _ID_IN_LINE, DatabaseError, count_entries, database_kind, iter_raw_batches
+from xrdmatch.platform.databases import DatabaseError, count_entries, database_kind, iter_raw_batches, raw_item_id
 from xrdmatch.platform.patterns import (
     ERRORS,
     ERRORS_DIR,
@@ -361,16 +359,6 @@ def _run_locked(db, kind, out, ident, t0, workers, batch_size, limit, progress, 
     return summary
 
 
-def _raw_id(item: tuple) -> tuple[str, str]:
-    """(id, where) of a raw database item, without parsing it: parsing may be what kills a worker."""
-    if item[0] == "json":
-        m = _ID_IN_LINE.search(item[2])
-        return (m.group(1).decode("utf-8", "replace") if m else item[1]), item[1]
-    if item[0] == "file":
-        return Path(item[1]).stem, item[1]
-    return item[1].id, item[1].id
-
-
 class _Task(NamedTuple):
     k: int  # the batch
     items: list
@@ -585,7 +573,7 @@ class _PoolRun:
             self.queue.append(t._replace(attempt=t.attempt + 1))
         elif died and self.killers < MAX_KILLER_ENTRIES:
             self.killers += 1
-            sid, where = _raw_id(t.items[0])
+            sid, where = raw_item_id(t.items[0])
             tries = t.attempt + 1
             why = (f"{where}: the XRD worker died computing this entry, alone, {tries} "
                    f"time{'s' if tries > 1 else ''} ({_death_text(e)})")
