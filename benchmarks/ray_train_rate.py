@@ -11,7 +11,10 @@ The unlabelled patterns are the first ``--unlabelled`` database structures, comp
 the XRD engine (errors skipped). The rate does not depend on how many there are: a step draws
 ``batch_unlabelled`` of them.
 
-    python benchmarks/ray_train_rate.py --config configs/paper.yaml [--members 2] [--iterations N]
+    python benchmarks/ray_train_rate.py --config configs/paper.yaml [--members 2] [--iterations N] [--ray-poll-s 2,0.1]
+
+``--ray-poll-s 2,0.1`` trains the same members once per controller poll interval (Ray's default,
+then the platform's ``training.ray_poll_s``) and prints the ratio of their walls.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=None, help="steps per member (default: the config's)")
     ap.add_argument("--gpus-per-worker", type=float, default=None, help="override training.gpus_per_worker")
     ap.add_argument("--checkpoint-every", type=int, default=None, help="override training.checkpoint_every")
+    ap.add_argument("--ray-poll-s", default=None, metavar="S[,S...]",
+                    help="train the members once per value of training.ray_poll_s (Ray Train's controller "
+                         "poll interval; Ray's own default is 2), e.g. 2,0.1 (default: the config's)")
     ap.add_argument("--unlabelled", type=int, default=5000)
     ap.add_argument("--reference-iterations", type=int, default=100)
     args = ap.parse_args()
@@ -74,16 +80,23 @@ def main() -> None:
     steps = tcfg.iterations * tcfg.pseudo_label_rounds
     seeds = member_seeds(tcfg)
     draws = [np.arange(len(ls.y))] * len(seeds)
-    with tempfile.TemporaryDirectory(prefix="xrdmatch-rate-") as run_dir:
-        t0 = time.perf_counter()
-        members = fit_members(ls.X, ls.y, X_unlab, tcfg, seeds, draws, run_dir=run_dir, run_name="rate")
-        wall = time.perf_counter() - t0
-    assert all(len(m.history) == steps for m in members)
-    losses = [m.history[-1]["loss"] for m in members]
-    ray_rate = steps * len(members) / wall
-    print(f"Ray Train: {len(members)} member(s) x {steps} steps in {wall:.1f} s (start-up and checkpoints "
-          f"included): {ray_rate:.2f} iterations/s, {wall / len(members):.1f} s per member; final losses "
-          + ", ".join(f"{x:.3f}" for x in losses))
+    polls = [float(v) for v in args.ray_poll_s.split(",")] if args.ray_poll_s else [tcfg.ray_poll_s]
+    walls = {}
+    for poll in polls:  # the same members each time: only the controller's pace differs
+        pcfg = tcfg.model_copy(update={"ray_poll_s": poll})
+        with tempfile.TemporaryDirectory(prefix="xrdmatch-rate-") as run_dir:
+            t0 = time.perf_counter()
+            members = fit_members(ls.X, ls.y, X_unlab, pcfg, seeds, draws, run_dir=run_dir, run_name="rate")
+            walls[poll] = wall = time.perf_counter() - t0
+        assert all(len(m.history) == steps for m in members)
+        losses = [m.history[-1]["loss"] for m in members]
+        ray_rate = steps * len(members) / wall
+        print(f"Ray Train (controller polls every {poll:g} s): {len(members)} member(s) x {steps} steps in "
+              f"{wall:.1f} s (start-up and checkpoints included): {ray_rate:.2f} iterations/s, "
+              f"{wall / len(members):.1f} s per member; final losses " + ", ".join(f"{x:.3f}" for x in losses))
+    for poll in polls[1:]:
+        print(f"polling every {poll:g} s vs every {polls[0]:g} s: {walls[polls[0]] / walls[poll]:.2f}x faster, "
+              f"{walls[polls[0]] - walls[poll]:.1f} s less wall")
 
     ref_cfg = tcfg.model_copy(update={"iterations": args.reference_iterations + 1, "pseudo_label_rounds": 1})
     stamps: list[float] = []

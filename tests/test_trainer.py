@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -347,12 +348,14 @@ def test_member_identity_covers_settings_seed_and_every_input():
                member_identity(tiny(), 0, X, 1 - y, w, U), member_identity(tiny(), 0, X, y, w2, U),
                member_identity(tiny(), 0, X, y, None, U), member_identity(tiny(), 0, X, y, w, array_digest(X))]
     assert base not in changed and len(set(changed)) == len(changed)
-    # packing onto GPUs decides nothing a member learns: a resume may change it
+    # packing onto GPUs or pacing Ray Train's controller decides nothing a member learns: a resume may change them
     assert member_identity(tiny(gpus_per_worker=0.5), 0, X, y, w, U) == base
+    assert member_identity(tiny(ray_poll_s=2.0), 0, X, y, w, U) == base
 
 
 def test_fit_members_uses_the_config_ray_and_shares_one_unlabelled_object(ray_local, monkeypatch, tmp_path):
-    """The config's ray section reaches init_ray; the unlabelled pool is put once for all members."""
+    """The config's ray section reaches init_ray, training.ray_poll_s Ray Train; the unlabelled
+    pool is put once for all members."""
     import ray
 
     import xrdmatch.platform.ray_utils as ray_utils
@@ -366,13 +369,16 @@ def test_fit_members_uses_the_config_ray_and_shares_one_unlabelled_object(ray_lo
     monkeypatch.setattr(ray, "put", lambda v, **kw: puts.append(v) or real_put(v, **kw))
 
     def fake_fit_member(data_ref, cfg, seed, storage, name, use_gpu, fault_after_step=None):
+        # Ray Train reads its controller's poll interval from the driver's environment at fit()
+        assert os.environ[rt.POLL_ENV] == "0.25"
         seen.append((ray.get(data_ref)["X_unlab"], name))
         return Member(network=cfg.network, state_dict={}, seed=seed)
 
     monkeypatch.setattr(rt, "fit_member", fake_fit_member)
     X, y = synthetic(12)
     Xu, _ = synthetic(10, seed=3)
-    train_ensemble(X, y, Xu, tiny(ensemble_size=3), run_dir=tmp_path, run_name="s",
+    monkeypatch.setenv(rt.POLL_ENV, "2")  # the config decides, not a leftover of the environment
+    train_ensemble(X, y, Xu, tiny(ensemble_size=3, ray_poll_s=0.25), run_dir=tmp_path, run_name="s",
                    ray_cfg=RayConfig(address="10.0.0.1:6379", num_cpus=1))
     assert inits == [("10.0.0.1:6379", 1)]
     assert sum(isinstance(v, np.ndarray) and v.shape == Xu.shape for v in puts) == 1

@@ -134,6 +134,9 @@ class TrainingConfig(StrictModel):
     cuda_graph_augment: bool = Field(default=True, description=(
         "on a GPU, replay the augmentation step from a CUDA graph (its ~300 kernel launches become "
         "one); falls back to op by op with a warning if capture fails. No effect on a CPU"))
+    ray_poll_s: float = Field(default=0.1, gt=0, le=60, description=(
+        "how often Ray Train's controller polls a member's workers (Ray's own default is 2 s): a "
+        "member's start and its end each wait for polls, ~8 s of a short CPU member at 2 s"))
     seed: int = 0
     pseudo_label_weight: float = Field(default=0.5, ge=0, description="loss weight of round>1 pseudo-labels")
     balance_classes: bool = Field(default=True, description="class-balanced sampling of the labelled batch")
@@ -142,11 +145,12 @@ class TrainingConfig(StrictModel):
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that decide what a member learns, for cache and reuse keys: all but
-        ``gpus_per_worker``, which only packs members onto GPUs, and ``cuda_graph_augment``, which
-        on a GPU changes which random numbers a member draws as the device itself does (not keyed
-        either) and on a CPU nothing. So changing them, or a config written before they existed,
-        reuses cached members and models."""
-        return self.model_dump(mode="json", exclude={"gpus_per_worker", "cuda_graph_augment"})
+        ``gpus_per_worker``, which only packs members onto GPUs, ``ray_poll_s``, which only
+        paces Ray Train's controller, and ``cuda_graph_augment``, which on a GPU changes which
+        random numbers a member draws as the device itself does (not keyed either) and on a CPU
+        nothing. So changing them, or a config written before they existed, reuses cached
+        members and models."""
+        return self.model_dump(mode="json", exclude={"gpus_per_worker", "ray_poll_s", "cuda_graph_augment"})
 
 
 class EvaluationConfig(StrictModel):

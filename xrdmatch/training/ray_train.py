@@ -34,6 +34,9 @@ from xrdmatch.training.trainer import Member
 
 STATE_FILE = "state.safetensors"
 FINISHED_FILE = "finished.json"  # in a member's Ray Train folder: its final checkpoint's folder name
+# the controller's poll interval (Ray Train v2, ``DEFAULT_HEALTH_CHECK_INTERVAL_S`` = 2 s): its
+# worker group's start and the run's end each wait for polls; set from ``training.ray_poll_s``
+POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def resolve_use_gpu(cfg: TrainingConfig, resources: dict | None = None) -> bool:
@@ -228,6 +231,8 @@ def fit_members(X_lab, y_lab, X_unlab, cfg: TrainingConfig, seeds, draws, sample
     from xrdmatch.platform.ray_utils import init_ray
 
     init_ray(getattr(ray_cfg, "address", None), getattr(ray_cfg, "num_cpus", None))
+    # Ray Train passes this variable from the driver to each run's controller (and only this way)
+    os.environ[POLL_ENV] = str(cfg.ray_poll_s)
     use_gpu = resolve_use_gpu(cfg)
     storage = Path(run_dir if run_dir is not None else tempfile.mkdtemp(prefix="xrdmatch-")) / "ray_results"
     storage = storage.resolve()
