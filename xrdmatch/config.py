@@ -136,7 +136,8 @@ class TrainingConfig(StrictModel):
         "one); falls back to op by op with a warning if capture fails. No effect on a CPU"))
     ray_poll_s: float = Field(default=0.1, gt=0, le=60, description=(
         "how often Ray Train's controller polls a member's workers (Ray's own default is 2 s): a "
-        "member's start and its end each wait for polls, ~8 s of a short CPU member at 2 s"))
+        "worker holds one report at a time, so a checkpoint reported sooner than one poll after the "
+        "previous one waits for it (~8 s of a 30-step member checkpointing every 5 steps at 2 s)"))
     seed: int = 0
     pseudo_label_weight: float = Field(default=0.5, ge=0, description="loss weight of round>1 pseudo-labels")
     balance_classes: bool = Field(default=True, description="class-balanced sampling of the labelled batch")

@@ -34,8 +34,8 @@ from xrdmatch.training.trainer import Member
 
 STATE_FILE = "state.safetensors"
 FINISHED_FILE = "finished.json"  # in a member's Ray Train folder: its final checkpoint's folder name
-# the controller's poll interval (Ray Train v2, ``DEFAULT_HEALTH_CHECK_INTERVAL_S`` = 2 s): its
-# worker group's start and the run's end each wait for polls; set from ``training.ray_poll_s``
+# the controller's poll interval (Ray Train v2, ``DEFAULT_HEALTH_CHECK_INTERVAL_S`` = 2 s): a worker's
+# result queue holds one report, drained by a poll, so close checkpoints wait; ``training.ray_poll_s``
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
