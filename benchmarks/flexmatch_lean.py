@@ -13,12 +13,15 @@ the labelled set. Nothing is chosen from it.
 
     python benchmarks/flexmatch_lean.py [--networks fast,vgg16_paper] [--methods flexmatch,supervised] [--iterations 200]
 
-Each finished (network, method) is cached as JSON in --dir: a killed run resumes.
+Each finished (network, method) is cached as JSON in --dir: a killed run resumes. The cache is
+keyed by the training settings, the data and the trainer's code (as the evaluation's member
+cache), so a changed config or trainer trains again instead of printing an old run.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -29,6 +32,7 @@ import torch
 
 from xrdmatch.config import load_config
 from xrdmatch.training.evaluation import load_eval_data, training_config
+from xrdmatch.training.fingerprint import code_fingerprint
 from xrdmatch.training.networks import build_network
 from xrdmatch.training.preprocess import preprocess
 from xrdmatch.training.trainer import predict_logits, train_member
@@ -40,9 +44,21 @@ def superionic_share(net: torch.nn.Module, x: torch.Tensor) -> float:
         return float((predict_logits(net.eval(), x, batch_size=256).softmax(-1)[:, 1] > 0.5).float().mean())
 
 
+def member_config(cfg, network: str, method: str):
+    return training_config(cfg).model_copy(update={"network": network, "algorithm": method})
+
+
+def cache_key(cfg, data, network: str, method: str, every: int, n_probe: int) -> str:
+    """What decides a cached result: settings, seed, data, probe, window and the trainer's code."""
+    key = {"settings": member_config(cfg, network, method).result_settings(), "seed": cfg.seed,
+           "data": data.data_hash, "unlabelled": data.unlab_hash, "every": every, "probe": n_probe,
+           "code": code_fingerprint()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def watch(cfg, data, network: str, method: str, every: int, n_probe: int) -> dict:
     """Train one member; at every checkpoint score its EMA weights on the probe sets."""
-    tcfg = training_config(cfg).model_copy(update={"network": network, "algorithm": method})
+    tcfg = member_config(cfg, network, method)
     rng = np.random.default_rng(cfg.seed)
     probe_u = torch.as_tensor(preprocess(data.X_unlab[rng.choice(len(data.X_unlab), n_probe, replace=False)],
                                          tcfg.augment.threshold))
@@ -94,12 +110,12 @@ def main() -> None:
     for net in args.networks.split(","):
         for method in args.methods.split(","):
             path = out / f"{net}-{method}-{args.iterations}-s{cfg.seed}-p{args.probe}-e{args.every}.json"
-            cached = path.exists()
-            if cached:
-                res = json.loads(path.read_text())
-            else:
+            key = cache_key(cfg, data, net, method, args.every, args.probe)
+            res = json.loads(path.read_text()) if path.exists() else None
+            cached = res is not None and res.get("key") == key
+            if not cached:
                 print(f"training {net} {method} ...", file=sys.stderr, flush=True)
-                res = watch(cfg, data, net, method, args.every, args.probe)
+                res = watch(cfg, data, net, method, args.every, args.probe) | {"key": key}
                 path.with_suffix(".tmp").write_text(json.dumps(res))
                 path.with_suffix(".tmp").replace(path)  # atomic: a killed run leaves no half file
                 trained += 1
