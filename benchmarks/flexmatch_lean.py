@@ -13,6 +13,11 @@ the labelled set. Nothing is chosen from it.
 
     python benchmarks/flexmatch_lean.py [--networks fast,vgg16_paper] [--methods flexmatch,supervised] [--iterations 200]
 
+A machine without Ray or pymatgen (a lent GPU) trains from a file: ``--export-data FILE.npz``
+here writes the labelled and unlabelled patterns, ``--data FILE.npz --device cuda`` there trains
+from them into its own --dir (scripts/gpu_check.sh does both), and its JSON files copied into
+this --dir are read as the cache (the device is printed with each block).
+
 Each finished (network, method) is cached as JSON in --dir: a killed run resumes. The cache is
 keyed by the training settings, the data and the trainer's code (as the evaluation's member
 cache), so a changed config or trainer trains again instead of printing an old run.
@@ -26,6 +31,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -56,14 +62,14 @@ def cache_key(cfg, data, network: str, method: str, every: int, n_probe: int) ->
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def watch(cfg, data, network: str, method: str, every: int, n_probe: int) -> dict:
+def watch(cfg, data, network: str, method: str, every: int, n_probe: int, device: str) -> dict:
     """Train one member; at every checkpoint score its EMA weights on the probe sets."""
     tcfg = member_config(cfg, network, method)
     rng = np.random.default_rng(cfg.seed)
     probe_u = torch.as_tensor(preprocess(data.X_unlab[rng.choice(len(data.X_unlab), n_probe, replace=False)],
-                                         tcfg.augment.threshold))
-    probe_l = torch.as_tensor(preprocess(data.X, tcfg.augment.threshold))
-    ema = build_network(network)
+                                         tcfg.augment.threshold), device=device)
+    probe_l = torch.as_tensor(preprocess(data.X, tcfg.augment.threshold), device=device)
+    ema = build_network(network).to(device)
     shares: dict[int, tuple[float, float]] = {}
 
     def at_checkpoint(step: int, state: dict) -> None:
@@ -71,7 +77,7 @@ def watch(cfg, data, network: str, method: str, every: int, n_probe: int) -> dic
         shares[step] = (superionic_share(ema, probe_u), superionic_share(ema, probe_l))
 
     t0 = time.time()
-    m = train_member(data.X, data.y, data.X_unlab, tcfg, seed=cfg.seed, device="cpu",
+    m = train_member(data.X, data.y, data.X_unlab, tcfg, seed=cfg.seed, device=device,
                      checkpoint_fn=at_checkpoint, checkpoint_every=every)
     rows = []
     for step in sorted(shares):
@@ -85,7 +91,20 @@ def watch(cfg, data, network: str, method: str, every: int, n_probe: int) -> dic
             "called_unlab": shares[step][0], "called_lab": shares[step][1],
         })
     return {"network": network, "method": method, "iterations": tcfg.iterations, "seed": cfg.seed,
-            "n_probe": n_probe, "wall_s": time.time() - t0, "rows": rows}
+            "n_probe": n_probe, "wall_s": time.time() - t0, "rows": rows, "device": describe(device)}
+
+
+def describe(device: str) -> str:
+    return f"cuda ({torch.cuda.get_device_name(0)})" if device.startswith("cuda") else "cpu"
+
+
+def load_data(path: str) -> SimpleNamespace:
+    """The patterns --export-data wrote, with the hashes the cache key uses."""
+    with np.load(path) as z:
+        d = SimpleNamespace(**{k: z[k] for k in ("X", "y", "X_unlab")},
+                            data_hash=str(z["data_hash"]), unlab_hash=str(z["unlab_hash"]))
+    print(f"labelled: {len(d.y)} ({int(d.y.sum())} superionic); unlabelled: {len(d.X_unlab)} patterns (from {path})")
+    return d
 
 
 def main() -> None:
@@ -97,12 +116,20 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=25, help="steps per printed row")
     ap.add_argument("--probe", type=int, default=1000, help="unlabelled patterns the EMA weights are scored on")
     ap.add_argument("--dir", default="runs/bench/flexmatch-lean")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--export-data", metavar="FILE.npz", help="write the patterns for --data elsewhere; train nothing")
+    ap.add_argument("--data", metavar="FILE.npz", help="train from --export-data's file (no Ray, no pymatgen)")
     args = ap.parse_args()
 
     cfg = load_config(args.config, {"run_dir": args.dir, "evaluation": {"iterations": args.iterations}})
     out = Path(args.dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = load_eval_data(cfg, training_config(cfg), print)
+    data = load_data(args.data) if args.data else load_eval_data(cfg, training_config(cfg), print)
+    if args.export_data:
+        np.savez_compressed(args.export_data, X=data.X, y=data.y, X_unlab=data.X_unlab,
+                            data_hash=data.data_hash, unlab_hash=data.unlab_hash)
+        print(f"wrote {args.export_data}: train there with --data {args.export_data}")
+        return
     print(f"one member per row block: all {len(data.y)} labels ({int(data.y.sum())} superionic, "
           f"{data.y.mean():.0%}), seed {cfg.seed}, {args.iterations} iterations; 'called' = EMA weights' "
           f"P(superionic) > 0.5 on {args.probe} unlabelled patterns / on the {len(data.y)} labelled")
@@ -115,11 +142,12 @@ def main() -> None:
             cached = res is not None and res.get("key") == key
             if not cached:
                 print(f"training {net} {method} ...", file=sys.stderr, flush=True)
-                res = watch(cfg, data, net, method, args.every, args.probe) | {"key": key}
+                res = watch(cfg, data, net, method, args.every, args.probe, args.device) | {"key": key}
                 path.with_suffix(".tmp").write_text(json.dumps(res))
                 path.with_suffix(".tmp").replace(path)  # atomic: a killed run leaves no half file
                 trained += 1
-            print(f"\n{net}, {method} ({res['wall_s']:.0f} s to train{', read from the cache' if cached else ''})")
+            print(f"\n{net}, {method} ({res['wall_s']:.0f} s to train on {res.get('device', 'cpu')}"
+                  f"{', read from the cache' if cached else ''})")
             print(f"{'step':>5s} {'thr not-SI':>10s} {'thr SI':>7s} {'pseudo SI/all':>14s} {'loss_u':>7s} "
                   f"{'loss_s':>7s} {'called unlab':>12s} {'called lab':>10s}")
             for r in res["rows"]:
