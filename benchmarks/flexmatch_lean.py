@@ -95,7 +95,7 @@ def watch(cfg, data, network: str, method: str, every: int, n_probe: int, device
 
 
 def describe(device: str) -> str:
-    return f"cuda ({torch.cuda.get_device_name(0)})" if device.startswith("cuda") else "cpu"
+    return f"cuda ({torch.cuda.get_device_name(torch.device(device))})" if device.startswith("cuda") else "cpu"
 
 
 def load_data(path: str) -> SimpleNamespace:
@@ -146,7 +146,7 @@ def main() -> None:
                 path.with_suffix(".tmp").write_text(json.dumps(res))
                 path.with_suffix(".tmp").replace(path)  # atomic: a killed run leaves no half file
                 trained += 1
-            print(f"\n{net}, {method} ({res['wall_s']:.0f} s to train on {res.get('device', 'cpu')}"
+            print(f"\n{net}, {method} ({res['wall_s']:.0f} s to train and score on {res.get('device', 'cpu')}"
                   f"{', read from the cache' if cached else ''})")
             print(f"{'step':>5s} {'thr not-SI':>10s} {'thr SI':>7s} {'pseudo SI/all':>14s} {'loss_u':>7s} "
                   f"{'loss_s':>7s} {'called unlab':>12s} {'called lab':>10s}")
