@@ -359,3 +359,58 @@ def test_relaxation_renews_the_lease_every_step_and_stops_when_it_is_lost(tmp_pa
     with pytest.raises(LeaseLost):
         relax(atoms, calc, cfg, tmp_path / "b", "p1", heartbeat=lost_after_two)
     assert not list((tmp_path / "b").glob("relaxed*"))
+
+
+def test_check_frame_names_what_no_physical_run_makes():
+    # Each check on its own, with ASE's EMT (a real, cheap potential) on Cu atoms at rest.
+    from ase import Atoms
+    from ase.calculators.emt import EMT
+
+    from xrdmatch.simulation.md import MDFailure, check_frame
+
+    cfg = tiny_cfg()
+    ok = Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]], cell=[8, 8, 8], pbc=True)
+    ok.calc = EMT()
+    check_frame(ok, 300.0, cfg, step=4)  # a sane frame passes
+    close = Atoms("Cu2", positions=[[0, 0, 0], [0.4 * cfg.min_distance, 0, 0]], cell=[8, 8, 8], pbc=True)
+    close.calc = EMT()
+    with pytest.raises(MDFailure, match=r"atoms collapsed at 300 K: distance .* at step 4"):
+        check_frame(close, 300.0, cfg, step=4)
+    hot = ok.copy()
+    hot.calc = EMT()
+    hot.set_momenta([[40.0, 0, 0], [-40.0, 0, 0]])  # ~1e5 K for two Cu atoms
+    with pytest.raises(MDFailure, match=r"cell exploded at 300 K: instantaneous T \d+ K at step 7"):
+        check_frame(hot, 300.0, cfg, step=7)
+    bad = ok.copy()
+    bad.calc = EMT()
+    bad.positions[1, 0] = np.nan
+    with pytest.raises(MDFailure, match=r"non-finite positions at step 2 \(300 K\)"):
+        check_frame(bad, 300.0, cfg, step=2)  # named before EMT, which raises on NaN positions
+
+
+def test_nan_forces_end_the_temperature_as_failed_not_as_a_crash(tmp_path):
+    # A potential that returns NaN forces once moves the atoms to NaN, and some calculators
+    # (GPAW; ASE's EMT when it rebuilds its neighbour list) raise on such positions inside the
+    # integrator step, before any frame check. The run must end as a recorded MD failure
+    # (verdict inconclusive), not crash. The fault is injected: no real potential does it on demand.
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    class NaNForcesOnce(EMT):
+        calls = 0
+
+        def calculate(self, atoms=None, *a, **kw):
+            if not np.all(np.isfinite(atoms.positions)):
+                raise ValueError("data must be finite, check for nan or inf values")
+            super().calculate(atoms, *a, **kw)
+            NaNForcesOnce.calls += 1
+            if NaNForcesOnce.calls == 1:
+                self.results["forces"] = np.full_like(self.results["forces"], np.nan)
+
+    cfg = tiny_cfg(temperatures=[300.0], equilibration_steps=0, production_steps=8)
+    r = run_temperature(bulk("Cu", cubic=True), NaNForcesOnce(), 300.0, cfg, tmp_path / "300K", "p")
+    assert not r.done and r.failed.startswith("non-finite positions at step 1 (300 K); the calculator said")
+    assert "ValueError: data must be finite" in r.failed  # what the calculator said is kept
+    state = json.loads((tmp_path / "300K" / "state.json").read_text())
+    assert state["status"] == "failed" and state["reason"] == r.failed
+    assert len(read_frames(tmp_path / "300K" / "md.traj")) == state["frames"] >= 1  # frames before it kept

@@ -324,6 +324,23 @@ class TemperatureRun:
     steps_computed: int  # MD steps computed by this call (0 if skipped)
 
 
+def check_frame(atoms, temperature: float, cfg: ValidationConfig, step: int) -> None:
+    """Raise MDFailure for a frame no physical run makes: non-finite, exploded or collapsed."""
+    from ase.neighborlist import neighbor_list
+
+    if not np.all(np.isfinite(atoms.positions)):  # before the calculator: some raise on them
+        raise MDFailure(f"non-finite positions at step {step} ({temperature:g} K)")
+    e = atoms.get_potential_energy()
+    t_inst = atoms.get_temperature()
+    if not (np.isfinite(e) and np.isfinite(t_inst)):
+        raise MDFailure(f"non-finite energy/velocities at step {step} ({temperature:g} K)")
+    if t_inst > cfg.explode_temperature_factor * temperature:
+        raise MDFailure(f"cell exploded at {temperature:g} K: instantaneous T {t_inst:.0f} K at step {step}")
+    d = neighbor_list("d", atoms, 0.5 * cfg.min_distance)
+    if len(d):
+        raise MDFailure(f"atoms collapsed at {temperature:g} K: distance {float(d.min()):.2f} A at step {step}")
+
+
 def run_temperature(
     atoms0,
     calc,
@@ -337,7 +354,6 @@ def run_temperature(
     """NVT MD at one temperature, resuming from ``tdir/md.traj``; idempotent once done."""
     from ase.io import Trajectory
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
-    from ase.neighborlist import neighbor_list
 
     tdir = Path(tdir)
     tdir.mkdir(parents=True, exist_ok=True)
@@ -410,23 +426,12 @@ def run_temperature(
 
     t0 = time.monotonic()
     last_beat = [t0]
-    min_d = 0.5 * cfg.min_distance
 
     traj = Trajectory(str(traj_path), "a" if n_frames else "w", atoms)
 
     def check_and_write() -> None:
         nonlocal n_frames, md_seconds
-        e = atoms.get_potential_energy()
-        t_inst = atoms.get_temperature()
-        if not (np.isfinite(e) and np.isfinite(t_inst) and np.all(np.isfinite(atoms.positions))):
-            raise MDFailure(f"non-finite energy/positions at step {dyn.nsteps} ({temperature:g} K)")
-        if t_inst > cfg.explode_temperature_factor * temperature:
-            raise MDFailure(
-                f"cell exploded at {temperature:g} K: instantaneous T {t_inst:.0f} K at step {dyn.nsteps}"
-            )
-        d = neighbor_list("d", atoms, min_d)
-        if len(d):
-            raise MDFailure(f"atoms collapsed at {temperature:g} K: distance {float(d.min()):.2f} A at step {dyn.nsteps}")
+        check_frame(atoms, temperature, cfg, dyn.nsteps)
         traj.write(atoms)
         n_frames += 1
         md_seconds += time.monotonic() - last_frame[0]
@@ -449,7 +454,13 @@ def run_temperature(
         dyn.attach(check_and_write, interval=k)
         dyn.attach(beat, interval=1)
         dyn.run(total_steps - start)
-    except MDFailure as err:
+    except Exception as err:
+        if not isinstance(err, MDFailure):
+            if np.all(np.isfinite(atoms.positions)):
+                raise  # an error of the calculator or of ours: the worker records it and retries the job
+            # NaN forces moved the atoms to NaN, and the calculator raised on them inside step nsteps + 1
+            err = MDFailure(f"non-finite positions at step {dyn.nsteps + 1} ({temperature:g} K); the "
+                            f"calculator said: {type(err).__name__}: {err}")
         traj.close()
         save_state("failed", str(err))
         return TemperatureRun(temperature, traj_path, False, str(err), n_frames, md_seconds, dyn.nsteps - start)
