@@ -150,6 +150,83 @@ def tensors_to_state(t: dict[str, torch.Tensor], meta: dict[str, str]) -> dict:
 # ---------------------------------------------------------------- the training loop
 
 
+@dataclass
+class UnlabelledState:
+    """What the unlabelled side carries from step to step; its fields are checkpoint keys too
+    (:func:`state_to_tensors` lists them)."""
+
+    selected: torch.Tensor  # FlexMatch's selected_label: the class last predicted >= threshold, or -1
+    pl_idx: torch.Tensor  # this round's pseudo-labelled pool (pseudo_label_rounds), indices into xu
+    pl_y: torch.Tensor
+    p_model: torch.Tensor  # distribution alignment's running class frequencies (empty: not yet set)
+
+
+def load_tensors(X_lab, y_lab, X_unlab, sample_weight, threshold: float, device: torch.device):
+    """Preprocess the patterns once and keep everything on the training device."""
+    xl = torch.as_tensor(preprocess(np.asarray(X_lab, dtype=np.float32), threshold), device=device)
+    # copies (torch.tensor): labels and weights arrive read-only from Ray's object store
+    yl = torch.tensor(np.asarray(y_lab), dtype=torch.long, device=device)
+    wl = torch.ones(len(yl), device=device) if sample_weight is None else torch.tensor(
+        np.asarray(sample_weight, dtype=np.float32), device=device
+    )
+    if len(yl) == 0 or float(wl.sum()) <= 0:
+        raise ValueError("train_member: the labelled set is empty (or every sample weight is 0)")
+    X_unlab = np.zeros((0, xl.shape[1]), np.float32) if X_unlab is None else np.asarray(X_unlab, np.float32)
+    xu = torch.as_tensor(preprocess(X_unlab, threshold) if len(X_unlab) else X_unlab, device=device)
+    return xl, yl, wl, xu
+
+
+def restore(resume: dict, model, ema, opt, gen: torch.Generator, seed: int, rank: int,
+            device: torch.device) -> tuple[UnlabelledState, list[dict], int]:
+    """Load a checkpoint state into the model, EMA and optimiser; return the rest of the loop's state."""
+    model.load_state_dict(resume["model"])
+    ema.load_state_dict(resume["ema"])
+    opt.load_state_dict(resume["opt"])
+    u = UnlabelledState(*(resume[k].to(device) for k in ("selected", "pl_idx", "pl_y")),
+                        p_model=resume.get("p_model", torch.zeros(0)).to(device))  # absent in older states
+    start = int(resume["step"])
+    torch.set_rng_state(resume["torch_rng"])  # dropout draws from torch's global generator
+    if rank == 0 and device.type == "cpu":
+        gen.set_state(resume["gen"])
+    else:  # other ranks (and CUDA generators, not saved): a fresh stream that depends on where we resumed
+        gen.manual_seed(seed + 7919 * rank + 104729 * start)
+    return u, list(resume["history"]), start
+
+
+def labelled_pool(xl, yl, wl, xu, u: UnlabelledState, peaks_l, pseudo_label_weight: float):
+    """The labels plus this round's pseudo-labels: (peak lists, labels, sample weights)."""
+    if not len(u.pl_idx):
+        return peaks_l, yl, wl
+    pseudo_w = torch.full((len(u.pl_idx),), pseudo_label_weight, device=wl.device)
+    return to_peaks(torch.cat([xl, xu[u.pl_idx]])), torch.cat([yl, u.pl_y]), torch.cat([wl, pseudo_w])
+
+
+def unlabelled_loss(cfg: TrainingConfig, algorithm: str, logits_w, logits_s, uidx, u: UnlabelledState,
+                    p_target: torch.Tensor, metrics: dict):
+    """L_u: the weak view's confident hard predictions are the targets of the strong view.
+
+    Updates ``u`` (FlexMatch's selected labels, the alignment's running frequencies) and logs the
+    class thresholds into ``metrics``; returns (L_u, mask, pseudo-labels).
+    """
+    probs_w = logits_w.detach().softmax(-1)
+    if cfg.distribution_alignment:
+        batch_freq = probs_w.mean(0)
+        u.p_model = batch_freq if len(u.p_model) == 0 else u.p_model.lerp(batch_freq, 1.0 - cfg.da_momentum)
+        probs_w = align_distribution(probs_w, u.p_model, p_target)
+        metrics.update({f"p_model_{c}": float(u.p_model[c]) for c in range(NUM_CLASSES)})
+    conf, pseudo = probs_w.max(-1)
+    if algorithm == "fixmatch":
+        thr = torch.full((NUM_CLASSES,), cfg.threshold, device=conf.device)
+    else:
+        thr = flexmatch_thresholds(u.selected, cfg.threshold, cfg.flexmatch_warmup)
+        sure = conf >= cfg.threshold
+        u.selected[uidx[sure]] = pseudo[sure]
+    mask = (conf >= thr[pseudo]).float()
+    loss_u = (F.cross_entropy(logits_s, pseudo, reduction="none") * mask).mean()
+    metrics.update({f"threshold_{c}": float(thr[c]) for c in range(NUM_CLASSES)})
+    return loss_u, mask, pseudo
+
+
 def train_member(
     X_lab,
     y_lab,
@@ -175,50 +252,27 @@ def train_member(
     aug = cfg.augment
     torch.manual_seed(seed)  # same initial weights on every rank
     gen = torch.Generator(device=device).manual_seed(seed + 7919 * rank)
-
-    # data: preprocess once, keep on the training device
-    xl = torch.as_tensor(preprocess(np.asarray(X_lab, dtype=np.float32), aug.threshold), device=device)
-    # copies (torch.tensor): labels and weights arrive read-only from Ray's object store
-    yl = torch.tensor(np.asarray(y_lab), dtype=torch.long, device=device)
-    wl = torch.ones(len(yl), device=device) if sample_weight is None else torch.tensor(
-        np.asarray(sample_weight, dtype=np.float32), device=device
-    )
-    if len(yl) == 0 or float(wl.sum()) <= 0:
-        raise ValueError("train_member: the labelled set is empty (or every sample weight is 0)")
-    X_unlab = np.zeros((0, xl.shape[1]), np.float32) if X_unlab is None else np.asarray(X_unlab, np.float32)
-    xu = torch.as_tensor(preprocess(X_unlab, aug.threshold) if len(X_unlab) else X_unlab, device=device)
+    xl, yl, wl, xu = load_tensors(X_lab, y_lab, X_unlab, sample_weight, aug.threshold, device)
     n_u = len(xu)
     algorithm = cfg.algorithm
     if algorithm != "supervised" and (n_u == 0 or cfg.batch_unlabelled == 0):
         warnings.warn(f"{algorithm}: no unlabelled patterns, training supervised only", stacklevel=2)
         algorithm = "supervised"
 
-    # model, EMA copy, optimiser
+    # model, EMA copy, optimiser; then the loop's own state, fresh or from a checkpoint
     model = build_network(cfg.network).to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-
     total = cfg.iterations * cfg.pseudo_label_rounds
-    selected = torch.full((n_u,), -1, dtype=torch.long, device=device)  # FlexMatch's selected_label
-    pl_idx = torch.zeros(0, dtype=torch.long, device=device)  # pseudo-labelled pool of this round
-    pl_y = torch.zeros(0, dtype=torch.long, device=device)
-    p_model = torch.zeros(0, device=device)  # distribution alignment: running class frequencies (unset)
+    empty = torch.zeros(0, dtype=torch.long, device=device)
+    u = UnlabelledState(torch.full((n_u,), -1, dtype=torch.long, device=device), empty, empty,
+                        torch.zeros(0, device=device))
     history: list[dict] = []
     start = 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        ema.load_state_dict(resume["ema"])
-        opt.load_state_dict(resume["opt"])
-        selected, pl_idx, pl_y = (resume[k].to(device) for k in ("selected", "pl_idx", "pl_y"))
-        p_model = resume.get("p_model", p_model).to(device)  # absent in states written before it
-        history, start = list(resume["history"]), int(resume["step"])
-        torch.set_rng_state(resume["torch_rng"])  # dropout draws from torch's global generator
-        if rank == 0 and device.type == "cpu":
-            gen.set_state(resume["gen"])
-        else:  # other ranks: a fresh stream that still depends on where we resumed
-            gen.manual_seed(seed + 7919 * rank + 104729 * start)
+        u, history, start = restore(resume, model, ema, opt, gen, seed, rank, device)
     net = wrap_model(model) if wrap_model is not None else model
     # augmentations work on peak lists: convert the pools once; one reused input buffer per step
     B_l, B_u = cfg.batch_labelled, (cfg.batch_unlabelled if algorithm != "supervised" else 0)
@@ -229,7 +283,7 @@ def train_member(
     def snapshot(step: int) -> dict:
         return {
             "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-            "selected": selected, "pl_idx": pl_idx, "pl_y": pl_y, "p_model": p_model, "history": history,
+            **vars(u), "history": history,
             "gen": gen.get_state() if device.type == "cpu" else torch.zeros(0, dtype=torch.uint8),
             "torch_rng": torch.get_rng_state(),
         }
@@ -240,47 +294,27 @@ def train_member(
         if new_round:
             conf, pred = predict_logits(ema, xu).softmax(-1).max(-1)
             keep = conf >= cfg.threshold
-            pl_idx, pl_y = keep.nonzero().flatten(), pred[keep]
+            u.pl_idx, u.pl_y = keep.nonzero().flatten(), pred[keep]
         if new_round or step == start:  # the labelled pool: labels + this round's pseudo-labels
-            pool_x = to_peaks(torch.cat([xl, xu[pl_idx]])) if len(pl_idx) else peaks_l
-            pool_y = torch.cat([yl, pl_y]) if len(pl_idx) else yl
-            pool_w = torch.cat([wl, torch.full((len(pl_idx),), cfg.pseudo_label_weight, device=device)])
+            pool_x, pool_y, pool_w = labelled_pool(xl, yl, wl, xu, u, peaks_l, cfg.pseudo_label_weight)
             p_target = torch.bincount(pool_y, weights=pool_w, minlength=NUM_CLASSES)
             p_target = p_target / p_target.sum()  # the pool's class frequencies, not the balanced draw's
             augment = AugmentStep(pool_x, peaks_u, B_l, B_u, aug, gen, buf, cuda_graph=cfg.cuda_graph_augment)
 
-        # labelled batch (class-balanced draw) and its weak view
+        # labelled batch (class-balanced draw) and its weak view; unlabelled weak + strong views
         net.train()
         idx = torch.multinomial(sampling_probs(pool_y, pool_w, cfg.balance_classes), cfg.batch_labelled,
                                 replacement=True, generator=gen)
-        y_l = pool_y[idx]
         metrics: dict = {"step": step + 1, "attempt_start": start}
         if algorithm == "supervised":
             logits_l = net(augment(idx))
-            loss_u = torch.zeros((), device=device)
-            mask = torch.zeros(0, device=device)
-            pseudo = torch.zeros(0, dtype=torch.long, device=device)
+            loss_u, mask, pseudo = torch.zeros((), device=device), torch.zeros(0, device=device), empty
         else:
             uidx = torch.randint(n_u, (B_u,), generator=gen, device=device)
             logits = net(augment(idx, uidx))  # one pass: [labelled weak | unlabelled weak | strong]
             logits_l, logits_w, logits_s = logits.split([B_l, B_u, B_u])
-            probs_w = logits_w.detach().softmax(-1)
-            if cfg.distribution_alignment:
-                batch_freq = probs_w.mean(0)
-                p_model = batch_freq if len(p_model) == 0 else p_model.lerp(batch_freq, 1.0 - cfg.da_momentum)
-                probs_w = align_distribution(probs_w, p_model, p_target)
-                metrics.update({f"p_model_{c}": float(p_model[c]) for c in range(NUM_CLASSES)})
-            conf, pseudo = probs_w.max(-1)
-            if algorithm == "fixmatch":
-                thr = torch.full((NUM_CLASSES,), cfg.threshold, device=device)
-            else:
-                thr = flexmatch_thresholds(selected, cfg.threshold, cfg.flexmatch_warmup)
-                sure = conf >= cfg.threshold
-                selected[uidx[sure]] = pseudo[sure]
-            mask = (conf >= thr[pseudo]).float()
-            loss_u = (F.cross_entropy(logits_s, pseudo, reduction="none") * mask).mean()
-            metrics.update({f"threshold_{c}": float(thr[c]) for c in range(NUM_CLASSES)})
-        loss_s = F.cross_entropy(logits_l, y_l)
+            loss_u, mask, pseudo = unlabelled_loss(cfg, algorithm, logits_w, logits_s, uidx, u, p_target, metrics)
+        loss_s = F.cross_entropy(logits_l, pool_y[idx])
         loss = loss_s + cfg.alpha * loss_u
 
         opt.zero_grad(set_to_none=True)
@@ -293,7 +327,7 @@ def train_member(
             "mask_rate": float(mask.mean()) if len(mask) else 0.0,
             **{f"pseudo_{c}": int(((pseudo == c).float() * mask).sum()) if len(mask) else 0
                for c in range(NUM_CLASSES)},
-            "pool_pseudo": int(len(pl_idx)),
+            "pool_pseudo": int(len(u.pl_idx)),
         })
         history.append(metrics)
         if log_fn is not None:
