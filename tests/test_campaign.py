@@ -152,7 +152,14 @@ def test_the_code_fingerprint_covers_how_members_are_scored(monkeypatch):
         return {"p_mean": X.max(axis=1)}
 
     monkeypatch.setattr(Ensemble, "predict_proba", predict_proba)
-    assert fingerprint.code_fingerprint.__wrapped__() != base
+    changed = fingerprint.code_fingerprint.__wrapped__()
+    assert changed != base
+
+    def _models(self, device):  # how the networks are built for scoring (e.g. eval mode) counts too
+        return []
+
+    monkeypatch.setattr(Ensemble, "_models", _models)
+    assert fingerprint.code_fingerprint.__wrapped__() not in (base, changed)
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -733,6 +740,69 @@ def test_a_composition_picked_in_an_earlier_round_is_not_picked_again(tmp_path):
     store.ensure_round(2)
     result, _ = stage_select(ctx, 2)
     assert result["picks"] == ["new-1", "new-2"]
+
+
+def test_a_structure_validated_outside_the_campaign_is_not_picked(tmp_path, database_path):
+    """A job finished under this protocol by `validate submit` (or another campaign on the store)
+    would be returned as it is: picking it spends a slot, and a label budget, on no new MD. It is
+    skipped, and so are the polymorphs of an inconclusive one; a failed one's polymorphs are not."""
+    import json
+    from itertools import islice
+
+    import numpy as np
+    import pandas as pd
+
+    from xrdmatch.actors.screening import ScreeningResult, write_scores
+    from xrdmatch.platform import queue
+    from xrdmatch.platform.campaign import stage_select
+    from xrdmatch.platform.data import iter_jsonl_lines
+    from xrdmatch.platform.patterns import PatternTable
+
+    cfg, store, ctx = _round_one_store(tmp_path, {"campaign": {"rounds": 3, "candidates_per_round": 3}}, [])
+    recs = [json.loads(line) for _, line in islice(iter_jsonl_lines(database_path), 2)]
+    for rec, how in zip(recs, ("inconclusive", "failed")):
+        jid = queue.submit(ctx.url, rec["id"], rec, cfg.validation)
+        queue.claim(ctx.url, "w", lease_s=60)
+        if how == "failed":
+            queue.fail(ctx.url, jid, "w", "MD crashed")
+        else:
+            queue.complete(ctx.url, jid, "w", {"structure_id": rec["id"], "verdict": how, "reason": "r"}, None)
+    other = cfg.validation.model_copy(update={"temperatures": [700.0, 900.0]})  # another protocol: no bar
+    queue.submit(ctx.url, "elsewhere", recs[1] | {"id": "elsewhere"}, other)
+    g0, g1 = (queue.get_job(ctx.url, j).formula for j in (1, 2))
+    ids = [recs[0]["id"], "polymorph-0", recs[1]["id"], "polymorph-1", "new-1"]
+    groups = [g0, g0, g1, g1, "Li9Ir"]
+    ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
+    ctx._meta = pd.DataFrame({"group": groups, "elements": "Li", "n_sites": 4, "a": 10.0, "b": 10.0, "c": 10.0},
+                             index=ids)
+    write_scores(ctx.scores_path(2), ids, groups, ScreeningResult(p_mean=np.linspace(0.99, 0.9, 5),
+                                                                  p_std=np.zeros(5), votes=np.ones(5)))
+    store.ensure_round(2)
+    result, _ = stage_select(ctx, 2)
+    assert result["picks"] == ["polymorph-1", "new-1"] and result["n_validated_elsewhere"] == 2
+
+
+def test_the_label_stage_counts_this_rounds_verdicts_not_every_label_of_a_candidate(tmp_path):
+    """An imported measurement of a candidate is not one of this round's MD verdicts, and one
+    candidate is one new label."""
+    from xrdmatch.platform.campaign import stage_label
+    from xrdmatch.platform.labels import LabelRecord, add_label
+
+    cfg, store, ctx = _round_one_store(tmp_path, {}, [{"structure_id": "mp-1"}, {"structure_id": "mp-2"}])
+    store.update_candidate("mp-1", job_id="7")
+    store.update_candidate("mp-2", job_id="8")  # its MD was inconclusive: no label
+    add_label(ctx.url, LabelRecord("mp-1", "Li3N", "mlip-md", 1, "proto", job_id=7))
+    add_label(ctx.url, LabelRecord("mp-1", "Li3N", "experiment", 1, "import:experiment"))
+    add_label(ctx.url, LabelRecord("mp-2", "Li3N", "experiment", 0, "import:experiment"))
+    import mlflow
+
+    from xrdmatch.platform.tracking import configure
+
+    configure(cfg)  # the stage logs its counts to the round's MLflow run
+    with mlflow.start_run(run_name="round-1"):
+        result, _ = stage_label(ctx, 1)
+    assert (result["new_labels"], result["new_superionic"], result["validated_total"]) == (1, 1, 1)
+    assert result["labels"] == {"mp-1": {"label": 1, "sigma_300": None}}
 
 
 def test_only_structures_the_md_can_take_are_eligible(tmp_path):

@@ -76,6 +76,50 @@ def test_a_row_without_a_usable_formula_is_refused(url, tmp_path, row, why):
     assert list_labels(url) == []
 
 
+def test_one_structure_with_both_labels_from_two_methods_in_a_file_is_refused(url, tmp_path):
+    # which one training used would hang on the row order: import them separately instead
+    f = tmp_path / "two.csv"
+    f.write_text("structure_id,formula,label,method\nmp-1,Li3PS4,1,experiment\nmp-2,LiCl,0,aimd\n"
+                 "mp-1,Li3PS4,0,aimd\nmp-2,LiCl,0,experiment\n")
+    with pytest.raises(LabelInputError, match=r"rows 2 and 4: structure mp-1 labelled 1 \(experiment\) and 0 \(aimd\)"):
+        import_labels(url, f)
+    assert list_labels(url) == []
+    f.write_text("structure_id,formula,label,method\nmp-2,LiCl,0,aimd\nmp-2,LiCl,0,experiment\n")
+    assert import_labels(url, f) == (2, 0, 0)  # agreeing sources: both kept, with their provenance
+
+
+def test_a_file_that_is_not_utf8_is_refused_naming_it_and_a_bom_is_read(url, tmp_path):
+    f = tmp_path / "latin1.csv"
+    f.write_bytes("structure_id,formula,label,note\nmp-1,Li3PS4,1,Universit\u00e9\n".encode("latin-1"))
+    with pytest.raises(LabelInputError, match=r"latin1\.csv: line 2 is not UTF-8 text \(byte b'\\xe9'\)"):
+        import_labels(url, f)
+    f = tmp_path / "excel.csv"  # spreadsheets write a byte-order mark before the first column name
+    f.write_bytes("structure_id,formula,label\nmp-1,Li3PS4,1\n".encode("utf-8-sig"))
+    assert import_labels(url, f) == (1, 0, 0) and _labels(url) == {"mp-1": 1}
+
+
+def test_a_replaced_label_is_the_newest(tmp_path):
+    """A corrected measurement imported with replace=True is newer than a label stored in between,
+    so it is the one training uses."""
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.db import store_url
+    from xrdmatch.platform.patterns import PatternTable
+    from xrdmatch.training.dataset import build_training_set
+
+    cfg = load_config(overrides={"run_dir": str(tmp_path)})
+    url = store_url(cfg)
+    f = tmp_path / "exp.csv"
+    f.write_text("structure_id,formula,label\nx-1,Li3PS4,1\n")
+    import_labels(url, f)
+    add_label(url, LabelRecord("x-1", "Li3PS4", "aimd", 1, "proto"))
+    f.write_text("structure_id,formula,label,sigma_300\nx-1,Li3PS4,0,1e-7\n")
+    assert import_labels(url, f, replace=True) == (0, 0, 1)
+    assert [lab.method for lab in list_labels(url)] == ["aimd", "experiment"]
+    ls, _ = build_training_set(cfg, PatternTable(ids=["x-1"], formulas=["Li3PS4"], X=np.ones((1, 4501), np.float32)))
+    i = ls.ids.index("x-1")
+    assert (ls.sources[i], int(ls.y[i])) == ("experiment", 0)
+
+
 def test_an_excluded_newest_label_does_not_hide_an_older_weighted_one(tmp_path):
     from xrdmatch.config import load_config
     from xrdmatch.platform.db import store_url

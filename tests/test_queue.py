@@ -188,6 +188,32 @@ def test_fail_and_requeue(store_url):
 
 
 
+def test_requeueing_a_done_job_withdraws_its_label_until_the_rerun_gives_one(store_url):
+    """A label exists only for a done job: requeued, its label goes; the rerun's verdict (the
+    analysis thresholds are not part of the protocol, so it can differ) becomes the label, and an
+    inconclusive rerun leaves none."""
+    from xrdmatch.platform.labels import label_from_result
+
+    def finish(worker: str, verdict: str, sigma: float) -> None:
+        job = queue.claim(store_url, worker, lease_s=60)
+        res = _result("li3n", verdict) | {"sigma_300": sigma}
+        queue.complete(store_url, job.id, worker, res,
+                       label_from_result(res, protocol_hash=job.protocol_hash, job_id=job.id, record=job.record))
+
+    other = add_label(store_url, LabelRecord("x-9", "LiCl", "experiment", 0, "import:experiment"))[0]
+    queue.submit(store_url, "li3n", LI3N, _proto())
+    finish("w1", "superionic", 1e-3)
+    assert [(lab.structure_id, lab.label) for lab in list_labels(store_url)] == [("x-9", 0), ("li3n", 1)]
+    assert queue.requeue(store_url, ("done",)) == 1
+    assert [lab.structure_id for lab in list_labels(store_url)] == ["x-9"]  # not the job's any more
+    finish("w2", "not_superionic", 1e-9)
+    assert {lab.structure_id: (lab.label, lab.sigma_300) for lab in list_labels(store_url)} == {
+        "x-9": (0, None), "li3n": (0, 1e-9)}
+    queue.requeue(store_url, ("done",))
+    finish("w3", "inconclusive", 1e-6)
+    assert list_labels(store_url) == [other]  # an inconclusive rerun: no label; other labels untouched
+
+
 def test_release_hands_back_only_the_stopped_workers_running_jobs(store_url):
     """A stopped worker's job (Ctrl-C, SIGTERM) is queued again at once and its interrupted claim
     is not counted; other workers' jobs and finished jobs are left as they are."""

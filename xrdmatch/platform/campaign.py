@@ -176,16 +176,10 @@ def records_for(cfg: Config, ids: set[str]) -> tuple[dict[str, dict], dict[str, 
 
 def labelled_groups(cfg: Config, url: str) -> set[str]:
     """Reduced formulas already labelled: the paper's labels plus every label in the store."""
-    from xrdmatch.platform.data import load_labelled, reduced_formula
+    from xrdmatch.platform.data import formula_group, load_labelled
     from xrdmatch.platform.labels import list_labels
 
-    groups = set(load_labelled(cfg.labels.path).groups)
-    for lab in list_labels(url):
-        try:
-            groups.add(reduced_formula(lab.formula))
-        except Exception:
-            groups.add(lab.formula)
-    return groups
+    return set(load_labelled(cfg.labels.path).groups) | {formula_group(lab.formula) for lab in list_labels(url)}
 
 
 # --------------------------------------------------------------------------------------
@@ -345,7 +339,10 @@ def stage_screen(ctx: Context, rnd: int):
 
 def stage_select(ctx: Context, rnd: int):
     from xrdmatch.actors.screening import read_scores
+    from xrdmatch.platform import queue
     from xrdmatch.platform.acquisition import element_matrix, radioactive_elements, select_candidates
+    from xrdmatch.platform.data import formula_group
+    from xrdmatch.simulation.validate import protocol_hash
 
     cfg, c = ctx.cfg, ctx.cfg.campaign
     pt = ctx.patterns()
@@ -361,14 +358,21 @@ def stage_select(ctx: Context, rnd: int):
     forbidden = set(c.forbidden_elements) | (radioactive_elements() if c.exclude_radioactive else set())
     groups = list(meta["group"])
     lab_groups = labelled_groups(cfg, ctx.url)
-    exclude = np.isin(np.asarray(pt.ids, dtype=object), earlier) if earlier else None
+    # validated under this protocol outside this campaign (`validate submit`, another campaign on
+    # the store): a pick would return that job's old verdict and spend a slot on no new MD;
+    # an inconclusive one's polymorphs are skipped too, as for this campaign's own earlier picks
+    finished = queue.finished_under(ctx.url, protocol_hash(cfg.validation))
+    done_elsewhere = [sid for sid, _, _ in finished]
+    tried_groups = {formula_group(f) for _, f, state in finished if state != "failed"}
+    skip = earlier + done_elsewhere
+    exclude = np.isin(np.asarray(pt.ids, dtype=object), skip) if skip else None
     sel = select_candidates(
         scores["p_mean"].to_numpy(), scores["p_std"].to_numpy(), pt.X, presence, vocab,
         ctx.md_atoms(), groups, n, strategy=c.acquisition, k=c.ucb_k,
         similarity_threshold=c.similarity_threshold, required=c.required_elements, forbidden=forbidden,
         max_sites=cfg.validation.max_atoms, exclude=exclude, pool=c.candidate_pool,
         # a composition picked in an earlier round (even one MD left inconclusive) is not sent again as a polymorph
-        labelled_groups=lab_groups | {cand.formula for cand in earlier_cands if cand.formula},
+        labelled_groups=lab_groups | tried_groups | {cand.formula for cand in earlier_cands if cand.formula},
     )
     cands = []
     for rank, (i, s) in enumerate(zip(sel.indices.tolist(), sel.scores.tolist())):
@@ -383,7 +387,7 @@ def stage_select(ctx: Context, rnd: int):
                         p_mean=scores["p_mean"].to_numpy()[keep])
     result = {"strategy": c.acquisition, "n_requested": n, "n_eligible": sel.n_eligible,
               "picks": [x["structure_id"] for x in cands], "formulas": [x["formula"] for x in cands],
-              "n_labelled_groups": len(lab_groups)}
+              "n_labelled_groups": len(lab_groups), "n_validated_elsewhere": len(set(done_elsewhere) - set(earlier))}
     return result, {"candidates": cands}
 
 
@@ -489,12 +493,15 @@ def stage_label(ctx: Context, rnd: int):
 
     from xrdmatch.platform.labels import list_labels
 
-    cands = {c.structure_id: c for c in ctx.store.candidates(rnd)}
+    # this round's new labels are the verdicts of this round's MD jobs (one per candidate), not
+    # every stored label of a candidate (an imported measurement of it is no verdict of ours)
+    cands = ctx.store.candidates(rnd)
+    jobs = {c.job_id for c in cands if c.job_id}
     labels = list_labels(ctx.url)
-    mine = [lab for lab in labels if lab.structure_id in cands]
+    mine = [lab for lab in labels if lab.job_id is not None and str(lab.job_id) in jobs]
     by_method = dict(Counter(lab.method for lab in labels))
-    all_mine = {c.structure_id for c in ctx.store.candidates()}
-    total_validated = len({lab.structure_id for lab in labels if lab.structure_id in all_mine})
+    all_jobs = {c.job_id for c in ctx.store.candidates() if c.job_id}
+    total_validated = len({lab.structure_id for lab in labels if lab.job_id is not None and str(lab.job_id) in all_jobs})
     n_super = sum(lab.label == 1 for lab in mine)
     mlflow.log_metrics({"new_labels": len(mine), "new_superionic": n_super, "validated_total": total_validated,
                         "candidates": len(cands)})

@@ -228,9 +228,10 @@ def add_label(url: str, rec: LabelRecord) -> tuple[LabelRecord, bool]:
 
 
 def list_labels(url: str, methods: list[str] | None = None) -> list[LabelRecord]:
-    """All labels (oldest first), optionally only some methods."""
+    """All labels, oldest first by when they were stored (a replaced row counts from its
+    replacement), optionally only some methods."""
     connect(url)
-    q = select(LabelRow).order_by(LabelRow.id)
+    q = select(LabelRow).order_by(LabelRow.created_at, LabelRow.id)
     if methods:
         q = q.where(LabelRow.method.in_(list(methods)))
     with engine_for(url).connect() as conn:
@@ -289,33 +290,26 @@ def _same_label(a: LabelRecord, b: LabelRecord) -> list[str]:
     return diff
 
 
-def import_labels(url: str, path: str | os.PathLike[str], method: str = "experiment",
-                  sigma_threshold: float | None = None, *, replace: bool = False) -> ImportCounts:
-    """Import labels from a CSV with columns ``structure_id`` (or ``id``), ``formula`` and
-    ``label`` (1 = superionic) and/or ``sigma_300`` (S/cm; labelled by ``sigma_threshold``,
-    by default the built-in ``ValidationConfig().sigma_threshold``, 5e-5; ``xrdmatch labels
-    import`` passes the config's); optional ``method`` per row.
-    Returns (rows added, rows already present), with ``.replaced``.
 
-    The whole file is checked before anything is written, so a bad row leaves the store unchanged.
-    Refused, naming the row: an empty or unparsable formula, a label that contradicts its own
-    sigma_300 (1 = superionic means sigma_300 >= the threshold; the paper's CSV has 0 = superionic),
-    and one structure twice in the file with different values. Re-importing identical rows changes
-    nothing; a row whose (structure, method) is stored with another label, sigma_300 or formula is
-    refused unless ``replace=True``, which replaces the stored row in place.
-    """
+def _not_utf8(p: Path, path) -> str:
+    """Where a file stops being UTF-8 (the reader's own offset is into a buffer, not the file)."""
+    raw = p.read_bytes()
+    try:
+        raw.decode("utf-8-sig")
+        return f"{path}: not UTF-8 text; save it as UTF-8 CSV"
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        return f"{path}: line {line} is not UTF-8 text (byte {raw[err.start:err.start + 1]!r}); save it as UTF-8 CSV"
+
+
+def _read_label_rows(p: Path, path, method: str, sigma_threshold: float):
+    """Parse and check every row of a label file; (records, {(id, method): (row, record)})."""
     from xrdmatch.platform.data import reduced_formula
 
-    if sigma_threshold is None:
-        from xrdmatch.config import ValidationConfig
-
-        sigma_threshold = ValidationConfig().sigma_threshold
-    p = Path(path)
-    if not p.is_file():
-        raise LabelInputError(f"label file not found: {path}")
     recs: list[LabelRecord] = []
     first_row: dict[tuple[str, str], tuple[int, LabelRecord]] = {}
-    with open(p, newline="", encoding="utf-8") as fh:
+    label_row: dict[str, tuple[int, int, str]] = {}  # structure id -> (row, label, method) of its first row
+    with open(p, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a byte-order mark
         reader = csv.DictReader(fh)
         cols = set(reader.fieldnames or [])
         if not ({"structure_id", "id"} & cols) or "formula" not in cols or not ({"label", "sigma_300"} & cols):
@@ -365,8 +359,44 @@ def import_labels(url: str, path: str | os.PathLike[str], method: str = "experim
                     raise LabelInputError(f"{path}: rows {prev[0]} and {n}: structure {sid} ({m}) twice with "
                                           f"different values ({'; '.join(diff)})")
                 continue  # the same row again: one label
+            other = label_row.setdefault(sid, (n, lab, m))
+            if other[1] != lab:
+                raise LabelInputError(f"{path}: rows {other[0]} and {n}: structure {sid} labelled {other[1]} ({other[2]}) "
+                                      f"and {lab} ({m}) in one file; import them separately (the newest stored "
+                                      "label is the one training uses)")
             first_row[(sid, m)] = (n, rec)
             recs.append(rec)
+    return recs, first_row
+
+
+def import_labels(url: str, path: str | os.PathLike[str], method: str = "experiment",
+                  sigma_threshold: float | None = None, *, replace: bool = False) -> ImportCounts:
+    """Import labels from a CSV with columns ``structure_id`` (or ``id``), ``formula`` and
+    ``label`` (1 = superionic) and/or ``sigma_300`` (S/cm; labelled by ``sigma_threshold``,
+    by default the built-in ``ValidationConfig().sigma_threshold``, 5e-5; ``xrdmatch labels
+    import`` passes the config's); optional ``method`` per row.
+    Returns (rows added, rows already present), with ``.replaced``.
+
+    The whole file is checked before anything is written, so a bad row leaves the store unchanged.
+    Refused, naming the row: an empty or unparsable formula, a label that contradicts its own
+    sigma_300 (1 = superionic means sigma_300 >= the threshold; the paper's CSV has 0 = superionic),
+    one structure twice in the file with different values for one method, and one structure with
+    both labels in the file (from two methods: which one training uses would hang on the row
+    order; import them separately, the newest stored label counts). Re-importing identical rows changes
+    nothing; a row whose (structure, method) is stored with another label, sigma_300 or formula is
+    refused unless ``replace=True``, which replaces the stored row in place.
+    """
+    if sigma_threshold is None:
+        from xrdmatch.config import ValidationConfig
+
+        sigma_threshold = ValidationConfig().sigma_threshold
+    p = Path(path)
+    if not p.is_file():
+        raise LabelInputError(f"label file not found: {path}")
+    try:
+        recs, first_row = _read_label_rows(p, path, method, sigma_threshold)
+    except UnicodeDecodeError:
+        raise LabelInputError(_not_utf8(p, path)) from None
     added = replaced = 0
     connect(url)
     with engine_for(url).begin() as conn:

@@ -20,11 +20,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, and_, case, or_, select, update
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, and_, case, delete, or_, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
 from xrdmatch.platform.db import Base, connect, engine_for
-from xrdmatch.platform.labels import LabelRecord, insert_ignore, insert_label, now_sql
+from xrdmatch.platform.labels import LabelRecord, LabelRow, insert_ignore, insert_label, now_sql
 
 STATES = ("queued", "running", "done", "inconclusive", "failed")
 FINISHED = ("done", "inconclusive", "failed")
@@ -386,16 +386,23 @@ def set_mlflow_run(url: str, job_id: int, run_id: str) -> None:
 
 def requeue(url: str, states: tuple[str, ...] = ("failed",), job_ids: list[int] | None = None) -> int:
     """Put finished jobs back in the queue (e.g. after installing a missing calculator), each with
-    a fresh ``max_attempts`` budget (its earlier claims said nothing about the fixed setup)."""
+    a fresh ``max_attempts`` budget (its earlier claims said nothing about the fixed setup).
+
+    A ``done`` job's label is withdrawn in the same transaction: a label exists only for a job
+    that is done, and the rerun's verdict (which may differ: the analysis thresholds are not part
+    of the protocol) becomes the label, or none if it is inconclusive."""
     bad = set(states) - set(FINISHED)
     if bad:
         raise QueueError(f"cannot requeue jobs in states {sorted(bad)}: only finished ones {FINISHED}")
     with _engine(url).begin() as conn:
-        q = update(JobRow).where(JobRow.state.in_(list(states)))
+        which = JobRow.state.in_(list(states))
         if job_ids is not None:
-            q = q.where(JobRow.id.in_(list(job_ids)))
-        return conn.execute(q.values(state="queued", worker_id=None, lease_expires=None, error=None,
-                                     attempts=0)).rowcount
+            which = and_(which, JobRow.id.in_(list(job_ids)))
+        done = conn.execute(select(JobRow.id).where(which, JobRow.state == "done")).scalars().all()
+        if done:
+            conn.execute(delete(LabelRow).where(LabelRow.job_id.in_(done)))
+        return conn.execute(update(JobRow).where(which).values(
+            state="queued", worker_id=None, lease_expires=None, error=None, attempts=0)).rowcount
 
 
 def release(url: str, worker_ids) -> int:
@@ -443,6 +450,15 @@ def list_jobs(url: str, states: list[str] | None = None, limit: int | None = Non
         q = q.limit(limit)
     with _engine(url).connect() as conn:
         return [_job(r) for r in conn.execute(q)]
+
+
+def finished_under(url: str, protocol_hash: str) -> list[tuple[str, str, str]]:
+    """(structure id, formula, state) of every job finished under this protocol: submitting one
+    of them again returns that job, so no MD would run."""
+    q = (select(JobRow.structure_id, JobRow.formula, JobRow.state)
+         .where(JobRow.protocol_hash == protocol_hash, JobRow.state.in_(list(FINISHED))).order_by(JobRow.id))
+    with _engine(url).connect() as conn:
+        return [tuple(r) for r in conn.execute(q)]
 
 
 def counts_by_state(url: str) -> dict[str, int]:
