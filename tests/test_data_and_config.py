@@ -35,6 +35,39 @@ def test_groups_merge_polymorphs(labelled):
     assert len(set(labelled.groups)) < len(labelled)
 
 
+def test_ids_are_read_as_text_not_numbers(tmp_path, labelled_csv):
+    # numeric-looking ids keep their spelling: '01' and '1' are two compounds, '101' is not '101.0'
+    def numeric_ids(rows):
+        col = rows[0].index("name")
+        for k, row in enumerate(rows[1:]):
+            row[col] = f"{k + 100}"
+        rows[1][col], rows[2][col] = "01", "1"
+
+    ls = load_labelled(_write_bad(tmp_path, labelled_csv, numeric_ids))
+    assert ls.ids[:3] == ["01", "1", "102"]
+
+
+def test_store_labels_are_grouped_like_the_papers(tmp_path):
+    # a store label named as the paper names polymorphs ('b_Li3N') joins the paper's Li3N group,
+    # so grouped splits of the training set keep it on one side with them
+    import numpy as np
+
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.db import store_url
+    from xrdmatch.platform.labels import LabelRecord, add_label
+    from xrdmatch.training.dataset import build_training_set
+
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run")})
+    add_label(store_url(cfg), LabelRecord("exp-1", "b_Li3N", "experiment", 1, "import:experiment"))
+
+    class Patterns:
+        ids, X = ["exp-1"], np.ones((1, 4501), np.float32)
+
+    ls, _ = build_training_set(cfg, Patterns())
+    assert ls.groups[ls.ids.index("exp-1")] == "Li3N"
+    assert ls.groups.count("Li3N") == 3  # with alpha and beta Li3N of the paper's file
+
+
 def _write_bad(tmp_path, labelled_csv, mutate):
     rows = list(csv.reader(open(labelled_csv)))
     mutate(rows)
@@ -58,9 +91,15 @@ def _write_bad(tmp_path, labelled_csv, mutate):
         (lambda rows: rows.__delitem__(slice(1, None)), "no rows"),
         (lambda rows: rows.clear(), "not a readable CSV"),
         (lambda rows: rows[6].append("1.0"), "row 7|not a readable CSV"),
+        (lambda rows: rows[4].__setitem__(300, "1e39"), r"row 5 .*too large"),
+        (lambda rows: rows[8].__setitem__(rows[0].index("formula_id"), "notaformula!!"),
+         r"row 9 .*formula_id 'notaformula!!' is not a chemical formula"),
+        (lambda rows: rows[8].__setitem__(rows[0].index("formula_id"), ""), r"row 9 .*formula_id nan"),
+        (lambda rows: rows[3].__setitem__(rows[0].index("name"), ""), r"row 4: empty id"),
     ],
     ids=["label-outside-01", "nan", "duplicated-id", "wrong-length", "text", "negative", "all-zero",
-         "columns-out-of-order", "header-only", "empty-file", "ragged-row"],
+         "columns-out-of-order", "header-only", "empty-file", "ragged-row", "over-float32", "bad-formula",
+         "empty-formula", "empty-id"],
 )
 def test_bad_labelled_file_names_the_row(tmp_path, labelled_csv, mutate, message):
     p = _write_bad(tmp_path, labelled_csv, mutate)

@@ -86,6 +86,15 @@ def reduced_formula(formula: str) -> str:
     return Composition(clean_formula(formula)).reduced_formula
 
 
+def formula_group(formula: str) -> str:
+    """The group of grouped splits and of candidate exclusion: the reduced formula of the
+    cleaned name ('a_Li3N' and 'Li6N2' are both 'Li3N'); an unparsable name is its own group."""
+    try:
+        return reduced_formula(formula)
+    except Exception:  # noqa: BLE001 - pymatgen raises several types for a bad formula
+        return formula
+
+
 def load_labelled(path: str | os.PathLike[str] = DEFAULT_LABELLED) -> LabelledSet:
     """Read the paper's labelled CSV (0 = superionic there) into a LabelledSet (1 = superionic).
 
@@ -98,7 +107,7 @@ def load_labelled(path: str | os.PathLike[str] = DEFAULT_LABELLED) -> LabelledSe
     if not p.is_file():
         raise LabelledDataError(f"labelled file not found: {path}")
     try:
-        df = pd.read_csv(p)
+        df = pd.read_csv(p, dtype={"name": str, "formula_id": str})  # ids '01' and '1' stay two ids
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as err:
         raise LabelledDataError(f"{path}: not a readable CSV ({' '.join(str(err).split())})") from None
     required = {"formula_id", "name", "label"}
@@ -115,9 +124,11 @@ def load_labelled(path: str | os.PathLike[str] = DEFAULT_LABELLED) -> LabelledSe
                                 f"(columns must be v1..v{N_BINS} in order)")
     if len(df) == 0:
         raise LabelledDataError(f"{path}: no rows (only a header)")
-    ids = [str(x) for x in df["name"]]
+    ids = [str(x).strip() if isinstance(x, str) else "" for x in df["name"]]
     seen: dict[str, int] = {}
     for row, i in enumerate(ids):
+        if not i:
+            raise LabelledDataError(f"{path}: row {row + 2}: empty id (column name)")
         if i in seen:
             raise LabelledDataError(f"{path}: row {row + 2}: duplicated id {i!r} (first at row {seen[i] + 2})")
         seen[i] = row
@@ -131,6 +142,11 @@ def load_labelled(path: str | os.PathLike[str] = DEFAULT_LABELLED) -> LabelledSe
         col = vcols[int(np.flatnonzero(~np.isfinite(X[row]))[0])]
         raise LabelledDataError(f"{path}: row {row + 2} ({ids[row]}): pattern has NaN or non-numeric values "
                                 f"(first in column {col}: {df[col].iloc[row]!r})")
+    bad = (np.abs(X) > np.finfo(np.float32).max).any(axis=1)  # stored as float32: would become inf
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise LabelledDataError(f"{path}: row {row + 2} ({ids[row]}): pattern value {X[row].max():g} is too "
+                                "large (over float32's 3.4e38)")
     bad = (X < 0).any(axis=1) | (X.max(axis=1) <= 0)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
@@ -142,8 +158,14 @@ def load_labelled(path: str | os.PathLike[str] = DEFAULT_LABELLED) -> LabelledSe
         row = int(np.flatnonzero(badl)[0])
         raise LabelledDataError(f"{path}: row {row + 2} ({ids[row]}): label {df['label'].iloc[row]!r} not in {{0, 1}}")
     y = (raw == 0).astype(np.int64)  # paper: 0 = superionic -> ours: 1 = superionic
-    formulas = [clean_formula(str(f)) for f in df["formula_id"]]
-    groups = [reduced_formula(str(f)) for f in df["formula_id"]]
+    formulas, groups = [], []
+    for row, f in enumerate(df["formula_id"]):
+        try:
+            groups.append(reduced_formula(f))
+        except Exception:  # noqa: BLE001 - NaN (empty cell) or a name pymatgen cannot parse
+            raise LabelledDataError(f"{path}: row {row + 2} ({ids[row]}): formula_id {f!r} is not a chemical "
+                                    "formula") from None
+        formulas.append(clean_formula(f))
     cond = pd.to_numeric(df.get("condutivity", pd.Series([np.nan] * len(df))), errors="coerce").to_numpy(float)
     return LabelledSet(
         ids=ids,

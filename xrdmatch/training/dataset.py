@@ -14,7 +14,7 @@ import logging
 import numpy as np
 
 from xrdmatch.config import Config
-from xrdmatch.platform.data import LabelledSet, load_labelled
+from xrdmatch.platform.data import LabelledSet, formula_group, load_labelled
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def build_training_set(cfg: Config, patterns=None) -> tuple[LabelledSet, np.ndar
             continue
         ids.append(sid)
         formulas.append(rec.formula)
-        groups.append(_reduced(rec.formula))
+        groups.append(formula_group(rec.formula))
         ys.append(int(rec.label))
         Xs.append(patterns.X[row_of[sid]])
         sources.append(rec.method)
@@ -72,11 +72,3 @@ def build_training_set(cfg: Config, patterns=None) -> tuple[LabelledSet, np.ndar
     weights = np.asarray([weights_by_source.get(s, 0.0) for s in base.sources], dtype=np.float32)
     return base, weights
 
-
-def _reduced(formula: str) -> str:
-    from pymatgen.core import Composition
-
-    try:
-        return Composition(formula).reduced_formula
-    except Exception:  # noqa: BLE001 - an odd formula still gets its own group
-        return formula

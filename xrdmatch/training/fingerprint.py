@@ -38,12 +38,12 @@ def source_fingerprint(sources: Iterable[str]) -> str:
 
 @lru_cache(maxsize=1)
 def code_fingerprint() -> str:
-    """The training modules, and the two functions that turn a trained member into the
-    cached probabilities (the rest of their modules, e.g. saving, does not change results)."""
+    """The training modules, and the functions that turn a trained member into the cached
+    probabilities (the rest of their modules, e.g. saving, does not change results)."""
     from xrdmatch.training import augment, augment_step, evaluation, networks, preprocess, trainer
     from xrdmatch.training.ensemble import Ensemble
 
     modules = (augment, augment_step, networks, preprocess, trainer)
-    functions = (Ensemble.predict_proba, evaluation.train_predict)
+    functions = (Ensemble.predict_proba, Ensemble._models, evaluation.train_predict)
     return source_fingerprint([*(Path(m.__file__).read_text() for m in modules),
                                *(textwrap.dedent(inspect.getsource(f)) for f in functions)])
