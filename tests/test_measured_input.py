@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,22 @@ def test_single_block_cif_is_read_as_before(tmp_path):
     assert set(items) == {"Li2O", "dup"}
     np.testing.assert_array_equal(items["Li2O"].pattern, _simulated(_li2o()))
     assert items["dup"].pattern is None and "CIF refused by pymatgen" in items["dup"].error
+
+
+def test_a_single_block_cif_says_why_pymatgen_refused_it_and_rounded_occupancies_are_read(tmp_path):
+    """Rounded occupancies (3 x 0.334 on one site, common in ICSD files) are scaled to 1 and
+    predicted; a site over 1.05 is refused with pymatgen's own reason, as in a multi-block CIF."""
+    from pymatgen.core import Lattice, Structure
+
+    from xrdmatch.platform.predict import collect_items
+
+    mixed = Structure(Lattice.cubic(5.6), [{"Li": 1 / 3, "Na": 1 / 3, "K": 1 / 3}, "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    text = mixed.to(fmt="cif")
+    assert text.count(" 0.33333333") == 3
+    (tmp_path / "rounded.cif").write_text(text.replace(" 0.33333333", " 0.334"))
+    (tmp_path / "over.cif").write_text(text.replace(" 0.33333333", " 0.5"))
+    items = {it.id: it for it in collect_items([tmp_path])}
+    assert items["rounded"].error is None, items["rounded"].error
+    np.testing.assert_array_equal(items["rounded"].pattern, _simulated(mixed))
+    assert items["over"].pattern is None
+    assert re.search(r"refused by pymatgen \(.*Occupancy 1\.[56]\d* exceeded tolerance", items["over"].error)

@@ -87,7 +87,7 @@ def test_measured_errors_name_file_and_problem(tmp_path):
         "junk.xy": bytes(range(256)) * 4,
         "nan.xy": b"10 5\n10.02 nan\n",
         "text.csv": b"a,b\nc,d\n",
-        "flat.dat": "\n".join(f"{10 + 0.02 * i:.2f} 100" for i in range(500)).encode(),
+        "flat.dat": "\n".join(f"{10 + 0.02 * i:.2f} 100" for i in range(4000)).encode(),
         "short.txt": b"10 1\n20 5\n",
     }
     expect = {"empty.xy": "empty", "junk.xy": "binary", "nan.xy": "line 2: NaN", "text.csv": "no numeric",
@@ -98,6 +98,29 @@ def test_measured_errors_name_file_and_problem(tmp_path):
         with pytest.raises(MeasuredPatternError) as e:
             measured_pattern(p, cfg=MeasuredConfig())
         assert name in str(e.value) and expect[name] in str(e.value), str(e.value)
+
+
+def test_a_scan_the_model_cannot_read_whole_is_refused_saying_why(tmp_path):
+    """Too narrow (or not 2-theta in degrees), a gap, too coarse, two scans in one file: refused
+    naming the file and the cause, never turned into a few sticks the model would score."""
+    full = _scan(_li2o(), tmp_path / "full.xy", "CuKa", 10.0, 90.0)
+    tt, y = np.loadtxt(full).T
+    d = 1.5406 / (2 * np.sin(np.radians(tt / 2)))  # d-spacing (A) written where 2-theta belongs
+    cases = {
+        "narrow.xy": (np.c_[tt, y][(tt >= 60) & (tt < 70)], r"covers 2-theta 60-69.99 deg, less than min_span_deg 30"),
+        "dspacing.xy": (np.c_[d[::-1], y[::-1]], r"not 2-theta in degrees \(d-spacing, Q, radians\)"),
+        "gap.xy": (np.c_[tt, y][(tt < 30) | (tt > 70)], r"no points between 2-theta 29.99 and 70.0\d* deg"),
+        "coarse.xy": (np.c_[tt, y][::100], r"a step of 1 deg Cu K-alpha, over max_step_deg 0.5"),
+        "joined.xy": (np.r_[np.c_[tt, y], np.c_[tt, y + 1]], r"2-theta 10 deg appears twice with different "
+                                                           r"intensities .* two scans in one file"),
+    }
+    for name, (rows, expect) in cases.items():
+        np.savetxt(tmp_path / name, rows, fmt="%.6f")
+        with pytest.raises(MeasuredPatternError, match=expect) as e:
+            measured_pattern(tmp_path / name)
+        assert name in str(e.value)
+    np.savetxt(tmp_path / "twice.xy", np.r_[np.c_[tt, y], np.c_[tt, y]], fmt="%.4f")  # a row written twice: fine
+    np.testing.assert_array_equal(measured_pattern(tmp_path / "twice.xy"), measured_pattern(full))
 
 
 def _inputs(tmp_path: Path, database_path: Path) -> tuple[Path, list[str]]:
@@ -121,7 +144,7 @@ def _inputs(tmp_path: Path, database_path: Path) -> tuple[Path, list[str]]:
     (d / "empty.cif").write_bytes(b"")
     (d / "junk.cif").write_bytes(bytes(range(256)) * 8)
     (d / "nan.xy").write_text("10 1\n10.02 nan\n")
-    (d / "flat.xy").write_text("\n".join(f"{10 + 0.02 * i:.2f} 100" for i in range(500)))
+    (d / "flat.xy").write_text("\n".join(f"{10 + 0.02 * i:.2f} 100" for i in range(4000)))
     good = ["Li2O", "POSCAR", "frames#0", "frames#1", "li2o_mo"] + [json.loads(x)["id"] for x in lines]
     return d, good
 

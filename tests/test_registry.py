@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,18 @@ def test_pyfunc_is_the_ensemble(mlflow_registry, labelled):
     assert got.loc[[2, 5, 7], "superionic"].isna().all()
     np.testing.assert_allclose(got.loc[good, "p_superionic"], b["p_mean"][good], rtol=1e-6)
     np.testing.assert_array_equal(got.loc[good, "superionic"].astype(int), out.loc[good, "superionic"].astype(int))
+    # served over HTTP by MLflow's scoring server, an unscored row is null: strict JSON, no bare NaN
+    from mlflow.pyfunc import scoring_server
+
+    body = json.dumps({"dataframe_split": patterns_frame(bad).to_dict(orient="split")})
+    served = scoring_server.invocations(body, "application/json", model, model.metadata.get_input_schema())
+
+    def no_nan(token):
+        raise ValueError(f"{token} is not JSON")
+
+    rows = json.loads(served.response, parse_constant=no_nan)["predictions"]
+    assert rows[5]["p_superionic"] is None and rows[5]["p_std"] is None and "flat" in rows[5]["error"]
+    assert rows[0]["p_superionic"] == pytest.approx(float(b["p_mean"][0]), rel=1e-6)
     # models from code: the model folder holds our source file and the safetensors, no pickle
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{reg.cfg.tracking.registry_name}/3"))
     files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
@@ -188,6 +201,7 @@ _LOAD_WITHOUT_INSTALLED_XRDMATCH = r'''
 import ast, importlib.abc, json, os, re, site, sys
 from importlib import metadata
 from importlib.machinery import PathFinder
+import json
 from pathlib import Path
 
 repo, tracking_uri, model_uri, x_path, out_path = sys.argv[1:6]

@@ -185,6 +185,11 @@ class MeasuredConfig(StrictModel):
     """Measured powder patterns -> the stick grid the model knows (``xrdmatch predict``)."""
 
     min_points: int = Field(default=20, ge=3, description="fewest (2-theta, intensity) rows accepted")
+    min_span_deg: float = Field(default=30.0, gt=0, le=90, description=(
+        "narrowest 2-theta range (Cu K-alpha degrees, within the model's 0-90) a scan must cover: the model "
+        "reads whole patterns; a narrower one is a partial scan, or not 2-theta in degrees (d, Q, radians)"))
+    max_step_deg: float = Field(default=0.5, gt=0, description=(
+        "widest step between two points (Cu K-alpha degrees): a wider gap hides the peaks inside it"))
     background_window_deg: float = Field(default=3.0, gt=0, description="rolling-minimum baseline window")
     smooth_points: int = Field(default=5, ge=0, description="Savitzky-Golay window in 0.02-deg bins (0: off)")
     peak_prominence: float = Field(default=0.02, gt=0, lt=1, description="min peak prominence / max intensity")

@@ -247,6 +247,25 @@ def _kalpha2_options(cfg: MeasuredConfig, kalpha2: str | None, ratio: float | No
     return mode, float(r)
 
 
+def _check_coverage(tt: np.ndarray, wavelength: float, cfg: MeasuredConfig, name: str) -> None:
+    """Refuse a scan too narrow or too coarse for a model that reads whole 0-90 deg patterns."""
+    scale = wavelength / CU_KA  # degrees here per degree of Cu 2-theta (small-angle)
+    lo, hi = to_cu_two_theta(np.array([tt[0], tt[-1]]), wavelength)
+    hi = TWO_THETA_MAX if not np.isfinite(hi) else min(float(hi), TWO_THETA_MAX)
+    if not np.isfinite(lo) or hi - lo < cfg.min_span_deg:
+        where = f"{tt[0]:g}-{tt[-1]:g} deg" + ("" if scale == 1 else f" ({lo:.1f}-{hi:.1f} deg Cu K-alpha)")
+        raise MeasuredPatternError(
+            f"{name}: the scan covers 2-theta {where}, less than min_span_deg {cfg.min_span_deg:g} of the 0-"
+            f"{TWO_THETA_MAX:g} deg the model reads: a partial scan, or not 2-theta in degrees (d-spacing, Q, "
+            "radians)?")
+    steps = np.diff(tt) / scale
+    k = int(np.argmax(steps))
+    if steps[k] > cfg.max_step_deg:
+        raise MeasuredPatternError(
+            f"{name}: no points between 2-theta {tt[k]:g} and {tt[k + 1]:g} deg (a step of {steps[k]:.2g} deg Cu "
+            f"K-alpha, over max_step_deg {cfg.max_step_deg:g}): peaks there would be missed")
+
+
 def sticks_from_scan(two_theta: np.ndarray, intensity: np.ndarray, cfg: MeasuredConfig,
                      wavelength: float = CU_KA, name: str = "pattern", kalpha2: str | None = None,
                      kalpha2_ratio: float | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -282,10 +301,19 @@ def sticks_from_scan(two_theta: np.ndarray, intensity: np.ndarray, cfg: Measured
     if (tt <= 0).any() or (tt >= 180).any():
         raise MeasuredPatternError(f"{name}: 2-theta values must lie in (0, 180) degrees")
     order = np.argsort(tt, kind="stable")
-    tt, idx = np.unique(tt[order], return_index=True)
-    y = y[order][idx]
+    tt, y = tt[order], y[order]
+    repeat = np.flatnonzero(np.diff(tt) == 0)
+    clash = repeat[y[repeat] != y[repeat + 1]]
+    if len(clash):  # the same angle twice, counted twice: keeping one would drop a scan without a word
+        k = int(clash[0])
+        raise MeasuredPatternError(
+            f"{name}: 2-theta {tt[k]:g} deg appears twice with different intensities ({y[k]:g}, {y[k + 1]:g}; "
+            f"{len(clash)} such angles): two scans in one file? Merge or split them first")
+    tt, idx = np.unique(tt, return_index=True)  # exact repeats (a row written twice) count once
+    y = y[idx]
     if len(tt) < cfg.min_points:
         raise MeasuredPatternError(f"{name}: {len(tt)} distinct 2-theta values, need at least {cfg.min_points}")
+    _check_coverage(tt, wavelength, cfg, name)
     # counting noise on the raw samples: robust sigma of point-to-point differences
     # (peaks are sparse outliers; interpolation would smooth the noise and hide it)
     noise = 1.4826 * float(np.median(np.abs(np.diff(y)))) / np.sqrt(2.0)

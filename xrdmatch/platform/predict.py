@@ -111,7 +111,7 @@ def cif_items(path: Path) -> list[Item] | None:
     Each block is parsed on its own, so a block pymatgen refuses becomes an error row naming the
     block and pymatgen's reason, and the other blocks are still predicted.
     """
-    from pymatgen.io.cif import CifParser
+    from xrdmatch.platform.structure_files import parse_cif
 
     blocks = cif_blocks(path)
     if len(blocks) < 2:
@@ -120,7 +120,7 @@ def cif_items(path: Path) -> list[Item] | None:
     for i, (header, text) in enumerate(blocks):
         sid = f"{path.stem}#{i}"
         try:
-            structure = CifParser.from_str(text).parse_structures(primitive=False, on_error="raise")[0]
+            structure = parse_cif(text, text=True)
         except Exception as e:
             items.append(Item(str(path), sid, error=f"CIF data block #{i} (data_{header}) refused by pymatgen: "
                                                      f"{_short(e, 200)}"))
@@ -147,8 +147,8 @@ def read_structures(path: Path) -> list[tuple[str, object]]:
     except Exception as e_pmg:
         pmg_err = _short(e_pmg, 150)
     if path.suffix.lower() in (".cif", ".mcif"):
-        raise ValueError(f"not readable as a structure: CIF refused by pymatgen ({pmg_err}; e.g. atoms on "
-                         "one site), not read with ASE, which would hide that") from None
+        raise ValueError(f"not readable as a structure: CIF refused by pymatgen ({pmg_err}), not read with "
+                         "ASE, which would merge or drop what pymatgen refused") from None
     try:
         import ase.io
         from pymatgen.io.ase import AseAtomsAdaptor
@@ -276,8 +276,9 @@ def predict_items(model, items: list[Item], batch_size: int = 1024) -> pd.DataFr
     for start in range(0, len(ok), batch_size):
         idx = ok[start : start + batch_size]
         out = model.predict(patterns_frame(np.stack([items[i].pattern for i in idx])))
-        rows.loc[idx, "p_superionic"] = out["p_superionic"].to_numpy(float)
-        rows.loc[idx, "p_std"] = out["p_std"].to_numpy(float)
+        # models registered before nullable outputs give NaN, newer ones <NA>: both become NaN here
+        rows.loc[idx, "p_superionic"] = out["p_superionic"].to_numpy(float, na_value=np.nan)
+        rows.loc[idx, "p_std"] = out["p_std"].to_numpy(float, na_value=np.nan)
         rows.loc[idx, "superionic"] = pd.array(out["superionic"], dtype="Int64")
         if "error" in out:  # versions registered before the column existed raise instead
             rows.loc[idx, "error"] = out["error"].fillna("").astype(str).to_numpy()

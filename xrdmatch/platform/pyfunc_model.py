@@ -114,7 +114,10 @@ class XRDMatchPyfunc(mlflow.pyfunc.PythonModel):
             proba = self.ensemble.predict_proba(X[idx])
             p[idx], s[idx] = proba["p_mean"], proba["p_std"]
             called[idx] = decide(proba, self.threshold, self.vote_fraction)
-        return pd.DataFrame({"p_superionic": p, "p_std": s, "superionic": called, "error": errors})
+        # nullable floats: an unscored row is null, not NaN, which MLflow's server writes as a bare
+        # NaN token that strict JSON parsers refuse
+        return pd.DataFrame({"p_superionic": pd.array(p, dtype="Float64"), "p_std": pd.array(s, dtype="Float64"),
+                             "superionic": called, "error": errors})
 
 
 # Models from code: when MLflow executes this file as the model (module name code_model_<uuid>),

@@ -4,8 +4,8 @@ without letting it run code.
 pymatgen reads its JSON/YAML serialisation through monty's decoder, which imports any module a
 ``@module`` key names and calls what ``@callable`` names (site properties go through it). A
 structure file is data: such files are parsed here, refused when they name anything outside
-pymatgen, and only then handed to ``Structure.from_dict``. Every other format goes to
-``Structure.from_file`` as before.
+pymatgen, and only then handed to ``Structure.from_dict``. CIFs go to pymatgen's CifParser
+(:func:`parse_cif`), every other format to ``Structure.from_file``.
 """
 
 from __future__ import annotations
@@ -40,12 +40,39 @@ def foreign_objects(obj, where: str = "$") -> list[str]:
     return out
 
 
+#: A CIF site whose occupancies sum to at most this is rounding (3 x 0.334 = 1.002, common in
+#: ICSD files), scaled down to 1 by pymatgen; above it the CIF is refused (two atoms on one site).
+CIF_OCCUPANCY_TOLERANCE = 1.05
+
+
+def parse_cif(source: str | os.PathLike[str], text: bool = False):
+    """The first structure of a CIF (a file, or its text); else ValueError with pymatgen's own
+    reasons, which it only warns about before saying "no structures" (blocks without atoms, such
+    as a journal's metadata block, are skipped as pymatgen does)."""
+    import warnings
+
+    from pymatgen.io.cif import CifParser
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        parser = (CifParser.from_str(str(source), occupancy_tolerance=CIF_OCCUPANCY_TOLERANCE) if text
+                  else CifParser(str(source), occupancy_tolerance=CIF_OCCUPANCY_TOLERANCE))
+        try:
+            return parser.parse_structures(primitive=False, on_error="warn")[0]
+        except ValueError as err:  # "Invalid CIF file with no structures!": say what pymatgen warned
+            said = [" ".join(str(w.message).split()) for w in caught if issubclass(w.category, UserWarning)]
+            why = [m for m in said if m.startswith("No structure parsed")] or said  # the per-block verdicts
+            raise ValueError("; ".join(dict.fromkeys(why)) or str(err)) from None
+
+
 def read_structure(path: str | os.PathLike[str]):
     """A pymatgen Structure from any file pymatgen reads; serialised ones checked first."""
     from pymatgen.core import Structure
 
     p = Path(path)
     name = p.name.lower()
+    if fnmatch.fnmatch(name, "*.cif") or fnmatch.fnmatch(name, "*.mcif") or fnmatch.fnmatch(name, "*.cif.*"):
+        return parse_cif(p)
     if not any(fnmatch.fnmatch(name, pat) for pat in SERIALISED):
         return Structure.from_file(str(p))
     from monty.io import zopen
