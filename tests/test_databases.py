@@ -238,11 +238,47 @@ def test_null_empty_and_non_string_ids_are_error_entries(tmp_path, first_records
     entries = list(iter_entries(path))
     assert [e.id for e in entries] == ["ids.jsonl:1", "ids.jsonl:2", "ids.jsonl:3", "ids.jsonl:4", "ids.jsonl:5",
                                        "1234", good["id"]]
+    assert _raw_ids(path) == [e.id for e in entries]  # named the same before parsing
     assert entries[0].reason == "ids.jsonl:1: 'id' is null"
     assert "'id' is empty" in entries[1].reason and "'id' is empty" in entries[2].reason
     assert "'id' must be a string" in entries[3].reason and "'id' must be a string" in entries[4].reason
     assert isinstance(entries[5], Record) and isinstance(entries[6], Record)
     assert not any(e.id in ("None", "") for e in entries)
+
+
+def test_an_unparsed_line_goes_by_the_id_the_parser_gives_it(tmp_path, first_records):
+    # a worker that dies on a line is reported by the line's id: the parser's, not the first
+    # '"id": "..."' text in it (a nested id, an escaped quote, a number)
+    good = first_records[0]
+    lines = [json.dumps({"meta": {"id": "icsd-9"}, **good, "id": "mp-1"}),
+             json.dumps({**good, "id": 'a"b'}),
+             json.dumps({**good, "id": 123}),
+             '{"id": "mp-cut", "lattice": [[1, 0',  # not JSON: the id it seems to hold
+             json.dumps({**good, "id": None})]
+    path = tmp_path / "odd.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert _raw_ids(path) == [e.id for e in iter_entries(path)] == ["mp-1", 'a"b', "123", "mp-cut", "odd.jsonl:5"]
+
+
+def test_a_file_name_that_is_not_utf8_gets_a_storable_id(tmp_path, first_records):
+    """Python holds such names with surrogates, which no UTF-8 writer takes: the folder's cache key,
+    the entry's id and its Parquet row must still work, and the other files be read."""
+    import os
+
+    from xrdmatch.platform.patterns import encode_shard
+
+    folder = tmp_path / "db"
+    folder.mkdir()
+    _structure(first_records[0]).to(filename=str(folder / "good.cif"))
+    _structure(first_records[1]).to(filename=str(folder / "spare.cif"))
+    os.rename(folder / "spare.cif", os.path.join(os.fsencode(folder), b"bad\xff.cif"))
+    from xrdmatch.platform.paths import database_key
+
+    assert database_key(folder)  # hashing the file names does not raise
+    entries = list(iter_entries(folder))
+    assert [e.id for e in entries] == ["bad\\xff", "good"] and all(isinstance(e, Record) for e in entries)
+    assert _raw_ids(folder) == ["bad\\xff", "good"]
+    encode_shard([e.id for e in entries], [e.formula for e in entries], np.zeros((2, 4501), np.float32), {})
 
 
 @pytest.fixture()
@@ -267,16 +303,18 @@ def test_xrd_cli_warns_of_duplicate_ids_and_fails_when_no_pattern_is_computed(ra
 
     a, b = first_records[0], first_records[1]
     dup = tmp_path / "dup.jsonl"
-    dup.write_text("\n".join(json.dumps(r) for r in [a, b, {**a, "id": None}, a, {**b, "id": ""}, b, a]) + "\n")
+    flat = {**a, "lattice": [[1, 0, 0], [2, 0, 0], [0, 0, 1]]}  # an error row under a's id: a duplicate too
+    dup.write_text("\n".join(json.dumps(r) for r in [a, b, {**a, "id": None}, a, {**b, "id": ""}, b, a, flat]) + "\n")
     res = CliRunner().invoke(app, ["xrd", "--db", str(dup), "--out", str(tmp_path / "o1"), "--workers", "1",
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
-    assert f"warning: 3 patterns repeat an id of an earlier entry of {dup}, e.g. {a['id']!r}, {b['id']!r}" \
-        in res.output
-    assert "2 entries could not be used" in res.output
+    assert f"warning: 4 entries (patterns or errors) repeat an id of an earlier entry of {dup}, e.g. " \
+           f"{a['id']!r}, {b['id']!r}" in res.output
+    assert "3 entries could not be used" in res.output
     errs = pq.read_table(tmp_path / "o1" / "errors.parquet").to_pylist()
-    assert [(e["id"], e["reason"]) for e in errs] == [("dup.jsonl:3", "dup.jsonl:3: 'id' is null"),
-                                                      ("dup.jsonl:5", "dup.jsonl:5: 'id' is empty ('')")]
+    assert [(e["id"], e["reason"]) for e in errs][:2] == [("dup.jsonl:3", "dup.jsonl:3: 'id' is null"),
+                                                          ("dup.jsonl:5", "dup.jsonl:5: 'id' is empty ('')")]
+    assert errs[2]["id"] == a["id"] and "zero volume" in errs[2]["reason"]
 
     all_bad = tmp_path / "allbad.jsonl"
     all_bad.write_text("\n".join(json.dumps({**a, "id": i}) for i in (None, "")) + "\n")

@@ -406,6 +406,17 @@ def test_the_engine_version_follows_the_engine_code_and_pymatgen(tmp_path, monke
     assert engine_version() == base
     copy.write_text(src + "\nLORENTZ_TWEAK = 1.0\n")
     assert engine_version() != base
+    monkeypatch.undo()
+    # the structure-file and CIF readers count too: an entry an older reader refused is read again
+    from xrdmatch.platform import cif, structure_files
+
+    for module in (structure_files, cif):
+        copy = tmp_path / Path(module.__file__).name
+        copy.write_text(Path(module.__file__).read_text() + "\nREADER_TWEAK = 1\n")
+        with monkeypatch.context() as m:
+            m.setattr(module, "__file__", str(copy))
+            assert engine_version() != base
+    assert engine_version() == base
 
 
 def test_ray_errors_read_as_the_users_exception(ray_local):

@@ -68,7 +68,8 @@ def xrd(
     if summary.duplicate_ids:
         ex = _duplicate_examples(Path(summary.out_dir))
         typer.echo(
-            f"warning: {summary.duplicate_ids} patterns repeat an id of an earlier entry of {summary.source}"
+            f"warning: {summary.duplicate_ids} entries (patterns or errors) repeat an id of an earlier entry of "
+            f"{summary.source}"
             + (f", e.g. {', '.join(map(repr, ex))}" if ex else "")
             + "; ids should be unique, later stages cannot tell these apart",
             err=True,
@@ -84,17 +85,18 @@ def xrd(
 
 
 def _duplicate_examples(out: Path, n: int = 5) -> list[str]:
-    """The first ``n`` ids that occur more than once in the shards (read only when there are some)."""
+    """The first ``n`` ids that occur more than once in the shards and the errors table (read only
+    when there are some)."""
     import pyarrow.parquet as pq
 
-    from xrdmatch.platform.patterns import read_manifest
+    from xrdmatch.platform.patterns import ERRORS, read_manifest
 
     man = read_manifest(out) or {}
     seen: set[str] = set()
     dups: list[str] = []
-    for s in man.get("shards", []):
+    for f in [s["file"] for s in man.get("shards", [])] + [ERRORS]:
         try:
-            ids = pq.read_table(out / s["file"], columns=["id"]).column("id").to_pylist()
+            ids = pq.read_table(out / f, columns=["id"]).column("id").to_pylist()
         except Exception:  # noqa: BLE001 - examples only; the count is already printed
             return dups
         for i in ids:

@@ -116,6 +116,12 @@ def _open_binary(p: Path):
     return open(p, "rb")
 
 
+def printable_name(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 (Python holds them as surrogates, which no
+    UTF-8 writer accepts) are spelled out as \\xNN, so the entry keeps an id that can be stored."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def folder_files(p: Path) -> list[Path]:
     """Every visible regular file of the folder (not recursive), in name order: the entries of a
     folder database, and what its cache key hashes (``paths.database_key``)."""
@@ -207,10 +213,11 @@ def _materialise(unit: Any, kind: Kind) -> RawItem:
     if kind == "jsonl":
         return unit
     if kind == "folder":
+        name = printable_name(unit.name)
         try:
-            return ("file", unit.name, unit.read_bytes())
+            return ("file", name, unit.read_bytes())
         except OSError as e:
-            return ("entry", BadEntry(unit.stem, f"cannot read file {unit.name}: {e.strerror or e}"))
+            return ("entry", BadEntry(Path(name).stem, f"cannot read file {name}: {e.strerror or e}"))
     return ("entry", _ase_entry(unit))
 
 
@@ -314,14 +321,23 @@ def _bad_id(raw: Any) -> str | None:
     return None
 
 
+def _json_line_id(where: str, line: bytes) -> str:
+    """The id :func:`_parse_json_line` gives a line (``where`` when it has no usable one)."""
+    try:
+        rec = _loads(line)
+    except _JSONError:
+        m = _ID_IN_LINE.search(line)  # unparsable: the id the line seems to hold, if any
+        return m.group(1).decode("utf-8", "replace") if m else where
+    ok = isinstance(rec, dict) and "id" in rec and not _bad_id(rec["id"])
+    return str(rec["id"]) if ok else where
+
+
 def _parse_json_line(where: str, line: bytes) -> Entry:
     try:
         rec = _loads(line)
     except _JSONError as e:
-        m = _ID_IN_LINE.search(line)
-        sid = m.group(1).decode("utf-8", "replace") if m else where
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return BadEntry(sid, f"{where}: not valid JSON ({msg})")
+        return BadEntry(_json_line_id(where, line), f"{where}: not valid JSON ({msg})")
     if not isinstance(rec, dict):
         return BadEntry(where, f"{where}: expected a JSON object, got {type(rec).__name__}")
     if "id" not in rec:
@@ -409,12 +425,11 @@ def parse_raw(item: RawItem) -> Entry:
 
 
 def raw_item_id(item: RawItem) -> tuple[str, str]:
-    """(id, where) of a raw item without parsing it: parsing may be what kills a worker, and the
-    XRD stage must still name the entry that did."""
+    """(id, where) of a raw item without building its structure: that may be what kills a worker,
+    and the XRD stage must still name the entry that did, by the id the parser gives it."""
     tag = item[0]
     if tag == "json":
-        m = _ID_IN_LINE.search(item[2])
-        return (m.group(1).decode("utf-8", "replace") if m else item[1]), item[1]
+        return _json_line_id(item[1], item[2]), item[1]
     if tag == "file":
         return Path(item[1]).stem, item[1]
     if tag == "entry":

@@ -32,7 +32,7 @@ def _folder_digest(p: Path) -> str:
 
     h = hashlib.sha1()
     for f in folder_files(p):
-        h.update(f"{f.relative_to(p)}|{_content_digest(f)}\n".encode())
+        h.update(f"{f.relative_to(p)}|{_content_digest(f)}\n".encode("utf-8", "surrogateescape"))  # any file name
     return h.hexdigest()
 
 

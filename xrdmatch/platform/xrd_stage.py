@@ -83,16 +83,17 @@ class StageError(RuntimeError):
 
 
 def engine_version() -> str:
-    """Version of what turns a database entry into a pattern: the engine's and the record
-    parser's code (syntax trees: comments and docstrings do not count) and pymatgen's version
-    (its scattering table). A cache made by another is recomputed, never mixed."""
+    """Version of what turns a database entry into a pattern: the engine's and the readers' code
+    (records, structure files, CIF blocks; syntax trees: comments and docstrings do not count)
+    and pymatgen's version (its scattering table and parsers). A cache made by another is
+    recomputed, never mixed: an entry an older reader refused is read again."""
     from importlib import metadata
 
-    from xrdmatch.platform import databases
+    from xrdmatch.platform import cif, databases, structure_files
     from xrdmatch.simulation import xrd
     from xrdmatch.training.fingerprint import source_fingerprint
 
-    code = source_fingerprint(Path(m.__file__).read_text() for m in (xrd, databases))
+    code = source_fingerprint(Path(m.__file__).read_text() for m in (xrd, databases, structure_files, cif))
     return f"xrdmatch-{__version__}+{code[:12]}-pymatgen-{metadata.version('pymatgen')}"
 
 
@@ -214,7 +215,8 @@ def _write_manifest(out: Path, man: dict[str, Any]) -> None:
 
 
 def _finalise(out: Path, done: dict[int, dict[str, Any]]) -> int:
-    """errors.parquet from the per-batch parts; returns the number of duplicated ids."""
+    """errors.parquet from the per-batch parts; returns the number of duplicated ids (patterns
+    and errors together)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -228,13 +230,11 @@ def _finalise(out: Path, done: dict[int, dict[str, Any]]) -> int:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(out / ERRORS, buf.getvalue())
-    ids: set[str] = set()
-    dup = 0
-    for k in sorted(done):
-        for i in pq.read_table(shard_path(out, k), columns=["id"]).column("id").to_pylist():
-            dup += i in ids
-            ids.add(i)
-    return dup
+    # every id, whether it got a pattern or an error row: an id that failed once and was read
+    # again elsewhere in the database is a duplicate too
+    every = [i for k in sorted(done) for i in pq.read_table(shard_path(out, k), columns=["id"]).column("id").to_pylist()]
+    every += table.column("id").to_pylist()
+    return len(every) - len(set(every))
 
 
 def _summary_from(out: Path, man: dict[str, Any], t0: float, computed: int, entries_now: int) -> StageSummary:
