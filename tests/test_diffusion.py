@@ -185,6 +185,31 @@ def test_a_temperature_without_a_positive_diffusivity_is_not_fitted():
     assert verdict == "inconclusive" and "seen at 2 temperature(s) < min_fit_temperatures=3" in reason
 
 
+def test_a_caged_li_whose_msd_does_not_grow_is_no_point_of_the_fit():
+    """Li rattling in its cage (MSD well above min_li_msd, but not growing): pymatgen-analysis-
+    diffusion turns the slope <= 0 into D = 1.7e-17 cm^2/s, a placeholder that would make a
+    confident 2.9 eV 'not_superionic' of a two-temperature run. It is read as no D."""
+    from xrdmatch.simulation.diffusion import PMG_D_FLOOR
+
+    s = host()
+    li = np.array([sp.symbol == "Li" for sp in s.species])
+    rattle = np.random.default_rng(0).normal(size=(N_FRAMES, len(s), 3)) * 0.6 * li[None, :, None]
+    caged = [Atoms(symbols=[sp.symbol for sp in s.species], positions=p, cell=s.lattice.matrix, pbc=True)
+             for p in s.cart_coords[None] + rattle]
+    from pymatgen.analysis.diffusion.analyzer import DiffusionAnalyzer
+
+    from xrdmatch.simulation.diffusion import displacements, frames_to_structures
+
+    raw = DiffusionAnalyzer(frames_to_structures(caged[:1])[0], displacements(caged), "Li", 600.0, DT_FS, SKIP)
+    assert raw.diffusivity == pytest.approx(PMG_D_FLOOR)  # the premise (fixed seed): the placeholder
+    a600 = analyze_temperature(caged, 600.0, DT_FS, SKIP)
+    assert a600.li_msd > ValidationConfig().min_li_msd and a600.diffusivity == 0.0
+    a1200 = analyze_temperature(walk(arrhenius_d(0.3, 1e-3, 1200.0), 1200.0, 3), 1200.0, DT_FS, SKIP)
+    verdict, reason, f = decide([a600, a1200], host(), ValidationConfig())
+    assert verdict == "inconclusive" and f is None
+    assert reason == "Li diffusion seen at 1 temperature(s) < min_fit_temperatures=2"
+
+
 def test_sigma_exactly_at_the_threshold_is_superionic():
     """The threshold is inclusive (superionic means sigma_300 >= sigma_threshold): a fit whose
     sigma(300 K) equals the threshold bit for bit is superionic; one ulp above the threshold is not."""

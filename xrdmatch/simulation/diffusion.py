@@ -18,6 +18,9 @@ import numpy as np
 from xrdmatch.config import ValidationConfig
 
 SPECIE = "Li"
+#: pymatgen-analysis-diffusion turns an MSD slope <= 0 into 1e-15 A^2/fs (D = slope / 60 in
+#: cm^2/s): that D is no measurement, and is read here as "no positive D" (left out of the fit).
+PMG_D_FLOOR = 1e-15 / 60
 
 
 @dataclass
@@ -88,9 +91,10 @@ def analyze_temperature(frames, temperature: float, timestep_fs: float, step_ski
     li_msd = float(np.mean(sq[da.indices]))
     fw_msd = float(np.mean(sq[da.framework_indices])) if len(da.framework_indices) else 0.0
     err = float(da.diffusivity_std_dev)
+    d = float(da.diffusivity)
     return TemperatureAnalysis(
         temperature=float(temperature),
-        diffusivity=float(da.diffusivity),
+        diffusivity=0.0 if d <= PMG_D_FLOOR * (1 + 1e-9) else d,  # the MSD did not grow: no D to fit
         diffusivity_err=err if math.isfinite(err) else float("nan"),
         li_msd=li_msd,
         framework_msd=fw_msd,

@@ -119,9 +119,11 @@ def check_distances(structure, min_distance: float, name: str | None = None) -> 
 
 
 def choose_supercell(abc, n_sites: int, min_atoms: int, min_length: float, max_atoms: int) -> tuple[int, int, int]:
-    """Smallest diagonal scaling with every length >= min_length and >= min_atoms atoms.
+    """Smallest diagonal scaling with every length >= min_length and >= min_atoms atoms, among
+    those that repeat each axis at most 5 times beyond what min_length needs.
 
-    Ties (same atom count) go to the most isotropic cell (largest shortest length).
+    The bound keeps needles out: (7, 1, 1) of a 9 A cell is a 63 A rod whose image distance is
+    still 9 A. Ties (same atom count) go to the most isotropic cell (largest shortest length).
     """
     base = [max(1, math.ceil(min_length / L - 1e-9)) if min_length > 0 else 1 for L in abc]
     best = None
