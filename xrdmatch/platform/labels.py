@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, insert, select, update
+from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
@@ -231,7 +231,8 @@ def list_labels(url: str, methods: list[str] | None = None) -> list[LabelRecord]
     """All labels, oldest first by when they were stored (a replaced row counts from its
     replacement), optionally only some methods."""
     connect(url)
-    q = select(LabelRow).order_by(LabelRow.created_at, LabelRow.id)
+    # coalesce: rows without a time come first on every backend (PostgreSQL sorts NULL last)
+    q = select(LabelRow).order_by(func.coalesce(LabelRow.created_at, 0.0), LabelRow.id)
     if methods:
         q = q.where(LabelRow.method.in_(list(methods)))
     with engine_for(url).connect() as conn:
