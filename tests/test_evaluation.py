@@ -472,7 +472,8 @@ def test_train_cli_resumes_after_kill_9_logs_the_run_and_registers_once(tmp_path
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"
-    cfg = _tiny_config(tmp_path, {"training": {"iterations": 30, "checkpoint_every": 5, "ensemble_size": 1},
+    cfg = _tiny_config(tmp_path, {"training": {"iterations": 30, "checkpoint_every": 5, "ensemble_size": 1,
+                                               "unlabelled_limit": 16},
                                   "campaign": {"eval_folds": 2, "eval_iterations": 2}}, run_dir=run_dir)
     args = ["train", "--config", str(cfg)]
 
@@ -501,7 +502,8 @@ def test_train_cli_resumes_after_kill_9_logs_the_run_and_registers_once(tmp_path
     assert [h.step for h in client.get_metric_history(run.info.run_id, "member0.loss")] == list(range(1, 31))
     assert "plots/learning_curves.png" in _artifacts(cfg, run, "plots")
     assert run.data.params["training.iterations"] == "30"
-    assert run.data.tags["lineage.labelled_count"] == "112" and run.data.tags["lineage.unlabelled_count"] == "24"
+    # lineage: the 16 of the 24 database patterns the member trained on, not the whole database
+    assert run.data.tags["lineage.labelled_count"] == "112" and run.data.tags["lineage.unlabelled_count"] == "16"
     assert 0.0 <= run.data.metrics["grouped_cv_macro_f1"] <= 1.0 and run.data.metrics["n_labelled"] == 112
     # the promotion metric is the pooled out-of-fold calls of the cached fold members
     from xrdmatch.config import load_config
@@ -510,7 +512,14 @@ def test_train_cli_resumes_after_kill_9_logs_the_run_and_registers_once(tmp_path
     from xrdmatch.training.metrics import binary_metrics, calls
 
     c = load_config(cfg)
-    ls, _ = build_training_set(c, ensure_patterns(c, progress=False))
+    pt = ensure_patterns(c, progress=False)
+    ls, _ = build_training_set(c, pt)
+    from xrdmatch.platform.tracking import array_hash
+    from xrdmatch.training.dataset import unlabelled_pool
+    from xrdmatch.training.ensemble import unlabelled_subset
+
+    seen = unlabelled_subset(unlabelled_pool(pt, ls), c.training)
+    assert len(seen) == 16 and run.data.tags["lineage.unlabelled_hash"] == array_hash(seen) != array_hash(pt.X)
     files = sorted((run_dir / "champion" / "members").glob("*.npz"))
     assert len(files) == 2 * c.campaign.eval_ensemble_size
     total, count = np.zeros(len(ls.y)), np.zeros(len(ls.y))

@@ -469,6 +469,64 @@ def test_a_failed_champion_lookup_promotes_nothing_and_a_retry_decides(tmp_path,
     assert not rv.promoted and rv.aliases == ["challenger"]
 
 
+def test_settling_an_old_version_again_never_takes_back_an_alias_a_later_one_holds(tmp_path, labelled):
+    """A rerun of a registered training (same run), or a resume of one that crashed between its
+    decision and its aliases, finishes that decision only where no later registration moved on:
+    the better version registered since keeps champion and challenger."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import _tiny_ensemble
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.registry import log_version, register_ensemble, settle_version
+    from xrdmatch.platform.tracking import lineage_tags, mlflow_run
+
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"),
+                             "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}})
+    ens = _tiny_ensemble(labelled, 0, tmp_path / "ens")
+    lineage = lineage_tags(labelled, labelled.X[:7])
+    client = MlflowClient(cfg.tracking.tracking_uri, cfg.tracking.tracking_uri)
+    name = cfg.tracking.registry_name
+
+    def holder(alias: str) -> str:
+        return str(client.get_model_version_by_alias(name, alias).version)
+
+    with mlflow_run(cfg, "train-A") as r:  # a training run: a rerun registers into it again
+        run_a = r.info.run_id
+    a = register_ensemble(cfg, ens, {"grouped_cv_macro_f1": 0.5}, lineage, run_id=run_a)
+    b = register_ensemble(cfg, ens, {"grouped_cv_macro_f1": 0.7}, lineage)
+    assert a.promoted and b.promoted and holder("champion") == holder("challenger") == b.version
+    again = register_ensemble(cfg, ens, {"grouped_cv_macro_f1": 0.5}, lineage, run_id=run_a)  # a rerun of A
+    assert again.resumed and again.version == a.version and again.aliases == []
+    assert holder("champion") == holder("challenger") == b.version
+    # C decides (promoted over B) and crashes before its aliases; D registers meanwhile
+    c_version, c_run = log_version(cfg, ens, lineage)
+    real = MlflowClient.set_registered_model_alias
+
+    def crash(self, *args):
+        raise RuntimeError("killed between the decision and the aliases")
+
+    MlflowClient.set_registered_model_alias = crash
+    try:
+        with pytest.raises(RuntimeError):
+            settle_version(cfg, c_version, {"grouped_cv_macro_f1": 0.8}, lineage, c_run)
+    finally:
+        MlflowClient.set_registered_model_alias = real
+    d = register_ensemble(cfg, ens, {"grouped_cv_macro_f1": 0.9}, lineage)
+    assert holder("champion") == d.version
+    c = settle_version(cfg, c_version, {"grouped_cv_macro_f1": 0.8}, lineage, c_run)  # the resume of C
+    assert c.promoted and c.aliases == [] and holder("champion") == holder("challenger") == d.version
+    # a resume with nothing registered in between still finishes the decision
+    e_version, e_run = log_version(cfg, ens, lineage)
+    MlflowClient.set_registered_model_alias = crash
+    try:
+        with pytest.raises(RuntimeError):
+            settle_version(cfg, e_version, {"grouped_cv_macro_f1": 0.95}, lineage, e_run)
+    finally:
+        MlflowClient.set_registered_model_alias = real
+    e = settle_version(cfg, e_version, {"grouped_cv_macro_f1": 0.95}, lineage, e_run)
+    assert e.aliases == ["challenger", "champion"]
+
+
 def test_screening_pool_fits_the_cluster():
     """One actor per CPU, never more than blocks; GPU actors only as many as GPUs fit, and none
     on a cluster without GPUs is an error naming the setting (not a screen that waits forever)."""

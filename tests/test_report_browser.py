@@ -133,3 +133,16 @@ def test_report_renders_in_headless_chromium(tmp_path, labelled):
         shutil.copy(shot, keep)  # for a person to look at
     finally:
         driver.quit()
+
+
+def test_ids_and_formulas_with_dollar_signs_are_drawn_as_text():
+    # ids come from users' files: '$' would start matplotlib's mathtext, and an unbalanced one
+    # used to make the whole report fail
+    import numpy as np
+
+    from xrdmatch.platform.report import arrhenius_png, patterns_png
+
+    assert patterns_png(["cod-$\\alpha_{1$"], np.random.default_rng(0).random((1, 4501)), np.array([0.5]), "t")
+    series = [{"formula": "Li$_{3$N", "structure_id": "x$", "verdict": "superionic",
+               "diffusivity": {600.0: 1e-6, 800.0: 1e-5}}]
+    assert arrhenius_png(series)

@@ -351,6 +351,10 @@ def test_member_identity_covers_settings_seed_and_every_input():
     # packing onto GPUs or pacing Ray Train's controller decides nothing a member learns: a resume may change them
     assert member_identity(tiny(gpus_per_worker=0.5), 0, X, y, w, U) == base
     assert member_identity(tiny(ray_poll_s=2.0), 0, X, y, w, U) == base
+    # nor how often it is saved, which device string asked for it, or how many members the
+    # ensemble has: a finished member is reused, not retrained from step 0
+    for same in (tiny(checkpoint_every=3), tiny(use_gpu="false"), tiny(ensemble_size=9)):
+        assert member_identity(same, 0, X, y, w, U) == base
 
 
 def test_fit_members_uses_the_config_ray_and_shares_one_unlabelled_object(ray_local, monkeypatch, tmp_path):
@@ -447,3 +451,25 @@ def test_gpu_use_follows_what_the_ray_cluster_offers_and_cv_members_ask_for_thei
     # packing is not a training setting: cached members and campaign models stay valid across it
     assert tiny(gpus_per_worker=0.25).result_settings() == tiny().result_settings()
     assert tiny(iterations=7).result_settings() != tiny().result_settings()
+
+
+def test_in_process_members_train_on_one_thread_as_ray_workers_do():
+    """`--no-ray` trains with one torch thread, as a Ray Train CPU worker does: with the driver's
+    thread count the sums split differently and the weights would differ from Ray's."""
+    from xrdmatch.training.ensemble import train_ensemble
+
+    X, y = synthetic(24)
+    Xu = synthetic(32, seed=1)[0]
+    cfg = tiny(iterations=4, algorithm="fixmatch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = train_member(X, y, Xu, cfg, seed=0)
+        torch.set_num_threads(2)
+        two = train_member(X, y, Xu, cfg, seed=0)
+        ens = train_ensemble(X, y, Xu, cfg, use_ray=False)
+        assert torch.get_num_threads() == 2  # the caller's setting is given back
+    finally:
+        torch.set_num_threads(before)
+    assert not all(torch.equal(one.state_dict[k], two.state_dict[k]) for k in one.state_dict)  # the premise
+    assert all(torch.equal(one.state_dict[k], ens.members[0].state_dict[k]) for k in one.state_dict)

@@ -147,11 +147,13 @@ class TrainingConfig(StrictModel):
     def result_settings(self) -> dict[str, Any]:
         """The settings that decide what a member learns, for cache and reuse keys: all but
         ``gpus_per_worker``, which only packs members onto GPUs, ``ray_poll_s``, which only
-        paces Ray Train's controller, and ``cuda_graph_augment``, which on a GPU changes which
-        random numbers a member draws as the device itself does (not keyed either) and on a CPU
-        nothing. So changing them, or a config written before they existed, reuses cached
-        members and models."""
-        return self.model_dump(mode="json", exclude={"gpus_per_worker", "ray_poll_s", "cuda_graph_augment"})
+        paces Ray Train's controller, ``checkpoint_every``, which only says how often a member
+        is saved (a resumed run continues exactly), and ``use_gpu`` and ``cuda_graph_augment``,
+        which change the random numbers a member draws as the device itself does (the device
+        is not keyed: ``auto`` is one string on a CPU and on a GPU machine). So changing them,
+        or a config written before they existed, reuses cached members and models."""
+        return self.model_dump(mode="json", exclude={"gpus_per_worker", "ray_poll_s", "cuda_graph_augment",
+                                                     "checkpoint_every", "use_gpu"})
 
 
 class EvaluationConfig(StrictModel):

@@ -228,15 +228,17 @@ def stage_train(ctx: Context, rnd: int):
 
     from xrdmatch.platform.champion import champion_metrics
     from xrdmatch.platform.tracking import lineage_tags
-    from xrdmatch.training.dataset import build_training_set
-    from xrdmatch.training.ensemble import train_ensemble
+    from xrdmatch.training.dataset import build_training_set, unlabelled_pool
+    from xrdmatch.training.ensemble import train_ensemble, unlabelled_subset
 
     cfg = ctx.cfg
     pt = ctx.patterns()
     ls, weights = build_training_set(cfg, pt)
     weights = np.asarray(weights, dtype=np.float32)
     by_source = dict(Counter(ls.sources))
-    lineage = {**lineage_tags(ls, pt.X), "campaign.id": ctx.store.cid, "campaign.round": str(rnd)}
+    pool = unlabelled_pool(pt, ls)  # a structure validated in an earlier round is a label now, not unlabelled
+    lineage = {**lineage_tags(ls, unlabelled_subset(pool, cfg.training)), "campaign.id": ctx.store.cid,
+               "campaign.round": str(rnd)}
     key = training_key(cfg, lineage)
     src = _round_trained_on(ctx, rnd, key)
     if src is not None:  # no new label since round `src`: retraining would give the same ensemble
@@ -246,12 +248,12 @@ def stage_train(ctx: Context, rnd: int):
         return {**tr, "lineage": lineage, "reused_from": src, "train_s": 0.0, "eval_s": 0.0}, {}
     t0 = time.perf_counter()
     # Ray Train keeps its checkpoints under the run dir: a killed round resumes its members
-    ens = train_ensemble(ls.X, ls.y, pt.X, cfg.training, sample_weight=weights,
+    ens = train_ensemble(ls.X, ls.y, pool, cfg.training, sample_weight=weights,
                          run_dir=ctx.paths.root / "train" / f"round-{rnd:03d}", run_name=f"round{rnd}")
     train_s = time.perf_counter() - t0
     ens.save(ctx.model_dir(rnd))  # atomic (temp folder renamed into place)
     t1 = time.perf_counter()
-    metrics = champion_metrics(cfg, ls, weights, pt.X)
+    metrics = champion_metrics(cfg, ls, weights, pool)
     eval_s = time.perf_counter() - t1
     mlflow.log_metrics({**metrics, "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
                         "train_s": train_s, "champion_eval_s": eval_s})

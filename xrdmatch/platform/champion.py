@@ -24,7 +24,7 @@ def champion_metrics(cfg: Config, ls, weights: np.ndarray, X_unlab: np.ndarray,
                      cache_dir: str | Path | None = None, log=None) -> dict[str, float]:
     """``grouped_cv_<metric>`` for the labelled set ``ls`` (empty when ``eval_folds`` < 2)."""
     from xrdmatch.platform.paths import RunPaths
-    from xrdmatch.training.ensemble import member_seeds
+    from xrdmatch.training.ensemble import member_seeds, unlabelled_subset
     from xrdmatch.training.evaluation import MemberJob, combine, member_digest, run_jobs
     from xrdmatch.training.metrics import binary_metrics, calls
     from xrdmatch.training.splits import grouped_stratified_kfold
@@ -40,8 +40,7 @@ def champion_metrics(cfg: Config, ls, weights: np.ndarray, X_unlab: np.ndarray,
     y = np.asarray(ls.y).astype(np.int64)
     w = np.asarray(weights, np.float64)
     U = np.zeros((0, X.shape[1]), np.float32) if X_unlab is None else np.asarray(X_unlab, np.float32)
-    if tcfg.unlabelled_limit is not None and len(U) > tcfg.unlabelled_limit:
-        U = U[np.sort(np.random.default_rng(tcfg.seed).choice(len(U), tcfg.unlabelled_limit, replace=False))]
+    U = unlabelled_subset(U, tcfg)
     data_hash = hashlib.sha256(X.tobytes() + y.tobytes()).hexdigest()[:16]
     unlab_hash = hashlib.sha256(U.tobytes()).hexdigest()[:16]
     splits = grouped_stratified_kfold(y, ls.groups, folds, seed=cfg.seed)

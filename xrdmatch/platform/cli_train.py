@@ -20,20 +20,16 @@ def train_run(cfg: "Config", *, use_ray: bool = True, log_fn: Callable[[int, dic
     import time
     import warnings
 
-    import numpy as np
-
     from xrdmatch.platform.paths import RunPaths
     from xrdmatch.platform.patterns import ensure_patterns
-    from xrdmatch.training.dataset import build_training_set
+    from xrdmatch.training.dataset import build_training_set, unlabelled_pool
     from xrdmatch.training.ensemble import train_ensemble
 
     paths = RunPaths.of(cfg.run_dir)
     run_id = run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     patterns = ensure_patterns(cfg)
     ls, weights = build_training_set(cfg, patterns)
-    labelled = set(ls.ids)
-    unl = np.flatnonzero([i not in labelled for i in patterns.ids])
-    X_unlab = patterns.X[unl]
+    X_unlab = unlabelled_pool(patterns, ls)
     if len(X_unlab) == 0 and cfg.training.algorithm != "supervised":
         warnings.warn("no unlabelled patterns: training supervised only", stacklevel=1)
     tcfg = cfg.training if len(X_unlab) else cfg.training.model_copy(update={"algorithm": "supervised"})
@@ -77,12 +73,13 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
     from xrdmatch.platform.patterns import ensure_patterns
     from xrdmatch.platform.registry import register_ensemble, settle_version, version_of_run
     from xrdmatch.platform.tracking import configure, lineage_tags, log_training, mlflow_run
-    from xrdmatch.training.dataset import build_training_set
-    from xrdmatch.training.ensemble import Ensemble
+    from xrdmatch.training.dataset import build_training_set, unlabelled_pool
+    from xrdmatch.training.ensemble import Ensemble, unlabelled_subset
 
     patterns = ensure_patterns(cfg)
     ls, weights = build_training_set(cfg, patterns)
-    lineage = lineage_tags(ls, patterns.X)
+    pool = unlabelled_pool(patterns, ls)
+    lineage = lineage_tags(ls, unlabelled_subset(pool, cfg.training))  # what the members see
     key = training_key(cfg, lineage)
     run_id = f"train-{key}"
     configure(cfg)
@@ -117,7 +114,7 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
         echo(f"trained {len(ens.members)} members in {train_s:.0f} s; scoring the promotion metric "
              f"({cfg.campaign.eval_folds}-fold grouped CV)")
         t1 = time.perf_counter()
-        metrics = champion_metrics(cfg, ls, np.asarray(weights, np.float32), patterns.X, log=echo)
+        metrics = champion_metrics(cfg, ls, np.asarray(weights, np.float32), pool, log=echo)
         mlflow.log_metrics({**metrics, "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
                             "train_s": train_s, "champion_eval_s": time.perf_counter() - t1})
         mlflow.log_dict(ens.info, "ensemble_info.json")

@@ -207,7 +207,9 @@ def settle_version(cfg: Config, version: str, metrics: dict[str, float], lineage
     ``log_model`` creates the version before any of this, so a crash in between leaves a bare
     version; a resumed campaign calls this on it. The decision is made once: its tag
     (``promotion.promoted``, written last of the tags) is reused on a rerun, never re-decided
-    against a champion that may by then be this very version.
+    against a champion that may by then be this very version. A rerun sets the aliases only
+    where no later registration has moved them: ``challenger`` never goes back to an older
+    version, and ``champion`` only from the champion this decision was made against.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -218,7 +220,8 @@ def settle_version(cfg: Config, version: str, metrics: dict[str, float], lineage
     existing = client.get_model_version(name, version).tags or {}
     clean_metrics = {k: f for k, v in metrics.items() if (f := _as_float(v)) is not None}
     rule = promotion_rule(cfg)
-    if "promotion.promoted" in existing:
+    resumed = "promotion.promoted" in existing
+    if resumed:
         promoted = existing["promotion.promoted"] == "true"
     else:
         tags = {**{k: str(v) for k, v in lineage.items()},
@@ -238,9 +241,17 @@ def settle_version(cfg: Config, version: str, metrics: dict[str, float], lineage
         tags["promotion.promoted"] = str(promoted).lower()  # last: its presence means all are written
         for k, v in tags.items():
             client.set_model_version_tag(name, version, k, v)
-    client.set_registered_model_alias(name, CHALLENGER, version)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
+    if not resumed:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, version)
+    else:  # the decision was made before: finish it, unless a later registration has moved on
+        challenger = _alias_version(client, name, CHALLENGER)
+        if challenger is None or int(challenger) <= int(version):
+            client.set_registered_model_alias(name, CHALLENGER, version)
+        champion = _alias_version(client, name, CHAMPION)
+        if promoted and champion in (None, version, existing.get("promotion.previous_champion")):
+            client.set_registered_model_alias(name, CHAMPION, version)
     client.set_tag(run_id, "registry.model", name)
     client.set_tag(run_id, "registry.promotion_rule", rule)
     client.set_tag(run_id, "registry.version", version)
@@ -248,6 +259,18 @@ def settle_version(cfg: Config, version: str, metrics: dict[str, float], lineage
     aliases = list(client.get_model_version(name, version).aliases)
     return RegisteredVersion(name=name, version=version, aliases=sorted(aliases), promoted=promoted,
                              run_id=run_id, model_uri=f"models:/{name}/{version}")
+
+
+def _alias_version(client, name: str, alias: str) -> str | None:
+    """The version an alias points at, or None if it is not set."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException as e:
+        if not not_found(e):
+            raise
+        return None
 
 
 def version_of_run(cfg: Config, run_id: str):

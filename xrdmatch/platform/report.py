@@ -184,6 +184,12 @@ def histogram_png(scores_by_round: dict[int, np.ndarray], threshold: float = 0.5
     return _png(fig)
 
 
+def _plain(text: str) -> str:
+    """A user's string (an id, a formula) as matplotlib text, never as maths: '$' would start
+    mathtext, and an unbalanced one makes the whole report fail."""
+    return text.replace("$", r"\$")
+
+
 def arrhenius_png(series: list[dict[str, Any]]) -> str | None:
     """log10 D vs 1000/T per validated candidate, with its Arrhenius fit when Ea is known."""
     pts = [s for s in series if s.get("diffusivity")]
@@ -197,7 +203,8 @@ def arrhenius_png(series: list[dict[str, Any]]) -> str | None:
         ok = D > 0
         if not ok.any():
             continue
-        line, = ax.plot(1000.0 / T[ok], np.log10(D[ok]), "o", label=f"{s['formula']} ({s['structure_id']}, {s.get('verdict') or '?'})")
+        label = _plain(f"{s['formula']} ({s['structure_id']}, {s.get('verdict') or '?'})")
+        line, = ax.plot(1000.0 / T[ok], np.log10(D[ok]), "o", label=label)
         if ok.sum() >= 2:
             slope, icpt = np.polyfit(1000.0 / T[ok], np.log10(D[ok]), 1)
             xs = np.linspace(1000.0 / 1300.0, 1000.0 / 300.0, 50)
@@ -220,7 +227,7 @@ def patterns_png(ids: list[str], X: np.ndarray, p: np.ndarray, title: str) -> st
     for ax, sid, x, pi in zip(axes[:, 0], ids, X, p):
         ax.plot(tt[: len(x)], x, linewidth=0.7)
         ax.set_yticks([])
-        ax.text(0.99, 0.8, f"{sid}  p={pi:.2f}", transform=ax.transAxes, ha="right", fontsize=8)
+        ax.text(0.99, 0.8, f"{sid}  p={pi:.2f}", transform=ax.transAxes, ha="right", fontsize=8, parse_math=False)
     axes[-1, 0].set_xlabel("2θ (degrees)")
     axes[0, 0].set_title(title)
     return _png(fig)

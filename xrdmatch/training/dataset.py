@@ -72,3 +72,11 @@ def build_training_set(cfg: Config, patterns=None) -> tuple[LabelledSet, np.ndar
     weights = np.asarray([weights_by_source.get(s, 0.0) for s in base.sources], dtype=np.float32)
     return base, weights
 
+
+
+def unlabelled_pool(patterns, labelled: LabelledSet) -> np.ndarray:
+    """The database patterns minus those of labelled structures (a validated structure is a label,
+    not also an unlabelled pattern); the members' unlabelled set is drawn from it."""
+    known = set(labelled.ids)
+    keep = np.flatnonzero([i not in known for i in patterns.ids])
+    return patterns.X[keep] if len(keep) < len(patterns.ids) else patterns.X

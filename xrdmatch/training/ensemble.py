@@ -117,6 +117,15 @@ def member_seeds(cfg: TrainingConfig) -> list[int]:
     return [cfg.seed * 1000 + k for k in range(cfg.ensemble_size)]
 
 
+def unlabelled_subset(X_unlab, cfg: TrainingConfig):
+    """The unlabelled patterns every member trains on: ``cfg.unlabelled_limit`` of them, drawn once
+    with ``cfg.seed`` (in their order), or all. What the lineage tags of a model describe."""
+    if X_unlab is None or cfg.unlabelled_limit is None or len(X_unlab) <= cfg.unlabelled_limit:
+        return X_unlab
+    pick = np.random.default_rng(cfg.seed).choice(len(X_unlab), cfg.unlabelled_limit, replace=False)
+    return np.asarray(X_unlab)[np.sort(pick)]
+
+
 def train_ensemble(
     X_lab,
     y_lab,
@@ -142,9 +151,7 @@ def train_ensemble(
     """
     X_lab = np.asarray(X_lab, dtype=np.float32)
     y_lab = np.asarray(y_lab)
-    if X_unlab is not None and cfg.unlabelled_limit is not None and len(X_unlab) > cfg.unlabelled_limit:
-        pick = np.random.default_rng(cfg.seed).choice(len(X_unlab), cfg.unlabelled_limit, replace=False)
-        X_unlab = np.asarray(X_unlab)[np.sort(pick)]
+    X_unlab = unlabelled_subset(X_unlab, cfg)
     seeds = member_seeds(cfg)
     draws = label_draws if label_draws is not None else [np.arange(len(y_lab))] * len(seeds)
     if len(draws) != len(seeds):
@@ -158,10 +165,17 @@ def train_ensemble(
     else:
         device = "cuda" if cfg.use_gpu != "false" and torch.cuda.is_available() else "cpu"
         members = []
-        for k, (seed, draw) in enumerate(zip(seeds, draws)):
-            draw = np.asarray(draw, dtype=int)
-            w = None if sample_weight is None else np.asarray(sample_weight)[draw]
-            members.append(train_member(X_lab[draw], y_lab[draw], X_unlab, cfg, seed, w, device=device))
+        # one torch thread, as in a Ray Train CPU worker: the thread count changes how sums are
+        # split, so only this way are the weights the same as through Ray (and across machines)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for k, (seed, draw) in enumerate(zip(seeds, draws)):
+                draw = np.asarray(draw, dtype=int)
+                w = None if sample_weight is None else np.asarray(sample_weight)[draw]
+                members.append(train_member(X_lab[draw], y_lab[draw], X_unlab, cfg, seed, w, device=device))
+        finally:
+            torch.set_num_threads(threads)
     if log_fn is not None:
         for k, m in enumerate(members):
             for row in m.history:

@@ -78,12 +78,14 @@ def array_digest(a) -> str:
 
 def member_identity(cfg: TrainingConfig, seed: int, X_lab, y_lab, w, unlab_digest: str) -> str:
     """12 hex digits over what decides a member: the training settings (``result_settings``,
-    seed included), the member's seed, its labelled patterns, labels and sample weights, the
-    unlabelled pool (``array_digest`` of it) and the trainer's code. Part of the Ray run's name,
-    so a resumed run is always the same member."""
+    seed included; not ``ensemble_size``: member k is the same in an ensemble of 4 or of 10), the
+    member's seed, its labelled patterns, labels and sample weights, the unlabelled pool
+    (``array_digest`` of it) and the trainer's code. Part of the Ray run's name, so a resumed run
+    is always the same member, and a finished one is reused."""
     from xrdmatch.training.fingerprint import code_fingerprint
 
-    key = {"settings": cfg.result_settings(), "seed": int(seed), "X_lab": array_digest(X_lab),
+    settings = {k: v for k, v in cfg.result_settings().items() if k != "ensemble_size"}
+    key = {"settings": settings, "seed": int(seed), "X_lab": array_digest(X_lab),
            "y_lab": array_digest(y_lab), "w": array_digest(w), "X_unlab": unlab_digest,
            "code": code_fingerprint()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
