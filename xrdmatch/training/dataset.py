@@ -73,7 +73,6 @@ def build_training_set(cfg: Config, patterns=None) -> tuple[LabelledSet, np.ndar
     return base, weights
 
 
-
 def unlabelled_pool(patterns, labelled: LabelledSet) -> np.ndarray:
     """The database patterns minus those of labelled structures (a validated structure is a label,
     not also an unlabelled pattern); the members' unlabelled set is drawn from it."""
