@@ -66,8 +66,12 @@ def test_diversity_skips_near_duplicates_and_repeated_compositions(labelled):
     V = X[picks] / np.linalg.norm(X[picks], axis=1, keepdims=True)
     S = V @ V.T
     assert (S[~np.eye(len(picks), dtype=bool)] <= 0.95).all()
-    # threshold 1.0 lets the near duplicate through
+    # threshold 1.0 lets the near duplicate through, and exact copies too (float32 cosines of
+    # identical patterns can come out a hair above 1)
     assert diverse_top(score, mask, X, groups, 2, similarity_threshold=1.0).tolist() == [0, 1]
+    twins = np.random.default_rng(3).random((300, 1, 4501)).repeat(2, axis=1)
+    blocked = sum(len(diverse_top(np.array([1.0, 0.5]), np.ones(2, bool), t, ["A", "B"], 2, 1.0)) < 2 for t in twins)
+    assert blocked == 0
     # a small pool grows when duplicates exhaust it
     assert len(diverse_top(score, mask, X, groups, 4, similarity_threshold=0.95, pool=1)) == 4
     assert len(diverse_top(score, ~mask, X, groups, 2, 0.95)) == 0

@@ -828,6 +828,35 @@ def test_only_structures_the_md_can_take_are_eligible(tmp_path):
     assert never >= 10**9 and list(got[[1, 2, 3]]) == [never] * 3  # too many sites; NaN; 5^3 x 2 = 250 > 60
 
 
+def test_element_filters_read_elements_not_species_strings(tmp_path):
+    """'Li+' is lithium and a {'Li': 0.5, 'U': 0.5} site holds uranium: the facts the filters read
+    (elements, formula group) come from the elements of every site, so an oxidation-state or a
+    disordered Li structure stays eligible and a disordered U one is still forbidden."""
+    import json
+
+    import numpy as np
+
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.acquisition import element_matrix, eligibility_mask
+    from xrdmatch.platform.campaign import structure_meta
+
+    lat = [[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0]]
+    recs = [("plain", ["Li", "Li", "O"]), ("charged", ["Li+", "Li+", "O2-"]),
+            ("mixed", [{"Li": 0.5, "Na": 0.5}, "Cl"]), ("uranium", [{"Li": 0.5, "U": 0.5}, "O"])]
+    db = tmp_path / "db.jsonl"
+    db.write_text("".join(json.dumps({"id": i, "lattice": lat, "species": sp,
+                                      "frac_coords": [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0, 0]][: len(sp)]}) + "\n"
+                          for i, sp in recs))
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"), "database": {"path": str(db)}})
+    meta = structure_meta(cfg, tmp_path / "meta.parquet", [i for i, _ in recs])
+    assert list(meta["elements"]) == ["Li O", "Li O", "Cl Li Na", "Li O U"]
+    assert meta["group"].iat[0] == meta["group"].iat[1] == "Li2O"  # one composition, one group
+    presence, vocab = element_matrix([e.split() for e in meta["elements"]])
+    ok = eligibility_mask(presence, vocab, np.ones(4, int), list(meta["group"]), required=["Li"],
+                          forbidden={"U"}, max_sites=10)
+    assert list(ok) == [True, True, True, False]
+
+
 def test_a_round_without_an_eligible_candidate_ends_the_campaign(tmp_path):
     from xrdmatch.platform.campaign import should_stop
 

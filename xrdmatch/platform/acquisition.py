@@ -114,6 +114,8 @@ def diverse_top(
     picks: list[int] = []
     taken: set = set()
     P = np.zeros((0, X.shape[1]), dtype=np.float32)  # unit vectors of the picks so far
+    # float32 cosines of identical unit vectors reach 1 + 1e-7: a threshold of 1 must block nothing
+    similarity_threshold = similarity_threshold + 1e-6 if similarity_threshold >= 1.0 else similarity_threshold
     for start in range(0, len(order), max(1, pool)):
         cand = order[start:start + pool]
         fresh = np.fromiter((grp not in taken for grp in g[cand]), dtype=bool, count=len(cand))

@@ -78,8 +78,8 @@ class Context:
         """Per-structure facts for the filters (reduced formula, elements, sites), aligned
         with the pattern table's ids; cached as Parquet in the run directory."""
         if self._meta is None:
-            self._meta = structure_meta(self.cfg, self.paths.root / "structures" / f"{self.db_key()}.parquet",
-                                        list(self.patterns().ids))
+            cache = self.paths.root / "structures" / f"{self.db_key()}-{STRUCTURE_META_VERSION}.parquet"
+            self._meta = structure_meta(self.cfg, cache, list(self.patterns().ids))
         return self._meta
 
     def md_atoms(self) -> np.ndarray:
@@ -104,12 +104,16 @@ class Context:
         return rec.result or {}
 
 
+#: In the name of structure_meta's cache: v2 reads elements, not species strings ('Li+', dict sites).
+STRUCTURE_META_VERSION = "v2"
+
+
 def structure_meta(cfg: Config, cache: Path, ids: list[str]):
     """DataFrame indexed like ``ids``: group (reduced formula), elements, n_sites, lattice lengths a, b, c."""
     import pandas as pd
     from pymatgen.core import Composition
 
-    from xrdmatch.platform.databases import BadEntry, iter_entries
+    from xrdmatch.platform.databases import BadEntry, iter_entries, record_composition
 
     df = pd.read_parquet(cache) if cache.exists() else None
     if df is None or not {"a", "b", "c"} <= set(df.columns):  # (caches of older versions lack a, b, c)
@@ -120,9 +124,9 @@ def structure_meta(cfg: Config, cache: Path, ids: list[str]):
                 continue
             rec = {"id": entry.id, "formula": entry.formula, "lattice": entry.lattice, "species": entry.species}
             species = rec.get("species") or []
-            els = sorted({str(s) for s in species})
-            try:
-                group = Composition(dict(Counter(species))).reduced_formula
+            try:  # elements, not species strings: 'Li+' is Li, a {'Li': 0.5, 'U': 0.5} site is Li and U
+                comp = record_composition(species)
+                els, group = sorted(comp), Composition(comp).reduced_formula
             except Exception:  # a broken record: never selectable (no elements)
                 group, els = str(rec.get("formula", "")), []
             try:

@@ -272,14 +272,23 @@ def count_entries(path: str | os.PathLike[str], limit: int | None = None) -> int
 # ----------------------------------------------------------------------------- parsing
 
 
-def _reduced_formula(species: list) -> str:
-    from pymatgen.core import Composition
+def record_composition(species: list) -> dict[str, float]:
+    """{element: amount} of a record's sites, each 'Li', 'Li+', 'O2-' or {'Li': 0.5, 'Na': 0.5}:
+    what element filters and formula groups read (an oxidation state is not another element)."""
+    from xrdmatch.simulation.xrd import species_element
 
     comp: dict[str, float] = {}
     for sp in species:
-        for el, occ in (sp.items() if isinstance(sp, dict) else ((sp, 1.0),)):
+        for name, occ in (sp.items() if isinstance(sp, dict) else ((sp, 1.0),)):
+            el = species_element(name)
             comp[el] = comp.get(el, 0.0) + float(occ)
-    return Composition(comp).reduced_formula
+    return comp
+
+
+def _reduced_formula(species: list) -> str:
+    from pymatgen.core import Composition
+
+    return Composition(record_composition(species)).reduced_formula
 
 
 _ID_IN_LINE = re.compile(rb'"id"\s*:\s*"([^"]{1,200})"')

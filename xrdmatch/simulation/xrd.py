@@ -88,12 +88,18 @@ def _scattering_table() -> dict[str, tuple[int, np.ndarray]]:
     return {sym: (_Z[sym], np.asarray(c, dtype=np.float64)) for sym, c in params.items() if sym in _Z}
 
 
+def species_element(name: str) -> str:
+    """Element symbol of a species string: 'Li', 'Li+', 'O2-', 'Fe3+' -> 'Li', 'Li', 'O', 'Fe'
+    (anything else is returned as it is, for the caller to refuse)."""
+    name = str(name).strip()
+    m = _SPECIES_RE.match(name)
+    return m.group(1) if m else name
+
+
 @lru_cache(maxsize=4096)
 def _element_of(name: str) -> str:
     """Element symbol of a species string ('Li', 'Li+', 'O2-'); XRDError when it has no parameters."""
-    name = str(name).strip()
-    m = _SPECIES_RE.match(name)
-    sym = m.group(1) if m else name
+    sym = species_element(name)
     if sym not in _scattering_table():
         raise XRDError(f"unknown element {name!r} (no atomic scattering parameters)")
     return sym
