@@ -130,6 +130,11 @@ def test_unknown_key_and_wrong_type_fail_naming_the_key(tmp_path):
         load_config(p)
 
 
+def test_a_fit_needing_more_temperatures_than_the_protocol_runs_is_warned_of():
+    with pytest.warns(UserWarning, match="min_fit_temperatures .3. exceeds the 2 temperatures: every verdict"):
+        load_config(None, {"validation": {"temperatures": [800.0, 1000.0], "min_fit_temperatures": 3}})
+
+
 @pytest.mark.parametrize("override, key", [
     ({"validation": {"temperatures": [-100.0, 800.0]}}, "validation.temperatures.0"),
     ({"labels": {"source_weights": {"paper": -1.0}}}, "labels.source_weights.paper"),
@@ -141,6 +146,15 @@ def test_unknown_key_and_wrong_type_fail_naming_the_key(tmp_path):
     ({"training": {"augment": {"w_move_prob": 7}}}, "training.augment.w_move_prob"),
     ({"training": {"augment": {"w_move_min": 300, "w_move_gap": 200}}}, "training.augment.*w_move_min"),
     ({"validation": {"min_atoms": 500, "max_atoms": 400}}, "validation.*min_atoms"),
+    # the MD runs go up in T and stop at the first failure; two equal T fit an Ea of 0
+    ({"validation": {"temperatures": [800.0, 800.0]}}, "validation.temperatures.*distinct and increasing"),
+    ({"validation": {"temperatures": [1200.0, 600.0, 800.0]}}, "validation.temperatures.*increasing"),
+    ({"evaluation": {"paper_pool": [-1, 74]}}, "evaluation.paper_pool.0"),
+    ({"evaluation": {"paper_draw": [0, 0]}}, "evaluation.paper_draw.0"),
+    ({"evaluation": {"methods": []}}, "evaluation.methods"),
+    ({"training": {"augment": {"w_move_min": 5000, "w_move_gap": 6000}}}, "training.augment.w_move_min"),
+    ({"campaign": {"eval_folds": 1}}, "campaign.eval_folds.*1 fold is no split"),
+    ({"campaign": {"required_elements": ["Li", "U"]}}, r"campaign.*\['U'\] both required and forbidden"),
 ])
 def test_nonsense_values_fail_naming_the_key(override, key):
     """Negative kelvin, a negative weight, a misspelt label source (which would silently drop
@@ -175,6 +189,27 @@ def test_env_references_expand_and_missing_ones_name_the_key(tmp_path, monkeypat
         load_config(p)
     monkeypatch.setenv("XRDM_TEST_URL", "postgresql://u@127.0.0.1/db")
     assert load_config(p).tracking.experiment == "fallback"
+    # ${VAR:?message} says the message; $$ is a literal $; forms it does not expand are errors,
+    # never left half-expanded in the value
+    p.write_text("tracking:\n  experiment: ${XRDM_UNSET:?set XRDM_UNSET to the experiment}\n")
+    with pytest.raises(ConfigError, match="tracking.experiment: environment variable XRDM_UNSET is not set "
+                                          ".or empty.: set XRDM_UNSET to the experiment"):
+        load_config(p)
+    p.write_text("tracking:\n  experiment: cost$$ ${XRDM_TEST_URL:-x}\n")
+    assert load_config(p).tracking.experiment == "cost$ postgresql://u@127.0.0.1/db"
+    for form in ("${XRDM_UNSET:-${HOME}/runs}", "${XRDM_UNSET-x}", "${XRDM_UNSET:-${XRDM_UNSET:-auto}}"):
+        p.write_text(f"tracking:\n  experiment: {form}\n")
+        with pytest.raises(ConfigError, match="tracking.experiment: .* form this loader does not expand"):
+            load_config(p)
+
+
+def test_yaml_floats_without_a_dot_are_floats_also_where_no_type_converts_them(tmp_path):
+    # YAML 1.1 reads 1e-2 as a string; calculator_kwargs (any type) handed it to the calculator as one
+    p = tmp_path / "c.yaml"
+    p.write_text("validation:\n  calculator_kwargs: {epsilon: 1e-2, ediff: 1E-5, name: '1e-2'}\n"
+                 "  sigma_threshold: 5e-5\n")
+    v = load_config(p).validation
+    assert v.calculator_kwargs == {"epsilon": 0.01, "ediff": 1e-5, "name": "1e-2"} and v.sigma_threshold == 5e-5
 
 
 def test_a_password_in_a_url_is_masked_wherever_the_config_is_logged(tmp_path, monkeypatch):
@@ -186,6 +221,11 @@ def test_a_password_in_a_url_is_masked_wherever_the_config_is_logged(tmp_path, m
     params = config_to_flat_params(cfg)
     assert params["store.url"] == "postgresql://xrdmatch:***@postgres:5432/xrdmatch"
     assert "s3cret" not in str(params) and "s3cret" not in str(redacted_dump(cfg))
+    # an empty user name, and a password given as a query parameter
+    for url in ("postgresql://:s3cret@db:5432/x", "postgresql://db:5432/x?user=xrd&password=s3cret&sslmode=on"):
+        monkeypatch.setenv("XRDMATCH_STORE_URL", url)
+        shown = config_to_flat_params(load_config("configs/cluster.yaml"))["store.url"]
+        assert "s3cret" not in shown and "***" in shown, shown
 
 
 def test_yaml_booleans_for_use_gpu_are_read_as_the_strings_the_readme_shows(tmp_path):

@@ -104,6 +104,8 @@ def test_unavailable_calculators_say_how_to_install(tmp_path, monkeypatch):
         monkeypatch.delenv(v, raising=False)
     with pytest.raises(CalculatorUnavailable, match="ASE_VASP_COMMAND"):
         get_calculator("vasp")
+    with pytest.raises(CalculatorUnavailable, match="ASE_VASP_COMMAND"):  # by its class path: the same checks
+        get_calculator("ase.calculators.vasp.Vasp", method="aimd")
     with pytest.raises(CalculatorUnavailable, match="pip install notapackage"):
         get_calculator("notapackage.Calc")
     with pytest.raises(CalculatorUnavailable, match="unknown calculator"):
@@ -414,3 +416,40 @@ def test_nan_forces_end_the_temperature_as_failed_not_as_a_crash(tmp_path):
     state = json.loads((tmp_path / "300K" / "state.json").read_text())
     assert state["status"] == "failed" and state["reason"] == r.failed
     assert len(read_frames(tmp_path / "300K" / "md.traj")) == state["frames"] >= 1  # frames before it kept
+
+
+def test_a_fractional_unit_cell_is_ordered_with_charges_guessed_on_its_supercell():
+    """Li0.25Mg0.375F has no charge-balanced guess as a unit cell (fractional amounts) but does as
+    the 2x2x2 cell where its occupancies become integers: the ordering is ranked by Ewald energy
+    with those charges, not picked uncharged (which here is 4.5 eV higher)."""
+    from pymatgen.analysis.ewald import EwaldSummation
+    from pymatgen.transformations.standard_transformations import OrderDisorderedStructureTransformation
+
+    from xrdmatch.simulation.md import order_structure
+
+    def ewald(s):
+        s = s.copy()
+        s.add_oxidation_state_by_guess()
+        return EwaldSummation(s).total_energy
+
+    s = Structure(Lattice.cubic(4.0), [{"Li": 0.25, "Mg": 0.375}, "F"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    ordered, note = order_structure(s, 200)
+    assert "2x2x2" in note and ordered.composition.reduced_formula == (s * (2, 2, 2)).composition.reduced_formula
+    uncharged = OrderDisorderedStructureTransformation(no_oxi_states=True)
+    others = [r["structure"] for r in uncharged.apply_transformation(s * (2, 2, 2), return_ranked_list=100)]
+    assert ewald(ordered) <= min(ewald(o) for o in others) + 1e-9
+    assert ewald(ordered) < ewald(uncharged.apply_transformation(s * (2, 2, 2))) - 1.0
+
+
+def test_a_folder_holding_another_structures_trajectory_starts_over(tmp_path):
+    """Under one protocol, a trajectory of other atoms in the folder (two ids that once mapped to
+    one folder) is never resumed or returned as this structure's run."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    cfg = tiny_cfg(temperatures=[300.0], equilibration_steps=0, production_steps=4)
+    first = run_temperature(bulk("Cu", cubic=True), EMT(), 300.0, cfg, tmp_path / "300K", "p")
+    assert first.done and set(read_frames(first.traj_path)[0].get_chemical_symbols()) == {"Cu"}
+    other = run_temperature(bulk("Ag", cubic=True), EMT(), 300.0, cfg, tmp_path / "300K", "p")
+    assert other.done and other.steps_computed == 4
+    assert {s for f in read_frames(other.traj_path) for s in f.get_chemical_symbols()} == {"Ag"}

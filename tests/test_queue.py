@@ -206,6 +206,8 @@ def test_requeueing_a_done_job_withdraws_its_label_until_the_rerun_gives_one(sto
     assert [(lab.structure_id, lab.label) for lab in list_labels(store_url)] == [("x-9", 0), ("li3n", 1)]
     assert queue.requeue(store_url, ("done",)) == 1
     assert [lab.structure_id for lab in list_labels(store_url)] == ["x-9"]  # not the job's any more
+    job = queue.list_jobs(store_url)[0]  # nor its verdict: a failed rerun must not show it
+    assert (job.state, job.verdict, job.sigma_300, job.result) == ("queued", None, None, None)
     finish("w2", "not_superionic", 1e-9)
     assert {lab.structure_id: (lab.label, lab.sigma_300) for lab in list_labels(store_url)} == {
         "x-9": (0, None), "li3n": (0, 1e-9)}
@@ -551,3 +553,14 @@ def test_a_store_outage_neither_fails_the_md_nor_stops_the_worker(store_url, tmp
     out = process_job(Config(run_dir=str(tmp_path / "run")), down, broken, "w1")
     assert out.state == "lost" and "store could not record it" in out.error and "unreadable record" in out.error
     assert queue.get_job(store_url, jid).state == "running"  # nothing half-recorded
+
+
+def test_two_ids_that_sanitise_alike_get_two_md_folders(store_url, tmp_path):
+    from xrdmatch.actors.validation_workers import job_workdir
+    from xrdmatch.config import load_config
+
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run")})
+    a = queue.get_job(store_url, queue.submit(store_url, "LiCl x", LI3N | {"id": "LiCl x"}, _proto()))
+    b = queue.get_job(store_url, queue.submit(store_url, "LiCl_x", LI3N | {"id": "LiCl_x"}, _proto()))
+    assert job_workdir(cfg, a) != job_workdir(cfg, b)
+    assert job_workdir(cfg, a).name.startswith("LiCl_x-") and job_workdir(cfg, a) == job_workdir(cfg, a)

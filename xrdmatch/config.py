@@ -80,8 +80,8 @@ class AugmentConfig(StrictModel):
     w_noise_peak: float = Field(default=0.1, gt=0, le=1, description="max height of weak noise peaks")
     w_noise_frac: float = Field(default=0.01, ge=0, le=1, description="fraction of empty bins that get noise")
     w_move_prob: float = Field(default=0.5, ge=0, le=1)
-    w_move_min: int = Field(default=50, ge=0)
-    w_move_gap: int = Field(default=200, ge=0, description="max shift in bins (paper: 150-250)")
+    w_move_min: int = Field(default=50, ge=0, lt=4501)
+    w_move_gap: int = Field(default=200, ge=0, lt=4501, description="max shift in bins (paper: 150-250)")
     s_scale_prob: float = Field(default=0.5, ge=0, le=1)
     s_scale_frac: float = Field(default=0.16, ge=0, le=1)
     s_scale_max: float = Field(default=3.0, ge=1)
@@ -164,7 +164,8 @@ class EvaluationConfig(StrictModel):
     repeats: int = Field(default=3, ge=1)
     seed: int = 0
     #: "<algorithm>" = one member; "<algorithm>-ensemble" = training.ensemble_size members, majority vote.
-    methods: list[str] = Field(default_factory=lambda: ["supervised", "fixmatch", "flexmatch", "flexmatch-ensemble"])
+    methods: list[str] = Field(default_factory=lambda: ["supervised", "fixmatch", "flexmatch", "flexmatch-ensemble"],
+                               min_length=1)
     #: "fixed": decision threshold 0.5 (nothing selected); "inner": threshold maximising macro-F1 on an
     #: inner grouped split of the training fold (never the test fold), applied to the full-fold model.
     threshold_selection: Literal["fixed", "inner"] = "fixed"
@@ -177,8 +178,8 @@ class EvaluationConfig(StrictModel):
     ensemble_size: int | None = Field(default=None, ge=1)
     # --- paper: the authors' protocol replayed ---
     paper_seed: int = Field(default=0, description="np.random.seed of the authors' shuffle of the 112")
-    paper_pool: tuple[int, int] = (19, 74)
-    paper_draw: tuple[int, int] = (10, 10)
+    paper_pool: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (19, 74)
+    paper_draw: tuple[Annotated[int, Field(ge=1)], Annotated[int, Field(ge=1)]] = (10, 10)
     paper_members: int = Field(default=10, ge=1)
     paper_methods: list[str] = Field(default_factory=lambda: ["flexmatch-ensemble"])
 
@@ -265,6 +266,14 @@ class ValidationConfig(StrictModel):
             raise ValueError(f"min_atoms ({self.min_atoms}) exceeds max_atoms ({self.max_atoms}): every structure "
                              "would be refused")
         return self
+
+    @field_validator("temperatures")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        # the runs go up in T and stop at the first failure; two equal T fit an Ea of 0
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"temperatures {v} must be distinct and increasing")
+        return v
     relax: bool = False
     relax_optimizer: Literal["FIRE", "BFGS"] = "FIRE"
     relax_fmax: float = Field(default=0.1, gt=0, description="eV/A")
@@ -278,6 +287,16 @@ class ValidationConfig(StrictModel):
     #: No known Li solid electrolyte exceeds ~3e-2 S/cm at room temperature; a fit above this keeps
     #: its verdict (only the threshold is used) but its reason carries a caution on the magnitude.
     max_plausible_sigma: float = Field(default=0.1, gt=0, description="S/cm at 300 K: above this, flag the magnitude")
+
+    @model_validator(mode="after")
+    def _fit_reachable(self):
+        if self.min_fit_temperatures > len(self.temperatures):  # an MD check may want it; a campaign does not
+            import warnings
+
+            warnings.warn(f"validation: min_fit_temperatures ({self.min_fit_temperatures}) exceeds the "
+                          f"{len(self.temperatures)} temperatures: every verdict will be inconclusive (no label), "
+                          "after all the MD", stacklevel=2)
+        return self
     explode_temperature_factor: float = Field(default=5.0, gt=1, description="abort MD if T > this x target")
     # --- queue (xrdmatch.platform.queue, xrdmatch.actors.validation_workers; not in protocol_hash) ---
     #: A running job whose worker stops renewing its lease for this long is taken by another worker.
@@ -307,6 +326,13 @@ class CampaignConfig(StrictModel):
         default_factory=lambda: ["Tc", "Pm", "Po", "At", "Rn", "Fr", "Ra", "Ac", "Th", "Pa", "U", "Np", "Pu"]
     )
     symbols_are_elements = field_validator("required_elements", "forbidden_elements")(_element_symbols)
+
+    @model_validator(mode="after")
+    def _required_not_forbidden(self):
+        both = sorted(set(self.required_elements) & set(self.forbidden_elements))
+        if both:
+            raise ValueError(f"{both} both required and forbidden: no structure could be picked")
+        return self
     exclude_radioactive: bool = Field(default=True, description="also forbid every element pymatgen marks radioactive")
     max_sites_md: int = Field(default=60, ge=1, description="max sites of the unit cell sent to MD")
     screen_batch_size: int = Field(default=1000, ge=1, description="patterns per screening task")
@@ -314,6 +340,13 @@ class CampaignConfig(StrictModel):
     screen_gpus_per_actor: float = Field(default=0.0, ge=0, description="GPUs per screening actor (>0: score on CUDA)")
     #: Champion metric per round: a cheap fixed grouped CV on the labels (not the full evaluation).
     eval_folds: int = Field(default=3, ge=0, description="grouped-CV folds for the champion metric; 0 skips it")
+
+    @field_validator("eval_folds")
+    @classmethod
+    def _zero_or_a_split(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("1 fold is no split: use 0 to skip the champion metric, or 2 or more")
+        return v
     eval_iterations: int | None = Field(default=None, ge=1, description="training iterations per CV fold (None: training.iterations)")
     eval_ensemble_size: int = Field(default=1, ge=1, description="members per CV fold model")
     poll_s: float = Field(default=2.0, gt=0, description="how often to poll the validation queue")
@@ -363,27 +396,47 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
     return in_repo if in_repo.exists() else p
 
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^${}]*))?\}")
+_ESCAPED_DOLLAR = "\0"
 
 
 def _expand_env(obj: Any, source: str, key: str = "") -> Any:
-    """Expand ``${VAR}`` / ``${VAR:-default}`` in string values (cluster endpoints, no secrets in files)."""
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?message}`` in string values (cluster
+    endpoints, no secrets in files); ``$$`` is a literal ``$``. Any other form (nested, ``${VAR-x}``)
+    is an error naming the key, never left in the value."""
     if isinstance(obj, dict):
         return {k: _expand_env(v, source, f"{key}.{k}" if key else str(k)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_expand_env(v, source, f"{key}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, str) and "${" in obj:
+    if isinstance(obj, str) and "$" in obj:
         def sub(m: re.Match[str]) -> str:
             val = os.environ.get(m.group(1)) or None  # set but empty counts as unset, as ${VAR:-...} in a shell
-            if val is None:
-                if m.group(2) is None:
-                    raise ConfigError(f"invalid config {source}: {key}: environment variable {m.group(1)} "
-                                      "is not set (or empty)")
-                val = m.group(2)
-            return val
+            if val is not None:
+                return val
+            if m.group(2) == ":-":
+                return m.group(3)
+            why = f": {m.group(3)}" if m.group(2) == ":?" and m.group(3) else ""
+            raise ConfigError(f"invalid config {source}: {key}: environment variable {m.group(1)} "
+                              f"is not set (or empty){why}")
 
-        return _ENV_REF.sub(sub, obj)
+        out = _ENV_REF.sub(sub, obj.replace("$$", _ESCAPED_DOLLAR))
+        if "${" in out:
+            raise ConfigError(f"invalid config {source}: {key}: {obj!r} has a ${{...}} form this loader does not "
+                              "expand: use ${VAR}, ${VAR:-default} or ${VAR:?message}, not nested; $$ for a literal $")
+        return out.replace(_ESCAPED_DOLLAR, "$")
     return obj
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, reading floats as YAML 1.2 does: ``1e-2`` is 0.01, not the string
+    '1e-2' (YAML 1.1 wants ``1.0e-2``), also where no field type converts it (``calculator_kwargs``)."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -397,7 +450,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
             raise ConfigError(f"config file not found: {path}")
         try:
             with open(p, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh)
+                loaded = yaml.load(fh, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader: no objects built
         except yaml.YAMLError as err:
             where = getattr(err, "problem_mark", None)
             at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
@@ -418,12 +471,14 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         raise ConfigError(_format_errors(source, err)) from None
 
 
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]+):[^@\s]*@")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@\s]*@")  # user may be empty: postgresql://:pw@host
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&\s]*", re.IGNORECASE)
 
 
 def redact(text: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://user:***@host`` (URLs from ${ENV} in logs and params)."""
-    return _URL_PASSWORD.sub(r"\1:***@", text)
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``, ``?password=x`` ->
+    ``?password=***`` (URLs from ${ENV} in logs and params)."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", text))
 
 
 def redacted_dump(cfg: Config) -> dict[str, Any]:

@@ -15,6 +15,7 @@ runs without Ray.
 from __future__ import annotations
 
 import logging
+import hashlib
 import os
 import re
 import socket
@@ -71,10 +72,13 @@ def make_worker_id(tag: str | int = 0) -> str:
 
 
 def job_workdir(cfg: Config, job: queue.Job) -> Path:
-    """One directory per (structure, protocol): a re-run of the job resumes its checkpoint there."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", job.structure_id)[:100]
+    """One directory per (structure, protocol): a re-run of the job resumes its checkpoint there.
+    The readable part of the id is cut and sanitised, so a digest of the whole id keeps two ids
+    ('LiCl x', 'LiCl_x') from sharing one folder and one trajectory."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", job.structure_id)[:80]
+    sid = hashlib.sha256(job.structure_id.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     proto = re.sub(r"[^0-9a-f]+", "_", job.protocol_hash[:12])  # a hex digest; never a path from the store
-    return RunPaths.of(cfg.run_dir).md_dir / f"{safe}-{proto}"
+    return RunPaths.of(cfg.run_dir).md_dir / f"{safe}-{sid}-{proto}"
 
 
 class _Progress:

@@ -66,7 +66,7 @@ def submit(
 
 @app.command()
 def work(
-    workers: int | None = typer.Option(None, "--workers", "-n", help="Ray worker actors (default: validation.workers)"),
+    workers: int | None = typer.Option(None, "--workers", "-n", min=1, help="Ray worker actors (default: validation.workers)"),
     until_empty: bool = typer.Option(True, "--until-empty/--forever", help="stop when no job is queued or running"),
     max_jobs: int | None = typer.Option(None, "--max-jobs", help="stop after this many finished jobs"),
     config: Path = ConfigOpt,

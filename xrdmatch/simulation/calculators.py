@@ -156,6 +156,13 @@ def _dotted(name: str, kwargs: dict[str, Any], method: str | None = None):
     return calc, CalculatorInfo(name, method, _version(top))
 
 
+#: The class paths of the named calculators: 'ase.calculators.vasp.Vasp' is 'vasp', with its
+#: checks (ASE_VASP_COMMAND, VASP_PP_PATH) before any MD, not a failure inside it.
+_BY_CLASS_PATH = {"ase.calculators.vasp.vasp": "vasp", "ase.calculators.vasp.vasp.vasp": "vasp",
+                  "gpaw.gpaw": "gpaw", "gpaw.calculator.gpaw": "gpaw",
+                  "chgnet.model.dynamics.chgnetcalculator": "chgnet"}
+
+
 def get_calculator(
     name: str,
     kwargs: dict[str, Any] | None = None,
@@ -167,6 +174,7 @@ def get_calculator(
     """Return ``(ase_calculator, CalculatorInfo)`` for a calculator name (see module docstring)."""
     kwargs = dict(kwargs or {})
     key = name.strip().lower()
+    key = _BY_CLASS_PATH.get(key, key)  # a known code by its class path gets the same checks
     if key == "chgnet":
         calc, info = _chgnet(kwargs, device, threads)
     elif key == "gpaw":

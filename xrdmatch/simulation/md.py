@@ -46,6 +46,19 @@ class MDFailure(RuntimeError):
 # ---------------------------------------------------------------- input
 
 
+def _guess_charges(structure) -> bool:
+    """Decorate ``structure`` with pymatgen's guessed oxidation states (for the Ewald ranking of
+    orderings); False, and left undecorated, when there is no charge-balanced guess."""
+    try:
+        structure.add_oxidation_state_by_guess(max_sites=-1)  # -1: guess on the reduced composition
+    except Exception:  # noqa: BLE001 - fractional amounts, or no balanced guess
+        return False
+    if any(getattr(sp, "oxi_state", None) is None for sp in structure.composition):
+        structure.remove_oxidation_states()
+        return False
+    return True
+
+
 def order_structure(structure, max_sites: int):
     """Return an ordered structure; order a disordered one with pymatgen (Ewald ranking).
 
@@ -57,14 +70,7 @@ def order_structure(structure, max_sites: int):
     from pymatgen.transformations.standard_transformations import OrderDisorderedStructureTransformation
 
     s = structure.copy()
-    no_oxi = False
-    try:
-        s.add_oxidation_state_by_guess()
-    except Exception:  # noqa: BLE001 - no charge-balanced guess: order by count only
-        no_oxi = True
-    if not no_oxi and any(getattr(sp, "oxi_state", None) is None for sp in s.composition):
-        no_oxi = True
-    trans = OrderDisorderedStructureTransformation(no_oxi_states=no_oxi)
+    charged = _guess_charges(s)  # a fractional unit-cell composition has no guess; its supercells may
     scalings = sorted(
         (m for m in product(range(1, 5), repeat=3) if len(s) * m[0] * m[1] * m[2] <= max_sites),
         key=lambda m: (m[0] * m[1] * m[2], max(m) - min(m)),
@@ -72,6 +78,7 @@ def order_structure(structure, max_sites: int):
     last_err = "no supercell small enough"
     for m in scalings:
         big = s * m
+        trans = OrderDisorderedStructureTransformation(no_oxi_states=not (charged or _guess_charges(big)))
         try:
             ordered = trans.apply_transformation(big)
         except Exception as err:  # noqa: BLE001 - non-integral occupancies in this supercell: try a bigger one
@@ -364,8 +371,9 @@ def run_temperature(
     k = cfg.traj_interval
     total_steps = (eq_f + prod_f) * k
     state = read_json(state_path)
-    if state is not None and state.get("protocol") != protocol:
-        # Trajectory of another protocol: its frames are not this run's physics; start over.
+    held = _first_symbols(traj_path)
+    if state is not None and state.get("protocol") != protocol or held not in (None, atoms0.get_chemical_symbols()):
+        # Another protocol's trajectory, or another structure's: its frames are not this run's; start over.
         for p in (traj_path, state_path):
             p.unlink(missing_ok=True)
         state = None
@@ -469,6 +477,17 @@ def run_temperature(
     traj.close()
     save_state("done")
     return TemperatureRun(temperature, traj_path, True, None, n_frames, md_seconds, total_steps - start)
+
+
+def _first_symbols(path: Path) -> list[str] | None:
+    """The atoms of a trajectory's first frame (None: no readable frame)."""
+    from ase.io import Trajectory
+
+    try:
+        with Trajectory(str(path), "r") as t:
+            return t[0].get_chemical_symbols() if len(t) else None
+    except Exception:  # noqa: BLE001 - missing or unreadable: nothing to compare
+        return None
 
 
 def _stored_len(path: Path) -> int:
