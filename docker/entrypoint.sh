@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One entry point for compose, Kubernetes and bare hosts.
 #   entrypoint.sh head     [ray start args...]   Ray head (GCS, dashboard, client server)
-#   entrypoint.sh worker   [ray start args...]   Ray worker joining RAY_HEAD_ADDRESS (host:port)
+#   entrypoint.sh worker   [ray start args...]   Ray worker joining RAY_HEAD_ADDRESS (host:port; KubeRay: FQ_RAY_IP)
 #   entrypoint.sh mlflow   [mlflow server args]  MLflow tracking server (MLFLOW_BACKEND_STORE_URI)
 #   entrypoint.sh campaign [campaign args...]    xrdmatch campaign run --config $XRDMATCH_CONFIG
 #   entrypoint.sh validate [validate args...]    extra validation workers on the campaign store
@@ -22,12 +22,23 @@ if [ -z "${RAY_AUTH_MODE:-}" ] && { [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -s "$token
   export RAY_AUTH_MODE=token
 fi
 
-# A driver started in a cluster container (campaign, validate) joins the head its workers join:
-# configs/cluster.yaml reads ray.address from RAY_ADDRESS, which compose and Kubernetes leave to
-# RAY_HEAD_ADDRESS (a fresh container has no local Ray for "auto" to find).
+# The head a worker (or a driver's node) joins: RAY_HEAD_ADDRESS, else the head service KubeRay
+# names in FQ_RAY_IP (a RayJob's cluster gets a generated name, so no fixed service name works).
+head_address() {
+  printf '%s' "${RAY_HEAD_ADDRESS:-${FQ_RAY_IP:+$FQ_RAY_IP:${RAY_PORT:-6379}}}"
+}
+
+# A driver started in its own container (campaign, validate: `compose run`) must run on a Ray
+# node: a driver given host:port needs a raylet on its host. So the container joins the head as a
+# node that takes no work, and the driver connects to it ("auto"). Inside a Ray job, or where
+# RAY_ADDRESS is set, nothing changes.
 join_head() {
-  if [ -z "${RAY_ADDRESS:-}" ] && [ -n "${RAY_HEAD_ADDRESS:-}" ]; then
-    export RAY_ADDRESS=$RAY_HEAD_ADDRESS
+  local head
+  head=$(head_address)
+  if [ -z "${RAY_ADDRESS:-}" ] && [ -n "$head" ]; then
+    ray start --address="$head" --num-cpus=0 --num-gpus=0 \
+      ${RAY_NODE_IP:+--node-ip-address="$RAY_NODE_IP"} --disable-usage-stats >/dev/null
+    export RAY_ADDRESS=auto
   fi
 }
 
@@ -56,8 +67,9 @@ case "$mode" in
       --disable-usage-stats "${block[@]}" "$@"
     ;;
   worker)
-    : "${RAY_HEAD_ADDRESS:?set RAY_HEAD_ADDRESS=host:port of the Ray head}"
-    exec ray start --address="$RAY_HEAD_ADDRESS" \
+    head=$(head_address)
+    : "${head:?set RAY_HEAD_ADDRESS=host:port of the Ray head}"
+    exec ray start --address="$head" \
       ${RAY_NODE_IP:+--node-ip-address="$RAY_NODE_IP"} \
       ${RAY_NUM_CPUS:+--num-cpus="$RAY_NUM_CPUS"} \
       ${RAY_NUM_GPUS:+--num-gpus="$RAY_NUM_GPUS"} \

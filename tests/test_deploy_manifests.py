@@ -100,11 +100,21 @@ def test_kuberay_manifests(name):
     for g in groups.values():
         c = g["template"]["spec"]["containers"][0]
         assert c["args"][0] in modes and c["args"][0] == "worker"
-        env = {e["name"] for e in c["env"]}
-        assert {"MLFLOW_TRACKING_URI", "XRDMATCH_STORE_URL", "RAY_HEAD_ADDRESS"} <= env
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert {"MLFLOW_TRACKING_URI", "XRDMATCH_STORE_URL"} <= set(env)
+        if doc["kind"] == "RayCluster":  # its head service is <name>-head-svc
+            assert env["RAY_HEAD_ADDRESS"] == f"{doc['metadata']['name']}-head-svc:6379"
+        else:  # a RayJob's cluster name is generated: the entrypoint joins KubeRay's FQ_RAY_IP
+            assert "RAY_HEAD_ADDRESS" not in env
     assert groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     if doc["kind"] == "RayJob":
         assert doc["spec"]["entrypoint"].split()[-1] in modes
+        # KubeRay's submitter runs `ray job submit` only when the pod names no command: the
+        # driver then runs on the head, which mounts /runs and says where the run directory is
+        assert "command" not in doc["spec"]["submitterPodTemplate"]["spec"]["containers"][0]
+        head_env = {e["name"]: e.get("value") for e in head["env"]}
+        assert head_env["XRDMATCH_RUN_DIR"].startswith("/runs/")
+        assert any(m["mountPath"] == "/runs" for m in head["volumeMounts"])
     # every Ray node and the driver carry the cluster's token, from the secret (the head's
     # dashboard listens on the pod network and takes jobs)
     pods = [spec["headGroupSpec"]["template"], *(g["template"] for g in groups.values())]
@@ -114,6 +124,21 @@ def test_kuberay_manifests(name):
         for c in pod["spec"]["containers"]:
             tok = {e["name"]: e for e in c["env"]}.get("RAY_AUTH_TOKEN")
             assert tok and tok["valueFrom"]["secretKeyRef"] == {"name": "xrdmatch-secrets", "key": "ray-auth-token"}, c["name"]
+
+
+def test_entrypoint_worker_needs_a_head_and_takes_kuberays_when_none_is_named(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FQ_RAY"))}
+    env["RAY_BLOCK"] = "0"
+    r = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), "worker"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode != 0 and "set RAY_HEAD_ADDRESS" in r.stderr, r.stderr
+    ray = tmp_path / "ray"  # a stand-in `ray` first on PATH: it prints what it was asked to join
+    ray.write_text('#!/bin/bash\necho "ray $*"\n')
+    ray.chmod(0o755)
+    env.update(PATH=f"{tmp_path}:{env['PATH']}", FQ_RAY_IP="job-raycluster-abcde-head-svc.ns.svc.cluster.local")
+    r = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), "worker"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0 and "--address=job-raycluster-abcde-head-svc.ns.svc.cluster.local:6379" in r.stdout
 
 
 def test_entrypoint_refuses_an_open_head_off_loopback():
@@ -134,3 +159,32 @@ def test_dockerfile_installs_with_the_readme_command():
     assert install in code
     assert re.search(r"^USER (?!root)\w+", docker, flags=re.M), "image must run as a non-root user"
     assert "HEALTHCHECK" in docker and "ARG BASE_IMAGE" in docker
+
+
+def test_main_sh_reads_relative_paths_from_where_it_was_typed(tmp_path):
+    """scripts/main.sh runs from the repository, but a relative --dir (and a --config that exists
+    there) names a path from the caller's directory; the report reads the same ones. The heavy
+    parts (bootstrap, xrdmatch) are stand-ins that print what they were given."""
+    import shutil
+
+    repo = tmp_path / "my repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(REPO / "scripts" / "main.sh", repo / "scripts")
+    (repo / "scripts" / "bootstrap.sh").write_text("true\n")
+    fake = repo / ".venv" / "bin" / "xrdmatch"
+    fake.write_text('#!/bin/bash\necho "$PWD|$*"\n')
+    fake.chmod(0o755)
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    (here / "my.yaml").write_text("{}\n")
+    out = subprocess.run(["bash", str(repo / "scripts" / "main.sh"), "--config", "my.yaml", "-dout", "--rounds", "3"],
+                         cwd=here, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [f"{repo}|campaign run --config {here}/my.yaml --config {here}/my.yaml --dir {here}/out --rounds 3",
+                   f"{repo}|campaign report --config {here}/my.yaml --dir {here}/out"]
+    out = subprocess.run(["bash", str(repo / "scripts" / "main.sh"), "-c", "configs/cluster.yaml"], cwd=here,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0] == f"{repo}|campaign run --config configs/cluster.yaml --config configs/cluster.yaml"  # the repo's
+    out = subprocess.run(["bash", str(repo / "scripts" / "main.sh"), "--help"], cwd=here,
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out == [f"{repo}|campaign run --config configs/default.yaml --help"]  # no report after --help
