@@ -28,7 +28,7 @@ pipq() {  # pip, quiet, without the noise of unreachable local indexes; keeps pi
 }
 
 stamp=.venv/.xrdmatch-stamp
-want=$(cat pyproject.toml requirements.lock | sha1sum | cut -d' ' -f1)
+want=$( (cat pyproject.toml requirements.lock; echo "torch index: ${TORCH_INDEX_URL:-}") | sha1sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing pinned dependencies into .venv (first run takes a few minutes)"
   pipq --upgrade pip
