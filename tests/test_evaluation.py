@@ -445,7 +445,8 @@ def _client(cfg_path):
     from xrdmatch.config import load_config
     from xrdmatch.platform.tracking import tracking_uri
 
-    return MlflowClient(tracking_uri(load_config(cfg_path)))
+    uri = tracking_uri(load_config(cfg_path))
+    return MlflowClient(uri, uri)  # the registry too: else MLflow's process-wide one (another test's)
 
 
 def _finished_run(cfg_path, name: str):

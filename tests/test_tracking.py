@@ -148,3 +148,43 @@ def test_registry_metrics_names():
     assert registry_metrics(res) == {"grouped_cv_macro_f1": 0.7, "grouped_cv_pr_auc": 0.5}
     with pytest.raises(KeyError):
         registry_metrics(res, "fixmatch")
+
+
+def test_a_resumed_run_logs_each_training_step_once(cfg):
+    """Killed after some per-step metrics were logged (and before the tag that says they all
+    were), the rerun logs only the steps the run does not hold yet."""
+    from mlflow.tracking import MlflowClient
+
+    history = [[{"step": s, "loss": 1.0 / s, "mask_rate": 0.1 * s} for s in range(1, 6)]]
+    with mlflow_run(cfg, "train") as run:
+        log_training([[row for row in history[0] if row["step"] <= 3]])  # the killed attempt got this far
+        log_training(history, resumed=True)
+    client = MlflowClient(configure(cfg))
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "member0.loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+
+
+def test_an_evaluation_json_with_nan_is_valid_json(cfg, tmp_path):
+    # a metric that is undefined on a fold (NaN) is null in the file and the artifact, never a
+    # bare NaN token that strict JSON readers refuse
+    def no_nan(token):
+        raise ValueError(f"{token} is not JSON")
+
+    out = tmp_path / "e.json"
+    with mlflow_run(cfg, "evaluate"):
+        log_evaluation({"protocol": "paper", "results": [{"method": "m", "macro_f1": 0.5, "pr_auc": float("nan")}]},
+                       out)
+    assert json.loads(out.read_text(), parse_constant=no_nan)["results"][0]["pr_auc"] is None
+
+
+def test_evaluate_refuses_an_unwritable_out_before_any_training(tmp_path):
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for option in ("--out", "--markdown"):
+        res = CliRunner().invoke(app, ["evaluate", "--dir", str(tmp_path / "run"), option, str(blocker / "r.json")])
+        assert res.exit_code == 2 and f"{option} {blocker / 'r.json'}: cannot be written there" in res.output
+        assert not (tmp_path / "run").exists()  # nothing trained, no run directory made

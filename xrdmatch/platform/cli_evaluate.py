@@ -64,6 +64,8 @@ def evaluate(
             overrides["evaluation"]["folds"] = folds
         if threshold_selection is not None:
             overrides["evaluation"]["threshold_selection"] = threshold_selection.value
+        _check_writable(out, "--out", err)  # now, not after hours of training
+        _check_writable(markdown, "--markdown", err)
         result = _run(protocol, config, overrides, err, out)
         out = Path(result["out"])
         err.print(f"wrote {out}; MLflow run {result['mlflow_run_id']}")
@@ -72,6 +74,28 @@ def evaluate(
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(results_markdown(result))
         err.print(f"wrote {markdown}")
+
+
+def _check_writable(path: Path | None, option: str, err) -> None:
+    """Exit 2 naming ``path`` if a result file cannot be written there (a directory, a parent that
+    is a file, no permission)."""
+    import tempfile
+
+    if path is None:
+        return
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(f"{path} is a directory")
+        blocked = next((d for d in path.parents if d.exists() and not d.is_dir()), None)
+        if blocked is not None:
+            raise NotADirectoryError(f"{blocked} is a file, not a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        why = e.args[0] if len(e.args) == 1 else (e.strerror or e)
+        err.print(f"[red]{option} {path}: cannot be written there ({why})", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Path | None) -> dict:

@@ -104,19 +104,25 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
         t0 = time.perf_counter()
         if (out / "ensemble.json").is_file():
             echo(f"ensemble of training {key} already saved: {out}")
+            train_s = done.get("train_s")  # trained by the killed run: its time, when it got to log it
         else:
             train_run(cfg, use_ray=use_ray, run_id=run_id)
-        train_s = done.get("train_s", time.perf_counter() - t0)
+            train_s = time.perf_counter() - t0
+        if train_s is None:  # the killed run finished training but did not log how long it took
+            mlflow.set_tag("xrdmatch.train_s", "unknown (trained by an interrupted run)")
+        else:
+            mlflow.log_metric("train_s", train_s)
         ens = Ensemble.load(out)
         if "xrdmatch.curves_logged" not in (resume.data.tags if resume else {}):
-            log_training({"members": [m.history for m in ens.members]})
+            log_training({"members": [m.history for m in ens.members]}, resumed=resume is not None)
             mlflow.set_tag("xrdmatch.curves_logged", "1")
-        echo(f"trained {len(ens.members)} members in {train_s:.0f} s; scoring the promotion metric "
+        took = "by an interrupted run" if train_s is None else f"in {train_s:.0f} s"
+        echo(f"trained {len(ens.members)} members {took}; scoring the promotion metric "
              f"({cfg.campaign.eval_folds}-fold grouped CV)")
         t1 = time.perf_counter()
         metrics = champion_metrics(cfg, ls, np.asarray(weights, np.float32), pool, log=echo)
         mlflow.log_metrics({**metrics, "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
-                            "train_s": train_s, "champion_eval_s": time.perf_counter() - t1})
+                            "champion_eval_s": time.perf_counter() - t1})
         mlflow.log_dict(ens.info, "ensemble_info.json")
         result = {"model_dir": str(out), "run_id": run.info.run_id, "metrics": metrics}
         if register:

@@ -216,8 +216,11 @@ def _curves(history: Any, prefix: str = "") -> dict[str, list[tuple[int, float]]
     return out
 
 
-def _log_series(curves: Mapping[str, Sequence[tuple[int, float]]]) -> int:
-    """Log every (step, value) with batched calls (MLflow takes 1000 metrics per batch)."""
+def _log_series(curves: Mapping[str, Sequence[tuple[int, float]]], resumed: bool = False) -> int:
+    """Log every (step, value) with batched calls (MLflow takes 1000 metrics per batch).
+
+    ``resumed``: the run may hold some of them already (a kill mid-way): those steps are skipped,
+    never logged twice."""
     import time
 
     import mlflow
@@ -228,15 +231,21 @@ def _log_series(curves: Mapping[str, Sequence[tuple[int, float]]]) -> int:
     if run is None:
         raise RuntimeError("no active MLflow run: call inside tracking.mlflow_run(...)")
     now = int(time.time() * 1000)
-    metrics = [Metric(_metric_key(k), float(v), now, int(s)) for k, pts in curves.items() for s, v in pts]
     client = MlflowClient()
+    logged: dict[str, set[int]] = {}
+    if resumed:
+        logged = {_metric_key(k): {m.step for m in client.get_metric_history(run.info.run_id, _metric_key(k))}
+                  for k in curves}
+    metrics = [Metric(_metric_key(k), float(v), now, int(s)) for k, pts in curves.items() for s, v in pts
+               if int(s) not in logged.get(_metric_key(k), ())]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000], synchronous=True)
     return len(metrics)
 
 
-def log_training(history: Any, artifact_dir: str = "plots") -> dict[str, list[tuple[int, float]]]:
-    """Log a training history's per-step metrics and a learning-curves PNG to the active run."""
+def log_training(history: Any, artifact_dir: str = "plots", resumed: bool = False) -> dict[str, list[tuple[int, float]]]:
+    """Log a training history's per-step metrics and a learning-curves PNG to the active run
+    (``resumed``: steps the run already holds are not logged again)."""
     import tempfile
 
     import mlflow
@@ -244,7 +253,7 @@ def log_training(history: Any, artifact_dir: str = "plots") -> dict[str, list[tu
     from xrdmatch.platform.plots import learning_curves_png
 
     curves = _curves(history)
-    _log_series(curves)
+    _log_series(curves, resumed=resumed)
     with tempfile.TemporaryDirectory() as tmp:
         png = learning_curves_png(curves, Path(tmp) / "learning_curves.png")
         mlflow.log_artifact(str(png), artifact_dir)
@@ -281,18 +290,6 @@ def registry_metrics(result: Mapping[str, Any], method: str = "flexmatch-ensembl
         if isinstance(r, Mapping) and r.get("method") == method:
             return {f"{proto}_{k}": float(v) for k, v in r.items() if k != "method" and _is_number(v)}
     raise KeyError(f"method {method!r} not in the evaluation result")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    return str(o)
 
 
 _Y_KEYS = ("y_true", "y", "label", "labels", "target")
@@ -363,7 +360,6 @@ def log_evaluation(result: Mapping[str, Any], out_json: str | os.PathLike[str] |
     calibration) come from the per-sample predictions (see :func:`prediction_sets`); per-step series in the result (e.g.
     ``history``) become metrics with steps and a learning-curves PNG.
     """
-    import json
     import tempfile
 
     import mlflow
@@ -377,9 +373,10 @@ def log_evaluation(result: Mapping[str, Any], out_json: str | os.PathLike[str] |
             mlflow.log_metrics(dict(items[i : i + 500]))
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
+        from xrdmatch.training.evaluation import write_json
+
         json_path = Path(out_json) if out_json is not None else tmpd / "evaluation.json"
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2, default=_json_default))
+        write_json(dict(result), json_path)  # atomic; NaN -> null, so every JSON reader takes it
         mlflow.log_artifact(str(json_path), artifact_dir)
         for name, (y, p, pred) in prediction_sets(result, threshold).items():
             if len(y) == 0:

@@ -594,11 +594,13 @@ def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
             return [clean(v) for v in o]
         if isinstance(o, np.generic):
             return clean(o.item())
+        if isinstance(o, np.ndarray):
+            return clean(o.tolist())
         return o
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(clean(result), indent=1))
+    tmp.write_text(json.dumps(clean(result), indent=1, default=str))  # default: paths and the like as text
     os.replace(tmp, p)
     return p
