@@ -105,12 +105,11 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
         if (out / "ensemble.json").is_file():
             echo(f"ensemble of training {key} already saved: {out}")
             train_s = done.get("train_s")  # trained by the killed run: its time, when it got to log it
+            if train_s is None:
+                mlflow.set_tag("xrdmatch.train_s", "unknown (trained by an interrupted run)")
         else:
             train_run(cfg, use_ray=use_ray, run_id=run_id)
             train_s = time.perf_counter() - t0
-        if train_s is None:  # the killed run finished training but did not log how long it took
-            mlflow.set_tag("xrdmatch.train_s", "unknown (trained by an interrupted run)")
-        else:
             mlflow.log_metric("train_s", train_s)
         ens = Ensemble.load(out)
         if "xrdmatch.curves_logged" not in (resume.data.tags if resume else {}):
