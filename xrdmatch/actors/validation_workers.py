@@ -14,8 +14,8 @@ runs without Ray.
 
 from __future__ import annotations
 
-import logging
 import hashlib
+import logging
 import os
 import re
 import socket

@@ -365,6 +365,7 @@ def log_evaluation(result: Mapping[str, Any], out_json: str | os.PathLike[str] |
     import mlflow
 
     from xrdmatch.platform import plots
+    from xrdmatch.training.evaluation import write_json
 
     metrics = flat_metrics({k: v for k, v in result.items() if k not in ("predictions", "history")})
     if metrics:
@@ -373,8 +374,6 @@ def log_evaluation(result: Mapping[str, Any], out_json: str | os.PathLike[str] |
             mlflow.log_metrics(dict(items[i : i + 500]))
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
-        from xrdmatch.training.evaluation import write_json
-
         json_path = Path(out_json) if out_json is not None else tmpd / "evaluation.json"
         write_json(dict(result), json_path)  # atomic; NaN -> null, so every JSON reader takes it
         mlflow.log_artifact(str(json_path), artifact_dir)

@@ -372,7 +372,7 @@ def run_temperature(
     total_steps = (eq_f + prod_f) * k
     state = read_json(state_path)
     held = _first_symbols(traj_path)
-    if state is not None and state.get("protocol") != protocol or held not in (None, atoms0.get_chemical_symbols()):
+    if (state is not None and state.get("protocol") != protocol) or held not in (None, atoms0.get_chemical_symbols()):
         # Another protocol's trajectory, or another structure's: its frames are not this run's; start over.
         for p in (traj_path, state_path):
             p.unlink(missing_ok=True)
