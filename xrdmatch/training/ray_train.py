@@ -91,24 +91,37 @@ def member_identity(cfg: TrainingConfig, seed: int, X_lab, y_lab, w, unlab_diges
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def save_state(directory: str, state: dict) -> None:
+def state_file(rank: int = 0) -> str:
+    """Rank 0's state is the member (``state.safetensors``); every other data-parallel rank keeps
+    its own beside it (random streams, FlexMatch counts, BN statistics), so a resume with the
+    same number of workers continues exactly where each rank stopped."""
+    return STATE_FILE if rank == 0 else f"state.rank{rank}.safetensors"
+
+
+def save_state(directory: str, state: dict, rank: int = 0) -> None:
     from safetensors.torch import save_file
 
     from xrdmatch.training.trainer import state_to_tensors
 
     tensors, meta = state_to_tensors(state)
-    save_file(tensors, os.path.join(directory, STATE_FILE), metadata=meta)
+    save_file(tensors, os.path.join(directory, state_file(rank)), metadata=meta)
 
 
-def load_state(directory: str) -> dict:
+def load_state(directory: str, rank: int = 0) -> dict:
+    """Rank ``rank``'s state; rank 0's where that rank has none (a checkpoint written with fewer
+    workers, or before per-rank states), and that rank then starts a fresh random stream."""
     from safetensors import safe_open
 
     from xrdmatch.training.trainer import tensors_to_state
 
-    with safe_open(os.path.join(directory, STATE_FILE), framework="pt") as fh:
+    own = os.path.join(directory, state_file(rank))
+    path = own if os.path.isfile(own) else os.path.join(directory, STATE_FILE)
+    with safe_open(path, framework="pt") as fh:
         meta = fh.metadata()
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    return tensors_to_state(tensors, meta)
+    state = tensors_to_state(tensors, meta)
+    state["own_rank_state"] = path == own
+    return state
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -132,19 +145,17 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
-            resume = load_state(d)
+            resume = load_state(d, rank)
     resumed = resume is not None
     fault_at = config.get("fault_after_step")
 
     def checkpoint_fn(step: int, state: dict) -> None:
         last = state["history"][-1] if state["history"] else {}
         metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                save_state(d, state)
-                ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        # every rank reports its own file; Ray Train gathers them into one checkpoint folder
+        with tempfile.TemporaryDirectory() as d:
+            save_state(d, state, rank)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         if fault_at is not None and not resumed and step == fault_at:
             raise RuntimeError(f"injected fault after the checkpoint at step {step} (test only)")
 

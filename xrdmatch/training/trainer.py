@@ -186,9 +186,9 @@ def restore(resume: dict, model, ema, opt, gen: torch.Generator, seed: int, rank
                         p_model=resume.get("p_model", torch.zeros(0)).to(device))  # absent in older states
     start = int(resume["step"])
     torch.set_rng_state(resume["torch_rng"])  # dropout draws from torch's global generator
-    if rank == 0 and device.type == "cpu":
+    if device.type == "cpu" and (rank == 0 or resume.get("own_rank_state", False)):
         gen.set_state(resume["gen"])
-    else:  # other ranks (and CUDA generators, not saved): a fresh stream that depends on where we resumed
+    else:  # CUDA generators (not saved), or a rank resuming from rank 0's state: a fresh stream
         gen.manual_seed(seed + 7919 * rank + 104729 * start)
     return u, list(resume["history"]), start
 
