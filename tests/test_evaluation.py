@@ -297,14 +297,19 @@ def test_cli_grouped_cv_resumes_after_kill_9_and_writes_the_json_shape(tmp_path,
     cached = {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in cache.glob("*.npz") if not f.name.endswith(".tmp.npz")}
     n_cached = len(cached)
     assert 1 <= n_cached < 6
+    (killed,) = [r for r in _client(cfg).search_runs([_client(cfg).get_experiment_by_name("xrdmatch").experiment_id])
+                 if r.info.run_name == "evaluate-grouped-cv"]
+    assert killed.info.status == "RUNNING"  # kill -9: nothing could close it
     res = CliRunner().invoke(app, args)  # same command again: resumes
     assert res.exit_code == 0, res.output
+    assert f"resuming MLflow run {killed.info.run_id} (running)" in res.output
     assert f"6 member trainings: {n_cached} cached, {6 - n_cached} to run" in res.output
     # the finished members were read, not trained and written again
     assert {f: (f.stat().st_ino, f.stat().st_mtime_ns) for f in cached} == cached
     assert len(list(cache.glob("*.npz"))) == 6
     # the finished evaluation is an MLflow run: config, per-method metrics, JSON and figures
     run = _finished_run(cfg, "evaluate-grouped-cv")
+    assert run.info.run_id == killed.info.run_id  # the killed run was finished, not left RUNNING beside a new one
     assert run.data.params["evaluation.folds"] == "2" and run.data.tags["xrdmatch.kind"] == "evaluate"
     assert 0.0 <= run.data.metrics["flexmatch-ensemble.macro_f1"] <= 1.0
     assert run.data.tags["lineage.labelled_count"] == "112" and run.data.tags["lineage.unlabelled_hash"]
@@ -358,6 +363,9 @@ def test_cli_grouped_cv_resumes_after_kill_9_and_writes_the_json_shape(tmp_path,
     res2 = CliRunner().invoke(app, args[:-4] + ["--out", str(out2)])
     assert res2.exit_code == 0, res2.output
     assert "6 cached, 0 to run" in res2.output
+    assert f"already evaluated with these settings, data and code: MLflow run {run.info.run_id}" in res2.output
+    runs = [r for r in _client(cfg).search_runs([run.info.experiment_id]) if r.info.run_name == "evaluate-grouped-cv"]
+    assert [r.info.run_id for r in runs] == [run.info.run_id]  # one run per evaluation, however often it is run
     r2 = json.loads(out2.read_text())
     assert [x["macro_f1"] for x in r2["results"]] == [x["macro_f1"] for x in r["results"]]
     # --from-json renders without training

@@ -39,7 +39,8 @@ def evaluate(
     """Evaluate methods with the paper's protocol or honest grouped CV; print a table, write JSON.
 
     Member predictions are cached in RUN_DIR/evaluation/<protocol>/members, so an interrupted
-    evaluation resumes where it stopped when the same command is run again.
+    evaluation resumes where it stopped, in the same MLflow run, when the same command is run
+    again; a rerun of a finished evaluation writes the JSON again and logs no second run.
     """
     from rich.console import Console
 
@@ -103,7 +104,7 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
     the JSON and its confusion-matrix / PR / calibration PNGs as artifacts."""
     from xrdmatch.config import ConfigError, load_config
     from xrdmatch.platform.tracking import log_evaluation, mlflow_run
-    from xrdmatch.training.evaluation import MemberTrainingError, evaluate_grouped_cv, evaluate_paper, write_json
+    from xrdmatch.training.evaluation import evaluate_grouped_cv, evaluate_paper, write_json
 
     try:
         cfg = load_config(config, overrides)
@@ -112,16 +113,26 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
         raise typer.Exit(2) from None
     check_run_dir(cfg.run_dir)
     fn = evaluate_paper if protocol == Protocol.paper else evaluate_grouped_cv
+    key = evaluation_key(cfg, protocol.value)
+    earlier = _evaluate_runs(cfg, key)
+    finished = next((r for r in earlier if r.info.status == "FINISHED"), None)
+    if finished is not None:  # every member is cached: rewrite the JSON, log no second run
+        result = _evaluate(fn, cfg, protocol, err)
+        result["run_dir"] = str(Path(cfg.run_dir).resolve())
+        out = out or _default_out(result, protocol)
+        write_json(result, out)
+        err.print(f"already evaluated with these settings, data and code: MLflow run {finished.info.run_id} "
+                  "(nothing logged again)", highlight=False, soft_wrap=True)
+        return result | {"out": str(out), "mlflow_run_id": finished.info.run_id}
+    resume = earlier[0] if earlier else None  # a killed or failed evaluation of this key: reopen it
+    if resume is not None:
+        err.print(f"resuming MLflow run {resume.info.run_id} ({resume.info.status.lower()})", highlight=False,
+                  soft_wrap=True)
     with mlflow_run(cfg, f"evaluate-{protocol.value}", tags={"xrdmatch.kind": "evaluate",
-                                                             "evaluation.protocol": protocol.value}) as run:
-        try:
-            result = fn(cfg, log_fn=lambda s: err.print(s, highlight=False))
-        except MemberTrainingError as e:  # the run failed, not its input (a RayTaskError can be a ValueError too)
-            err.print(f"[red]evaluate --protocol {protocol.value}: {e}", highlight=False)
-            raise typer.Exit(1) from None
-        except ValueError as e:  # impossible split / unknown method: the message names the input
-            err.print(f"[red]evaluate --protocol {protocol.value}: {e}")
-            raise typer.Exit(2) from None
+                                                             "evaluation.protocol": protocol.value,
+                                                             "xrdmatch.eval_key": key},
+                    resume_run_id=resume.info.run_id if resume else None) as run:
+        result = _evaluate(fn, cfg, protocol, err)
         result["run_dir"] = str(Path(cfg.run_dir).resolve())
         out = out or _default_out(result, protocol)
         write_json(result, out)
@@ -136,6 +147,49 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
         result["out"] = str(out)
         result["mlflow_run_id"] = run.info.run_id
     return result
+
+
+def _evaluate(fn, cfg, protocol: Protocol, err) -> dict:
+    from xrdmatch.training.evaluation import MemberTrainingError
+
+    try:
+        return fn(cfg, log_fn=lambda s: err.print(s, highlight=False))
+    except MemberTrainingError as e:  # the run failed, not its input (a RayTaskError can be a ValueError too)
+        err.print(f"[red]evaluate --protocol {protocol.value}: {e}", highlight=False)
+        raise typer.Exit(1) from None
+    except ValueError as e:  # impossible split / unknown method: the message names the input
+        err.print(f"[red]evaluate --protocol {protocol.value}: {e}")
+        raise typer.Exit(2) from None
+
+
+def evaluation_key(cfg, protocol: str) -> str:
+    """What decides an evaluation's numbers: protocol, code, seeds, data and every setting that
+    trains or scores a member. A rerun with the same key reopens the killed run, or logs nothing
+    when one finished."""
+    import hashlib
+
+    from xrdmatch.training.evaluation import training_config
+    from xrdmatch.training.fingerprint import code_fingerprint
+
+    blob = json.dumps({"protocol": protocol, "code": code_fingerprint(), "seed": cfg.seed,
+                       "training": training_config(cfg).result_settings(),
+                       **{k: getattr(cfg, k).model_dump(mode="json") for k in ("evaluation", "labels", "database", "xrd")}},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _evaluate_runs(cfg, key: str) -> list:
+    """MLflow evaluate runs of this key, newest first."""
+    import mlflow
+
+    from xrdmatch.platform.tracking import configure
+
+    configure(cfg)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return []
+    return mlflow.search_runs([exp.experiment_id], f"tags.`xrdmatch.eval_key` = '{key}'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
 
 
 def _default_out(result: dict, protocol: Protocol) -> Path:
