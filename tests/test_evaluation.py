@@ -583,3 +583,30 @@ def test_a_failing_member_keeps_the_others_work_and_names_itself(tmp_path, ray_l
     assert (cache / good.cache_name()).is_file() and not (cache / bad.cache_name()).exists()
     out = run_jobs([good], X, y, np.zeros((0, X.shape[1]), np.float32), tcfg, cache, Config(), logs.append)
     assert out["f0/m0"].shape == (32,) and "1 member trainings: 1 cached, 0 to run" in logs
+
+
+def test_from_json_renders_the_issues_minimal_shape_and_names_a_bad_file(tmp_path):
+    """The issue's JSON shape has no *_std of precision/recall/PR-AUC and no run metadata: it is
+    rendered as it is; a file that is not a result is refused naming it and what is wrong."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    cv = {"protocol": "grouped-cv", "results": [{"method": "flexmatch-ensemble", "macro_f1": 0.61, "macro_f1_std": 0.02,
+                                                 "f1_superionic": 0.4, "f1_superionic_std": 0.05, "precision": 0.5,
+                                                 "recall": 0.33, "pr_auc": 0.36}]}
+    paper = {"protocol": "paper", "results": [{"method": "flexmatch-ensemble", "macro_f1_all112": 0.7,
+                                               "macro_f1_unseen": 0.55}]}
+    for name, result, want in (("cv", cv, "0.610 ± 0.020"), ("paper", paper, "0.550")):
+        f, md = tmp_path / f"{name}.json", tmp_path / f"{name}.md"
+        f.write_text(json.dumps(result))
+        res = CliRunner().invoke(app, ["evaluate", "--from-json", str(f), "--markdown", str(md)])
+        assert res.exit_code == 0, res.output
+        assert want in md.read_text() and "flexmatch-ensemble" in md.read_text()
+    assert "| flexmatch-ensemble | 0.610 ± 0.020 | 0.400 ± 0.050 | 0.500 | 0.330 | 0.360 |" in (tmp_path / "cv.md").read_text()
+    for bad, why in (([1, 2], "not an object"), ({"protocol": "cv", "results": []}, "'protocol' is 'cv'"),
+                     ({"protocol": "paper", "results": [{"macro_f1": 1}]}, "results[0] has no 'method'")):
+        f = tmp_path / "bad.json"
+        f.write_text(json.dumps(bad))
+        res = CliRunner().invoke(app, ["evaluate", "--from-json", str(f)])
+        assert res.exit_code == 2 and str(f) in res.output and why in res.output, res.output

@@ -51,9 +51,9 @@ def evaluate(
     if from_json is not None:
         try:
             result = json.loads(Path(from_json).read_text())
-            _ = result["protocol"], result["results"]
+            _check_result_shape(result)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            err.print(f"[red]--from-json {from_json}: not an evaluation result ({e})")
+            err.print(f"[red]--from-json {from_json}: not an evaluation result ({e})", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     else:
         overrides: dict = {"evaluation": {}}
@@ -75,6 +75,21 @@ def evaluate(
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(results_markdown(result))
         err.print(f"wrote {markdown}")
+
+
+def _check_result_shape(result) -> None:
+    """The least a result needs to be rendered: the issue's shape, {"protocol": ..., "results":
+    [{"method": ..., metric: number, ...}, ...]}; every other key is optional."""
+    if not isinstance(result, dict):
+        raise TypeError(f"the top level is a {type(result).__name__}, not an object")
+    if result.get("protocol") not in (p.value for p in Protocol):
+        raise ValueError(f"'protocol' is {result.get('protocol')!r}, not one of paper, grouped-cv")
+    rows = result.get("results")
+    if not isinstance(rows, list) or not rows:
+        raise ValueError("'results' is not a non-empty list")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("method"), str):
+            raise ValueError(f"results[{i}] has no 'method' name")
 
 
 def _check_writable(path: Path | None, option: str, err) -> None:

@@ -529,8 +529,10 @@ def _meta(cfg: Config, tcfg: TrainingConfig, data: EvalData, t_start: float, n_j
 def _fmt(v: Any, std: Any = None) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
     s = f"{v:.3f}"
-    if std is not None and not (isinstance(std, float) and math.isnan(std)):
+    if isinstance(std, (int, float)) and not isinstance(std, bool) and not math.isnan(std):
         s += f" ± {std:.3f}"
     return s
 
@@ -542,11 +544,15 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 "macro-F1 unseen formulas", "member macro-F1 (own unseen)", "PR-AUC unseen", "n unseen (sup.)"]
         rows = []
         for r in result["results"]:
-            rows.append([r["method"] + f" ({r['members']}, >= {r['votes_needed']} votes)", _fmt(r["macro_f1_all112"]),
-                         _fmt(r["macro_f1"], r["macro_f1_std"]), _fmt(r["f1_superionic"], r["f1_superionic_std"]),
-                         _fmt(r["macro_f1_unseen_formulas"]),
-                         _fmt(r["member_macro_f1_unseen"], r["member_macro_f1_unseen_std"]),
-                         _fmt(r["pr_auc"]), f"{r['n_unseen']} ({r['n_superionic_unseen']})"])
+            g = r.get  # the tool's own JSON has every key; a hand-made one in the shape may not
+            votes = f" ({g('members')}, >= {g('votes_needed')} votes)" if "members" in r else ""
+            unseen = f"{g('n_unseen')} ({g('n_superionic_unseen')})" if "n_unseen" in r else "-"
+            rows.append([r["method"] + votes, _fmt(g("macro_f1_all112")),
+                         _fmt(g("macro_f1_unseen", g("macro_f1")), g("macro_f1_std")),
+                         _fmt(g("f1_superionic"), g("f1_superionic_std")),
+                         _fmt(g("macro_f1_unseen_formulas")),
+                         _fmt(g("member_macro_f1_unseen"), g("member_macro_f1_unseen_std")),
+                         _fmt(g("pr_auc")), unseen])
         p = result.get("paper_reported", PAPER_REPORTED)
         rows.append(["paper (published, vgg16, GPU)", _fmt(p["macro_f1_all112"]), "not reported", "not reported",
                      "not reported", _fmt(p["member_macro_f1_unseen"], p["member_macro_f1_unseen_std"]),
@@ -554,7 +560,7 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         return head, rows
     head = ["method", "macro-F1", "F1 superionic", "precision", "recall", "PR-AUC"]
     rows = [
-        [r["method"]] + [_fmt(r[k], r[f"{k}_std"]) for k in METRICS] for r in result["results"]
+        [r["method"]] + [_fmt(r.get(k), r.get(f"{k}_std")) for k in METRICS] for r in result["results"]
     ]
     return head, rows
 
@@ -564,6 +570,8 @@ def results_markdown(result: dict[str, Any]) -> str:
     head, rows = table_rows(result)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if not {"config", "machine", "data", "member_trainings", "wall_time_s", "finished_utc"} <= set(result):
+        return "\n".join(lines) + "\n"  # a result without the run's metadata: the table alone
     ev = result["config"]["evaluation"]
     t = result["config"]["training"]
     m = result["machine"]
