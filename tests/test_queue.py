@@ -564,3 +564,23 @@ def test_two_ids_that_sanitise_alike_get_two_md_folders(store_url, tmp_path):
     b = queue.get_job(store_url, queue.submit(store_url, "LiCl_x", LI3N | {"id": "LiCl_x"}, _proto()))
     assert job_workdir(cfg, a) != job_workdir(cfg, b)
     assert job_workdir(cfg, a).name.startswith("LiCl_x-") and job_workdir(cfg, a) == job_workdir(cfg, a)
+
+
+def test_a_long_blocking_call_keeps_its_lease_and_learns_when_it_is_lost(store_url):
+    """Ordering a disordered cell is one blocking pymatgen call that can take minutes: the lease
+    is renewed from a thread meanwhile (no other worker takes the job), and a lease lost during
+    the call is raised when it returns."""
+    from xrdmatch.actors.validation_workers import LeaseLost, _Progress
+    from xrdmatch.simulation.md import beating
+
+    vcfg = _proto(lease_s=1.5, heartbeat_s=0.2)
+    jid = queue.submit(store_url, "li3n", LI3N, vcfg)
+    job = queue.claim(store_url, "w1", lease_s=vcfg.lease_s)
+    tracker = _Progress(store_url, job, "w1", vcfg, vcfg)
+    with beating(tracker.heartbeat, every_s=0.1):
+        time.sleep(2.5)  # the blocking call: longer than the lease
+        assert queue.claim(store_url, "w2", lease_s=60.0) is None  # still w1's
+    assert queue.expire(store_url, ["w1"]) == 1  # w1 reported lost: the job is free now
+    assert queue.claim(store_url, "w2", lease_s=60.0).id == jid
+    with pytest.raises(LeaseLost, match="no longer leased to w1"), beating(tracker.heartbeat, every_s=0.1):
+        time.sleep(1.0)

@@ -14,10 +14,12 @@ restarts the thermostat: still a valid NVT sample, not the same one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,6 +159,35 @@ class PreparedInput:
     structure: Any  # pymatgen Structure of the supercell
     scaling: tuple[int, int, int]
     note: str | None
+
+
+@contextlib.contextmanager
+def beating(heartbeat: Heartbeat | None, every_s: float = 1.0):
+    """Call ``heartbeat`` from a thread while one long call blocks (ordering a disordered cell
+    can take minutes), so the job's lease is renewed meanwhile. What the heartbeat raises (a
+    lost lease) is raised here when the call returns."""
+    if heartbeat is None:
+        yield
+        return
+    stop, raised = threading.Event(), []
+
+    def beat():
+        while not stop.wait(every_s):
+            try:
+                heartbeat()
+            except BaseException as err:  # noqa: BLE001 - handed to the calling thread
+                raised.append(err)
+                return
+
+    t = threading.Thread(target=beat, name="lease-heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+    if raised:
+        raise raised[0]
 
 
 def prepare(structure, cfg: ValidationConfig) -> PreparedInput:

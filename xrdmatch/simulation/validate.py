@@ -22,6 +22,7 @@ from xrdmatch.simulation.md import (
     Heartbeat,
     Progress,
     ValidationInputError,
+    beating,
     prepare,
     production_frames,
     read_json,
@@ -151,10 +152,11 @@ def run_validation(
     t_start = time.monotonic()
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    prep = prepare(structure, cfg)  # ValidationInputError: nothing else is done
-    calc, info = get_calculator(
-        cfg.calculator, cfg.calculator_kwargs, device=cfg.device, threads=cfg.torch_threads, method=cfg.method
-    )
+    with beating(heartbeat):  # ordering and loading a potential renew no lease of their own
+        prep = prepare(structure, cfg)  # ValidationInputError: nothing else is done
+        calc, info = get_calculator(
+            cfg.calculator, cfg.calculator_kwargs, device=cfg.device, threads=cfg.torch_threads, method=cfg.method
+        )
     protocol = protocol_hash(cfg)
     formula = prep.structure.composition.reduced_formula
     write_json_atomic(
