@@ -79,7 +79,7 @@ def test_no_secrets_committed():
     assert example == {"POSTGRES_PASSWORD": "", "RAY_AUTH_TOKEN": ""}  # no working default secret
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True).stdout.split()
     assert "docker/.env" not in tracked
-    for f in ("compose.yaml", "k8s/raycluster.yaml", "k8s/rayjob.yaml"):
+    for f in ("compose.yaml", "k8s/raycluster.yaml", "k8s/rayjob.yaml", "k8s/mlflow.yaml"):
         text = "\n".join(ln for ln in (DOCKER / f).read_text().splitlines() if not ln.lstrip().startswith("#"))
         # passwords only as ${VAR} references or secretKeyRef, never literal
         for m in re.finditer(r"postgresql://([^@\s]+)@", text):
@@ -124,6 +124,34 @@ def test_kuberay_manifests(name):
         for c in pod["spec"]["containers"]:
             tok = {e["name"]: e for e in c["env"]}.get("RAY_AUTH_TOKEN")
             assert tok and tok["valueFrom"]["secretKeyRef"] == {"name": "xrdmatch-secrets", "key": "ray-auth-token"}, c["name"]
+
+
+def test_the_mlflow_service_the_ray_pods_log_to_is_defined():
+    """Every Ray pod logs to MLFLOW_TRACKING_URI; mlflow.yaml must define that Service (name,
+    namespace, port) in front of a server started by the entry point's mlflow mode, its backend
+    URL from the secret, and the host name the pods use allowed by the server."""
+    from urllib.parse import urlsplit
+
+    uris = set()
+    for name in ("raycluster.yaml", "rayjob.yaml"):
+        text = (DOCKER / "k8s" / name).read_text()
+        uris |= set(re.findall(r"MLFLOW_TRACKING_URI, value: \"([^\"]+)\"", text))
+    (uri,) = uris
+    host, port = urlsplit(uri).hostname, urlsplit(uri).port
+    svc_name, namespace = host.split(".")[:2]
+    docs = {d["kind"]: d for d in yaml.safe_load_all((DOCKER / "k8s" / "mlflow.yaml").read_text())}
+    svc, dep = docs["Service"], docs["Deployment"]
+    assert (svc["metadata"]["name"], svc["metadata"]["namespace"]) == (svc_name, namespace)
+    assert svc["spec"]["type"] == "ClusterIP" and [p["port"] for p in svc["spec"]["ports"]] == [port]
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"][-1].endswith("entrypoint.sh") and c["args"][0] == "mlflow" and "mlflow" in entrypoint_modes()
+    env = {e["name"]: e for e in c["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "xrdmatch-secrets"
+    assert env["MLFLOW_PORT"]["value"] == str(port) and f"{host}:{port}" in env["MLFLOW_ALLOWED_HOSTS"]["value"].split(",")
+    claim = dep["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert docs["PersistentVolumeClaim"]["metadata"]["name"] == claim
+    assert dep["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
 
 
 def test_entrypoint_worker_needs_a_head_and_takes_kuberays_when_none_is_named(tmp_path):
