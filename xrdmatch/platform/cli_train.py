@@ -2,34 +2,53 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import typer
 
 if TYPE_CHECKING:
     from xrdmatch.config import Config
+    from xrdmatch.platform.data import LabelledSet
+
+
+@dataclass
+class TrainingInputs:
+    """What a training run reads, loaded once: the labelled set with its sample weights and the
+    unlabelled pool (the database's patterns minus the labelled structures)."""
+
+    labelled: "LabelledSet"
+    weights: Any
+    unlabelled: Any
+
+
+def training_inputs(cfg: "Config") -> TrainingInputs:
+    from xrdmatch.platform.patterns import ensure_patterns
+    from xrdmatch.training.dataset import build_training_set, unlabelled_pool
+
+    patterns = ensure_patterns(cfg)
+    ls, weights = build_training_set(cfg, patterns)
+    return TrainingInputs(ls, weights, unlabelled_pool(patterns, ls))
 
 
 def train_run(cfg: "Config", *, use_ray: bool = True, log_fn: Callable[[int, dict], None] | None = None,
-              run_id: str | None = None) -> Path:
+              run_id: str | None = None, inputs: TrainingInputs | None = None) -> Path:
     """Train the ensemble of ``cfg`` and save it under ``RunPaths.models_dir/<run id>``; returns the folder.
 
-    The MLflow layer wraps this (``log_fn`` gets every member's per-step metrics).
+    The MLflow layer wraps this (``log_fn`` gets every member's per-step metrics) and passes
+    the ``inputs`` it has already loaded.
     """
     import time
     import warnings
 
     from xrdmatch.platform.paths import RunPaths
-    from xrdmatch.platform.patterns import ensure_patterns
-    from xrdmatch.training.dataset import build_training_set, unlabelled_pool
     from xrdmatch.training.ensemble import train_ensemble
 
     paths = RunPaths.of(cfg.run_dir)
     run_id = run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    patterns = ensure_patterns(cfg)
-    ls, weights = build_training_set(cfg, patterns)
-    X_unlab = unlabelled_pool(patterns, ls)
+    inputs = inputs or training_inputs(cfg)
+    ls, weights, X_unlab = inputs.labelled, inputs.weights, inputs.unlabelled
     if len(X_unlab) == 0 and cfg.training.algorithm != "supervised":
         warnings.warn("no unlabelled patterns: training supervised only", stacklevel=1)
     tcfg = cfg.training if len(X_unlab) else cfg.training.model_copy(update={"algorithm": "supervised"})
@@ -70,15 +89,12 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
     from xrdmatch.platform.campaign import training_key
     from xrdmatch.platform.champion import champion_metrics
     from xrdmatch.platform.paths import RunPaths
-    from xrdmatch.platform.patterns import ensure_patterns
     from xrdmatch.platform.registry import register_ensemble, settle_version, version_of_run
     from xrdmatch.platform.tracking import configure, lineage_tags, log_training, mlflow_run
-    from xrdmatch.training.dataset import build_training_set, unlabelled_pool
     from xrdmatch.training.ensemble import Ensemble, unlabelled_subset
 
-    patterns = ensure_patterns(cfg)
-    ls, weights = build_training_set(cfg, patterns)
-    pool = unlabelled_pool(patterns, ls)
+    inputs = training_inputs(cfg)
+    ls, weights, pool = inputs.labelled, inputs.weights, inputs.unlabelled
     lineage = lineage_tags(ls, unlabelled_subset(pool, cfg.training))  # what the members see
     key = training_key(cfg, lineage)
     run_id = f"train-{key}"
@@ -108,7 +124,7 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
             if train_s is None:
                 mlflow.set_tag("xrdmatch.train_s", "unknown (trained by an interrupted run)")
         else:
-            train_run(cfg, use_ray=use_ray, run_id=run_id)
+            train_run(cfg, use_ray=use_ray, run_id=run_id, inputs=inputs)
             train_s = time.perf_counter() - t0
             mlflow.log_metric("train_s", train_s)
         ens = Ensemble.load(out)
