@@ -480,3 +480,36 @@ def test_in_process_members_train_on_one_thread_as_ray_workers_do():
         torch.set_num_threads(before)
     assert not all(torch.equal(one.state_dict[k], two.state_dict[k]) for k in one.state_dict)  # the premise
     assert all(torch.equal(one.state_dict[k], ens.members[0].state_dict[k]) for k in one.state_dict)
+
+
+def test_a_controller_error_starts_the_member_run_again_and_a_training_error_does_not():
+    """Ray Train's controller can fail on a loaded machine with nothing wrong in the training (its
+    placement-group cleaner takes a slow state query for a dead controller): that run is started
+    again, from its checkpoint. A failing training is not. (The race cannot be produced at will,
+    so stand-in trainers raise the two errors.)"""
+    from ray.train import ControllerError, WorkerGroupError
+
+    from xrdmatch.training.ray_train import CONTROLLER_RETRIES, _fit
+
+    starts = []
+
+    def flaky(fails: int, err):
+        def make():
+            class T:
+                def fit(self):
+                    starts.append(1)
+                    if len(starts) <= fails:
+                        raise err
+                    return "result"
+            return T()
+        return make
+
+    assert _fit(flaky(CONTROLLER_RETRIES, ControllerError(RuntimeError("placement group removed"))), "m") == "result"
+    assert len(starts) == CONTROLLER_RETRIES + 1
+    starts.clear()
+    with pytest.raises(ControllerError):
+        _fit(flaky(CONTROLLER_RETRIES + 1, ControllerError(RuntimeError("x"))), "m")
+    starts.clear()
+    with pytest.raises(WorkerGroupError):
+        _fit(flaky(1, WorkerGroupError("loss is NaN", {0: RuntimeError("NaN")})), "m")
+    assert len(starts) == 1

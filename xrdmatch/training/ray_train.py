@@ -176,7 +176,7 @@ def fit_member(data_ref, cfg: TrainingConfig, seed: int, storage: Path, name: st
     done = finished_state(storage / name, total)
     if done is not None:
         return Member(network=cfg.network, state_dict=done["ema"], history=done["history"], seed=seed)
-    trainer = TorchTrainer(
+    make_trainer = lambda: TorchTrainer(  # noqa: E731 - a fresh trainer per start (_fit)
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "seed": seed, "data": data_ref,
                            "fault_after_step": fault_after_step},
@@ -192,7 +192,7 @@ def fit_member(data_ref, cfg: TrainingConfig, seed: int, storage: Path, name: st
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
     )
-    result = trainer.fit()
+    result = _fit(make_trainer, name)
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -205,6 +205,27 @@ def fit_member(data_ref, cfg: TrainingConfig, seed: int, storage: Path, name: st
         tmp.write_text(json.dumps({"checkpoint": final.name, "step": total}))
         os.replace(tmp, final.parent / FINISHED_FILE)
     return Member(network=cfg.network, state_dict=state["ema"], history=state["history"], seed=seed)
+
+
+#: Times a member's Ray Train run is started again after a controller error (not a training error).
+CONTROLLER_RETRIES = 2
+
+
+def _fit(make_trainer, name: str):
+    """``make_trainer().fit()``, started again after a controller error: on a loaded machine Ray Train's
+    placement-group cleaner can take a slow state query for a dead controller and remove a live
+    run's workers. The new start resumes from the run's last checkpoint (same name and storage);
+    a failure of the training itself (``WorkerGroupError``, after ``max_failures``) is raised."""
+    from ray.train import ControllerError
+
+    for attempt in range(CONTROLLER_RETRIES + 1):
+        try:
+            return make_trainer().fit()
+        except ControllerError as err:
+            if attempt == CONTROLLER_RETRIES:
+                raise
+            logging.getLogger(__name__).warning("Ray Train run %s: controller error (%s); starting it again "
+                                                "from its last checkpoint", name, str(err).splitlines()[0])
 
 
 def finished_state(run_folder: Path, total: int) -> dict | None:
