@@ -311,6 +311,7 @@ def test_xrd_cli_warns_of_duplicate_ids_and_fails_when_no_pattern_is_computed(ra
     assert f"warning: 4 entries (patterns or errors) repeat an id of an earlier entry of {dup}, e.g. " \
            f"{a['id']!r}, {b['id']!r}" in res.output
     assert "3 entries could not be used" in res.output
+    assert "  dup.jsonl:3: 'id' is null\n" in res.output and "dup.jsonl:3: dup.jsonl:3" not in res.output  # named once
     errs = pq.read_table(tmp_path / "o1" / "errors.parquet").to_pylist()
     assert [(e["id"], e["reason"]) for e in errs][:2] == [("dup.jsonl:3", "dup.jsonl:3: 'id' is null"),
                                                           ("dup.jsonl:5", "dup.jsonl:5: 'id' is empty ('')")]

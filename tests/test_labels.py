@@ -64,6 +64,7 @@ def test_reimporting_a_corrected_file_fails_naming_the_row_unless_replace(url, t
 @pytest.mark.parametrize("row, why", [
     ("x-3,,1", r"row 2 \(x-3\): empty formula"),
     ("x-3,li3n,1", r"row 2 \(x-3\): formula 'li3n' is not a chemical formula"),
+    ("x-3,LiZz2,1", r"row 2 \(x-3\): formula 'LiZz2' is not a chemical formula \(Zz0\+: not an element\)"),
     ("x-3", "row 2: fewer fields than the header's 3"),
     ("x-3,Li3N,1,extra", "row 2: more fields than the header's 3"),
 ])

@@ -62,7 +62,9 @@ def xrd(
         errs = load_errors(summary.out_dir)
         typer.echo(f"{summary.failures} entries could not be used (see {Path(summary.out_dir) / ERRORS}), e.g.:", err=True)
         for row in errs.head(5).itertuples():
-            typer.echo(f"  {row.id}: {row.reason}", err=True)
+            # a reason names its entry already ('db.jsonl:2: not valid JSON'); name it once
+            typer.echo(f"  {row.reason}" if str(row.reason).startswith(f"{row.id}:") else f"  {row.id}: {row.reason}",
+                       err=True)
     for k, why in sorted(summary.failed_batches.items()):
         typer.echo(f"batch {k} failed after retries: {why}", err=True)
     if summary.duplicate_ids:

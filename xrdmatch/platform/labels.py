@@ -305,7 +305,9 @@ def _not_utf8(p: Path, path) -> str:
 
 def _read_label_rows(p: Path, path, method: str, sigma_threshold: float):
     """Parse and check every row of a label file; (records, {(id, method): (row, record)})."""
-    from xrdmatch.platform.data import reduced_formula
+    from pymatgen.core import Composition, Element
+
+    from xrdmatch.platform.data import clean_formula, reduced_formula
 
     recs: list[LabelRecord] = []
     first_row: dict[tuple[str, str], tuple[int, LabelRecord]] = {}
@@ -327,8 +329,12 @@ def _read_label_rows(p: Path, path, method: str, sigma_threshold: float):
                 raise LabelInputError(f"{path}: row {n} ({sid}): empty formula")
             try:
                 reduced_formula(formula)
+                unknown = [str(e) for e in Composition(clean_formula(formula)).elements if not isinstance(e, Element)]
             except Exception:
                 raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula") from None
+            if unknown:  # pymatgen reads any capitalised symbol ('Zz') as a placeholder species
+                raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula "
+                                      f"({', '.join(unknown)}: not an element)")
             m = (row.get("method") or method).strip()
             raw_sigma = (row.get("sigma_300") or "").strip()
             sigma = _finite(raw_sigma) if raw_sigma else None
