@@ -532,10 +532,10 @@ def test_train_cli_resumes_after_kill_9_logs_the_run_and_registers_once(tmp_path
     files = sorted((run_dir / "champion" / "members").glob("*.npz"))
     assert len(files) == 2 * c.campaign.eval_ensemble_size
     total, count = np.zeros(len(ls.y)), np.zeros(len(ls.y))
-    for f in files:
+    for f in files:  # the test compounds (the labels file) sit after the training labels
         with np.load(f) as z:
-            total[z["predict"]] += z["p"]
-            count[z["predict"]] += 1
+            total[z["predict"] - len(ls)] += z["p"]
+            count[z["predict"] - len(ls)] += 1
     assert (count == c.campaign.eval_ensemble_size).all()  # every compound tested in exactly one fold
     p = total / count
     want = binary_metrics(np.asarray(ls.y), calls(p), p)
@@ -610,3 +610,65 @@ def test_from_json_renders_the_issues_minimal_shape_and_names_a_bad_file(tmp_pat
         f.write_text(json.dumps(bad))
         res = CliRunner().invoke(app, ["evaluate", "--from-json", str(f)])
         assert res.exit_code == 2 and str(f) in res.output and why in res.output, res.output
+
+
+def test_the_promotion_metric_scores_every_version_on_the_same_compounds_and_folds(tmp_path, labelled):
+    """Versions are compared on the labels file's compounds with the same folds, whatever labels
+    they were trained on; a validated label joins a fold's training part only when its
+    composition (integer formula: 'LiLaTi2O6' is the paper's 'La0.5Li0.5TiO3') is not tested there."""
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.champion import plan_champion
+    from xrdmatch.platform.db import store_url
+    from xrdmatch.platform.labels import LabelRecord, add_label
+    from xrdmatch.platform.patterns import PatternTable
+    from xrdmatch.training.dataset import build_training_set
+
+    cfg = load_config(overrides={"run_dir": str(tmp_path), "campaign": {"eval_folds": 3},
+                                 "labels": {"source_weights": {"paper": 1.0, "mlip-md": 0.5}}})
+    tcfg = cfg.training.model_copy(update={"ensemble_size": 1})
+    U = np.zeros((0, 4501), np.float32)
+    ls0, w0 = build_training_set(cfg, PatternTable(ids=[], formulas=[], X=np.zeros((0, 4501), np.float32)))
+    before = plan_champion(cfg, ls0, w0, U, tcfg)
+    new = {"mp-1222315": "LiLaTi2O6", "mp-x": "Li3N", "mp-y": "Li2ZnCl4"}
+    for sid, f in new.items():
+        add_label(store_url(cfg), LabelRecord(sid, f, "mlip-md", 1, "proto"))
+    pt = PatternTable(ids=list(new), formulas=list(new.values()), X=np.eye(3, 4501, dtype=np.float32))
+    ls1, w1 = build_training_set(cfg, pt)
+    assert len(ls1) == 115 and ls1.groups[-3] == "Li0.5La0.5Ti1O3"  # the paper compound's group
+    after = plan_champion(cfg, ls1, w1, U, tcfg)
+    assert before.n_train == 112 and after.n_train == 115
+    for (tr0, te0), (tr1, te1) in zip(before.splits, after.splits):  # the same folds of the same 112
+        assert np.array_equal(tr0, tr1) and np.array_equal(te0, te1)
+    for jb, ja in zip(before.jobs, after.jobs):
+        assert np.array_equal(jb.predict - 112, ja.predict - 115)  # the same test compounds
+        tested = {labelled.groups[i] for i in ja.predict - 115}
+        trained = {ls1.groups[i] for i in ja.train}
+        assert not tested & trained  # no composition on both sides
+        extra = {ls1.ids[i] for i in ja.train if i >= 112}
+        assert extra == {sid for sid, g in zip(list(new), ls1.groups[-3:]) if g not in tested}
+        assert np.array_equal(np.asarray(ja.train)[np.asarray(ja.train) < 112], jb.train)
+    # the test part always holds the file's labels, not the version's
+    assert np.array_equal(after.y[115:], labelled.y) and np.array_equal(after.X[115:], labelled.X)
+
+
+def test_a_store_label_on_a_labels_file_compound_replaces_its_label(tmp_path, labelled):
+    """The labels file is older than any stored label: a newer weighted label of one of its
+    compounds counts instead (with the compound's own pattern and group), also when the file's
+    own source has weight 0."""
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.db import store_url
+    from xrdmatch.platform.labels import LabelRecord, add_label
+    from xrdmatch.training.dataset import build_training_set
+
+    sid = labelled.ids[0]
+    i0 = 0
+    flipped = 1 - int(labelled.y[i0])
+    for paper_w in (1.0, 0.0):
+        cfg = load_config(overrides={"run_dir": str(tmp_path / str(paper_w)), "labels": {
+            "source_weights": {"paper": paper_w, "experiment": 2.0}}})
+        add_label(store_url(cfg), LabelRecord(sid, labelled.formulas[i0], "experiment", flipped, "import:experiment"))
+        ls, w = build_training_set(cfg)
+        assert len(ls) == (112 if paper_w else 1)
+        j = ls.ids.index(sid)
+        assert (int(ls.y[j]), ls.sources[j], float(w[j])) == (flipped, "experiment", 2.0)
+        assert ls.groups[j] == labelled.groups[i0] and np.array_equal(ls.X[j], labelled.X[i0])

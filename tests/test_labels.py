@@ -164,15 +164,18 @@ def test_a_labelled_composition_is_not_a_candidate_again(tmp_path):
     store.ensure_campaign(str(paths.root), cfg.model_dump(mode="json"))
     store.ensure_round(1)
     ctx = Context(cfg, paths, store, url, echo=lambda s: None, progress=False)
-    ids = ["pt-a", "pt-b", "ir", "au"]
-    groups = ["Li7Pt", "Li7Pt", "Li9Ir", "Li5Au"]  # pt-a and pt-b: two polymorphs of one composition
+    # pt-a and pt-b: two polymorphs of one composition; llto: the paper's La0.5Li0.5TiO3 as the
+    # database writes it (LiLaTi2O6), labelled already although the two reduced formulas differ
+    ids = ["pt-a", "pt-b", "llto", "ir", "au"]
+    groups = ["Li7Pt", "Li7Pt", "LiLaTi2O6", "Li9Ir", "Li5Au"]
+    assert "Li0.5La0.5Ti1O3" in paper and "LiLaTi2O6" not in paper
     ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
-    ctx._meta = pd.DataFrame({"group": groups, "elements": ["Li Pt", "Li Pt", "Ir Li", "Au Li"],
+    ctx._meta = pd.DataFrame({"group": groups, "elements": ["Li Pt", "Li Pt", "La Li O Ti", "Ir Li", "Au Li"],
                               "n_sites": 4, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
-    write_scores(ctx.scores_path(1), ids, groups, ScreeningResult(p_mean=np.asarray([0.99, 0.98, 0.9, 0.8]),
-                                                                  p_std=np.zeros(4), votes=np.ones(4)))
+    write_scores(ctx.scores_path(1), ids, groups, ScreeningResult(p_mean=np.asarray([0.99, 0.98, 0.95, 0.9, 0.8]),
+                                                                  p_std=np.zeros(5), votes=np.ones(5)))
     before, _ = stage_select(ctx, 1)
-    assert before["picks"] == ["pt-a", "ir"] and before["n_eligible"] == 4  # nothing labelled yet
+    assert before["picks"] == ["pt-a", "ir"] and before["n_eligible"] == 4  # nothing labelled yet but llto
 
     f = tmp_path / "exp.csv"
     f.write_text("structure_id,formula,label\nicsd-pt,Li14Pt2,0\n")  # not reduced, as a file may have it
@@ -219,3 +222,26 @@ def test_labels_cli_imports_with_the_configs_threshold_once_and_lists_them(tmp_p
     assert res.exit_code == 0, res.output
     rows = [line.split("\t") for line in res.stdout.splitlines()[1:]]
     assert [(r[0], r[1], r[3]) for r in rows] == [("x-1", "Li3PS4", "0"), ("x-2", "Li7P3S11", "1")]
+
+
+def test_a_label_of_a_structure_outside_the_database_trains_on_its_stored_structure(tmp_path, caplog):
+    """`validate submit my.cif` labels a structure the XRD stage never saw: its pattern comes from
+    the structure stored with the label; an imported label with neither is skipped, named."""
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.db import store_url
+    from xrdmatch.platform.patterns import PatternTable
+    from xrdmatch.simulation.xrd import xrd_pattern_arrays
+    from xrdmatch.training.dataset import build_training_set
+
+    li3n = {"id": "my_li3n", "formula": "Li3N", "lattice": [[3.65, 0.0, 0.0], [-1.825, 3.161, 0.0], [0.0, 0.0, 3.87]],
+            "species": ["Li", "Li", "Li", "N"], "frac_coords": [[0, 0, 0.5], [1 / 3, 2 / 3, 0], [2 / 3, 1 / 3, 0], [0, 0, 0]]}
+    cfg = load_config(overrides={"run_dir": str(tmp_path)})
+    url = store_url(cfg)
+    add_label(url, LabelRecord("my_li3n", "Li3N", "mlip-md", 1, "proto", record=li3n))
+    add_label(url, LabelRecord("lab-7", "Li3PS4", "experiment", 0, "import:experiment"))
+    empty = PatternTable(ids=[], formulas=[], X=np.zeros((0, 4501), np.float32))
+    with caplog.at_level("WARNING"):
+        ls, w = build_training_set(cfg, empty)
+    assert ls.ids[112:] == ["my_li3n"] and ls.groups[-1] == "Li3N" and int(ls.y[-1]) == 1
+    np.testing.assert_array_equal(ls.X[-1], xrd_pattern_arrays(li3n["lattice"], li3n["species"], li3n["frac_coords"]))
+    assert "lab-7" in caplog.text and "my_li3n" not in caplog.text

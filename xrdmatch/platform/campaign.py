@@ -347,7 +347,7 @@ def stage_select(ctx: Context, rnd: int):
     from xrdmatch.actors.screening import read_scores
     from xrdmatch.platform import queue
     from xrdmatch.platform.acquisition import element_matrix, radioactive_elements, select_candidates
-    from xrdmatch.platform.data import formula_group
+    from xrdmatch.platform.data import composition_key
     from xrdmatch.simulation.validate import protocol_hash
 
     cfg, c = ctx.cfg, ctx.cfg.campaign
@@ -363,22 +363,23 @@ def stage_select(ctx: Context, rnd: int):
     presence, vocab = element_matrix([e.split() for e in meta["elements"]])
     forbidden = set(c.forbidden_elements) | (radioactive_elements() if c.exclude_radioactive else set())
     groups = list(meta["group"])
-    lab_groups = labelled_groups(cfg, ctx.url)
+    keys = [composition_key(g) for g in groups]  # compositions compared as integer formulas: 'La0.5Li0.5TiO3' is 'LiLaTi2O6'
+    lab_groups = {composition_key(g) for g in labelled_groups(cfg, ctx.url)}
     # validated under this protocol outside this campaign (`validate submit`, another campaign on
     # the store): a pick would return that job's old verdict and spend a slot on no new MD;
     # an inconclusive one's polymorphs are skipped too, as for this campaign's own earlier picks
     finished = queue.finished_under(ctx.url, protocol_hash(cfg.validation))
     done_elsewhere = [sid for sid, _, _ in finished]
-    tried_groups = {formula_group(f) for _, f, state in finished if state != "failed"}
+    tried_groups = {composition_key(f) for _, f, state in finished if state != "failed"}
     skip = earlier + done_elsewhere
     exclude = np.isin(np.asarray(pt.ids, dtype=object), skip) if skip else None
     sel = select_candidates(
         scores["p_mean"].to_numpy(), scores["p_std"].to_numpy(), pt.X, presence, vocab,
-        ctx.md_atoms(), groups, n, strategy=c.acquisition, k=c.ucb_k,
+        ctx.md_atoms(), keys, n, strategy=c.acquisition, k=c.ucb_k,
         similarity_threshold=c.similarity_threshold, required=c.required_elements, forbidden=forbidden,
         max_sites=cfg.validation.max_atoms, exclude=exclude, pool=c.candidate_pool,
         # a composition picked in an earlier round (even one MD left inconclusive) is not sent again as a polymorph
-        labelled_groups=lab_groups | tried_groups | {cand.formula for cand in earlier_cands if cand.formula},
+        labelled_groups=lab_groups | tried_groups | {composition_key(cand.formula) for cand in earlier_cands if cand.formula},
     )
     cands = []
     for rank, (i, s) in enumerate(zip(sel.indices.tolist(), sel.scores.tolist())):

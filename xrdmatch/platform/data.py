@@ -10,6 +10,7 @@ Conventions used everywhere in xrdmatch:
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import json
 import lzma
@@ -28,7 +29,7 @@ DEFAULT_LABELLED = "data/xrdmatch_lbs.csv"
 DEFAULT_DATABASE = "data/mp_li_structures.jsonl.xz"
 
 _PREFIX = re.compile(r"^(?:[a-z]+)_")  # a_, b_, c_, as_, ms_, tetragonal_
-_SUFFIX = re.compile(r"\((?:EES|NC|nc_error)\)$", re.IGNORECASE)
+_SUFFIX = re.compile(r"(?:\((?:EES|NC|nc_error)\))+$", re.IGNORECASE)
 
 
 class LabelledDataError(ValueError):
@@ -91,6 +92,21 @@ def formula_group(formula: str) -> str:
     cleaned name ('a_Li3N' and 'Li6N2' are both 'Li3N'); an unparsable name is its own group."""
     try:
         return reduced_formula(formula)
+    except Exception:  # noqa: BLE001 - pymatgen raises several types for a bad formula
+        return formula
+
+
+@functools.lru_cache(maxsize=None)
+def composition_key(formula: str) -> str:
+    """One string per composition, to match compositions across sources: pymatgen's
+    ``reduced_formula`` leaves fractional amounts as written, so the paper's 'La0.5Li0.5TiO3' and
+    the database's 'LiLaTi2O6' are two reduced formulas of one composition; both have the key
+    'LiLaTi2O6' (the integer formula). Group names stay ``formula_group``'s (the splits' labels);
+    this key only decides which groups are the same composition."""
+    try:
+        from pymatgen.core import Composition
+
+        return Composition(clean_formula(formula)).get_integer_formula_and_factor(max_denominator=100)[0]
     except Exception:  # noqa: BLE001 - pymatgen raises several types for a bad formula
         return formula
 

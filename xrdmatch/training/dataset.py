@@ -2,9 +2,10 @@
 
 Each label source gets the weight ``cfg.labels.source_weights[source]`` (0 or a missing key
 excludes it). A validated structure needs its pattern: looked up by id in the PatternTable of
-the XRD stage; labels whose pattern is missing are skipped with a warning naming them.
+the XRD stage, else computed from the structure stored with the label (a structure submitted
+from a file); labels with neither are skipped with a warning naming them.
 When a structure has several labels, the newest one from a source of positive weight counts
-(the store lists oldest first).
+(the store lists oldest first; the labels file is older than any of them).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 import numpy as np
 
 from xrdmatch.config import Config
-from xrdmatch.platform.data import LabelledSet, formula_group, load_labelled
+from xrdmatch.platform.data import LabelledSet, composition_key, formula_group, load_labelled
 
 log = logging.getLogger(__name__)
 
@@ -29,34 +30,62 @@ def _store_labels(cfg: Config) -> list:
     return list_labels(store_url(cfg))
 
 
+def _record_pattern(rec) -> np.ndarray | None:
+    """The XRD stage's pattern of a label's stored structure (shipped record format), or None."""
+    from xrdmatch.simulation.xrd import xrd_pattern_arrays
+
+    r = rec.record or {}
+    try:
+        return np.asarray(xrd_pattern_arrays(r["lattice"], r["species"], r["frac_coords"]), np.float32)
+    except Exception as err:  # noqa: BLE001 - no structure, or one the engine cannot use
+        if r:
+            log.warning("label of %s: no pattern from its stored structure (%s)", rec.structure_id, err)
+        return None
+
+
 def build_training_set(cfg: Config, patterns=None) -> tuple[LabelledSet, np.ndarray]:
-    """(LabelledSet with ``sources``, per-sample weights) for ``train_ensemble``."""
-    weights_by_source = cfg.labels.source_weights
+    """(LabelledSet with ``sources``, per-sample weights) for ``train_ensemble``.
+
+    One row per structure: its newest label from a source of positive weight, the labels file
+    counting as the oldest. So a store label on a compound of the labels file replaces the
+    file's label (that compound keeps its own pattern and group), and with ``paper: 0`` such a
+    compound is still trained on through its store label. A store label of another structure
+    joins the group of the file's compound of the same composition (``composition_key``), so
+    the two never straddle a grouped split."""
+    weight = lambda source: cfg.labels.source_weights.get(source, 0.0)  # noqa: E731
     paper = load_labelled(cfg.labels.path)
     newest: dict[str, object] = {}
     for rec in _store_labels(cfg):
-        if weights_by_source.get(rec.method, 0.0) > 0:  # an excluded source hides no other label
+        if weight(rec.method) > 0:  # an excluded source hides no other label
             newest[str(rec.structure_id)] = rec  # later records win
+    paper_ids = set(paper.ids)
+    keep = [i for i, (sid, src) in enumerate(zip(paper.ids, paper.sources)) if sid in newest or weight(src) > 0]
+    base = paper.subset(keep)
+    for i, sid in enumerate(base.ids):  # the store's newer label of a file compound
+        if sid in newest:
+            base.y[i], base.sources[i], base.conductivity[i] = int(newest[sid].label), newest[sid].method, np.nan
+    group_of = {composition_key(f): g for f, g in zip(paper.formulas, paper.groups)}
     row_of = {sid: i for i, sid in enumerate(patterns.ids)} if patterns is not None else {}
     ids, formulas, groups, ys, Xs, sources, missing = [], [], [], [], [], [], []
-    paper_ids = set(paper.ids)
     for sid, rec in newest.items():
         if sid in paper_ids:
             continue
-        if sid not in row_of:
-            missing.append(sid)
-            continue
+        if sid in row_of:
+            x = patterns.X[row_of[sid]]
+        else:  # not in the database (`validate submit FILE.cif`): the pattern of the label's own structure
+            x = _record_pattern(rec)
+            if x is None:
+                missing.append(sid)
+                continue
         ids.append(sid)
         formulas.append(rec.formula)
-        groups.append(formula_group(rec.formula))
+        groups.append(group_of.get(composition_key(rec.formula), formula_group(rec.formula)))
         ys.append(int(rec.label))
-        Xs.append(patterns.X[row_of[sid]])
+        Xs.append(x)
         sources.append(rec.method)
     if missing:
-        log.warning("%d validated labels have no pattern in the XRD table and are skipped: %s",
+        log.warning("%d labels have no pattern (not in the XRD table, no structure stored) and are skipped: %s",
                     len(missing), ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
-    keep = np.flatnonzero([weights_by_source.get(s, 0.0) > 0 for s in paper.sources])
-    base = paper.subset(keep)
     if ids:
         base = LabelledSet(
             ids=base.ids + ids,
@@ -69,7 +98,7 @@ def build_training_set(cfg: Config, patterns=None) -> tuple[LabelledSet, np.ndar
         )
     if len(base) == 0:
         raise ValueError("build_training_set: no labelled data left (check labels.source_weights)")
-    weights = np.asarray([weights_by_source.get(s, 0.0) for s in base.sources], dtype=np.float32)
+    weights = np.asarray([weight(s) for s in base.sources], dtype=np.float32)
     return base, weights
 
 
