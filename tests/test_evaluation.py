@@ -67,6 +67,16 @@ def test_subsample_groups_keeps_whole_formulas_of_both_classes(labelled):
     assert y[subsample_groups(tr, y, g, 0.01, seed=1)].sum() >= 2  # never a class left out
     with pytest.raises(ValueError, match="frac"):
         subsample_groups(tr, y, g, 0.0, seed=1)
+    # each class's share exactly, formulas with both labels (Li3PS4, Li7La3Zr2O12) drawn once, as superionic
+    mixed = {f for f in set(g) if set(y[g == f]) == {0, 1}}
+    assert mixed == {"Li3PS4", "Li7La3Zr2O12"}
+    for k, (tr, _) in enumerate(grouped_stratified_kfold(y, g, 5, seed=0) + grouped_stratified_kfold(y, g, 5, seed=1)):
+        sup = set(g[tr][y[tr] == 1])
+        other = set(g[tr]) - sup
+        for frac in (0.25, 0.5):
+            kept = set(g[subsample_groups(tr, y, g, frac, seed=k)])
+            assert len(kept & sup) == max(2, round(frac * len(sup))), (k, frac)
+            assert len(kept & other) == max(2, round(frac * len(other))), (k, frac)
 
 
 def test_splits_are_deterministic_given_the_seed(labelled):

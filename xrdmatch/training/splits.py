@@ -73,7 +73,8 @@ def inner_split(train_idx: np.ndarray, y, groups, n_splits: int, seed: int) -> t
 def subsample_groups(train_idx: np.ndarray, y, groups, frac: float, seed: int) -> np.ndarray:
     """A share ``frac`` of a training fold's formulas, drawn per class (seeded), with every
     compound of a drawn formula: learning curves and label-scarcity runs on the same test folds.
-    At least 2 formulas of each class are kept."""
+    At least 2 formulas of each class are kept. A formula with compounds of both classes (two
+    polymorphs of Li3PS4) is drawn once, as superionic, so that each class's share is met."""
     train_idx = np.asarray(train_idx, dtype=int)
     if not 0 < frac <= 1:
         raise ValueError(f"subsample_groups: frac must be in (0, 1], got {frac}")
@@ -82,9 +83,9 @@ def subsample_groups(train_idx: np.ndarray, y, groups, frac: float, seed: int) -
     y = np.asarray(y).astype(int)[train_idx]
     g = np.asarray(groups)[train_idx]
     rng = np.random.default_rng(seed)
+    superionic = np.unique(g[y == 1])
     keep: list = []
-    for c in (0, 1):
-        gc = np.unique(g[y == c])
+    for gc in (np.setdiff1d(np.unique(g), superionic), superionic):  # class 0, then class 1, as before
         keep.extend(rng.choice(gc, min(len(gc), max(2, round(frac * len(gc)))), replace=False))
     return train_idx[np.isin(g, keep)]
 
