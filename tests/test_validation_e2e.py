@@ -314,3 +314,45 @@ def test_workers_lost_for_good_is_an_error_not_a_finished_run(tmp_path, records,
     job = queue.get_job(url, jid)
     assert job.state == "running" and job.attempts == 1 and job.lease_expires < queue.store_now(url)
     assert queue.claim(url, "next-worker", lease_s=60.0).id == jid  # now, not in 10 minutes
+
+
+def test_a_job_whose_worker_died_while_logging_it_gets_its_mlflow_run(tmp_path, records):
+    """A worker killed between recording a job and linking its MLflow run leaves the job without
+    a run and, maybe, a half-logged run RUNNING for ever. The next `validate work` deletes the
+    half run and logs the job's run from its stored result (or links a complete one), once."""
+    from mlflow.tracking import MlflowClient
+
+    from xrdmatch.actors.validation_workers import reconcile_mlflow
+    from xrdmatch.platform.tracking import configure
+
+    cfg = _cfg(tmp_path)
+    url = store_url(cfg)
+    (a, b, *_) = sorted(records)
+    ja = queue.submit(url, a, records[a], cfg.validation)
+    jb = queue.submit(url, b, records[b], cfg.validation)
+    result = {"verdict": "inconclusive", "reason": "Li did not move at 800 K", "method": "mlip-md",
+              "diffusivity": {"800.0": 1.5e-7}, "runtime_s": 12.0}
+    assert queue.complete(url, queue.claim(url, "w1", 60.0).id, "w1", result, None)
+    assert queue.fail(url, queue.claim(url, "w2", 60.0).id, "w2", "ValidationInputError: atoms too close")
+    configure(cfg)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    half = client.create_run(exp.experiment_id, tags={"job_id": str(ja), "protocol_hash": queue.get_job(url, ja).protocol_hash},
+                             run_name=f"validate-{a}")  # what a kill -9 mid-logging leaves: RUNNING, no metrics
+    assert reconcile_mlflow(cfg, url, older_than_s=60.0) == 0  # just finished: a worker may still be logging it
+    assert reconcile_mlflow(cfg, url, older_than_s=0.0) == 2
+    _, runs = _mlflow_runs(cfg)
+    by_job = {r.data.tags["job_id"]: r for r in runs}
+    assert set(by_job) == {str(ja), str(jb)} and half.info.run_id not in {r.info.run_id for r in runs}
+    assert by_job[str(ja)].info.status == "FINISHED" and by_job[str(ja)].data.metrics["D_800K"] == 1.5e-7
+    assert by_job[str(jb)].info.status == "FAILED" and "too close" in by_job[str(jb)].data.tags["error"]
+    assert {j: queue.get_job(url, j).mlflow_run_id for j in (ja, jb)} == {ja: by_job[str(ja)].info.run_id,
+                                                                          jb: by_job[str(jb)].info.run_id}
+    assert reconcile_mlflow(cfg, url, older_than_s=0.0) == 0  # once
+    assert len(_mlflow_runs(cfg)[1]) == 2
+    from sqlalchemy import update
+
+    with queue._engine(url).begin() as conn:  # killed after a complete run, before the link
+        conn.execute(update(queue.JobRow).where(queue.JobRow.id == ja).values(mlflow_run_id=None))
+    assert reconcile_mlflow(cfg, url, older_than_s=0.0) == 1
+    assert queue.get_job(url, ja).mlflow_run_id == by_job[str(ja)].info.run_id and len(_mlflow_runs(cfg)[1]) == 2

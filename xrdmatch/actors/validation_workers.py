@@ -236,6 +236,46 @@ def _link_mlflow(url: str, job: queue.Job, run_id: str | None) -> None:
         log.warning("job %s: MLflow run %s not linked, store unreachable (%s)", job.id, run_id, str(err).splitlines()[0])
 
 
+#: A finished job without a linked MLflow run this long is taken as its worker's loss, not as
+#: a worker still logging it (that takes seconds).
+RECONCILE_AFTER_S = 120.0
+
+
+def reconcile_mlflow(cfg: Config, url: str, older_than_s: float = RECONCILE_AFTER_S) -> int:
+    """Give every finished job its MLflow run: a worker killed between recording a job and
+    linking its run left the job without one (and maybe a half-logged run, RUNNING for ever).
+    A complete run of the job is linked; otherwise the half-logged ones are deleted and the run
+    is logged again from the stored result. Returns the number of jobs linked."""
+    from mlflow.tracking import MlflowClient
+
+    from xrdmatch.platform.tracking import configure
+
+    jobs = queue.unlinked_finished(url, older_than_s)
+    if not jobs:
+        return 0
+    configure(cfg)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    linked = 0
+    for job in jobs:
+        runs = client.search_runs([exp.experiment_id], f"tags.job_id = '{job.id}' and tags.protocol_hash = "
+                                  f"'{job.protocol_hash}'") if exp is not None else []
+        whole = [r for r in runs if r.info.status in ("FINISHED", "FAILED")]
+        if whole:
+            run_id = whole[0].info.run_id
+        else:
+            for r in runs:  # half-logged by the killed worker
+                client.delete_run(r.info.run_id)
+            state = {"done": "done", "inconclusive": "inconclusive"}.get(job.state, "failed")
+            run_id = _log_mlflow(cfg, job, state, job.result, job.error)
+        if run_id:
+            _link_mlflow(url, job, run_id)
+            linked += 1
+            log.warning("job %s (%s): its worker died before linking an MLflow run; linked %s", job.id,
+                        job.structure_id, run_id)
+    return linked
+
+
 def _unrecorded(out: JobOutcome, job: queue.Job, what: str, err: Exception) -> JobOutcome:
     """The store failed while recording the job's end: the job stays running, and once its
     lease expires a worker takes it again and records it from the MD checkpoint."""
@@ -379,6 +419,7 @@ def run_workers(cfg: Config, n: int | None = None, until_empty: bool = True, max
     url = store_url(cfg)
     queue.counts_by_state(url)  # creates the tables before the workers race to
     configure(cfg)  # creates the MLflow store once, before several workers race to migrate it
+    reconcile_mlflow(cfg, url)  # jobs whose worker died while logging them: a run each, linked
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     cls = _actor_class()
     cfg_dict = cfg.model_dump(mode="json")

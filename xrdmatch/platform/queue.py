@@ -462,6 +462,16 @@ def finished_under(url: str, protocol_hash: str) -> list[tuple[str, str, str]]:
         return [tuple(r) for r in conn.execute(q)]
 
 
+def unlinked_finished(url: str, older_than_s: float) -> list[Job]:
+    """Finished jobs with no MLflow run linked, finished over ``older_than_s`` ago: their worker
+    died between recording the job and linking its run (a worker still logging is younger)."""
+    with _engine(url).connect() as conn:
+        cutoff = float(conn.execute(select(now_sql(conn))).scalar_one()) - older_than_s
+        q = (select(JobRow).where(JobRow.state.in_(list(FINISHED)), JobRow.mlflow_run_id.is_(None),
+                                  JobRow.finished_at < cutoff).order_by(JobRow.id))
+        return [_job(r) for r in conn.execute(q)]
+
+
 def counts_by_state(url: str) -> dict[str, int]:
     """{state: number of jobs} with every state present."""
     from sqlalchemy import func
