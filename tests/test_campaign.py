@@ -917,3 +917,33 @@ def test_a_calculator_that_cannot_run_fails_the_stage_not_the_candidates(tmp_pat
         ray.shutdown()
     assert [j.state for j in queue.list_jobs(ctx.url)] == ["failed"]
     assert [c.verdict for c in store.candidates(1)] == [None]
+
+
+def test_a_campaign_run_started_by_a_killed_process_is_reopened_not_doubled(tmp_path):
+    """kill -9 between starting the campaign's (or a round's) MLflow run and storing its id: the
+    rerun finds the run by its tags and logs into it, instead of leaving it RUNNING beside a
+    second one."""
+    import mlflow
+
+    from xrdmatch.platform.campaign import _start_parent_run, _start_round_run
+    from xrdmatch.platform.tracking import configure
+
+    cfg, store, ctx = _round_one_store(tmp_path, {}, [])
+    configure(cfg)
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment) or mlflow.get_experiment(
+        mlflow.create_experiment(cfg.tracking.experiment))
+    client = mlflow.MlflowClient()
+    # what the killed process left: the runs exist, the store never learnt their ids
+    orphan = client.create_run(exp.experiment_id, run_name="campaign-run",
+                               tags={"xrdmatch.kind": "campaign", "xrdmatch.campaign_id": store.cid})
+    orphan_round = client.create_run(exp.experiment_id, run_name="round-1", tags={
+        "xrdmatch.kind": "campaign-round", "xrdmatch.campaign_id": store.cid, "xrdmatch.round": "1",
+        "mlflow.parentRunId": orphan.info.run_id})
+    client.create_run(exp.experiment_id, tags={"xrdmatch.kind": "campaign", "xrdmatch.campaign_id": "another"})
+    with _start_parent_run(ctx) as parent:
+        with _start_round_run(ctx, 1) as rnd:
+            assert (parent.info.run_id, rnd.info.run_id) == (orphan.info.run_id, orphan_round.info.run_id)
+    assert store.campaign().mlflow_run_id == orphan.info.run_id
+    assert next(r for r in store.rounds() if r.round == 1).mlflow_run_id == orphan_round.info.run_id
+    runs = client.search_runs([exp.experiment_id], f"tags.`xrdmatch.campaign_id` = '{store.cid}'")
+    assert len(runs) == 2 and client.get_run(orphan.info.run_id).data.params  # the config was logged into it

@@ -23,6 +23,7 @@ store so a resumed campaign logs into the same runs.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 import time
@@ -37,6 +38,8 @@ import numpy as np
 from xrdmatch.config import Config, redacted_dump
 from xrdmatch.platform.campaign_store import DONE, FAILED, RUNNING, CampaignStore, campaign_id_for
 from xrdmatch.platform.paths import RunPaths, database_key
+
+log = logging.getLogger(__name__)
 
 STAGES = ("patterns", "train", "register", "screen", "select", "validate", "label")
 
@@ -563,24 +566,46 @@ def _start_parent_run(ctx: Context):
     row = ctx.store.campaign()
     if row is not None and row.mlflow_run_id:
         return mlflow.start_run(run_id=row.mlflow_run_id)
-    run = mlflow.start_run(run_name=f"campaign-{ctx.paths.root.name}",
-                           tags=base_tags() | {"xrdmatch.kind": "campaign", "xrdmatch.campaign_id": ctx.store.cid,
-                                               "xrdmatch.run_dir": str(ctx.paths.root)})
+    # a run started by a process killed before the store learnt its id: reopen it, not a second one
+    found = _tagged_run(ctx.cfg, {"xrdmatch.kind": "campaign", "xrdmatch.campaign_id": ctx.store.cid})
+    run = mlflow.start_run(run_id=found) if found else mlflow.start_run(
+        run_name=f"campaign-{ctx.paths.root.name}",
+        tags=base_tags() | {"xrdmatch.kind": "campaign", "xrdmatch.campaign_id": ctx.store.cid,
+                            "xrdmatch.run_dir": str(ctx.paths.root)})
     ctx.store.set_campaign(mlflow_run_id=run.info.run_id)
-    log_params_flat(ctx.cfg)
+    try:
+        log_params_flat(ctx.cfg)  # a reopened run takes the same values again
+    except mlflow.exceptions.MlflowException as err:  # it logged other ones (the config changed): keep those
+        log.warning("campaign run %s keeps the params it was started with (%s)", run.info.run_id,
+                    str(err).splitlines()[0])
     return run
+
+
+def _tagged_run(cfg: Config, tags: dict[str, str]) -> str | None:
+    """The newest run of the config's experiment with these tags, or None."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return None
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = mlflow.search_runs([exp.experiment_id], flt, order_by=["attributes.start_time DESC"],
+                              max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None
 
 
 def _start_round_run(ctx: Context, rnd: int):
     import mlflow
 
     row = next((r for r in ctx.store.rounds() if r.round == rnd), None)
+    tags = {"xrdmatch.kind": "campaign-round", "xrdmatch.campaign_id": ctx.store.cid, "xrdmatch.round": str(rnd)}
     if row is not None and row.mlflow_run_id:
         run = mlflow.start_run(run_id=row.mlflow_run_id, nested=True)
+    elif found := _tagged_run(ctx.cfg, tags):  # started by a process killed before the store learnt its id
+        run = mlflow.start_run(run_id=found, nested=True)
+        ctx.store.set_round(rnd, mlflow_run_id=run.info.run_id)
     else:
-        run = mlflow.start_run(run_name=f"round-{rnd}", nested=True,
-                               tags={"xrdmatch.kind": "campaign-round", "xrdmatch.campaign_id": ctx.store.cid,
-                                     "xrdmatch.round": str(rnd)})
+        run = mlflow.start_run(run_name=f"round-{rnd}", nested=True, tags=tags)
         ctx.store.set_round(rnd, mlflow_run_id=run.info.run_id)
     ctx.round_run_ids[rnd] = run.info.run_id
     return run
