@@ -185,6 +185,14 @@ def test_screen_cli_scores_the_database_with_the_champion(mlflow_registry, tmp_p
     assert run.data.metrics["n_structures"] == 60
     assert {a.path for a in client.list_artifacts(run.info.run_id, "screen")} == {
         "screen/score_histogram.png", "screen/top.csv"}
+    # a screen killed mid-way left its run RUNNING: the same command reopens it, not a third run
+    killed = client.create_run(exp.experiment_id, run_name="screen-v3",
+                               tags={"xrdmatch.screen_key": run.data.tags["xrdmatch.screen_key"]})
+    res = CliRunner().invoke(app, ["screen", "--config", str(cfg_path), "--out", str(out), "--no-progress"])
+    assert res.exit_code == 0 and f"resuming MLflow run {killed.info.run_id}" in res.output, res.output
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "screen-v3"]
+    assert len(runs) == 2 and client.get_run(killed.info.run_id).info.status == "FINISHED"
+    assert client.get_run(killed.info.run_id).data.metrics["n_structures"] == 60
 
 
 def test_pip_requirements_drop_local_versions(monkeypatch):

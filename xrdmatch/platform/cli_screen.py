@@ -7,6 +7,8 @@ a score histogram, the top candidates) so that every screening is on record.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -63,17 +65,24 @@ def screen(
     n = len(pt.ids)
     c = cfg.campaign
     actors = pool_size(n, c.screen_batch_size, c.screen_actors, c.screen_gpus_per_actor)
+    path = out or Path(cfg.run_dir) / "scores" / f"screen-{version}.parquet"
+    patterns_hash = array_hash(pt.X)
+    key = hashlib.sha256(json.dumps([uri, version, str(Path(ens_dir).resolve()), patterns_hash, thr, vote_fraction,
+                                     str(path.resolve())]).encode()).hexdigest()[:16]
+    killed = _unfinished_screen_run(cfg, key)  # a killed screen of this model and these patterns: reopen its run
+    if killed:
+        typer.echo(f"resuming MLflow run {killed} of an interrupted screen", err=True)
     with mlflow_run(cfg, f"screen-v{version}", tags={"xrdmatch.kind": "screen", "model.uri": uri,
-                                                      "model.version": version}) as run:
+                                                      "model.version": version, "xrdmatch.screen_key": key},
+                    resume_run_id=killed) as run:
         with progress_bar(total=n, desc="screen", unit="pattern", disable=not progress) as bar:
             res = run_screen(ens, blocks_of(pt.X, c.screen_batch_size), n, actors=actors,
                              gpus_per_actor=c.screen_gpus_per_actor, progress=bar.update, threshold=thr)
-        path = out or Path(cfg.run_dir) / "scores" / f"screen-{version}.parquet"
         sha = write_scores(path, list(pt.ids), list(pt.formulas), res)
         # the served model's call (pyfunc_model.decide): >= ceil(vote_fraction x members) members with p > thr
         need = vote_threshold(len(ens.members), vote_fraction)
         positive = res.votes >= need
-        mlflow.set_tags({"lineage.unlabelled_hash": array_hash(pt.X), "lineage.unlabelled_count": str(n),
+        mlflow.set_tags({"lineage.unlabelled_hash": patterns_hash, "lineage.unlabelled_count": str(n),
                          "scores.path": str(path), "scores.sha256": sha,
                          "screen.decision_threshold": f"{thr:g}", "screen.vote_fraction": f"{vote_fraction:g}",
                          "screen.votes_needed": str(need), "screen.rule_from": rule_from})
@@ -91,3 +100,15 @@ def screen(
                f"(>= {need} of {len(ens.members)} members with p > {thr:g}) -> {path}; MLflow run {run.info.run_id}")
     for sid, formula, p, s in rows:
         typer.echo(f"  {sid:>14s}  {formula:<24s} p = {p:.3f} +- {s:.3f}")
+
+
+def _unfinished_screen_run(cfg, key: str) -> str | None:
+    """The newest screen run of ``key`` that did not finish (killed: RUNNING; crashed: FAILED)."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return None
+    runs = mlflow.search_runs([exp.experiment_id], f"tags.`xrdmatch.screen_key` = '{key}'",
+                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None
