@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+import yaml
 
 from xrdmatch import N_BINS
 from xrdmatch.config import Config, ConfigError, load_config
@@ -273,3 +274,43 @@ def test_a_run_directory_that_is_a_file_fails_with_one_line(tmp_path, command):
     assert res.exit_code == 2, res.output
     assert f"run directory {afile} is a file" in res.output and "Traceback" not in res.output
     assert afile.read_text() == "not a run directory"
+
+
+@pytest.mark.parametrize("command", [["train", "--no-ray"], ["screen"], ["evaluate"], ["campaign", "run", "--no-progress"]])
+@pytest.mark.parametrize("key", ["database", "labels"])
+def test_a_missing_database_or_labels_file_is_one_line_naming_the_key(tmp_path, command, key):
+    """A mistyped path fails before any work, naming the config key, not 20 frames deep."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    missing = tmp_path / "nowhere" / "db.jsonl"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), key: {"path": str(missing)}}))
+    res = CliRunner().invoke(app, [*command, "--config", str(cfg)])
+    assert res.exit_code == 2, res.output
+    assert f"error: {key}.path {missing}: not found" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "run" / "patterns").exists()  # nothing was started
+
+
+def test_train_on_data_it_cannot_use_says_why_in_one_line(tmp_path):
+    """A database whose every entry fails gives no pattern (as `xrdmatch xrd` says), and source
+    weights that exclude every label leave nothing to train on: one line each, exit 2, no model."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    for name, over, why in (
+        ("garbage", {"database": {"path": str(bad)}}, "no pattern was computed: all 1 entries failed (see "),
+        ("zero", {"database": {"limit": 5}, "labels": {"source_weights": {"paper": 0.0}}},
+         "no labelled data left: labels.source_weights gives every label weight 0"),
+    ):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / name), "ray": {"num_cpus": 1},
+                                       "xrd": {"workers": 1}, **over}))
+        res = CliRunner().invoke(app, ["train", "--no-ray", "--config", str(cfg)])
+        assert res.exit_code == 2, res.output
+        assert why in res.output and "Traceback" not in res.output, res.output
+        assert not any((tmp_path / name / "models").glob("*/ensemble.json"))

@@ -10,7 +10,7 @@ import typer
 
 app = typer.Typer(help="Active-learning campaign: screen, select, validate, relabel, retrain.", no_args_is_help=True)
 
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_data_paths, input_errors
 from xrdmatch.platform.cli_common import load_cfg as _load
 
 
@@ -25,6 +25,7 @@ def run(config: str = ConfigOpt, run_dir: str | None = DirOpt,
     from xrdmatch.platform.lock import RunDirLocked
 
     cfg = _load(config, run_dir)
+    check_data_paths(cfg)
     console = Console(highlight=False, soft_wrap=True)
     try:
         timings = run_campaign(cfg, echo=lambda s: console.print(s, markup=False), progress=progress)
@@ -34,6 +35,9 @@ def run(config: str = ConfigOpt, run_dir: str | None = DirOpt,
     except CampaignError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1) from None
+    except input_errors() as e:  # the failed stage has recorded it too (campaign status shows it)
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     table = Table(title=f"stage timings ({cfg.run_dir})")
     table.add_column("stage")
     table.add_column("seconds (all rounds)", justify="right")

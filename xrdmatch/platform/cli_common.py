@@ -32,3 +32,24 @@ def check_run_dir(run_dir: str | Path) -> None:
     if p.exists() and not p.is_dir():
         typer.echo(f"run directory {run_dir} is a file, not a directory", err=True)
         raise typer.Exit(2)
+
+
+def check_data_paths(cfg) -> None:
+    """Exit 2 with one line naming the key when the database or the labels file is missing, before
+    any work (a mistyped path would otherwise surface deep inside the pattern or training stage)."""
+    from xrdmatch.config import resolve_path
+
+    for key, value in (("database.path", cfg.database.path), ("labels.path", cfg.labels.path)):
+        if not resolve_path(value).exists():
+            typer.echo(f"error: {key} {value}: not found", err=True)
+            raise typer.Exit(2)
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """The errors that mean the user's data cannot be used (they name it), not a bug: a command
+    prints them as one line, where a campaign has also recorded them on its stage."""
+    from xrdmatch.platform.data import LabelledDataError
+    from xrdmatch.platform.databases import DatabaseError
+    from xrdmatch.platform.patterns import PatternsError
+
+    return LabelledDataError, DatabaseError, PatternsError

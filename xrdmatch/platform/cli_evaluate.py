@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from xrdmatch.platform.cli_common import ConfigOpt, check_run_dir
+from xrdmatch.platform.cli_common import ConfigOpt, check_data_paths, check_run_dir, input_errors
 
 
 class Protocol(str, Enum):
@@ -127,6 +127,7 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
         err.print(f"[red]{e}")
         raise typer.Exit(2) from None
     check_run_dir(cfg.run_dir)
+    check_data_paths(cfg)
     fn = evaluate_paper if protocol == Protocol.paper else evaluate_grouped_cv
     key = evaluation_key(cfg, protocol.value)
     earlier = _evaluate_runs(cfg, key)
@@ -172,7 +173,7 @@ def _evaluate(fn, cfg, protocol: Protocol, err) -> dict:
     except MemberTrainingError as e:  # the run failed, not its input (a RayTaskError can be a ValueError too)
         err.print(f"[red]evaluate --protocol {protocol.value}: {e}", highlight=False)
         raise typer.Exit(1) from None
-    except ValueError as e:  # impossible split / unknown method: the message names the input
+    except (ValueError, *input_errors()) as e:  # impossible split / unknown method / unusable data: named
         err.print(f"[red]evaluate --protocol {protocol.value}: {e}")
         raise typer.Exit(2) from None
 

@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, load_cfg
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_data_paths, input_errors, load_cfg
 
 
 def screen(
@@ -45,6 +45,7 @@ def screen(
 
     _quiet_mlflow()
     cfg = load_cfg(config, run_dir)
+    check_data_paths(cfg)
     configure(cfg)
     uri = model or default_model_uri(cfg)
     version = "local"
@@ -60,7 +61,11 @@ def screen(
     except Exception as e:
         typer.echo(f"error: cannot load model {uri}: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2) from None
-    pt = ensure_patterns(cfg, progress=progress)
+    try:
+        pt = ensure_patterns(cfg, progress=progress)
+    except input_errors() as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     n = len(pt.ids)
     c = cfg.campaign

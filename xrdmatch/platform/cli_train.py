@@ -139,7 +139,10 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
         mlflow.log_metrics({**metrics, "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
                             "champion_eval_s": time.perf_counter() - t1})
         mlflow.log_dict(ens.info, "ensemble_info.json")
-        result = {"model_dir": str(out), "run_id": run.info.run_id, "metrics": metrics}
+        algorithm = ens.info.get("training", {}).get("algorithm", cfg.training.algorithm)
+        if algorithm != cfg.training.algorithm:  # no unlabelled pattern: trained supervised (a warning said so)
+            mlflow.set_tag("xrdmatch.algorithm_used", algorithm)
+        result = {"model_dir": str(out), "run_id": run.info.run_id, "metrics": metrics, "algorithm": algorithm}
         if register:
             rv = register_ensemble(cfg, out, metrics, lineage, run_id=run.info.run_id)  # once per run
             result |= {"version": rv.version, "aliases": rv.aliases, "promoted": rv.promoted, "name": rv.name}
@@ -154,16 +157,22 @@ def train(
 ) -> None:
     """Train the XRDMatch ensemble (Ray Train), log it to MLflow and register it."""
     from xrdmatch.config import ConfigError, load_config
+    from xrdmatch.platform.cli_common import check_data_paths, input_errors
 
     try:
         cfg = load_config(config, {"run_dir": str(run_dir)} if run_dir else None)
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
-    res = tracked_train(cfg, use_ray=not no_ray, register=register, echo=typer.echo)
+    check_data_paths(cfg)
+    try:
+        res = tracked_train(cfg, use_ray=not no_ray, register=register, echo=typer.echo)
+    except input_errors() as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
     metric = cfg.tracking.promotion_metric
     typer.echo(f"saved ensemble ({cfg.training.ensemble_size} x {cfg.training.network}, "
-               f"{cfg.training.algorithm}) to {res['model_dir']}; {metric} = "
+               f"{res.get('algorithm', cfg.training.algorithm)}) to {res['model_dir']}; {metric} = "
                f"{res['metrics'].get(metric, float('nan')):.3f}; MLflow run {res['run_id']}")
     if register:
         typer.echo(f"registered {res['name']} v{res['version']} "

@@ -262,4 +262,8 @@ def ensure_patterns(cfg: "Config", progress: bool = True) -> PatternTable:
     if not summary.done:
         why = "; ".join(f"batch {k}: {msg}" for k, msg in sorted(summary.failed_batches.items())[:3])
         raise PatternsError(f"{out}: XRD stage did not finish: {summary.line()}" + (f" ({why})" if why else ""))
+    if summary.patterns == 0:  # nothing to screen or to learn from: as `xrdmatch xrd` says
+        why = (f"all {summary.entries} entries failed (see {out / ERRORS})" if summary.entries
+               else f"{cfg.database.path} has no entries")
+        raise PatternsError(f"database.path {cfg.database.path}: no pattern was computed: {why}")
     return load_patterns(out)

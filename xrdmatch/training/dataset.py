@@ -15,7 +15,7 @@ import logging
 import numpy as np
 
 from xrdmatch.config import Config
-from xrdmatch.platform.data import LabelledSet, composition_key, formula_group, load_labelled
+from xrdmatch.platform.data import LabelledDataError, LabelledSet, composition_key, formula_group, load_labelled
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def build_training_set(cfg: Config, patterns=None) -> tuple[LabelledSet, np.ndar
             sources=base.sources + sources,
         )
     if len(base) == 0:
-        raise ValueError("build_training_set: no labelled data left (check labels.source_weights)")
+        raise LabelledDataError("no labelled data left: labels.source_weights gives every label weight 0")
     weights = np.asarray([weight(s) for s in base.sources], dtype=np.float32)
     return base, weights
 
