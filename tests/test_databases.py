@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -144,6 +145,27 @@ def test_ase_database(tmp_path, first_records):
     assert "not a periodic crystal" in entries[3].reason
     assert count_entries(path) == 4
     assert _raw_ids(path) == [e.id for e in entries]
+
+
+def test_a_file_that_is_not_an_ase_database_is_refused_and_left_as_it_was(tmp_path):
+    """ASE's connect creates its tables in an empty or foreign file: it is refused before, naming
+    it, and `xrdmatch xrd` writes nothing."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    for name, content, why in (("empty.db", b"", "empty file, not an ASE database"),
+                               ("notes.db", b"my notes, not SQLite\n", "not an ASE (SQLite) database")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(DatabaseError, match=re.escape(why)):
+            list(iter_entries(path))
+        with pytest.raises(DatabaseError, match=re.escape(why)):
+            count_entries(path)
+        out = tmp_path / f"out-{name}"
+        res = CliRunner().invoke(app, ["xrd", "--db", str(path), "--out", str(out), "--no-progress"])
+        assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
+        assert path.read_bytes() == content and not out.exists()
 
 
 def test_unusable_database_paths(tmp_path):

@@ -170,11 +170,32 @@ def _jsonl_raw(p: Path) -> Iterator[RawItem]:
             yield ("json", f"{p.name}:{n}", line)
 
 
-def _ase_rows(p: Path) -> Iterator[Any]:
+def check_ase_file(p: Path) -> None:
+    """Refuse what is not an SQLite file before ASE opens it: ``ase.db.connect`` creates its
+    tables in an empty or foreign file, writing into the user's input."""
+    with open(p, "rb") as fh:
+        head = fh.read(16)
+    if not head:
+        raise DatabaseError(f"{p}: empty file, not an ASE database")
+    if head != b"SQLite format 3\x00":
+        raise DatabaseError(f"{p}: not an ASE (SQLite) database")
+
+
+def _ase_connect(p: Path):
     import ase.db
 
-    db = ase.db.connect(str(p))
-    yield from db.select(sort="id")
+    check_ase_file(p)
+    return ase.db.connect(str(p))
+
+
+def _ase_rows(p: Path) -> Iterator[Any]:
+    import sqlite3
+
+    try:
+        db = _ase_connect(p)
+        yield from db.select(sort="id")
+    except sqlite3.DatabaseError as err:  # a damaged file with an SQLite header
+        raise DatabaseError(f"{p}: not a readable ASE database ({err})") from None
 
 
 def _ase_entry(row) -> Entry:
@@ -256,9 +277,12 @@ def count_entries(path: str | os.PathLike[str], limit: int | None = None) -> int
     if kind == "folder":
         n = len(folder_files(p))
     elif kind == "ase":
-        import ase.db
+        import sqlite3
 
-        n = ase.db.connect(str(p)).count()
+        try:
+            n = _ase_connect(p).count()
+        except sqlite3.DatabaseError as err:
+            raise DatabaseError(f"{p}: not a readable ASE database ({err})") from None
     else:
         n = 0
         for _, line in _jsonl_lines(p):

@@ -39,7 +39,16 @@ import numpy as np
 
 from xrdmatch import N_BINS, __version__
 from xrdmatch.config import resolve_path
-from xrdmatch.platform.databases import DatabaseError, count_entries, database_kind, iter_raw_batches, raw_item_id
+from xrdmatch.platform.databases import (
+    DatabaseError,
+    check_ase_file,
+    count_entries,
+    database_kind,
+    iter_raw_batches,
+    raw_item_id,
+)
+from xrdmatch.platform.lock import exclusive_file
+from xrdmatch.platform.paths import database_key
 from xrdmatch.platform.patterns import (
     ERRORS,
     ERRORS_DIR,
@@ -56,9 +65,12 @@ from xrdmatch.platform.patterns import (
     shard_meta,
     shard_path,
 )
-from xrdmatch.platform.lock import exclusive_file
-from xrdmatch.platform.paths import database_key
-from xrdmatch.platform.ray_utils import cluster_cpus, error_text, init_ray, kill_actors  # no Ray import
+from xrdmatch.platform.ray_utils import (  # no Ray import
+    cluster_cpus,
+    error_text,
+    init_ray,
+    kill_actors,
+)
 
 #: Batches queued per actor: one running, one waiting, so an actor never idles on the driver.
 INFLIGHT_PER_ACTOR = 2
@@ -298,6 +310,8 @@ def run_xrd_stage(
     if not db.exists():
         raise DatabaseError(f"database not found: {db_path}")
     kind = database_kind(db)
+    if kind == "ase":  # before anything is written: a file that is not a database is the user's to fix
+        check_ase_file(Path(db))
     out = Path(out_dir).expanduser().resolve()
     ident = _identity(db, kind, limit, batch_size)
     # one run per patterns folder (a campaign, `xrdmatch xrd`, train and screen share the cache):
