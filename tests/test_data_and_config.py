@@ -156,6 +156,12 @@ def test_a_fit_needing_more_temperatures_than_the_protocol_runs_is_warned_of():
     ({"training": {"augment": {"w_move_min": 5000, "w_move_gap": 6000}}}, "training.augment.w_move_min"),
     ({"campaign": {"eval_folds": 1}}, "campaign.eval_folds.*1 fold is no split"),
     ({"campaign": {"required_elements": ["Li", "U"]}}, r"campaign.*\['U'\] both required and forbidden"),
+    # MLflow refuses these names at registration, after the whole training
+    ({"tracking": {"registry_name": "bad/name:x"}}, "tracking.registry_name.*cannot contain '/' or ':'"),
+    ({"tracking": {"registry_name": " "}}, "tracking.registry_name.*must not be empty"),
+    # a store URL the first store-opening command would fail on with a traceback
+    ({"store": {"url": "postgres:/typo"}}, "store.url.*'postgres:/typo' is not a SQLAlchemy URL"),
+    ({"store": {"url": "postgres://u@db/x"}}, "store.url.*unknown database dialect 'postgres'"),
 ])
 def test_nonsense_values_fail_naming_the_key(override, key):
     """Negative kelvin, a negative weight, a misspelt label source (which would silently drop
@@ -202,6 +208,22 @@ def test_env_references_expand_and_missing_ones_name_the_key(tmp_path, monkeypat
         p.write_text(f"tracking:\n  experiment: {form}\n")
         with pytest.raises(ConfigError, match="tracking.experiment: .* form this loader does not expand"):
             load_config(p)
+
+
+def test_store_url_is_checked_after_env_expansion_with_the_password_masked(tmp_path, monkeypatch):
+    """The check sees the expanded URL (a URL from ${VAR} is the cluster's usual one), never prints
+    its password, and an empty URL stays the default SQLite store in the run directory."""
+    p = tmp_path / "c.yaml"
+    p.write_text("store:\n  url: ${XRDM_TEST_URL}\n")
+    monkeypatch.setenv("XRDM_TEST_URL", "postgresql://u:s3cret@db:5432/x")
+    assert load_config(p).store.url == "postgresql://u:s3cret@db:5432/x"
+    for bad in ("postgres://u:s3cret@db:5432/x", "postgres:/u:s3cret@db:5432/x", "postgresql//u:s3:cret@db/x"):
+        monkeypatch.setenv("XRDM_TEST_URL", bad)
+        with pytest.raises(ConfigError, match="store.url") as e:
+            load_config(p)
+        assert "s3" not in str(e.value) and "cret" not in str(e.value) and "@db" in str(e.value), str(e.value)
+    p.write_text("store:\n  url: ''\n")
+    assert load_config(p).store.url == ""
 
 
 def test_yaml_floats_without_a_dot_are_floats_also_where_no_type_converts_them(tmp_path):
@@ -314,3 +336,19 @@ def test_train_on_data_it_cannot_use_says_why_in_one_line(tmp_path):
         assert res.exit_code == 2, res.output
         assert why in res.output and "Traceback" not in res.output, res.output
         assert not any((tmp_path / name / "models").glob("*/ensemble.json"))
+
+
+@pytest.mark.parametrize("command", [["models"], ["labels", "list"], ["validate", "status"], ["validate", "requeue"]])
+def test_a_missing_run_directory_fails_read_only_commands_creating_nothing(tmp_path, monkeypatch, command):
+    """A mistyped --dir of a command that only reads: exit 2 naming it, not a new empty run
+    directory (store.db, mlflow/) reported as "nothing there"."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    typo = tmp_path / "run_tpyo"
+    res = CliRunner().invoke(app, [*command, "--dir", str(typo)])
+    assert res.exit_code == 2, res.output
+    assert f"run directory {typo} does not exist" in res.output and "Traceback" not in res.output
+    assert not typo.exists()

@@ -224,6 +224,35 @@ def test_labels_cli_imports_with_the_configs_threshold_once_and_lists_them(tmp_p
     assert [(r[0], r[1], r[3]) for r in rows] == [("x-1", "Li3PS4", "0"), ("x-2", "Li7P3S11", "1")]
 
 
+def test_labels_cli_says_an_unreachable_store_and_a_misspelt_method_in_one_line(tmp_path):
+    """An unreachable store.url is one line naming it (password masked), exit 1, not a traceback;
+    a misspelt --method is exit 2 listing the methods, not "0 labels"."""
+    pytest.importorskip("psycopg")
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"),
+                                   "store": {"url": "postgresql://u:s3cret@127.0.0.1:1/db"}}))  # nothing listens
+    good = tmp_path / "measured.csv"
+    good.write_text("structure_id,formula,label\nx-1,Li3PS4,1\n")
+    run = CliRunner()
+    for args in (["labels", "list"], ["labels", "import", str(good)]):
+        res = run.invoke(app, [*args, "-c", str(cfg)])
+        assert res.exit_code == 1, res.output
+        assert res.output.startswith("error: store postgresql://u:***@127.0.0.1:1/db: "), res.output
+        assert len(res.output.strip().splitlines()) == 1 and "s3cret" not in res.output
+
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run")}))
+    assert run.invoke(app, ["labels", "import", str(good), "-c", str(cfg)]).exit_code == 0
+    res = run.invoke(app, ["labels", "list", "-c", str(cfg), "--method", "experiment", "--method", "experimnt"])
+    assert res.exit_code == 2, res.output
+    assert "--method 'experimnt': not one of mlip-md, aimd, experiment, paper, imported" in res.output
+    res = run.invoke(app, ["labels", "list", "-c", str(cfg), "--method", "experiment"])
+    assert res.exit_code == 0 and "x-1\tLi3PS4\texperiment\t1" in res.output, res.output
+
+
 def test_a_label_of_a_structure_outside_the_database_trains_on_its_stored_structure(tmp_path, caplog):
     """`validate submit my.cif` labels a structure the XRD stage never saw: its pattern comes from
     the structure stored with the label; an imported label with neither is skipped, named."""

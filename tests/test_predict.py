@@ -213,6 +213,26 @@ def test_predict_cli_fails_only_when_everything_fails(mlflow_registry, tmp_path,
     assert res.exit_code == 2 and "cannot load model models:/xrdmatch-superionic@champion" in res.output
 
 
+def test_an_unreadable_tracking_store_is_one_line_in_predict_and_ui(tmp_path, monkeypatch):
+    """A run directory whose mlflow.db is not a database: predict and ui say so in one line naming
+    the store, exit 1, as `xrdmatch models` does, not with a traceback (ui never starts a server)."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr("os.execv", lambda *a: pytest.fail("ui started a server on an unreadable store"))
+    db = tmp_path / "run" / "mlflow" / "mlflow.db"
+    db.parent.mkdir(parents=True)
+    db.write_bytes(b"x" * 4096)
+    cif = tmp_path / "Li2O.cif"
+    _li2o().to(filename=str(cif))
+    for args in (["predict", str(cif)], ["ui"]):
+        res = CliRunner().invoke(app, [*args, "--dir", str(tmp_path / "run")])
+        assert res.exit_code == 1, res.output
+        assert res.output.strip() == f"error: tracking store sqlite:///{db}: (sqlite3.DatabaseError) file is not a database"
+
+
 # --- bad-input review: --out, decimal-comma scans, non-positive scans, overlapping atoms ---
 
 

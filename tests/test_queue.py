@@ -375,6 +375,38 @@ def test_validate_cli_defaults_to_the_default_config(tmp_path):
     assert job.protocol_hash == protocol_hash(default_yaml) != protocol_hash(ValidationConfig())
 
 
+def test_validate_status_refuses_filter_typos_and_says_an_unreadable_store_in_one_line(tmp_path):
+    """A misspelt --state (an empty table) and --limit 0 or -1 (every job) are exit 2; a store that
+    is not a database is one line naming it, exit 1, not a traceback."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    url = f"sqlite:///{run_dir / 'store.db'}"
+    for sid in ("a", "b"):
+        queue.submit(url, sid, LI3N, _proto())
+    runner = CliRunner()
+    res = runner.invoke(app, ["validate", "status", "--dir", str(run_dir), "--state", "faild"])
+    assert res.exit_code == 2, res.output
+    assert "--state 'faild': not one of queued, running, done, inconclusive, failed" in res.output
+    for limit in ("0", "-1"):
+        res = runner.invoke(app, ["validate", "status", "--dir", str(run_dir), "--limit", limit])
+        assert res.exit_code == 2 and "--limit" in res.output, res.output
+    res = runner.invoke(app, ["validate", "status", "--dir", str(run_dir), "--limit", "1", "--state", "queued"])
+    assert res.exit_code == 0 and "queued: 2" in res.output, res.output
+
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"x" * 4096)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {run_dir}\nstore:\n  url: sqlite:///{garbage}\n")
+    for args in (["status"], ["requeue"]):
+        res = runner.invoke(app, ["validate", *args, "-c", str(cfg)])
+        assert res.exit_code == 1, res.output
+        assert res.output.strip() == f"error: store sqlite:///{garbage}: (sqlite3.DatabaseError) file is not a database"
+
+
 # --- bad input is refused at submission, naming the structure (not at a worker, hours later) ---
 
 

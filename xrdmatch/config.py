@@ -208,6 +208,17 @@ class TrackingConfig(StrictModel):
     tracking_uri: str | None = None
     experiment: str = "xrdmatch"
     registry_name: str = "xrdmatch-superionic"
+
+    @field_validator("registry_name")
+    @classmethod
+    def _model_name(cls, v: str) -> str:  # MLflow's rule, checked at registration: after the whole training
+        if not v.strip():
+            raise ValueError("must not be empty")
+        if "/" in v or ":" in v:
+            raise ValueError(f"{v!r} is not an MLflow model name: it cannot contain '/' or ':'")
+        if v == "." or v.startswith(".."):
+            raise ValueError(f"{v!r} is not an MLflow model name: it cannot be '.' or start with '..'")
+        return v
     #: A challenger becomes champion only if this metric beats the champion's.
     promotion_metric: str = "grouped_cv_macro_f1"
 
@@ -229,6 +240,30 @@ class TrackingConfig(StrictModel):
 class StoreConfig(StrictModel):
     #: None: SQLite file in the run directory; or a SQLAlchemy URL (postgresql://...).
     url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _sqlalchemy_url(cls, v: str | None) -> str | None:
+        # a typo would otherwise be a traceback from the first command that opens the store
+        if not v:  # None or "": the default SQLite store in the run directory
+            return v
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(v)
+        except ArgumentError:
+            if "@" in v:  # not a URL, so redact() may miss the password: hide all before the host
+                head, host = v.rsplit("@", 1)
+                v = f"{head.split(':', 1)[0]}:***@{host}"
+            raise ValueError(f"{redact(v)!r} is not a SQLAlchemy URL (e.g. postgresql://user@host:5432/db, "
+                             "sqlite:////abs/path/store.db)") from None
+        try:
+            url.get_dialect()  # the dialect's module only, not its driver
+        except ArgumentError:  # NoSuchModuleError: e.g. postgres:// for postgresql://
+            raise ValueError(f"{redact(v)!r}: unknown database dialect {url.drivername!r} "
+                             "(e.g. postgresql, sqlite)") from None
+        return v
 
 
 class ValidationConfig(StrictModel):

@@ -1,8 +1,11 @@
 """What every ``xrdmatch`` sub-command shares: the --config / --dir options and loading the
-config so that a bad file fails with exit status 2 and a message naming the key."""
+config so that a bad file fails with exit status 2 and a message naming the key; checks of a
+read-only command's run directory and filters, and one-line store errors."""
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -53,3 +56,54 @@ def input_errors() -> tuple[type[Exception], ...]:
     from xrdmatch.platform.patterns import PatternsError
 
     return LabelledDataError, DatabaseError, PatternsError
+
+
+def require_run_dir(cfg, *, tracking: bool = False) -> None:
+    """Exit 2 when a read-only command would open the default store (SQLite under the run directory;
+    ``tracking``: the MLflow one) of a run directory that does not exist: a mistyped --dir would
+    create an empty run there and report nothing."""
+    if tracking:
+        elsewhere = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    else:
+        elsewhere = cfg.store.url
+    if not elsewhere and not Path(cfg.run_dir).expanduser().exists():
+        typer.echo(f"run directory {cfg.run_dir} does not exist", err=True)
+        raise typer.Exit(2)
+
+
+def check_choices(option: str, given: list[str] | None, allowed) -> None:
+    """Exit 2 naming a filter value that is none of ``allowed``: a typo would match nothing and
+    look like an empty result."""
+    bad = [v for v in given or () if v not in allowed]
+    if bad:
+        typer.echo(f"error: {option} {', '.join(map(repr, bad))}: not one of {', '.join(allowed)}", err=True)
+        raise typer.Exit(2)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), passwords masked."""
+    from xrdmatch.config import redact
+
+    text = str(e).strip()
+    return redact(text.splitlines()[0]) if text else type(e).__name__
+
+
+@contextmanager
+def store_errors(url: str, *, tracking: bool = False):
+    """A store that cannot be opened or read (unreachable, corrupt, refused) ends the command with
+    one line naming it (password masked) and exit 1, not a traceback. ``tracking``: the MLflow
+    store, whose errors are also MlflowException."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from xrdmatch.config import redact
+
+    errors: tuple[type[BaseException], ...] = (SQLAlchemyError,)
+    if tracking:
+        from mlflow.exceptions import MlflowException
+
+        errors += (MlflowException,)
+    try:
+        yield
+    except errors as e:
+        typer.echo(f"error: {'tracking store' if tracking else 'store'} {redact(url)}: {first_line(e)}", err=True)
+        raise typer.Exit(1) from None

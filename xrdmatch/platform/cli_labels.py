@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from xrdmatch.config import redact
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_choices, require_run_dir, store_errors
 from xrdmatch.platform.cli_common import load_cfg as _config
 
 app = typer.Typer(help="Label store: import labels from a CSV, list the stored labels.", no_args_is_help=True)
@@ -34,7 +34,8 @@ def import_(
     cfg = _config(config, run_dir)
     url = store_url(cfg)
     try:
-        counts = import_labels(url, file, method, cfg.validation.sigma_threshold, replace=replace)
+        with store_errors(url):
+            counts = import_labels(url, file, method, cfg.validation.sigma_threshold, replace=replace)
     except LabelInputError as e:
         typer.echo(f"error: {e}".replace("pass replace=True", "pass --replace"), err=True)
         raise typer.Exit(2) from None
@@ -54,10 +55,14 @@ def list_(
 ) -> None:
     """The stored labels, oldest first (tab-separated), and counts per method."""
     from xrdmatch.platform.db import store_url
-    from xrdmatch.platform.labels import list_labels
+    from xrdmatch.platform.labels import METHODS, list_labels
 
     cfg = _config(config, run_dir)
-    labels = list_labels(store_url(cfg), list(method) if method else None)
+    check_choices("--method", method, METHODS)
+    require_run_dir(cfg)
+    url = store_url(cfg)
+    with store_errors(url):
+        labels = list_labels(url, list(method) if method else None)
     typer.echo("structure_id\tformula\tmethod\tlabel\tsigma_300\tround\tsource")
     for lab in labels:
         sigma = "" if lab.sigma_300 is None else f"{lab.sigma_300:.3g}"

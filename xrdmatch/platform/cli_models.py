@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from xrdmatch.config import redact
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, first_line, require_run_dir, store_errors
 from xrdmatch.platform.cli_common import load_cfg as _load
 
 
@@ -51,12 +51,12 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
 
     _quiet_mlflow()
     cfg = _load(config, run_dir)
+    require_run_dir(cfg, tracking=True)
     console = Console(highlight=False)
     try:
         versions = list_versions(cfg)
     except Exception as e:  # noqa: BLE001 - an unreachable or unreadable store is not "nothing registered"
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        typer.echo(f"error: tracking store {redact(tracking_uri(cfg))}: {msg}", err=True)
+        typer.echo(f"error: tracking store {redact(tracking_uri(cfg))}: {first_line(e)}", err=True)
         raise typer.Exit(1) from None
     if not versions:
         console.print(f"no registered versions of {cfg.tracking.registry_name} in {redact(tracking_uri(cfg))}", markup=False)
@@ -103,7 +103,7 @@ def predict(
     from xrdmatch.platform.measured import MeasuredPatternError, wavelength_angstrom
     from xrdmatch.platform.predict import collect_items, load_model, predict_items
     from xrdmatch.platform.registry import default_model_uri
-    from xrdmatch.platform.tracking import configure
+    from xrdmatch.platform.tracking import configure, tracking_uri
 
     _quiet_mlflow()
     cfg = _load(config, run_dir)
@@ -115,7 +115,8 @@ def predict(
     if out is not None and (why := _out_problem(out)):
         typer.echo(f"error: --out {out}: {why}", err=True)
         raise typer.Exit(2)
-    configure(cfg)
+    with store_errors(tracking_uri(cfg), tracking=True):
+        configure(cfg)
     uri = model or default_model_uri(cfg)
     try:
         mdl = load_model(uri, cfg)
@@ -161,11 +162,12 @@ def ui(
     import sys
 
     from xrdmatch.platform.paths import RunPaths
-    from xrdmatch.platform.tracking import configure
+    from xrdmatch.platform.tracking import configure, tracking_uri
 
     _quiet_mlflow()
     cfg = _load(config, run_dir)
-    uri = configure(cfg)  # creates the store and experiment if the run dir is new
+    with store_errors(tracking_uri(cfg), tracking=True):
+        uri = configure(cfg)  # creates the store and experiment if the run dir is new
     if uri.startswith(("http://", "https://", "databricks")):
         typer.echo(f"tracking server already at {uri}: open it in a browser")
         return

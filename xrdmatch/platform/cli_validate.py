@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from xrdmatch.config import redact
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_choices, require_run_dir, store_errors
 from xrdmatch.platform.cli_common import load_cfg as _config  # the same default config as every command
 
 app = typer.Typer(help="MD validation queue: submit candidates, run workers, show status.", no_args_is_help=True)
@@ -27,6 +27,8 @@ def submit(
 
     cfg = _config(config, run_dir)
     url = store_url(cfg)
+    with store_errors(url):  # an unusable store is said before the database is read
+        seen = {j.id for j in queue.list_jobs(url)}
     files = [i for i in items if Path(i).is_file()]
     ids = [i for i in items if i not in files]
     structures: list[tuple[str, object]] = []
@@ -49,15 +51,15 @@ def submit(
                 errors.append(f"{sid}: not read from the database {cfg.database.path}: {problems[sid]}")
             else:
                 errors.append(f"{sid}: neither a file nor an id of the database {cfg.database.path}")
-    seen = {j.id for j in queue.list_jobs(url)}
-    for sid, s in structures:
-        try:
-            jid = queue.submit(url, sid, s, cfg.validation, priority=priority, campaign_round=campaign_round)
-        except queue.QueueError as err:
-            errors.append(str(err))
-            continue
-        typer.echo(f"{sid}: job {jid}" + (" (already queued)" if jid in seen else ""))
-        seen.add(jid)
+    with store_errors(url):
+        for sid, s in structures:
+            try:
+                jid = queue.submit(url, sid, s, cfg.validation, priority=priority, campaign_round=campaign_round)
+            except queue.QueueError as err:
+                errors.append(str(err))
+                continue
+            typer.echo(f"{sid}: job {jid}" + (" (already queued)" if jid in seen else ""))
+            seen.add(jid)
     for e in errors:
         typer.echo(f"error: {e}", err=True)
     if errors:
@@ -102,7 +104,7 @@ def _eta(job, now: float) -> str:
 @app.command()
 def status(
     state: list[str] | None = typer.Option(None, "--state", help="only these states (repeatable)"),
-    limit: int | None = typer.Option(None, "--limit", help="at most this many jobs"),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="at most this many jobs"),
     config: Path = ConfigOpt,
     run_dir: Path | None = DirOpt,
 ) -> None:
@@ -114,9 +116,13 @@ def status(
     from xrdmatch.platform.db import store_url
 
     cfg = _config(config, run_dir)
+    check_choices("--state", state, queue.STATES)
+    require_run_dir(cfg)
     url = store_url(cfg)
-    jobs = queue.list_jobs(url, states=state or None, limit=limit)
-    now = queue.store_now(url)
+    with store_errors(url):
+        jobs = queue.list_jobs(url, states=state or None, limit=limit)
+        now = queue.store_now(url)
+        counts = queue.counts_by_state(url)
     table = Table(title=f"validation jobs ({redact(url)})")
     for col in ("id", "structure", "formula", "state", "T done", "progress", "ETA", "verdict", "sigma_300 S/cm", "attempts", "error"):
         table.add_column(col, overflow="fold")
@@ -137,7 +143,6 @@ def status(
         )
     console = Console(width=200) if not Console().is_terminal else Console()
     console.print(table)
-    counts = queue.counts_by_state(url)
     console.print("  ".join(f"{s}: {n}" for s, n in counts.items()))
 
 
@@ -152,8 +157,11 @@ def requeue(
     from xrdmatch.platform.db import store_url
 
     cfg = _config(config, run_dir)
+    require_run_dir(cfg)  # (queue.requeue names a --state that is not a finished one)
+    url = store_url(cfg)
     try:
-        n = queue.requeue(store_url(cfg), tuple(state))
+        with store_errors(url):
+            n = queue.requeue(url, tuple(state))
     except queue.QueueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
