@@ -32,7 +32,8 @@ PACKAGE_DIR = PYFUNC_FILE.parent.parent
 #: Distributions the model imports at load and predict: the model file (mlflow, numpy, pandas),
 #: xrdmatch.training.ensemble and what it pulls in (torch, safetensors, xrdmatch.config:
 #: pydantic, pyyaml).
-RUNTIME_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "safetensors", "pydantic", "pyyaml")
+#: sqlalchemy: the shipped config checks a store URL with it (mlflow needs it anyway).
+RUNTIME_PACKAGES = ("mlflow", "torch", "numpy", "pandas", "safetensors", "pydantic", "pyyaml", "sqlalchemy")
 
 
 @dataclass
