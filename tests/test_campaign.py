@@ -886,6 +886,29 @@ def test_status_and_report_say_why_a_stage_failed(tmp_path):
     assert "calculator &#x27;gpaw&#x27; unavailable on &lt;every&gt; worker" in html_text and "Traceback" not in html_text
 
 
+def test_campaign_report_refuses_an_unusable_out_and_writes_it_whole(tmp_path):
+    """`campaign report -o` to a folder or under a file: exit 2 naming it, before the report is
+    built; a usable one gets the whole report and no temp file beside it."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    CampaignStore(f"sqlite:///{run_dir / 'store.db'}", _new_campaign(run_dir)).ensure_round(1)
+    folder, afile = tmp_path / "reports", tmp_path / "afile"
+    folder.mkdir()
+    afile.write_text("x")
+    for out, why in ((folder, "is a directory"), (afile / "report.html", f"{afile} is not a directory")):
+        res = CliRunner().invoke(app, ["campaign", "report", "--dir", str(run_dir), "-o", str(out)])
+        assert res.exit_code == 2, res.output
+        assert f"--out {out}: " in res.output and why in res.output and "Traceback" not in res.output
+    assert list(folder.iterdir()) == [] and afile.read_text() == "x"
+    res = CliRunner().invoke(app, ["campaign", "report", "--dir", str(run_dir), "-o", str(folder / "r.html")])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in folder.iterdir()] == ["r.html"] and "</html>" in (folder / "r.html").read_text()
+
+
 def test_a_calculator_that_cannot_run_fails_the_stage_not_the_candidates(tmp_path, database_path):
     """Every MD job of the round fails on the setup (a calculator that is not installed): the
     validate stage fails saying so, and no candidate is recorded as failed (no verdict, no

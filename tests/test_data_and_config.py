@@ -284,7 +284,7 @@ def test_every_command_reads_the_same_default_config():
 
 
 @pytest.mark.parametrize("command", [["models"], ["campaign", "status"], ["validate", "status"], ["evaluate"],
-                                     ["screen"]])
+                                     ["screen"], ["train"], ["xrd"]])
 def test_a_run_directory_that_is_a_file_fails_with_one_line(tmp_path, command):
     from typer.testing import CliRunner
 
@@ -292,7 +292,12 @@ def test_a_run_directory_that_is_a_file_fails_with_one_line(tmp_path, command):
 
     afile = tmp_path / "notes.txt"
     afile.write_text("not a run directory")
-    res = CliRunner().invoke(app, [*command, "--dir", str(afile)])
+    if command == ["xrd"]:  # no --dir: the config's run_dir, where its patterns cache goes
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(f"run_dir: {afile}\n")
+        res = CliRunner().invoke(app, [*command, "--config", str(cfg), "--no-progress"])
+    else:
+        res = CliRunner().invoke(app, [*command, "--dir", str(afile)])
     assert res.exit_code == 2, res.output
     assert f"run directory {afile} is a file" in res.output and "Traceback" not in res.output
     assert afile.read_text() == "not a run directory"
@@ -352,3 +357,18 @@ def test_a_missing_run_directory_fails_read_only_commands_creating_nothing(tmp_p
     assert res.exit_code == 2, res.output
     assert f"run directory {typo} does not exist" in res.output and "Traceback" not in res.output
     assert not typo.exists()
+
+
+def test_xrd_out_that_is_a_file_or_under_one_fails_with_one_line(tmp_path):
+    """`xrd --out` is a folder of shards: a file there (or above it) is refused before any work."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("not a folder")
+    for out, why in ((afile, "is a file, not a directory"), (afile / "patterns", f"{afile} is a file")):
+        res = CliRunner().invoke(app, ["xrd", "--out", str(out), "--limit", "2", "--no-progress"])
+        assert res.exit_code == 2, res.output
+        assert f"error: --out {out} " in res.output and why in res.output and "Traceback" not in res.output
+    assert afile.read_text() == "not a folder"

@@ -622,6 +622,24 @@ def test_from_json_renders_the_issues_minimal_shape_and_names_a_bad_file(tmp_pat
         assert res.exit_code == 2 and str(f) in res.output and why in res.output, res.output
 
 
+def test_from_json_refuses_an_unwritable_markdown_naming_it(tmp_path):
+    """--from-json with --markdown to a folder, or under a file: one line naming it, exit 2."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    f = tmp_path / "cv.json"
+    f.write_text(json.dumps({"protocol": "grouped-cv", "results": [{"method": "m", "macro_f1": 0.6}]}))
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    for md, why in ((folder, "is a directory"), (f / "table.md", f"{f} is a file")):
+        res = CliRunner().invoke(app, ["evaluate", "--from-json", str(f), "--markdown", str(md)])
+        assert res.exit_code == 2, res.output
+        assert f"--markdown {md}: cannot be written there" in res.output and why in res.output, res.output
+        assert "Traceback" not in res.output
+    assert list(folder.iterdir()) == []
+
+
 def test_the_promotion_metric_scores_every_version_on_the_same_compounds_and_folds(tmp_path, labelled):
     """Versions are compared on the labels file's compounds with the same folds, whatever labels
     they were trained on; a validated label joins a fold's training part only when its

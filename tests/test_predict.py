@@ -259,6 +259,33 @@ def test_predict_cli_refuses_unusable_out_before_any_work(tmp_path, monkeypatch)
     assert list(outdir.iterdir()) == []
 
 
+def test_predict_refuses_an_out_that_is_an_input_and_skips_it_in_folders(tmp_path, monkeypatch):
+    """``predict scan.csv -o scan.csv`` would overwrite the scan: exit 2 before any work. An --out
+    written into an input folder is not read back as an input on the next run."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+    from xrdmatch.platform.predict import collect_items
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    scan = _scan(_li2o(), scans / "li2o.csv", "CuKa", 10.0, 90.0)
+    before = scan.read_bytes()
+    for inputs in ([str(scan)], [str(tmp_path / "x.cif"), str(scans / ".." / "scans" / "li2o.csv")], [str(tmp_path)]):
+        res = CliRunner().invoke(app, ["predict", "--dir", str(tmp_path / "no_model_run"), *inputs,
+                                       "--out", str(scan)])
+        assert res.exit_code == 2, res.output
+        assert f"--out {scan} is one of the inputs" in res.output and "cannot load model" not in res.output
+        assert scan.read_bytes() == before
+    out = scans / "predictions.csv"
+    out.write_text("source,id,p_superionic,p_std,superionic,error\n")  # the CSV of an earlier run
+    assert [it.id for it in collect_items([scans], skip=out)] == ["li2o"]
+    res = CliRunner().invoke(app, ["predict", "--dir", str(tmp_path / "no_model_run"), str(scans), "--out", str(out)])
+    assert res.exit_code == 2 and "cannot load model" in res.output, res.output  # allowed: on to the model
+    assert sorted(it.id for it in collect_items([scans])) == ["li2o", "predictions"]
+
+
 def _semicolon_decimal_comma(src: Path, dst: Path) -> Path:
     """The same scan as a European CSV: '11,2500;1010,0' (';' separates, ',' is the decimal mark)."""
     lines = ["2Theta;Intensity"]

@@ -195,6 +195,28 @@ def test_screen_cli_scores_the_database_with_the_champion(mlflow_registry, tmp_p
     assert client.get_run(killed.info.run_id).data.metrics["n_structures"] == 60
 
 
+def test_screen_refuses_an_unusable_out_before_scoring(tmp_path, monkeypatch):
+    """A folder (or a path under a file) as --out: exit 2 naming it, before the model is looked up
+    or anything is scored; nothing is left beside it."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    (tmp_path / "afile").write_text("x")
+    for out, why in ((folder, "is a directory"), (tmp_path / "afile" / "s.parquet", "is not a directory")):
+        # the run dir has no model: without the check this got as far as "cannot load model"
+        res = CliRunner().invoke(app, ["screen", "--dir", str(tmp_path / "no_model_run"), "--out", str(out),
+                                       "--no-progress"])
+        assert res.exit_code == 2, res.output
+        assert f"--out {out}" in res.output and why in res.output and "cannot load model" not in res.output
+        assert "Traceback" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "scores"]  # no run directory made either
+    assert list(folder.iterdir()) == []
+
+
 def test_pip_requirements_drop_local_versions(monkeypatch):
     """``torch 2.13.0+cpu`` is not on PyPI: the logged pins carry public versions only."""
     from xrdmatch.platform import registry

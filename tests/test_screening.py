@@ -57,3 +57,17 @@ def test_a_dead_screening_actor_is_replaced_and_its_blocks_scored_again(labelled
     np.testing.assert_allclose(res.p_mean, want["p_mean"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(res.p_std, want["p_std"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(res.votes, want["votes"])
+
+
+def test_scores_that_cannot_be_put_in_place_leave_no_temp_file(tmp_path):
+    """``path`` a folder: os.replace fails; the written temp file is removed, not left beside it."""
+    import pytest
+
+    from xrdmatch.actors.screening import ScreeningResult, write_scores
+
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    res = ScreeningResult(p_mean=np.asarray([0.9]), p_std=np.zeros(1), votes=np.ones(1))
+    with pytest.raises(OSError):
+        write_scores(folder, ["a"], ["Li2O"], res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scores"] and list(folder.iterdir()) == []

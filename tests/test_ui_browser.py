@@ -104,3 +104,23 @@ def test_ui_shows_the_registered_model_with_its_champion(mlflow_registry, tmp_pa
     finally:
         os.killpg(proc.pid, 9)
         proc.wait()
+
+
+def test_ui_on_a_busy_port_or_unknown_host_fails_naming_it(tmp_path, monkeypatch):
+    """The server's own failure would come after the exec, behind a printed URL and exit 0: the
+    address is tried first, and an unusable one is a one-line error, exit 2."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail(f"the server was started: {a}"))
+    port = _free_port()
+    with socket.create_server(("127.0.0.1", port)):  # listening: the port is taken
+        res = CliRunner().invoke(app, ["ui", "--dir", str(tmp_path / "run"), "--port", str(port)])
+    assert res.exit_code == 2, res.output
+    assert f"error: cannot listen on 127.0.0.1:{port}: " in res.output and "MLflow UI:" not in res.output
+    res = CliRunner().invoke(app, ["ui", "--dir", str(tmp_path / "run"), "--host", "no-such-host.invalid",
+                                   "--port", str(port)])
+    assert res.exit_code == 2, res.output
+    assert f"error: cannot listen on no-such-host.invalid:{port}: " in res.output and "MLflow UI:" not in res.output

@@ -176,8 +176,12 @@ def write_scores(path: str | os.PathLike[str], ids: list[str], formulas: list[st
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(f".tmp{os.getpid()}")
-    pq.write_table(pa.table(cols), tmp)
-    os.replace(tmp, p)
+    try:
+        pq.write_table(pa.table(cols), tmp)
+        os.replace(tmp, p)
+    except BaseException:  # e.g. ``path`` is a folder: leave no half-written temp file beside it
+        tmp.unlink(missing_ok=True)
+        raise
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 

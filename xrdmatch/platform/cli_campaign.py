@@ -10,7 +10,7 @@ import typer
 
 app = typer.Typer(help="Active-learning campaign: screen, select, validate, relabel, retrain.", no_args_is_help=True)
 
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_data_paths, input_errors
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_data_paths, check_out_file, input_errors
 from xrdmatch.platform.cli_common import load_cfg as _load
 
 
@@ -74,6 +74,7 @@ def report(config: str = ConfigOpt, run_dir: str | None = DirOpt,
     from xrdmatch.platform.report import write_report
 
     cfg = _load(config, run_dir)
+    check_out_file(out, "--out", example="report.html")  # before the report is built
     try:
         path = write_report(cfg, out)
     except (FileNotFoundError, CampaignError) as e:  # no campaign.json, or one that cannot be used

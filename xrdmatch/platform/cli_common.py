@@ -29,11 +29,41 @@ def load_cfg(config: str | Path | None, run_dir: str | Path | None = None):
     return cfg
 
 
-def check_run_dir(run_dir: str | Path) -> None:
-    """Exit 2 with one line when the run directory names an existing file (a mistyped --dir)."""
+def check_run_dir(run_dir: str | Path, option: str | None = None) -> None:
+    """Exit 2 with one line when the run directory (or the folder ``option`` names, e.g. xrd's
+    --out) is an existing file or lies under one (a mistyped --dir), before any work."""
     p = Path(run_dir).expanduser()
     if p.exists() and not p.is_dir():
-        typer.echo(f"run directory {run_dir} is a file, not a directory", err=True)
+        why = "is a file, not a directory"
+    elif blocked := next((d for d in p.parents if d.exists() and not d.is_dir()), None):
+        why = f"cannot be created: {blocked} is a file, not a directory"
+    else:
+        return
+    typer.echo(f"error: {option} {run_dir} {why}" if option else f"run directory {run_dir} {why}", err=True)
+    raise typer.Exit(2)
+
+
+def out_file_problem(out: Path, example: str = "") -> str | None:
+    """Why a result file cannot be written at ``out`` (checked before any work), or None."""
+    if out.is_dir():
+        return "is a directory, give a file name" + (f" (e.g. {example})" if example else "")
+    if out.exists():
+        return None if os.access(out, os.W_OK) else "exists and is not writable"
+    parent = out.parent
+    while not parent.exists() and parent != parent.parent:  # nearest existing folder above it
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot create it: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot create it: {parent} is not writable"
+    return None
+
+
+def check_out_file(out: str | Path | None, option: str = "--out", example: str = "") -> None:
+    """Exit 2 with one line naming ``out`` when the result file cannot be written there, so that
+    a command fails now, not after its work (whose result would be lost)."""
+    if out is not None and (why := out_file_problem(Path(out).expanduser(), example)):
+        typer.echo(f"error: {option} {out}: {why}", err=True)
         raise typer.Exit(2)
 
 

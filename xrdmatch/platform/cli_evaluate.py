@@ -55,6 +55,7 @@ def evaluate(
         except (OSError, ValueError, KeyError, TypeError) as e:
             err.print(f"[red]--from-json {from_json}: not an evaluation result ({e})", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        _check_writable(markdown, "--markdown", err)
     else:
         overrides: dict = {"evaluation": {}}
         if run_dir is not None:

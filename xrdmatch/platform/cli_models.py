@@ -12,7 +12,8 @@ from typing import Optional
 import typer
 
 from xrdmatch.config import redact
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, first_line, require_run_dir, store_errors
+from xrdmatch.platform.cli_common import (ConfigOpt, DirOpt, check_out_file, first_line, require_run_dir,
+                                          store_errors)
 from xrdmatch.platform.cli_common import load_cfg as _load
 
 
@@ -21,22 +22,6 @@ def _quiet_mlflow() -> None:
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
-
-
-def _out_problem(out: Path) -> str | None:
-    """Why ``--out`` cannot be written as a CSV file (checked before any work), or None."""
-    if out.is_dir():
-        return "is a directory, give a file name (e.g. predictions.csv)"
-    if out.exists():
-        return None if os.access(out, os.W_OK) else "exists and is not writable"
-    parent = out.parent
-    while not parent.exists() and parent != parent.parent:  # nearest existing folder above it
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"cannot create it: {parent} is not a directory"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot create it: {parent} is not writable"
-    return None
 
 
 def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
@@ -95,8 +80,8 @@ def predict(
 
     CSV columns: source, id, p_superionic, p_std, superionic (1 = superionic), error. A bad input
     gets a row with ``error`` and no probability; exit status 1 only if every input failed (or the
-    CSV could not be written to ``--out``: it then goes to stdout); 2 for an unusable ``--out``,
-    ``--wavelength`` or model, found before any input is read.
+    CSV could not be written to ``--out``: it then goes to stdout); 2 for an unusable ``--out`` (one
+    of the inputs included), ``--wavelength`` or model, found before any input is read.
     """
     import sys
 
@@ -112,9 +97,10 @@ def predict(
     except MeasuredPatternError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    if out is not None and (why := _out_problem(out)):
-        typer.echo(f"error: --out {out}: {why}", err=True)
-        raise typer.Exit(2)
+    if out is not None and _is_an_input(out, inputs):
+        typer.echo(f"error: --out {out} is one of the inputs: give another file name", err=True)
+        raise typer.Exit(2)  # it would be overwritten by its own predictions
+    check_out_file(out, "--out", example="predictions.csv")
     with store_errors(tracking_uri(cfg), tracking=True):
         configure(cfg)
     uri = model or default_model_uri(cfg)
@@ -123,7 +109,7 @@ def predict(
     except Exception as e:
         typer.echo(f"error: cannot load model {uri}: {type(e).__name__}: {e}", err=True)
         raise typer.Exit(2) from None
-    items = collect_items(inputs, lam, cfg.tracking.measured)
+    items = collect_items(inputs, lam, cfg.tracking.measured, skip=out)
     rows = predict_items(mdl, items)
     write_failed = False
     if out is not None:
@@ -145,6 +131,26 @@ def predict(
                + (f"; {int(failed.sum())} failed (see the error column)" if failed.any() else ""), err=True)
     if len(rows) == 0 or failed.all() or write_failed:
         raise typer.Exit(1)
+
+
+def _is_an_input(out: Path, inputs: list[str]) -> bool:
+    """``out`` names an input file, or a file in an input folder that is not the CSV of an earlier
+    predict (the folder walk leaves ``out`` out, so writing there would replace a scan unread)."""
+    from xrdmatch.platform.predict import CSV_COLUMNS
+
+    target = out.expanduser().resolve()
+    for inp in inputs:
+        p = Path(inp).expanduser().resolve()
+        if p == target:
+            return True
+        if p.is_dir() and p in target.parents and target.is_file() and not target.name.startswith("."):
+            try:
+                with open(target, encoding="utf-8", errors="replace") as fh:
+                    if fh.readline().strip() != ",".join(CSV_COLUMNS):
+                        return True
+            except OSError:
+                return True
+    return False
 
 
 def ui(
@@ -171,6 +177,7 @@ def ui(
     if uri.startswith(("http://", "https://", "databricks")):
         typer.echo(f"tracking server already at {uri}: open it in a browser")
         return
+    _check_listen(host, port)
     paths = RunPaths.of(cfg.run_dir)
     paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
     exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
@@ -186,3 +193,18 @@ def ui(
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(cmd[0], cmd)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Exit 2 naming the address when the server could not listen there (port taken, host that
+    does not resolve): after the exec the server's failure would follow a printed URL."""
+    import socket
+
+    try:
+        family, kind, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no conflict
+            s.bind(addr)
+    except OSError as e:
+        typer.echo(f"error: cannot listen on {host}:{port}: {e.strerror or e}", err=True)
+        raise typer.Exit(2) from None

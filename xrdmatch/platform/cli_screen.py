@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_data_paths, input_errors, load_cfg
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_data_paths, check_out_file, input_errors, load_cfg
 
 
 def screen(
@@ -45,6 +45,7 @@ def screen(
 
     _quiet_mlflow()
     cfg = load_cfg(config, run_dir)
+    check_out_file(out, "--out", example="scores.parquet")  # now, not after scoring everything
     check_data_paths(cfg)
     configure(cfg)
     uri = model or default_model_uri(cfg)

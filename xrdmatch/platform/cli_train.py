@@ -157,13 +157,14 @@ def train(
 ) -> None:
     """Train the XRDMatch ensemble (Ray Train), log it to MLflow and register it."""
     from xrdmatch.config import ConfigError, load_config
-    from xrdmatch.platform.cli_common import check_data_paths, input_errors
+    from xrdmatch.platform.cli_common import check_data_paths, check_run_dir, input_errors
 
     try:
         cfg = load_config(config, {"run_dir": str(run_dir)} if run_dir else None)
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
+    check_run_dir(cfg.run_dir)
     check_data_paths(cfg)
     try:
         res = tracked_train(cfg, use_ray=not no_ray, register=register, echo=typer.echo)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from xrdmatch.platform.cli_common import ConfigOpt
+from xrdmatch.platform.cli_common import ConfigOpt, check_run_dir
 
 
 def xrd(
@@ -34,6 +34,9 @@ def xrd(
     except ConfigError as e:
         typer.echo(str(e), err=True)
         raise typer.Exit(2) from None
+    check_run_dir(cfg.run_dir)
+    if out is not None:
+        check_run_dir(out, "--out")
     if db is not None:
         cfg.database.path = db
     if limit is not None:

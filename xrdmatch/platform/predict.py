@@ -217,14 +217,18 @@ def items_for_file(path: Path, wavelength: str | float | None, measured_cfg: Mea
 
 
 def collect_items(inputs: list[str | os.PathLike[str]], wavelength: str | float | None = None,
-                  measured_cfg: MeasuredConfig | None = None) -> list[Item]:
-    """Every input (files, folders) -> items in input order."""
+                  measured_cfg: MeasuredConfig | None = None,
+                  skip: str | os.PathLike[str] | None = None) -> list[Item]:
+    """Every input (files, folders) -> items in input order. ``skip`` (predict's --out) is left out
+    of folder walks: a CSV written into an input folder is not read back as a scan next time."""
     cfg = measured_cfg or MeasuredConfig()
+    skipped = Path(skip).resolve() if skip is not None else None
     items: list[Item] = []
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                           and f.resolve() != skipped)
             if not files:
                 items.append(Item(str(p), p.name, error="folder has no files"))
             for f in files:

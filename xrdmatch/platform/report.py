@@ -389,10 +389,11 @@ def build_report(cfg: Config) -> str:
 
 
 def write_report(cfg: Config, out: str | None = None) -> Path:
+    """Build the report and write it whole (temporary file + rename): a failed write leaves the
+    previous report, not half of a new one."""
     from xrdmatch.platform.paths import RunPaths
+    from xrdmatch.platform.patterns import atomic_write_bytes
 
-    path = Path(out) if out else RunPaths.of(cfg.run_dir).root / "report.html"
-    text = build_report(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    path = Path(out).expanduser() if out else RunPaths.of(cfg.run_dir).root / "report.html"
+    atomic_write_bytes(path, build_report(cfg).encode("utf-8"))
     return path
