@@ -700,3 +700,23 @@ def test_a_store_label_on_a_labels_file_compound_replaces_its_label(tmp_path, la
         j = ls.ids.index(sid)
         assert (int(ls.y[j]), ls.sources[j], float(w[j])) == (flipped, "experiment", 2.0)
         assert ls.groups[j] == labelled.groups[i0] and np.array_equal(ls.X[j], labelled.X[i0])
+
+
+def test_the_evaluation_key_follows_the_data_contents_and_the_run_directory(tmp_path, labelled_csv):
+    """A corrected label (same file name) or another run directory on a shared tracking server is
+    another evaluation: its numbers are logged, not skipped as "already evaluated"."""
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.cli_evaluate import evaluation_key
+
+    lab = tmp_path / "labels.csv"
+    lab.write_text(labelled_csv.read_text())
+    cfg = load_config(overrides={"run_dir": str(tmp_path / "run"), "labels": {"path": str(lab)}})
+    key = evaluation_key(cfg, "grouped-cv")
+    assert evaluation_key(cfg, "grouped-cv") == key and evaluation_key(cfg, "paper") != key
+    assert evaluation_key(cfg.model_copy(update={"run_dir": str(tmp_path / "other")}), "grouped-cv") != key
+    head, first, *rest = lab.read_text().splitlines(keepends=True)
+    cells = first.rstrip("\n").split(",")
+    col = head.rstrip("\n").split(",").index("label")
+    cells[col] = "1" if cells[col] == "0" else "0"  # one label corrected, in place
+    lab.write_text(head + ",".join(cells) + "\n" + "".join(rest))
+    assert evaluation_key(cfg, "grouped-cv") != key

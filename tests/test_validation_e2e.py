@@ -337,11 +337,21 @@ def test_a_job_whose_worker_died_while_logging_it_gets_its_mlflow_run(tmp_path, 
     configure(cfg)
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
-    half = client.create_run(exp.experiment_id, tags={"job_id": str(ja), "protocol_hash": queue.get_job(url, ja).protocol_hash},
+    proto = queue.get_job(url, ja).protocol_hash
+    half = client.create_run(exp.experiment_id, tags={"job_id": str(ja), "protocol_hash": proto, "structure_id": a},
                              run_name=f"validate-{a}")  # what a kill -9 mid-logging leaves: RUNNING, no metrics
+    client.log_param(half.info.run_id, "run_dir", cfg.run_dir)
+    # job 1 of another store on the same tracking server: not this job's run, whatever its state
+    other = client.create_run(exp.experiment_id, tags={"job_id": str(ja), "protocol_hash": proto, "structure_id": b})
+    client.log_param(other.info.run_id, "run_dir", "/elsewhere/run")
+    client.set_terminated(other.info.run_id)
     assert reconcile_mlflow(cfg, url, older_than_s=60.0) == 0  # just finished: a worker may still be logging it
-    assert reconcile_mlflow(cfg, url, older_than_s=0.0) == 2
+    import mlflow
+
+    with mlflow.start_run(run_name="round-1"):  # a campaign reconciles inside its round's run
+        assert reconcile_mlflow(cfg, url, older_than_s=0.0) == 2
     _, runs = _mlflow_runs(cfg)
+    runs = [r for r in runs if r.info.run_id != other.info.run_id and r.info.run_name != "round-1"]
     by_job = {r.data.tags["job_id"]: r for r in runs}
     assert set(by_job) == {str(ja), str(jb)} and half.info.run_id not in {r.info.run_id for r in runs}
     assert by_job[str(ja)].info.status == "FINISHED" and by_job[str(ja)].data.metrics["D_800K"] == 1.5e-7
@@ -349,10 +359,11 @@ def test_a_job_whose_worker_died_while_logging_it_gets_its_mlflow_run(tmp_path, 
     assert {j: queue.get_job(url, j).mlflow_run_id for j in (ja, jb)} == {ja: by_job[str(ja)].info.run_id,
                                                                           jb: by_job[str(jb)].info.run_id}
     assert reconcile_mlflow(cfg, url, older_than_s=0.0) == 0  # once
-    assert len(_mlflow_runs(cfg)[1]) == 2
+    assert len(_mlflow_runs(cfg)[1]) == 4  # the two jobs', the other store's, the round's
     from sqlalchemy import update
 
     with queue._engine(url).begin() as conn:  # killed after a complete run, before the link
         conn.execute(update(queue.JobRow).where(queue.JobRow.id == ja).values(mlflow_run_id=None))
     assert reconcile_mlflow(cfg, url, older_than_s=0.0) == 1
-    assert queue.get_job(url, ja).mlflow_run_id == by_job[str(ja)].info.run_id and len(_mlflow_runs(cfg)[1]) == 2
+    assert queue.get_job(url, ja).mlflow_run_id == by_job[str(ja)].info.run_id and len(_mlflow_runs(cfg)[1]) == 4
+    assert queue.requeue(url, ("inconclusive",)) == 1 and queue.get_job(url, ja).mlflow_run_id is None  # a new run to come

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -244,30 +245,49 @@ RECONCILE_AFTER_S = 120.0
 def reconcile_mlflow(cfg: Config, url: str, older_than_s: float = RECONCILE_AFTER_S) -> int:
     """Give every finished job its MLflow run: a worker killed between recording a job and
     linking its run left the job without one (and maybe a half-logged run, RUNNING for ever).
-    A complete run of the job is linked; otherwise the half-logged ones are deleted and the run
-    is logged again from the stored result. Returns the number of jobs linked."""
+    A complete run of the job is linked; otherwise the run is logged again from the stored
+    result, and then the half-logged ones are deleted. Returns the number of jobs linked.
+
+    Runs are matched by job id, protocol, structure and run directory (job ids are per store,
+    and stores may share a tracking server). The logging runs in a thread of its own: MLflow's
+    active run is per thread, and a campaign calls this inside its round's run."""
+    jobs = queue.unlinked_finished(url, older_than_s)
+    if not jobs:
+        return 0
+    out: list[int] = []
+    t = threading.Thread(target=lambda: out.append(_reconcile(cfg, url, jobs)), name="mlflow-reconcile")
+    t.start()
+    t.join()
+    return out[0] if out else 0
+
+
+def _quoted(v: str) -> str:
+    return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _reconcile(cfg: Config, url: str, jobs: list[queue.Job]) -> int:
     from mlflow.tracking import MlflowClient
 
     from xrdmatch.platform.tracking import configure
 
-    jobs = queue.unlinked_finished(url, older_than_s)
-    if not jobs:
-        return 0
     configure(cfg)
     client = MlflowClient()
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     linked = 0
     for job in jobs:
-        runs = client.search_runs([exp.experiment_id], f"tags.job_id = '{job.id}' and tags.protocol_hash = "
-                                  f"'{job.protocol_hash}'") if exp is not None else []
+        runs = client.search_runs([exp.experiment_id], " and ".join([
+            f"tags.job_id = {_quoted(job.id)}", f"tags.protocol_hash = {_quoted(job.protocol_hash)}",
+            f"tags.structure_id = {_quoted(job.structure_id)}", f"params.run_dir = {_quoted(cfg.run_dir)}"]
+        )) if exp is not None else []
         whole = [r for r in runs if r.info.status in ("FINISHED", "FAILED")]
         if whole:
             run_id = whole[0].info.run_id
         else:
-            for r in runs:  # half-logged by the killed worker
-                client.delete_run(r.info.run_id)
             state = {"done": "done", "inconclusive": "inconclusive"}.get(job.state, "failed")
             run_id = _log_mlflow(cfg, job, state, job.result, job.error)
+            if run_id:
+                for r in runs:  # half-logged by the killed worker: gone once the whole run exists
+                    client.delete_run(r.info.run_id)
         if run_id:
             _link_mlflow(url, job, run_id)
             linked += 1

@@ -67,12 +67,14 @@ def check_out_file(out: str | Path | None, option: str = "--out", example: str =
         raise typer.Exit(2)
 
 
-def check_data_paths(cfg) -> None:
-    """Exit 2 with one line naming the key when the database or the labels file is missing, before
-    any work (a mistyped path would otherwise surface deep inside the pattern or training stage)."""
+def check_data_paths(cfg, labels: bool = True) -> None:
+    """Exit 2 with one line naming the key when the database or (``labels``) the labels file is
+    missing, before any work (a mistyped path would otherwise surface deep inside the pattern or
+    training stage). Screening reads no labels: it checks the database only."""
     from xrdmatch.config import resolve_path
 
-    for key, value in (("database.path", cfg.database.path), ("labels.path", cfg.labels.path)):
+    keys = [("database.path", cfg.database.path)] + ([("labels.path", cfg.labels.path)] if labels else [])
+    for key, value in keys:
         if not resolve_path(value).exists():
             typer.echo(f"error: {key} {value}: not found", err=True)
             raise typer.Exit(2)

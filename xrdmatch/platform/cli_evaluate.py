@@ -130,7 +130,11 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
     check_run_dir(cfg.run_dir)
     check_data_paths(cfg)
     fn = evaluate_paper if protocol == Protocol.paper else evaluate_grouped_cv
-    key = evaluation_key(cfg, protocol.value)
+    try:
+        key = evaluation_key(cfg, protocol.value)
+    except (ValueError, *input_errors()) as e:  # a labels file or database that cannot be read: named
+        err.print(f"[red]evaluate --protocol {protocol.value}: {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
     earlier = _evaluate_runs(cfg, key)
     finished = next((r for r in earlier if r.info.status == "FINISHED"), None)
     if finished is not None:  # every member is cached: rewrite the JSON, log no second run
@@ -180,17 +184,26 @@ def _evaluate(fn, cfg, protocol: Protocol, err) -> dict:
 
 
 def evaluation_key(cfg, protocol: str) -> str:
-    """What decides an evaluation's numbers: protocol, code, seeds, data and every setting that
-    trains or scores a member. A rerun with the same key reopens the killed run, or logs nothing
+    """What decides an evaluation's numbers: protocol, code, seeds, the labels file's and the
+    database's contents, every setting that trains or scores a member, and the run directory
+    (tracking servers are shared). A rerun with the same key reopens the killed run, or logs nothing
     when one finished."""
     import hashlib
 
     from xrdmatch.training.evaluation import training_config
     from xrdmatch.training.fingerprint import code_fingerprint
 
+    from xrdmatch.config import resolve_path
+    from xrdmatch.platform.data import load_labelled
+    from xrdmatch.platform.paths import database_key
+
     blob = json.dumps({"protocol": protocol, "code": code_fingerprint(), "seed": cfg.seed,
                        "training": training_config(cfg).result_settings(),
-                       **{k: getattr(cfg, k).model_dump(mode="json") for k in ("evaluation", "labels", "database", "xrd")}},
+                       **{k: getattr(cfg, k).model_dump(mode="json") for k in ("evaluation", "labels", "database", "xrd")},
+                       # the contents, not only the paths: a corrected label is another evaluation
+                       "labelled": load_labelled(cfg.labels.path).hash(),
+                       "db": database_key(resolve_path(cfg.database.path), cfg.database.limit),
+                       "run_dir": str(Path(cfg.run_dir).expanduser().resolve())},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

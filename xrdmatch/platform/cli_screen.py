@@ -46,7 +46,7 @@ def screen(
     _quiet_mlflow()
     cfg = load_cfg(config, run_dir)
     check_out_file(out, "--out", example="scores.parquet")  # now, not after scoring everything
-    check_data_paths(cfg)
+    check_data_paths(cfg, labels=False)  # a model screens a database without the labels file
     configure(cfg)
     uri = model or default_model_uri(cfg)
     version = "local"

@@ -403,7 +403,7 @@ def requeue(url: str, states: tuple[str, ...] = ("failed",), job_ids: list[int] 
             conn.execute(delete(LabelRow).where(LabelRow.job_id.in_(done)))
         return conn.execute(update(JobRow).where(which).values(  # the old result goes with the old run
             state="queued", worker_id=None, lease_expires=None, error=None, attempts=0, verdict=None,
-            sigma_300=None, result_json=None, finished_at=None)).rowcount
+            sigma_300=None, result_json=None, finished_at=None, mlflow_run_id=None)).rowcount
 
 
 def release(url: str, worker_ids) -> int:
