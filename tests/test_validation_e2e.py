@@ -366,4 +366,5 @@ def test_a_job_whose_worker_died_while_logging_it_gets_its_mlflow_run(tmp_path, 
         conn.execute(update(queue.JobRow).where(queue.JobRow.id == ja).values(mlflow_run_id=None))
     assert reconcile_mlflow(cfg, url, older_than_s=0.0) == 1
     assert queue.get_job(url, ja).mlflow_run_id == by_job[str(ja)].info.run_id and len(_mlflow_runs(cfg)[1]) == 4
+    assert not queue.set_mlflow_run(url, ja, "someone-else", only_if_unlinked=True)  # a second driver links nothing
     assert queue.requeue(url, ("inconclusive",)) == 1 and queue.get_job(url, ja).mlflow_run_id is None  # a new run to come

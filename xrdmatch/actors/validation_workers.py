@@ -281,18 +281,28 @@ def _reconcile(cfg: Config, url: str, jobs: list[queue.Job]) -> int:
         )) if exp is not None else []
         whole = [r for r in runs if r.info.status in ("FINISHED", "FAILED")]
         if whole:
-            run_id = whole[0].info.run_id
+            run_id, logged = whole[0].info.run_id, False
         else:
             state = {"done": "done", "inconclusive": "inconclusive"}.get(job.state, "failed")
-            run_id = _log_mlflow(cfg, job, state, job.result, job.error)
-            if run_id:
-                for r in runs:  # half-logged by the killed worker: gone once the whole run exists
-                    client.delete_run(r.info.run_id)
-        if run_id:
-            _link_mlflow(url, job, run_id)
-            linked += 1
-            log.warning("job %s (%s): its worker died before linking an MLflow run; linked %s", job.id,
-                        job.structure_id, run_id)
+            run_id, logged = _log_mlflow(cfg, job, state, job.result, job.error), True
+        if not run_id:
+            continue
+        try:
+            mine = queue.set_mlflow_run(url, job.id, run_id, only_if_unlinked=True)
+        except SQLAlchemyError as err:
+            log.warning("job %s: MLflow run %s not linked, store unreachable (%s)", job.id, run_id,
+                        str(err).splitlines()[0])
+            continue
+        if not mine:  # another driver reconciled it meanwhile: keep its run, not a second one
+            if logged:
+                client.delete_run(run_id)
+            continue
+        for r in runs:  # half-logged by the killed worker: gone once the whole run is linked
+            if r.info.run_id != run_id and r.info.status not in ("FINISHED", "FAILED"):
+                client.delete_run(r.info.run_id)
+        linked += 1
+        log.warning("job %s (%s): its worker died before linking an MLflow run; linked %s", job.id,
+                    job.structure_id, run_id)
     return linked
 
 

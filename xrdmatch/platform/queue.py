@@ -379,9 +379,14 @@ def fail(url: str, job_id: int, worker_id: str, reason: str) -> bool:
         return res.rowcount == 1
 
 
-def set_mlflow_run(url: str, job_id: int, run_id: str) -> None:
+def set_mlflow_run(url: str, job_id: int, run_id: str, only_if_unlinked: bool = False) -> bool:
+    """Link a job to its MLflow run; ``only_if_unlinked``: unless another process linked one first
+    (two drivers reconciling the same job). True if this call linked it."""
+    which = JobRow.id == job_id
+    if only_if_unlinked:
+        which = and_(which, JobRow.mlflow_run_id.is_(None))
     with _engine(url).begin() as conn:
-        conn.execute(update(JobRow).where(JobRow.id == job_id).values(mlflow_run_id=run_id))
+        return conn.execute(update(JobRow).where(which).values(mlflow_run_id=run_id)).rowcount == 1
 
 
 def requeue(url: str, states: tuple[str, ...] = ("failed",), job_ids: list[int] | None = None) -> int:
