@@ -238,7 +238,8 @@ def test_labels_cli_says_an_unreachable_store_and_a_misspelt_method_in_one_line(
     good = tmp_path / "measured.csv"
     good.write_text("structure_id,formula,label\nx-1,Li3PS4,1\n")
     run = CliRunner()
-    for args in (["labels", "list"], ["labels", "import", str(good)]):
+    for args in (["labels", "list"], ["labels", "import", str(good)], ["validate", "work"],
+                 ["campaign", "run", "--no-progress"]):
         res = run.invoke(app, [*args, "-c", str(cfg)])
         assert res.exit_code == 1, res.output
         assert res.output.startswith("error: store postgresql://u:***@127.0.0.1:1/db: "), res.output

@@ -78,6 +78,11 @@ def work(
     from xrdmatch.actors.validation_workers import WorkersLost, run_workers
 
     cfg = _config(config, run_dir)
+    from xrdmatch.platform import queue
+    from xrdmatch.platform.db import store_url
+
+    with store_errors(store_url(cfg)):  # an unusable store is one line now, not a traceback from the workers
+        queue.counts_by_state(store_url(cfg))
 
     def show(o) -> None:
         what = o.verdict if o.state in ("done", "inconclusive") else o.error
