@@ -275,3 +275,25 @@ def test_a_label_of_a_structure_outside_the_database_trains_on_its_stored_struct
     assert ls.ids[112:] == ["my_li3n"] and ls.groups[-1] == "Li3N" and int(ls.y[-1]) == 1
     np.testing.assert_array_equal(ls.X[-1], xrd_pattern_arrays(li3n["lattice"], li3n["species"], li3n["frac_coords"]))
     assert "lab-7" in caplog.text and "my_li3n" not in caplog.text
+
+
+def test_labels_import_says_which_ids_training_will_skip(tmp_path, database_path):
+    """An imported label carries no structure: an id that is neither a pattern of the database
+    nor a labels-file compound is trained on never, and the import says so (once the run holds
+    the database's patterns)."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.patterns import ensure_patterns
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "database": {"limit": 3},
+                                   "ray": {"num_cpus": 1}, "xrd": {"workers": 1}}))
+    f = tmp_path / "measured.csv"
+    first = ensure_patterns(load_config(cfg), progress=False).ids[0]
+    f.write_text(f"structure_id,formula,label\n{first},Li3N,1\nmp 1 typo,Li3N,0\nicsd1125,LiF,0\n")
+    res = CliRunner().invoke(app, ["labels", "import", str(f), "-c", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "note: 1 imported id(s) are neither in the database's patterns" in res.output
+    assert "e.g. mp 1 typo: training skips them" in res.output  # not the database's id, not the paper's icsd1125

@@ -41,6 +41,7 @@ def import_(
         raise typer.Exit(2) from None
     typer.echo(f"{file}: {counts.added} added, {counts.present} already stored, {counts.replaced} replaced "
                f"(store {redact(url)})")
+    _note_ids_without_patterns(cfg, file)
     ignored = sorted(m for m, w in cfg.labels.source_weights.items() if w == 0)
     if ignored:
         typer.echo(f"note: labels.source_weights gives {', '.join(ignored)} weight 0: training ignores those labels",
@@ -71,3 +72,25 @@ def list_(
     by = Counter((lab.method, lab.label) for lab in labels)
     summary = ", ".join(f"{m}: {by[m, 1]} superionic / {by[m, 0] + by[m, 1]}" for m in sorted({m for m, _ in by}))
     typer.echo(f"{len(labels)} labels" + (f" ({summary})" if summary else ""), err=True)
+
+
+def _note_ids_without_patterns(cfg, file: Path) -> None:
+    """Say which imported ids training will skip: an imported label has no structure, so it needs
+    the database's pattern under its id (or is one of the labels file's compounds). Said only
+    when the run already holds the database's patterns (reading them here would cost a whole
+    XRD stage)."""
+    import csv
+
+    from xrdmatch.platform.data import load_labelled
+    from xrdmatch.platform.patterns import PatternsError, load_ids, patterns_dir_for
+
+    try:
+        known = set(load_ids(patterns_dir_for(cfg))) | set(load_labelled(cfg.labels.path).ids)
+    except (PatternsError, OSError, ValueError):  # no finished patterns yet, or no labels file
+        return
+    with open(file, newline="", encoding="utf-8-sig") as fh:
+        ids = [(r.get("structure_id") or r.get("id") or "").strip() for r in csv.DictReader(fh)]
+    unknown = sorted({i for i in ids if i and i not in known})
+    if unknown:
+        typer.echo(f"note: {len(unknown)} imported id(s) are neither in the database's patterns ({cfg.database.path}) "
+                   f"nor in the labels file, e.g. {', '.join(unknown[:3])}: training skips them", err=True)
