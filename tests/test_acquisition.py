@@ -135,3 +135,17 @@ def test_greedy_diverse_top_equals_the_all_pairs_rule():
         want = all_pairs(n, thr)
         assert diverse_top(score, mask, X, groups, n, thr).tolist() == want
         assert diverse_top(score, mask, X, groups, n, thr, pool=7).tolist() == want
+
+
+def test_a_structure_without_a_finite_score_is_not_eligible():
+    """NaN scores (or spreads, for ucb/uncertain) can never be picked: they are not counted as
+    eligible, so "0 picks, N eligible" never hides them."""
+    n = 5
+    X = np.eye(n, 4501, dtype=np.float32)
+    presence, vocab = element_matrix([["Li", "O"]] * n)
+    p_mean = np.array([0.9, 0.8, np.nan, 0.6, 0.5])
+    p_std = np.array([0.1, np.nan, 0.1, 0.1, 0.1])
+    for strategy, eligible in (("top", 4), ("ucb", 3), ("uncertain", 3)):
+        sel = select_candidates(p_mean, p_std, X, presence, vocab, np.full(n, 4), [f"g{i}" for i in range(n)], n,
+                                strategy=strategy, k=1.0, similarity_threshold=0.99)
+        assert sel.n_eligible == eligible == len(sel.indices), strategy

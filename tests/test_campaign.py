@@ -109,6 +109,9 @@ def test_training_key_changes_with_labels_data_and_settings_only():
         training_key(cfg.model_copy(update={"labels": cfg.labels.model_copy(
             update={"source_weights": {**cfg.labels.source_weights, "mlip-md": 0.0}})}), lin),
         training_key(cfg.model_copy(update={"seed": 1}), lin),
+        # the decision rule: served by the registered model, and the champion metric's calls
+        training_key(cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"decision_threshold": 0.3})}), lin),
+        training_key(cfg.model_copy(update={"evaluation": cfg.evaluation.model_copy(update={"vote_fraction": 1.0})}), lin),
     ]
     assert len({key, *changed}) == 1 + len(changed)
 
@@ -970,3 +973,37 @@ def test_a_campaign_run_started_by_a_killed_process_is_reopened_not_doubled(tmp_
     assert next(r for r in store.rounds() if r.round == 1).mlflow_run_id == orphan_round.info.run_id
     runs = client.search_runs([exp.experiment_id], f"tags.`xrdmatch.campaign_id` = '{store.cid}'")
     assert len(runs) == 2 and client.get_run(orphan.info.run_id).data.params  # the config was logged into it
+
+
+def test_status_and_report_tell_a_rounds_own_md_result_and_where_it_stands(tmp_path):
+    """The report shows a candidate's own MD result (not an imported measurement of the same
+    structure); a round killed between two stages is not "finished"; a finished campaign given
+    more rounds is running again."""
+    from xrdmatch.platform.campaign_store import DONE
+    from xrdmatch.platform.labels import LabelRecord, add_label
+    from xrdmatch.platform.report import build_report, campaign_status, current_stage
+
+    from xrdmatch.config import load_config
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = load_config(None, {"run_dir": str(run_dir)})
+    url = f"sqlite:///{run_dir / 'store.db'}"
+    store = CampaignStore(url, _new_campaign(run_dir))
+    store.ensure_round(1)
+    for stage in ("patterns", "train", "register", "screen"):
+        store.start_stage(1, stage)
+        store.finish_stage(1, stage, {}, 0.0)
+    store.start_stage(1, "select")
+    store.finish_stage(1, "select", {"picks": ["mp-1"]}, 0.0, candidates=[
+        {"rank": 0, "formula": "Li3N", "p_mean": 0.9, "p_std": 0.0, "score": 0.9, "structure_id": "mp-1"}])
+    store.update_candidate("mp-1", job_id="7", verdict="inconclusive")
+    add_label(url, LabelRecord("mp-1", "Li3N", "experiment", 1, "import:experiment", sigma_300=3.3e-9))
+    html_text = build_report(cfg)
+    assert "3.30e-09" not in html_text  # the measurement is not this candidate's MD result
+    # killed after select finished, before validate started: round 1 is at validate, not finished
+    assert current_stage(store) == (1, "validate", "pending")
+    assert "current: round 1 stage validate (pending" in "\n".join(campaign_status(cfg))
+    store.set_campaign(status=DONE)
+    store.ensure_campaign(str(run_dir), {})
+    assert store.campaign().status != DONE

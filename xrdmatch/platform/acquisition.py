@@ -171,5 +171,6 @@ def select_candidates(
         presence, vocab, n_sites, groups, required=required, forbidden=forbidden,
         max_sites=max_sites, labelled_groups=labelled_groups, exclude=exclude,
     )
+    mask &= np.isfinite(score)  # a NaN score (or spread, for ucb/uncertain) can never be picked: not eligible
     idx = diverse_top(score, mask, X, groups, n, similarity_threshold, pool=pool)
     return Selection(indices=idx, scores=score[idx], n_eligible=int(mask.sum()))

@@ -216,7 +216,9 @@ def training_key(cfg: Config, lineage: dict[str, str]) -> str:
                        "labelled": lineage["lineage.labelled_hash"], "unlabelled": lineage["lineage.unlabelled_hash"],
                        "seed": cfg.seed, "training": cfg.training.result_settings(),
                        "labels": cfg.labels.model_dump(mode="json"),
-                       "eval": [cfg.campaign.eval_folds, cfg.campaign.eval_iterations, cfg.campaign.eval_ensemble_size]},
+                       "eval": [cfg.campaign.eval_folds, cfg.campaign.eval_iterations, cfg.campaign.eval_ensemble_size],
+                       # the served and scored decision rule (the pyfunc's config, the champion metric's calls)
+                       "rule": [cfg.tracking.decision_threshold, cfg.evaluation.vote_fraction]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -177,7 +177,7 @@ class CampaignStore:
                 row = CampaignRow(id=self.cid, run_dir=str(run_dir), config_json=json.dumps(config))
                 s.add(row)
             else:
-                row.status = RUNNING if row.status != DONE else row.status
+                row.status = RUNNING  # a finished campaign given more rounds runs again; run_campaign ends it DONE
             s.flush()
             return row
 

@@ -73,11 +73,19 @@ def _champion(cfg: Config) -> dict[str, Any] | None:
 
 
 def current_stage(store: CampaignStore) -> tuple[int, str, str] | None:
-    """(round, stage, status) of the first stage that is not done, or None."""
+    """(round, stage, status) of the first stage that is not done, or None. A round that is not
+    done but whose stages so far are (killed between two stages) is at its first stage not yet
+    started ("pending")."""
     stages = store.stages()
     for s in stages:
         if s.status != DONE:
             return s.round, s.stage, s.status
+    recorded = {(s.round, s.stage) for s in stages}
+    for r in store.rounds():
+        if r.status != DONE:
+            nxt = next((name for name in STAGE_ORDER if (r.round, name) not in recorded), None)
+            if nxt is not None:
+                return r.round, nxt, "pending"
     return None
 
 
@@ -116,7 +124,8 @@ def campaign_status(cfg: Config) -> list[str]:
                else "; no campaign process: rerun `xrdmatch campaign run` to resume")
         lines.append(f"current: round {cur[0]} stage {cur[1]} ({cur[2]}{who})")
     elif by_round:
-        lines.append(f"current: none ({len(by_round)} rounds finished)")
+        done = sum(r.status == DONE for r in store.rounds())
+        lines.append(f"current: none ({done} rounds finished)")
     counts = queue.counts_by_state(url)
     lines.append("queue: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     labels = list_labels(url)
@@ -293,7 +302,8 @@ def build_report(cfg: Config) -> str:
     stages = store.stages()
     results = {(s.round, s.stage): s for s in stages}
     rounds = sorted({s.round for s in stages})
-    labels = {lab.structure_id: lab for lab in list_labels(url)}
+    # a candidate's own MD verdict: its job's label, never another source's label of the structure
+    labels = {str(lab.job_id): lab for lab in list_labels(url) if lab.job_id is not None}
     cands = store.candidates()
 
     parts = [f"<h1>xrdmatch campaign report</h1><p class='meta'>campaign {html.escape(store.cid)} · run dir "
@@ -305,7 +315,7 @@ def build_report(cfg: Config) -> str:
     parts.append("<h2>Candidates per round</h2>")
     rows = []
     for c in cands:
-        lab = labels.get(c.structure_id)
+        lab = labels.get(str(c.job_id)) if c.job_id is not None else None
         sigma = lab.sigma_300 if lab is not None and lab.sigma_300 is not None else c.sigma_300k
         verdict = c.verdict or "pending"
         rows.append([str(c.round), str(c.rank + 1), _fmt(c.formula), _fmt(c.structure_id), _fmt(c.p_mean, ".3f"),
@@ -350,7 +360,7 @@ def build_report(cfg: Config) -> str:
     parts.append("<h2>Arrhenius plots of validated candidates</h2>")
     series = []
     for c in cands:
-        lab = labels.get(c.structure_id)
+        lab = labels.get(str(c.job_id)) if c.job_id is not None else None
         if lab is not None and lab.diffusivity:
             series.append({"structure_id": c.structure_id, "formula": c.formula, "diffusivity": lab.diffusivity,
                            "verdict": c.verdict})
