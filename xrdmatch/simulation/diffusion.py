@@ -27,7 +27,7 @@ PMG_D_FLOOR = 1e-15 / 60
 class TemperatureAnalysis:
     temperature: float
     diffusivity: float  # cm^2/s
-    diffusivity_err: float  # cm^2/s (standard error of the MSD slope)
+    diffusivity_err: float  # cm^2/s: standard error of D over the Li ions (per-ion MSD slopes)
     li_msd: float  # A^2, mean drift-corrected Li square displacement over the production run
     framework_msd: float  # A^2, same for every non-Li atom (melting / decomposition indicator)
     n_frames: int
@@ -72,6 +72,32 @@ def displacements(frames) -> np.ndarray:
     return np.ascontiguousarray(cart.transpose(1, 0, 2))
 
 
+#: Lags pymatgen's "max" smoothing must have to fit D: fewer (a production run just over 1 ps, or a
+#: cell with few Li) and its fit is a sliver of lags, or fails; the plain MSD(t) is used instead.
+MIN_LAGS = 20
+
+
+def max_lags(n_frames: int, n_li: int, timestep_fs: float, step_skip: int, min_obs: int = 30) -> int:
+    """How many lags pymatgen's ``smoothed="max"`` fits: from 1 ps to n_Li x n_frames / min_obs
+    frames (``DiffusionAnalyzer``'s own window)."""
+    min_dt = int(1000 / (step_skip * timestep_fs))
+    max_dt = min(n_li * n_frames // min_obs, n_frames)
+    return max(0, max_dt - min_dt)
+
+
+def per_ion_standard_error(sq_disp: np.ndarray, dt: np.ndarray, weighted: bool) -> float:
+    """Standard error of D over the Li ions (cm^2/s): each ion's MSD slope fitted as pymatgen fits
+    the mean (weights 1/dt for "max"), then std / sqrt(n). pymatgen's ``diffusivity_std_dev`` treats
+    the correlated MSD points as independent, and under "max" weighting is ~1000x too small."""
+    n = len(sq_disp)
+    if n < 2 or len(dt) < 2:
+        return float("nan")
+    a = np.stack([dt, np.ones_like(dt)], axis=1)
+    w = np.sqrt(1.0 / np.where(dt > 0, dt, np.inf)) if weighted else np.ones_like(dt)
+    slopes = np.linalg.lstsq(a * w[:, None], (sq_disp * w).T, rcond=None)[0][0]
+    return float(np.std(slopes / 60.0, ddof=1) / np.sqrt(n))  # /60: A^2/fs -> cm^2/s, and 2 x 3 dimensions
+
+
 def analyze_temperature(frames, temperature: float, timestep_fs: float, step_skip: int) -> TemperatureAnalysis:
     """Li diffusivity at one temperature from its production frames (>= 2 frames)."""
     from pymatgen.analysis.diffusion.analyzer import DiffusionAnalyzer
@@ -80,17 +106,20 @@ def analyze_temperature(frames, temperature: float, timestep_fs: float, step_ski
         raise ValueError(f"{temperature:g} K: {len(frames)} production frame(s), need at least 2")
     structure = frames_to_structures(frames[:1])[0]
     disp = displacements(frames)
-    smoothed: str | bool = "max"
+    n_li = sum(1 for site in structure if site.specie.symbol == SPECIE)
+    smoothed: str | bool = "max" if max_lags(len(frames), n_li, timestep_fs, step_skip) >= MIN_LAGS else False
     try:
-        da = DiffusionAnalyzer(structure, disp, SPECIE, temperature, timestep_fs, step_skip, smoothed="max")
-    except ValueError:
-        # "max" smoothing needs lags >= 1 ps; short runs use the plain MSD(t) from the first frame.
+        da = DiffusionAnalyzer(structure, disp, SPECIE, temperature, timestep_fs, step_skip, smoothed=smoothed)
+    except (ValueError, IndexError, np.linalg.LinAlgError):
+        if not smoothed:
+            raise
+        # too few lags for pymatgen's fit after all: the plain MSD(t) from the first frame
         smoothed = False
         da = DiffusionAnalyzer(structure, disp, SPECIE, temperature, timestep_fs, step_skip, smoothed=False)
     sq = np.sum(da.corrected_displacements**2, axis=-1)  # (n_sites, n_frames)
     li_msd = float(np.mean(sq[da.indices]))
     fw_msd = float(np.mean(sq[da.framework_indices])) if len(da.framework_indices) else 0.0
-    err = float(da.diffusivity_std_dev)
+    err = per_ion_standard_error(da.sq_disp_ions[da.indices], np.asarray(da.dt, float), smoothed == "max")
     d = float(da.diffusivity)
     return TemperatureAnalysis(
         temperature=float(temperature),
