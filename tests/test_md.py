@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("chgnet")
 
-from pymatgen.core import Lattice, Structure  # noqa: E402
+from pymatgen.core import Composition, Lattice, Structure  # noqa: E402
 from pymatgen.io.ase import AseAtomsAdaptor  # noqa: E402
 
 from xrdmatch.config import ValidationConfig  # noqa: E402
@@ -92,6 +92,13 @@ def test_disordered_input_is_ordered_or_refused(tmp_path):
     odd = Structure(Lattice.cubic(4.0), [{"Li": 1 / 7, "Na": 6 / 7}, "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
     with pytest.raises(ValidationInputError, match="cannot be ordered within max_order_sites=8"):
         order_structure(odd, 8)
+    # ... and ordered once the limit allows 7 copies: a factor of 7 along one axis (not capped at 4)
+    seven, note = order_structure(odd, 14)
+    assert seven.composition == Composition("LiNa6Cl7") and "1x1x7" in note
+    # Li0.4Na0.6Cl needs a factor 5, found without enumerating the cells whose composition is fractional
+    fifths, note = order_structure(Structure(Lattice.cubic(4.0), [{"Li": 0.4, "Na": 0.6}, "Cl"],
+                                             [[0, 0, 0], [0.5, 0.5, 0.5]]), 200)
+    assert fifths.composition == Composition("Li2Na3Cl5") and "1x1x5" in note
 
 
 # ------------------------------------------------------------------ calculators

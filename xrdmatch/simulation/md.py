@@ -65,7 +65,9 @@ def order_structure(structure, max_sites: int):
     """Return an ordered structure; order a disordered one with pymatgen (Ewald ranking).
 
     Partial occupancies need a supercell in which every site count is an integer, so diagonal
-    supercells of growing size are tried until the transformation succeeds or ``max_sites`` is hit.
+    supercells of growing size (any factor per axis) are tried until the transformation succeeds
+    or ``max_sites`` is hit; a cell whose composition cannot be integral is skipped before
+    pymatgen enumerates its orderings.
     """
     if structure.is_ordered:
         return structure, None
@@ -73,12 +75,18 @@ def order_structure(structure, max_sites: int):
 
     s = structure.copy()
     charged = _guess_charges(s)  # a fractional unit-cell composition has no guess; its supercells may
+    amounts = list(s.composition.element_composition.values())
+    k = max_sites // len(s)  # the largest cell volume (in unit cells) within max_sites
     scalings = sorted(
-        (m for m in product(range(1, 5), repeat=3) if len(s) * m[0] * m[1] * m[2] <= max_sites),
+        ((a, b, c) for a in range(1, k + 1) for b in range(1, k // a + 1) for c in range(1, k // (a * b) + 1)),
         key=lambda m: (m[0] * m[1] * m[2], max(m) - min(m)),
     )
     last_err = "no supercell small enough"
     for m in scalings:
+        n = m[0] * m[1] * m[2]
+        if any(abs(x * n - round(x * n)) > 1e-3 for x in amounts):  # its composition cannot be integral:
+            last_err = f"occupancies not integral in a {m[0]}x{m[1]}x{m[2]} cell"  # skip the enumeration
+            continue
         big = s * m
         trans = OrderDisorderedStructureTransformation(no_oxi_states=not (charged or _guess_charges(big)))
         try:
