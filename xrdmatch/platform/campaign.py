@@ -584,15 +584,9 @@ def _start_parent_run(ctx: Context):
 
 
 def _tagged_run(cfg: Config, tags: dict[str, str]) -> str | None:
-    """The newest run of the config's experiment with these tags, or None."""
-    import mlflow
+    from xrdmatch.platform.tracking import runs_tagged
 
-    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return None
-    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = mlflow.search_runs([exp.experiment_id], flt, order_by=["attributes.start_time DESC"],
-                              max_results=1, output_format="list")
+    runs = runs_tagged(cfg, tags, max_results=1)
     return runs[0].info.run_id if runs else None
 
 

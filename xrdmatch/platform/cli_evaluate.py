@@ -210,16 +210,10 @@ def evaluation_key(cfg, protocol: str) -> str:
 
 def _evaluate_runs(cfg, key: str) -> list:
     """MLflow evaluate runs of this key, newest first."""
-    import mlflow
-
-    from xrdmatch.platform.tracking import configure
+    from xrdmatch.platform.tracking import configure, runs_tagged
 
     configure(cfg)
-    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return []
-    return mlflow.search_runs([exp.experiment_id], f"tags.`xrdmatch.eval_key` = '{key}'",
-                              order_by=["attributes.start_time DESC"], output_format="list")
+    return runs_tagged(cfg, {"xrdmatch.eval_key": key})
 
 
 def _default_out(result: dict, protocol: Protocol) -> Path:

@@ -109,12 +109,8 @@ def screen(
 
 
 def _unfinished_screen_run(cfg, key: str) -> str | None:
-    """The newest screen run of ``key`` that did not finish (killed: RUNNING; crashed: FAILED)."""
-    import mlflow
+    """The newest screen run of ``key`` if it did not finish (killed: RUNNING; crashed: FAILED)."""
+    from xrdmatch.platform.tracking import runs_tagged
 
-    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return None
-    runs = mlflow.search_runs([exp.experiment_id], f"tags.`xrdmatch.screen_key` = '{key}'",
-                              order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    runs = runs_tagged(cfg, {"xrdmatch.screen_key": key}, max_results=1)
     return runs[0].info.run_id if runs and runs[0].info.status != "FINISHED" else None

@@ -60,17 +60,6 @@ def train_run(cfg: "Config", *, use_ray: bool = True, log_fn: Callable[[int, dic
     return ens.save(paths.models_dir / run_id)
 
 
-def _train_runs(cfg: "Config", key: str) -> list:
-    """MLflow train runs of this training key, newest first."""
-    import mlflow
-
-    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    if exp is None:
-        return []
-    return mlflow.search_runs([exp.experiment_id], f"tags.`xrdmatch.train_key` = '{key}'",
-                              order_by=["attributes.start_time DESC"], output_format="list")
-
-
 def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True, echo=print) -> dict:
     """``train_run`` inside an MLflow run: config as params, per-step curves of every member and a
     learning-curves PNG, lineage tags, the promotion metric (``xrdmatch.platform.champion``),
@@ -90,7 +79,7 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
     from xrdmatch.platform.champion import champion_metrics
     from xrdmatch.platform.paths import RunPaths
     from xrdmatch.platform.registry import register_ensemble, settle_version, version_of_run
-    from xrdmatch.platform.tracking import configure, lineage_tags, log_training, mlflow_run
+    from xrdmatch.platform.tracking import configure, lineage_tags, log_training, mlflow_run, runs_tagged
     from xrdmatch.training.ensemble import Ensemble, unlabelled_subset
 
     inputs = training_inputs(cfg)
@@ -99,7 +88,7 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
     key = training_key(cfg, lineage)
     run_id = f"train-{key}"
     configure(cfg)
-    earlier = _train_runs(cfg, key)
+    earlier = runs_tagged(cfg, {"xrdmatch.train_key": key})
     for r in earlier:
         mv = version_of_run(cfg, r.info.run_id)
         if mv is not None:  # trained and registered before: settle (a crash may have left it bare)

@@ -121,6 +121,20 @@ def mlflow_run(cfg: Config, run_name: str, *, nested: bool = False, tags: dict[s
         yield run
 
 
+def runs_tagged(cfg: Config, tags: Mapping[str, str], max_results: int | None = None) -> list:
+    """Runs of the config's experiment carrying these tags, newest first: how a rerun finds the
+    run a killed process started (train, evaluate, screen, a campaign and its rounds)."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    if exp is None:
+        return []
+    flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    kw = {"max_results": max_results} if max_results else {}
+    return mlflow.search_runs([exp.experiment_id], flt, order_by=["attributes.start_time DESC"],
+                              output_format="list", **kw)
+
+
 # ---------------------------------------------------------------- lineage
 
 #: Label sources a labelled set may mix (``LabelledSet.sources``).
