@@ -10,7 +10,7 @@ import typer
 
 app = typer.Typer(help="Active-learning campaign: screen, select, validate, relabel, retrain.", no_args_is_help=True)
 
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_data_paths, check_out_file, input_errors, store_errors
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_data_paths, check_out_file, check_store, input_errors
 from xrdmatch.platform.cli_common import load_cfg as _load
 
 
@@ -26,11 +26,7 @@ def run(config: str = ConfigOpt, run_dir: str | None = DirOpt,
 
     cfg = _load(config, run_dir)
     check_data_paths(cfg)
-    from xrdmatch.platform import queue
-    from xrdmatch.platform.db import store_url
-
-    with store_errors(store_url(cfg)):  # an unusable store is one line before any work
-        queue.counts_by_state(store_url(cfg))
+    check_store(cfg)
     console = Console(highlight=False, soft_wrap=True)
     try:
         timings = run_campaign(cfg, echo=lambda s: console.print(s, markup=False), progress=progress)

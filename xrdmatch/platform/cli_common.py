@@ -139,3 +139,14 @@ def store_errors(url: str, *, tracking: bool = False):
     except errors as e:
         typer.echo(f"error: {'tracking store' if tracking else 'store'} {redact(url)}: {first_line(e)}", err=True)
         raise typer.Exit(1) from None
+
+
+def check_store(cfg) -> None:
+    """Open the run's store once before a long command starts: unusable, it is one line now
+    (``store_errors``), not a traceback from a worker or a stage later."""
+    from xrdmatch.platform import queue
+    from xrdmatch.platform.db import store_url
+
+    url = store_url(cfg)
+    with store_errors(url):
+        queue.counts_by_state(url)

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from xrdmatch.config import redact
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_choices, require_run_dir, store_errors
+from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_choices, check_store, require_run_dir, store_errors
 from xrdmatch.platform.cli_common import load_cfg as _config  # the same default config as every command
 
 app = typer.Typer(help="MD validation queue: submit candidates, run workers, show status.", no_args_is_help=True)
@@ -78,11 +78,7 @@ def work(
     from xrdmatch.actors.validation_workers import WorkersLost, run_workers
 
     cfg = _config(config, run_dir)
-    from xrdmatch.platform import queue
-    from xrdmatch.platform.db import store_url
-
-    with store_errors(store_url(cfg)):  # an unusable store is one line now, not a traceback from the workers
-        queue.counts_by_state(store_url(cfg))
+    check_store(cfg)
 
     def show(o) -> None:
         what = o.verdict if o.state in ("done", "inconclusive") else o.error
