@@ -315,13 +315,25 @@ class ValidationConfig(StrictModel):
     relax_steps: int = Field(default=200, ge=1)
     # --- analysis (do not change the trajectories; not in protocol_hash) ---
     sigma_threshold: float = Field(default=5e-5, gt=0, description="S/cm at 300 K for 'superionic'")
-    min_li_msd: float = Field(default=2.0, ge=0, description="A^2: Li MSD below this at a T = too few hops there")
+    min_li_msd: float = Field(default=2.0, ge=0, description="A^2: Li MSD beyond its vibrational plateau below "
+                              "this at a T = too few hops there")
+    #: The plain MSD (runs too short for pymatgen's "max" smoothing, which starts at 1 ps) is
+    #: fitted from here on: a Li rattling in its cage reaches its plateau within ~0.1 ps.
+    msd_fit_start_fs: float = Field(default=200.0, ge=0, description="fs: first MSD lag of the plain D fit")
     max_framework_msd: float = Field(default=4.0, gt=0, description="A^2: framework MSD above this = melted")
     min_fit_temperatures: int = Field(default=2, ge=2)
     min_r2: float = Field(default=0.9, ge=0, le=1, description="minimum R^2 of the Arrhenius fit (3+ points)")
     #: No known Li solid electrolyte exceeds ~3e-2 S/cm at room temperature; a fit above this keeps
     #: its verdict (only the threshold is used) but its reason carries a caution on the magnitude.
     max_plausible_sigma: float = Field(default=0.1, gt=0, description="S/cm at 300 K: above this, flag the magnitude")
+
+    @model_validator(mode="after")
+    def _fit_window(self):  # else every analysis fails after all the MD
+        frame_fs = self.traj_interval * self.timestep_fs
+        if self.production_steps * self.timestep_fs < self.msd_fit_start_fs + 2 * frame_fs:
+            raise ValueError(f"production ({self.production_steps} steps x {self.timestep_fs:g} fs) must last at least "
+                             f"msd_fit_start_fs ({self.msd_fit_start_fs:g} fs) + 2 frames ({2 * frame_fs:g} fs)")
+        return self
 
     @model_validator(mode="after")
     def _fit_reachable(self):

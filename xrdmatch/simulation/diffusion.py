@@ -32,6 +32,14 @@ class TemperatureAnalysis:
     framework_msd: float  # A^2, same for every non-Li atom (melting / decomposition indicator)
     n_frames: int
     smoothed: str  # DiffusionAnalyzer smoothing used ("max", or "none" for runs too short for it)
+    #: A^2: the Li MSD's vibrational offset, the intercept of its fitted line (>= 0). A caged Li
+    #: rattles up to this within ~0.1 ps and stays: that MSD is no hop.
+    li_msd_plateau: float = 0.0
+
+    @property
+    def li_hop_msd(self) -> float:
+        """A^2: the Li MSD beyond its vibrational plateau, what the hop gate counts."""
+        return max(self.li_msd - self.li_msd_plateau, 0.0)
 
 
 @dataclass
@@ -85,6 +93,24 @@ def max_lags(n_frames: int, n_li: int, timestep_fs: float, step_skip: int, min_o
     return max(0, max_dt - min_dt)
 
 
+def msd_line(dt: np.ndarray, msd: np.ndarray, weighted: bool) -> np.ndarray:
+    """[slope A^2/fs, intercept A^2] of an MSD (n_lags,) or of each row of (n, n_lags), fitted as
+    pymatgen fits it (weights 1/dt under "max")."""
+    a = np.stack([dt, np.ones_like(dt)], axis=1)
+    w = np.sqrt(1.0 / np.where(dt > 0, dt, np.inf)) if weighted else np.ones_like(dt)
+    return np.linalg.lstsq(a * w[:, None], (msd * w).T, rcond=None)[0]
+
+
+def windowed_msd(disp: np.ndarray, frame_fs: float, start_fs: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lags fs, per-ion MSD (n, n_lags)) averaged over every time origin, for lags >= start_fs:
+    pymatgen's "max" smoothing with the window starting at ``start_fs`` instead of 1 ps."""
+    n_frames = disp.shape[1]
+    lags = np.arange(max(1, math.ceil(start_fs / frame_fs - 1e-9)), n_frames)
+    msd = np.stack([np.mean(np.sum((disp[:, k:] - disp[:, :-k]) ** 2, axis=-1), axis=1) for k in lags], axis=1) \
+        if len(lags) else np.zeros((len(disp), 0))
+    return lags * frame_fs, msd
+
+
 def per_ion_standard_error(sq_disp: np.ndarray, dt: np.ndarray, weighted: bool) -> float:
     """Standard error of D over the Li ions (cm^2/s): each ion's MSD slope fitted as pymatgen fits
     the mean (weights 1/dt for "max"), then std / sqrt(n). pymatgen's ``diffusivity_std_dev`` treats
@@ -92,15 +118,21 @@ def per_ion_standard_error(sq_disp: np.ndarray, dt: np.ndarray, weighted: bool) 
     n = len(sq_disp)
     if n < 2 or len(dt) < 2:
         return float("nan")
-    a = np.stack([dt, np.ones_like(dt)], axis=1)
-    w = np.sqrt(1.0 / np.where(dt > 0, dt, np.inf)) if weighted else np.ones_like(dt)
-    slopes = np.linalg.lstsq(a * w[:, None], (sq_disp * w).T, rcond=None)[0][0]
+    slopes = msd_line(dt, sq_disp, weighted)[0]
     return float(np.std(slopes / 60.0, ddof=1) / np.sqrt(n))  # /60: A^2/fs -> cm^2/s, and 2 x 3 dimensions
 
 
-def analyze_temperature(frames, temperature: float, timestep_fs: float, step_skip: int) -> TemperatureAnalysis:
-    """Li diffusivity at one temperature from its production frames (>= 2 frames)."""
-    from pymatgen.analysis.diffusion.analyzer import DiffusionAnalyzer
+def analyze_temperature(
+    frames, temperature: float, timestep_fs: float, step_skip: int,
+    fit_start_fs: float = ValidationConfig.model_fields["msd_fit_start_fs"].default,
+) -> TemperatureAnalysis:
+    """Li diffusivity at one temperature from its production frames (>= 2 frames).
+
+    The plain MSD (runs too short for "max" smoothing) is fitted from ``fit_start_fs`` on: fitted
+    from t = 0, the vibrational rise of a caged Li reads as a positive slope, a diffusivity with
+    no hop behind it. "max" smoothing starts at 1 ps already.
+    """
+    from pymatgen.analysis.diffusion.analyzer import DiffusionAnalyzer, get_diffusivity_from_msd
 
     if len(frames) < 2:
         raise ValueError(f"{temperature:g} K: {len(frames)} production frame(s), need at least 2")
@@ -119,8 +151,17 @@ def analyze_temperature(frames, temperature: float, timestep_fs: float, step_ski
     sq = np.sum(da.corrected_displacements**2, axis=-1)  # (n_sites, n_frames)
     li_msd = float(np.mean(sq[da.indices]))
     fw_msd = float(np.mean(sq[da.framework_indices])) if len(da.framework_indices) else 0.0
-    err = per_ion_standard_error(da.sq_disp_ions[da.indices], np.asarray(da.dt, float), smoothed == "max")
-    d = float(da.diffusivity)
+    if smoothed:  # pymatgen's own fit, from 1 ps
+        dt, ion_msd = np.asarray(da.dt, float), da.sq_disp_ions[da.indices]
+        d = float(da.diffusivity)
+    else:
+        dt, ion_msd = windowed_msd(da.corrected_displacements[da.indices], timestep_fs * step_skip, fit_start_fs)
+        if len(dt) < 2:
+            raise ValueError(f"{temperature:g} K: {len(frames)} production frames leave {len(dt)} lag(s) from "
+                             f"msd_fit_start_fs={fit_start_fs:g} fs, need at least 2")
+        d = float(get_diffusivity_from_msd(ion_msd.mean(axis=0), dt, "max")[0])
+    err = per_ion_standard_error(ion_msd, dt, weighted=True)
+    plateau = max(float(msd_line(dt, ion_msd.mean(axis=0), weighted=True)[1]), 0.0)
     return TemperatureAnalysis(
         temperature=float(temperature),
         diffusivity=0.0 if d <= PMG_D_FLOOR * (1 + 1e-9) else d,  # the MSD did not grow: no D to fit
@@ -129,6 +170,7 @@ def analyze_temperature(frames, temperature: float, timestep_fs: float, step_ski
         framework_msd=fw_msd,
         n_frames=len(frames),
         smoothed=str(smoothed) if smoothed else "none",
+        li_msd_plateau=plateau,
     )
 
 
@@ -175,14 +217,16 @@ def decide(
         txt = ", ".join(f"{a.temperature:g} K ({a.framework_msd:.1f} A^2)" for a in melted)
         return "inconclusive", f"framework melted/decomposed: non-Li MSD > {cfg.max_framework_msd} A^2 at {txt}", None
     hot = max(analyses, key=lambda a: a.temperature)
-    if hot.li_msd < cfg.min_li_msd:
+    if hot.li_hop_msd < cfg.min_li_msd:
         return (
             "inconclusive",
-            f"too few Li hops: Li MSD {hot.li_msd:.2f} A^2 at {hot.temperature:g} K < min_li_msd={cfg.min_li_msd} A^2 "
+            f"too few Li hops: Li MSD beyond its vibrational plateau {hot.li_hop_msd:.2f} A^2 at {hot.temperature:g} K "
+            f"(MSD {hot.li_msd:.2f}, plateau {hot.li_msd_plateau:.2f}) < min_li_msd={cfg.min_li_msd} A^2 "
             "(no diffusion seen on this time scale; run longer or hotter)",
             None,
         )
-    usable = [a for a in sorted(analyses, key=lambda a: a.temperature) if a.li_msd >= cfg.min_li_msd and a.diffusivity > 0]
+    usable = [a for a in sorted(analyses, key=lambda a: a.temperature)
+              if a.li_hop_msd >= cfg.min_li_msd and a.diffusivity > 0]
     skipped = [a.temperature for a in analyses if a not in usable]
     if len(usable) < cfg.min_fit_temperatures:
         return (
@@ -195,7 +239,7 @@ def decide(
         return "inconclusive", f"non-Arrhenius: Ea = {f.ea_ev:.3f} eV <= 0", f
     if f.r2 is not None and f.r2 < cfg.min_r2:
         return "inconclusive", f"non-Arrhenius: R^2 = {f.r2:.2f} < min_r2={cfg.min_r2}", f
-    why = {a.temperature: "too few hops" if a.li_msd < cfg.min_li_msd else "no positive D" for a in analyses}
+    why = {a.temperature: "too few hops" if a.li_hop_msd < cfg.min_li_msd else "no positive D" for a in analyses}
     note = (f" (fit excludes {', '.join(f'{t:g} K: {why[t]}' for t in sorted(skipped))})" if skipped else "")
     label = "superionic" if f.sigma_300 >= cfg.sigma_threshold else "not_superionic"
     cmp = ">=" if label == "superionic" else "<"

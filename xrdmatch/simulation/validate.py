@@ -119,6 +119,7 @@ class ValidationResult:
     temperatures_done: list[float] = field(default_factory=list)
     protocol: str = ""
     li_msd: dict[float, float] = field(default_factory=dict)  # A^2 over the production run
+    li_msd_plateau: dict[float, float] = field(default_factory=dict)  # A^2, its vibrational offset
     framework_msd: dict[float, float] = field(default_factory=dict)
     r2: float | None = None
     supercell: tuple[int, int, int] | None = None
@@ -183,7 +184,9 @@ def run_validation(
         if not run.done:
             continue
         frames = production_frames(run.traj_path, cfg)
-        analyses.append(diffusion.analyze_temperature(frames, run.temperature, cfg.timestep_fs, cfg.traj_interval))
+        analyses.append(
+            diffusion.analyze_temperature(frames, run.temperature, cfg.timestep_fs, cfg.traj_interval, cfg.msd_fit_start_fs)
+        )
     verdict, reason, fit = diffusion.decide(analyses, prep.structure, cfg, failures)
     if prep.note:
         reason = f"{reason} [{prep.note}]"
@@ -209,6 +212,7 @@ def run_validation(
         temperatures_done=[r.temperature for r in runs if r.done],
         protocol=protocol,
         li_msd={a.temperature: a.li_msd for a in analyses},
+        li_msd_plateau={a.temperature: a.li_msd_plateau for a in analyses},
         framework_msd={a.temperature: a.framework_msd for a in analyses},
         r2=fit.r2 if fit else None,
         supercell=prep.scaling,
