@@ -177,6 +177,7 @@ def tiny_config(tmp_path: Path, rounds: int = 1, validation: dict | None = None,
                      "batch_labelled": 16, "batch_unlabelled": 16, "unlabelled_limit": 128, "checkpoint_every": 2},
         "validation": {"calculator": "chgnet", "temperatures": [1100.0, 1300.0], "equilibration_steps": 2,
                        "production_steps": 20, "traj_interval": 2, "min_atoms": 8, "min_length": 0.0,
+                       "msd_fit_start_fs": 0.0,  # 40 fs of MD: machinery, not physics
                        "lease_s": 4.0, "heartbeat_s": 0.5, "poll_s": 0.5, "workers": 1, "max_attempts": 5},
         "campaign": {"rounds": rounds, "candidates_per_round": 1, "max_sites_md": 10, "eval_folds": 0,
                      "screen_batch_size": 120, "poll_s": 0.5},

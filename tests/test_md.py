@@ -46,6 +46,7 @@ def tiny_cfg(**kw) -> ValidationConfig:
         min_atoms=1,
         min_length=4.0,
         torch_threads=1,
+        msd_fit_start_fs=0.0,  # tens of fs of MD: machinery, not physics
     )
     base.update(kw)
     return ValidationConfig(**base)
