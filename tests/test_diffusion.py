@@ -141,6 +141,8 @@ def test_the_diffusivity_error_is_the_scatter_of_d_between_runs():
     reported = np.mean([a.diffusivity_err for a in runs])
     assert all(a.smoothed == "max" for a in runs)
     assert 0.4 < reported / spread < 2.5, (reported, spread)
+    # no vibration: no plateau, where a clamped noisy intercept would be positive half the time
+    assert sum(a.li_msd_plateau == 0.0 for a in runs) >= 10
 
 
 # --- which temperatures the fit uses, how many it needs, and the threshold itself ---
@@ -304,6 +306,9 @@ def test_the_vibrational_offset_does_not_inflate_d_on_a_short_run():
     ratio = np.median([a.diffusivity / 3e-5 for a in res])
     assert 0.8 < ratio < 1.2, ratio
     assert 0.6 < np.median([a.li_msd_plateau for a in res]) < 1.4
+    walks = [analyze_temperature(vibrating(1200.0, seed, 3e-5, plateau_1200=0.0), 1200.0, DT_FS, SHORT_SKIP,
+                                 cfg.msd_fit_start_fs) for seed in range(12)]
+    assert sum(a.li_msd_plateau == 0.0 for a in walks) >= 10  # no vibration, no plateau
 
 
 def test_a_fast_conductor_on_a_short_run_is_still_seen():
@@ -322,5 +327,5 @@ def test_a_fast_conductor_on_a_short_run_is_still_seen():
 def test_a_production_run_too_short_for_the_msd_fit_is_refused_at_load():
     with pytest.raises(ValueError, match="msd_fit_start_fs"):
         ValidationConfig(production_steps=100, timestep_fs=2.0, traj_interval=10)  # 200 fs < 200 + 40 fs
-    ValidationConfig(production_steps=120, timestep_fs=2.0, traj_interval=10)  # 240 fs: two lags
+    ValidationConfig(production_steps=120, timestep_fs=2.0, traj_interval=10)  # 240 fs: lags 200, 220, 240 fs
     assert analyze_temperature(walk(1e-4, 1000.0, 0)[:13], 1000.0, DT_FS, SKIP).smoothed == "none"

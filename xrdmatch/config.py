@@ -330,9 +330,9 @@ class ValidationConfig(StrictModel):
     @model_validator(mode="after")
     def _fit_window(self):  # else every analysis fails after all the MD
         frame_fs = self.traj_interval * self.timestep_fs
-        if self.production_steps * self.timestep_fs < self.msd_fit_start_fs + 2 * frame_fs:
+        if self.production_steps * self.timestep_fs < self.msd_fit_start_fs + 2 * frame_fs:  # >= 3 lags to fit
             raise ValueError(f"production ({self.production_steps} steps x {self.timestep_fs:g} fs) must last at least "
-                             f"msd_fit_start_fs ({self.msd_fit_start_fs:g} fs) + 2 frames ({2 * frame_fs:g} fs)")
+                             f"msd_fit_start_fs ({self.msd_fit_start_fs:g} fs) + 2 frame intervals ({2 * frame_fs:g} fs)")
         return self
 
     @model_validator(mode="after")

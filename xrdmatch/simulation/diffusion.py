@@ -102,13 +102,24 @@ def msd_line(dt: np.ndarray, msd: np.ndarray, weighted: bool) -> np.ndarray:
 
 
 def windowed_msd(disp: np.ndarray, frame_fs: float, start_fs: float) -> tuple[np.ndarray, np.ndarray]:
-    """(lags fs, per-ion MSD (n, n_lags)) averaged over every time origin, for lags >= start_fs:
-    pymatgen's "max" smoothing with the window starting at ``start_fs`` instead of 1 ps."""
+    """(lags fs, per-ion MSD (n, n_lags)) averaged over every time origin, for lags >= start_fs up
+    to the whole run. Like pymatgen's "max" smoothing, but from ``start_fs`` instead of 1 ps and
+    without its n_Li x n_frames / 30 cap (which would leave a short run no lag): the last lags
+    rest on few origins, and the 1/dt weights of the fit discount them."""
     n_frames = disp.shape[1]
     lags = np.arange(max(1, math.ceil(start_fs / frame_fs - 1e-9)), n_frames)
     msd = np.stack([np.mean(np.sum((disp[:, k:] - disp[:, :-k]) ** 2, axis=-1), axis=1) for k in lags], axis=1) \
         if len(lags) else np.zeros((len(disp), 0))
     return lags * frame_fs, msd
+
+
+def vibrational_plateau(dt: np.ndarray, ion_msd: np.ndarray) -> float:
+    """A^2: the intercept of the fitted Li MSD line where it is significant (> 2 standard errors
+    over the ions), else 0: a random walk's noisy intercept, clamped at 0, would be a bias."""
+    icepts = msd_line(dt, ion_msd, weighted=True)[1]
+    mean = float(np.mean(icepts))
+    se = float(np.std(icepts, ddof=1) / np.sqrt(len(icepts))) if len(icepts) > 1 else math.inf
+    return mean if mean > 2 * se else 0.0
 
 
 def per_ion_standard_error(sq_disp: np.ndarray, dt: np.ndarray, weighted: bool) -> float:
@@ -156,12 +167,12 @@ def analyze_temperature(
         d = float(da.diffusivity)
     else:
         dt, ion_msd = windowed_msd(da.corrected_displacements[da.indices], timestep_fs * step_skip, fit_start_fs)
-        if len(dt) < 2:
+        if len(dt) < 3:  # pymatgen's error of the slope needs a residual
             raise ValueError(f"{temperature:g} K: {len(frames)} production frames leave {len(dt)} lag(s) from "
-                             f"msd_fit_start_fs={fit_start_fs:g} fs, need at least 2")
+                             f"msd_fit_start_fs={fit_start_fs:g} fs, need at least 3")
         d = float(get_diffusivity_from_msd(ion_msd.mean(axis=0), dt, "max")[0])
     err = per_ion_standard_error(ion_msd, dt, weighted=True)
-    plateau = max(float(msd_line(dt, ion_msd.mean(axis=0), weighted=True)[1]), 0.0)
+    plateau = vibrational_plateau(dt, ion_msd)
     return TemperatureAnalysis(
         temperature=float(temperature),
         diffusivity=0.0 if d <= PMG_D_FLOOR * (1 + 1e-9) else d,  # the MSD did not grow: no D to fit
