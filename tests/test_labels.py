@@ -225,7 +225,8 @@ def test_labels_cli_imports_with_the_configs_threshold_once_and_lists_them(tmp_p
 
 
 def test_labels_cli_says_an_unreachable_store_and_a_misspelt_method_in_one_line(tmp_path):
-    """An unreachable store.url is one line naming it (password masked), exit 1, not a traceback;
+    """An unreachable store.url, or one whose driver is not installed, is one line naming it
+    (password masked), exit 1, not a traceback;
     a misspelt --method is exit 2 listing the methods, not "0 labels"."""
     pytest.importorskip("psycopg")
     from typer.testing import CliRunner
@@ -244,6 +245,19 @@ def test_labels_cli_says_an_unreachable_store_and_a_misspelt_method_in_one_line(
         assert res.exit_code == 1, res.output
         assert res.output.startswith("error: store postgresql://u:***@127.0.0.1:1/db: "), res.output
         assert len(res.output.strip().splitlines()) == 1 and "s3cret" not in res.output
+
+    # a store whose database driver is not installed here (MySQL's default, MySQLdb): one line too
+    import importlib.util
+
+    if importlib.util.find_spec("MySQLdb") is None:
+        cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"),
+                                       "store": {"url": "mysql://u:s3cret@127.0.0.1:1/db"}}))
+        for args in (["labels", "list"], ["validate", "work"], ["campaign", "run", "--no-progress"]):
+            res = run.invoke(app, [*args, "-c", str(cfg)])
+            assert res.exit_code == 1, res.output
+            assert res.output.startswith("error: store mysql://u:***@127.0.0.1:1/db: the database driver of 'mysql' "
+                                         "is not installed (No module named 'MySQLdb')"), res.output
+            assert len(res.output.strip().splitlines()) == 1 and "s3cret" not in res.output
 
     cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run")}))
     assert run.invoke(app, ["labels", "import", str(good), "-c", str(cfg)]).exit_code == 0

@@ -14,8 +14,8 @@ import time
 from functools import lru_cache
 
 from sqlalchemy import Integer, String, create_engine, event, select
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 SCHEMA_VERSION = 1
@@ -68,7 +68,11 @@ def engine_for(url: str) -> Engine:
         eng = create_engine(url, connect_args={"timeout": _BUSY_S}, future=True)
         event.listen(eng, "connect", _sqlite_pragmas)
     else:
-        eng = create_engine(url, pool_pre_ping=True, future=True)
+        try:
+            eng = create_engine(url, pool_pre_ping=True, future=True)
+        except ImportError as e:  # a SQLAlchemyError, so the CLI's store_errors reports it in one line
+            raise NoSuchModuleError(f"the database driver of {make_url(url).drivername!r} is not installed "
+                                    f"({e}); install it into this environment") from None
     return eng
 
 
