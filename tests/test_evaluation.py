@@ -679,6 +679,44 @@ def test_the_promotion_metric_scores_every_version_on_the_same_compounds_and_fol
     assert np.array_equal(after.y[115:], labelled.y) and np.array_equal(after.X[115:], labelled.X)
 
 
+def test_a_version_with_no_label_outside_a_test_fold_has_no_promotion_metric(tmp_path, labelled):
+    """With the labels file weighted 0, a version trained on one validated label has nothing to
+    learn from in the fold that tests that label's composition: the metric is refused before any
+    training, naming the fold; with a label of a composition the file does not hold, every fold
+    has one to train on."""
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.champion import UnscorableVersion, champion_metrics, plan_champion
+    from xrdmatch.platform.db import store_url
+    from xrdmatch.platform.labels import LabelRecord, add_label
+    from xrdmatch.platform.patterns import PatternTable
+    from xrdmatch.training.dataset import build_training_set
+
+    cfg = load_config(overrides={"run_dir": str(tmp_path), "campaign": {"eval_folds": 3},
+                                 "labels": {"source_weights": {"paper": 0.0, "mlip-md": 1.0}}})
+    tcfg = cfg.training.model_copy(update={"ensemble_size": 1})
+    U = np.zeros((0, 4501), np.float32)
+    assert "Li3N" in labelled.groups
+    add_label(store_url(cfg), LabelRecord("mp-x", "Li3N", "mlip-md", 1, "proto"))  # a composition of the file
+    pt = PatternTable(ids=["mp-x", "mp-y"], formulas=["Li3N", "LiBe2"], X=np.eye(2, 4501, dtype=np.float32))
+    ls, w = build_training_set(cfg, pt)
+    assert ls.ids == ["mp-x"]
+    with pytest.raises(UnscorableVersion, match=r"fold \d of 3 of the labels file leaves this version no label "
+                                                r"of weight > 0 to train on \(0 of its 1 labels"):
+        champion_metrics(cfg, ls, w, U, cache_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()  # refused before any member trained
+    add_label(store_url(cfg), LabelRecord("mp-y", "LiBe2", "mlip-md", 0, "proto"))  # tested in no fold
+    ls, w = build_training_set(cfg, pt)
+    plan = plan_champion(cfg, ls, w, U, tcfg)
+    assert len(plan.jobs) == 3 and all(ls.ids[i] == "mp-y" or ls.ids[i] == "mp-x" for j in plan.jobs for i in j.train)
+    assert sorted(len(j.train) for j in plan.jobs) == [1, 2, 2]
+    # a campaign round says why it has no metric (not "campaign.eval_folds = 0")
+    from xrdmatch.platform.campaign import summary_line
+
+    line = summary_line(1, "train", {"n_labelled": 1, "by_source": {"mlip-md": 1}, "metrics": {},
+                                     "metrics_note": "no promotion metric: fold 2 of 3 ..."}, 1.0)
+    assert "no promotion metric: fold 2 of 3" in line and "eval_folds" not in line, line
+
+
 def test_a_store_label_on_a_labels_file_compound_replaces_its_label(tmp_path, labelled):
     """The labels file is older than any stored label: a newer weighted label of one of its
     compounds counts instead (with the compound's own pattern and group), also when the file's

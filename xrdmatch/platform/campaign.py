@@ -235,7 +235,7 @@ def _round_trained_on(ctx: Context, rnd: int, key: str) -> int | None:
 def stage_train(ctx: Context, rnd: int):
     import mlflow
 
-    from xrdmatch.platform.champion import champion_metrics
+    from xrdmatch.platform.champion import UnscorableVersion, champion_metrics
     from xrdmatch.platform.tracking import lineage_tags
     from xrdmatch.training.dataset import build_training_set, unlabelled_pool
     from xrdmatch.training.ensemble import train_ensemble, unlabelled_subset
@@ -262,14 +262,19 @@ def stage_train(ctx: Context, rnd: int):
     train_s = time.perf_counter() - t0
     ens.save(ctx.model_dir(rnd))  # atomic (temp folder renamed into place)
     t1 = time.perf_counter()
-    metrics = champion_metrics(cfg, ls, weights, pool)
+    try:
+        metrics, note = champion_metrics(cfg, ls, weights, pool), None
+    except UnscorableVersion as e:
+        metrics, note = {}, str(e)
+        mlflow.set_tag("xrdmatch.champion_metric", note)
     eval_s = time.perf_counter() - t1
     mlflow.log_metrics({**metrics, "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
                         "train_s": train_s, "champion_eval_s": eval_s})
     mlflow.set_tags(lineage)
     return {"model_dir": str(ctx.model_dir(rnd)), "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
             "by_source": by_source, "labelled_hash": lineage["lineage.labelled_hash"], "train_key": key, "metrics": metrics,
-            "lineage": lineage, "train_s": round(train_s, 2), "eval_s": round(eval_s, 2)}, {}
+            "lineage": lineage, "train_s": round(train_s, 2), "eval_s": round(eval_s, 2),
+            **({"metrics_note": note} if note else {})}, {}
 
 
 def stage_register(ctx: Context, rnd: int):
@@ -539,7 +544,7 @@ def summary_line(rnd: int, stage: str, result: dict[str, Any], seconds: float) -
                          + (f"{r.get('n_labelled')} labels {r.get('by_source')}; "
                           + (", ".join(f"{k.removeprefix('grouped_cv_')} {v:.3f}" for k, v in
                                        (r.get("metrics") or {}).items() if k.endswith(("macro_f1", "pr_auc")))
-                             or "no champion metric (campaign.eval_folds = 0)")),
+                             or r.get("metrics_note") or "no champion metric (campaign.eval_folds = 0)")),
         "register": lambda: f"{r.get('name')} v{r.get('version')}" + (" -> champion" if r.get("promoted") else "")
                             + (f" (round {r['reused_from']}'s, not registered again)" if r.get("reused_from") else ""),
         "screen": lambda: (f"round {r['reused_from']}'s scores (same model and patterns): " if r.get("reused_from")

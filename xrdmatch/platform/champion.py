@@ -27,6 +27,12 @@ from xrdmatch.config import Config
 from xrdmatch.platform.data import LabelledSet
 
 
+class UnscorableVersion(ValueError):
+    """A fold of the fixed test leaves the version no label to train on (``labels.source_weights``
+    gives the file's labels weight 0 and no validated label falls outside the fold): the version
+    has no promotion metric, so it never beats a champion (``registry.beats``)."""
+
+
 @dataclass
 class ChampionPlan:
     """The promotion metric's member jobs, fixed before any training: ``X``/``y`` hold the
@@ -59,6 +65,12 @@ def plan_champion(cfg: Config, ls: LabelledSet, weights: np.ndarray, U: np.ndarr
     for k, (_, te) in enumerate(splits):
         # every label of the version outside the fold's test groups: file compounds and validated ones
         tr = np.flatnonzero(~np.isin(train_groups, np.asarray(test.groups, dtype=object)[te]))
+        if not w[tr].sum() > 0:
+            raise UnscorableVersion(
+                f"no promotion metric: fold {k + 1} of {len(splits)} of the labels file leaves this version no label "
+                f"of weight > 0 to train on ({len(tr)} of its {n} labels lie outside the fold's compositions"
+                f"{', all weighted 0 by labels.source_weights' if len(tr) else ''}); it is registered without the "
+                "metric and does not replace a champion")
         for m, seed in enumerate(member_seeds(tcfg)):
             j = MemberJob(f"champion/f{k}/m{m}", tcfg.algorithm, seed + 101 * k, tr, n + te, sample_weight=w[tr])
             j.digest = member_digest(j, tcfg, data_hash, unlab_hash)

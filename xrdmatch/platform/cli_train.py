@@ -76,7 +76,7 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
     import numpy as np
 
     from xrdmatch.platform.campaign import training_key
-    from xrdmatch.platform.champion import champion_metrics
+    from xrdmatch.platform.champion import UnscorableVersion, champion_metrics
     from xrdmatch.platform.paths import RunPaths
     from xrdmatch.platform.registry import register_ensemble, settle_version, version_of_run
     from xrdmatch.platform.tracking import configure, lineage_tags, log_training, mlflow_run, runs_tagged
@@ -124,7 +124,12 @@ def tracked_train(cfg: "Config", *, use_ray: bool = True, register: bool = True,
         echo(f"trained {len(ens.members)} members {took}; scoring the promotion metric "
              f"({cfg.campaign.eval_folds}-fold grouped CV)")
         t1 = time.perf_counter()
-        metrics = champion_metrics(cfg, ls, np.asarray(weights, np.float32), pool, log=echo)
+        try:
+            metrics = champion_metrics(cfg, ls, np.asarray(weights, np.float32), pool, log=echo)
+        except UnscorableVersion as e:
+            metrics = {}
+            echo(f"warning: {e}")
+            mlflow.set_tag("xrdmatch.champion_metric", str(e))
         mlflow.log_metrics({**metrics, "n_labelled": len(ls), "n_superionic": int(np.sum(ls.y)),
                             "champion_eval_s": time.perf_counter() - t1})
         mlflow.log_dict(ens.info, "ensemble_info.json")
