@@ -173,6 +173,9 @@ CUBIC = [[4.0, 0, 0], [0, 4.0, 0], [0, 0, 4.0]]
         ([[4, 0], [0, 4]], ["Li"], [[0, 0, 0]], "lattice must be 3x3"),
         ([[0.8, 0, 0], [0, 0.8, 0], [0, 0, 0.8]], ["Li"], [[0, 0, 0]], "no reflections in 2-theta 0-90"),
         ([[300, 0, 0], [0, 300, 0], [0, 0, 300]], ["Li"], [[0, 0, 0]], "lattice too large"),
+        # within the box limit, but ten species' structure-factor sums would hold ~450 MB at once
+        (np.eye(3) * 105.0, ["Li", "Na", "K", "Rb", "Cs", "Mg", "Ca", "Sr", "Ba", "Zn"],
+         np.random.default_rng(0).random((10, 3)), "cell too large for the engine: 10 species x"),
         (CUBIC, [{"Li": 0.7, "Na": 0.6}], [[0, 0, 0]], "site 0: occupancies sum to 1.3 > 1"),
         (CUBIC, [{"Li": -0.5}], [[0, 0, 0]], "site 0: occupancy of Li must be finite and >= 0"),
         (CUBIC, [{"Li": "lots"}], [[0, 0, 0]], "site 0: occupancy of Li is not a number"),

@@ -407,10 +407,12 @@ def test_the_engine_version_follows_the_engine_code_and_pymatgen(tmp_path, monke
     copy.write_text(src + "\nLORENTZ_TWEAK = 1.0\n")
     assert engine_version() != base
     monkeypatch.undo()
-    # the structure-file and CIF readers count too: an entry an older reader refused is read again
+    # the structure-file and CIF readers and the batch loop count too: an entry an older reader
+    # refused is read again
+    from xrdmatch.actors import xrd_actors
     from xrdmatch.platform import cif, structure_files
 
-    for module in (structure_files, cif):
+    for module in (structure_files, cif, xrd_actors):
         copy = tmp_path / Path(module.__file__).name
         copy.write_text(Path(module.__file__).read_text() + "\nREADER_TWEAK = 1\n")
         with monkeypatch.context() as m:

@@ -95,17 +95,20 @@ class StageError(RuntimeError):
 
 
 def engine_version() -> str:
-    """Version of what turns a database entry into a pattern: the engine's and the readers' code
-    (records, structure files, CIF blocks; syntax trees: comments and docstrings do not count)
+    """Version of what turns a database entry into a pattern: the engine's, the readers' and the
+    batch's code (records, structure files, CIF blocks, ``compute_batch``; syntax trees: comments
+    and docstrings do not count)
     and pymatgen's version (its scattering table and parsers). A cache made by another is
     recomputed, never mixed: an entry an older reader refused is read again."""
     from importlib import metadata
 
+    from xrdmatch.actors import xrd_actors
     from xrdmatch.platform import cif, databases, structure_files
     from xrdmatch.simulation import xrd
     from xrdmatch.training.fingerprint import source_fingerprint
 
-    code = source_fingerprint(Path(m.__file__).read_text() for m in (xrd, databases, structure_files, cif))
+    code = source_fingerprint(Path(m.__file__).read_text()
+                              for m in (xrd, databases, structure_files, cif, xrd_actors))
     return f"xrdmatch-{__version__}+{code[:12]}-pymatgen-{metadata.version('pymatgen')}"
 
 

@@ -65,11 +65,13 @@ _SPECIES_RE = re.compile(r"^([A-Z][a-z]?)(?:\d*(?:\.\d+)?[+-])?$")  # "Li", "Li+
 
 #: Upper bound on complex entries of the (index pairs x atoms) phase block held at once (32 MB).
 PHASE_CHUNK_ENTRIES = 1 << 21
-#: Refuse cells whose reflection search box (~2x the reflections) or per-axis phase tables
-#: would exceed these sizes (a cubic cell of ~130 A; ~1 GB of temporaries) with an XRDError
-#: instead of exhausting a worker's memory. The shipped database needs < 30,000 and < 80,000.
+#: Refuse cells whose reflection search box (~2x the reflections), per-axis phase tables or
+#: per-species structure-factor sums would exceed these sizes (a cubic cell of ~130 A; ~1 GB of
+#: temporaries) with an XRDError instead of exhausting a worker's memory. The shipped
+#: database's largest cells need about 150,000 box points and 200,000 table entries.
 MAX_BOX_POINTS = 4_000_000
 MAX_TABLE_ENTRIES = 1 << 24
+MAX_SPECIES_SUMS = 1 << 24  # complex entries of the (species x box rows x l) sums: 256 MB
 
 
 class XRDError(ValueError):
@@ -400,6 +402,8 @@ def _phase_sums(rows: np.ndarray, idx: np.ndarray, hmax: tuple[int, int, int], f
     # per species, the l table weighted by occupancy, transposed: (n_entries_sp, nl)
     ltabs = [(tab_l[:, s0:s1] if w is None else tab_l[:, s0:s1] * w).T for s0, s1, w in groups]
     rh, rk = np.divmod(rows, nk)
+    if len(groups) * rows.size * nl > MAX_SPECIES_SUMS:
+        raise XRDError(f"cell too large for the engine: {len(groups)} species x {rows.size * nl} box points")
     q = np.empty((len(groups), rows.size, nl), dtype=np.complex128)
     step = max(1, PHASE_CHUNK_ENTRIES // n_entries)
     for r0 in range(0, rows.size, step):
