@@ -93,8 +93,9 @@ def main() -> None:
         wall = time.perf_counter() - t0
         report["materials"][mid] = {"label": label, "result": r.to_dict(), "wall_s": wall}
         d = ", ".join(f"D({t:g} K) = {v:.2e}" for t, v in r.diffusivity.items())
-        msd = ", ".join(f"{t:g} K: {v:.2f}" for t, v in r.li_msd.items())
-        print(f"{mid:10s} {label:18s} {r.n_atoms:3d} atoms  {d} cm^2/s  Li MSD [A^2] {msd}  ({wall:.0f} s)", flush=True)
+        msd = ", ".join(f"{t:g} K: {v:.2f} ({r.li_msd_plateau[t]:.2f})" for t, v in r.li_msd.items())
+        print(f"{mid:10s} {label:18s} {r.n_atoms:3d} atoms  {d} cm^2/s  Li MSD (plateau) [A^2] {msd}  "
+              f"{r.verdict}  ({wall:.0f} s)", flush=True)
 
     ok = True
     for t in sanity.temperatures if report["materials"] else []:
