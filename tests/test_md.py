@@ -105,6 +105,26 @@ def test_disordered_input_is_ordered_or_refused(tmp_path):
 # ------------------------------------------------------------------ calculators
 
 
+def test_a_worker_builds_only_calculators_it_trusts():
+    """A queued protocol is data: its calculator is built if the worker trusts that name (any
+    arguments), or if it is the worker's own calculator with the worker's own arguments."""
+    from xrdmatch.simulation.calculators import CalculatorUnavailable, check_trusted
+
+    worker = ValidationConfig(calculator="gpaw", calculator_kwargs={"mode": 300})
+    ok = [ValidationConfig(calculator="chgnet", calculator_kwargs={"stress_weight": 0.1}),
+          ValidationConfig(calculator="chgnet.model.dynamics.CHGNetCalculator"),  # 'chgnet' by class path
+          ValidationConfig(calculator="GPAW", calculator_kwargs={"mode": 300})]
+    for job in ok:
+        check_trusted(job, worker)
+    for job, why in ((ValidationConfig(calculator="gpaw", calculator_kwargs={"mode": 300, "txt": "/etc/x"}),
+                      "the worker's own calculator is 'gpaw' with other calculator_kwargs"),
+                     (ValidationConfig(calculator="ase.calculators.vasp.Vasp", calculator_kwargs={"command": "id"}),
+                      "calculator 'ase.calculators.vasp.Vasp' of the job's protocol is not trusted")):
+        with pytest.raises(CalculatorUnavailable, match=why):
+            check_trusted(job, worker)
+    check_trusted(ok[2], ValidationConfig(trusted_calculators=["chgnet", "gpaw"]))  # trusted: any arguments
+
+
 def test_unavailable_calculators_say_how_to_install(tmp_path, monkeypatch):
     from xrdmatch.simulation.calculators import get_calculator
 

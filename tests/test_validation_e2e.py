@@ -142,22 +142,33 @@ def test_bad_inputs_fail_with_reasons_and_the_next_job_completes(tmp_path, recor
     for sid, rec, reason in (("no-li", no_li, "contains no Li"), ("squeezed", squeezed, "atoms too close")):
         with pytest.raises(queue.QueueError, match=f"structure '{sid}': .*{reason}"):
             queue.submit(url, sid, rec, cfg.validation, priority=5)
+    # a job row is data from a shared store: a calculator the worker does not trust is never
+    # built (ASE's file-based calculators run their `command` through a shell)
+    marker = tmp_path / "ran"
+    shell = cfg.validation.model_copy(update={"calculator": "ase.calculators.mopac.MOPAC", "method": "aimd",
+                                              "calculator_kwargs": {"command": f"touch {marker}"}})
     # what only a worker can find out fails the job there, with its reason
     bad = {
         queue.submit(url, "mp-1009009", lif, mace, priority=5): "CalculatorUnavailable: calculator "
         "'mace.calculators.MACECalculator': cannot import mace.calculators (No module named 'mace'); pip install mace-torch",
+        queue.submit(url, "mp-1009009", lif, shell, priority=5): "CalculatorUnavailable: calculator "
+        "'ase.calculators.mopac.MOPAC' of the job's protocol is not trusted by this worker: it is not in "
+        "validation.trusted_calculators ['chgnet', 'mace.calculators.MACECalculator']",
     }
     good = queue.submit(url, "mp-1009009", lif, cfg.validation, priority=0)  # runs after the bad ones
-    summary = run_workers(cfg, n=1)
+    worker = cfg.model_copy(update={"validation": cfg.validation.model_copy(
+        update={"trusted_calculators": ["chgnet", "mace.calculators.MACECalculator"]})})
+    summary = run_workers(worker, n=1)
     assert [o.job_id for o in summary.outcomes][-1] == good
     for jid, reason in bad.items():
         job = queue.get_job(url, jid)
         assert job.state == "failed" and reason in job.error, (job.structure_id, job.error)
+    assert not marker.exists()
     assert queue.get_job(url, good).state == "done"
     assert [lab.structure_id for lab in list_labels(url)] == ["mp-1009009"]
     _, runs = _mlflow_runs(cfg)
     failed = [r for r in runs if r.data.tags.get("state") == "failed"]
-    assert len(failed) == 1 and {r.info.status for r in failed} == {"FAILED"}
+    assert len(failed) == 2 and {r.info.status for r in failed} == {"FAILED"}
     assert {j.structure_id for j in queue.list_jobs(url)} == {"mp-1009009"}
 
 

@@ -273,6 +273,11 @@ class ValidationConfig(StrictModel):
     calculator: str = "chgnet"
     #: Keyword arguments for the calculator (e.g. GPAW mode/xc/kpts, VASP INCAR tags).
     calculator_kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: Worker side: calculators this worker builds from a queued job's protocol with whatever
+    #: arguments the job gives. Any other calculator runs only if the job names exactly this
+    #: config's ``calculator`` and ``calculator_kwargs``: a job row is data from a shared store,
+    #: and ASE calculators take shell commands (``command``) and file paths (``directory``, ``txt``).
+    trusted_calculators: list[str] = Field(default_factory=lambda: ["chgnet"])
     #: Optional label override: "mlip-md" or "aimd" (None: chosen per calculator).
     method: Literal["mlip-md", "aimd"] | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"

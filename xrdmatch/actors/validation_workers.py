@@ -325,8 +325,11 @@ def process_job(cfg: Config, url: str, job: queue.Job, worker_id: str) -> JobOut
         from xrdmatch.platform.data import structure_from_record
         from xrdmatch.simulation.validate import ValidationInputError, run_validation
 
+        from xrdmatch.simulation.calculators import check_trusted
+
         proto = ValidationConfig.model_validate(job.protocol)
         tracker = _Progress(url, job, worker_id, cfg.validation, proto)
+        check_trusted(proto, cfg.validation)
         try:
             structure = structure_from_record(job.record)
         except Exception as err:

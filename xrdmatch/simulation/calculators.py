@@ -163,6 +163,30 @@ _BY_CLASS_PATH = {"ase.calculators.vasp.vasp": "vasp", "ase.calculators.vasp.vas
                   "chgnet.model.dynamics.chgnetcalculator": "chgnet"}
 
 
+def canonical_name(name: str) -> str:
+    """'chgnet', 'gpaw', 'vasp' (also by class path, any case), else the dotted path as given."""
+    key = name.strip().lower()
+    key = _BY_CLASS_PATH.get(key, key)
+    return key if key in ("chgnet", "gpaw", "vasp") else name.strip()
+
+
+def check_trusted(job, worker) -> None:
+    """Refuse a queued job's calculator this worker was not told to trust (``job`` and ``worker``
+    are ValidationConfigs: the job's protocol, the worker's own). Before anything is imported or
+    built: a protocol is data from a shared store, and a calculator's constructor arguments can be
+    a shell command."""
+    name = canonical_name(job.calculator)
+    if name in {canonical_name(t) for t in worker.trusted_calculators}:
+        return
+    if name == canonical_name(worker.calculator) and job.calculator_kwargs == worker.calculator_kwargs:
+        return
+    raise CalculatorUnavailable(
+        f"calculator {job.calculator!r} of the job's protocol is not trusted by this worker: it is not in "
+        f"validation.trusted_calculators {worker.trusted_calculators}, and the worker's own calculator is "
+        f"{worker.calculator!r}" + (" with other calculator_kwargs" if name == canonical_name(worker.calculator) else "")
+        + "; run workers with a config that names it")
+
+
 def get_calculator(
     name: str,
     kwargs: dict[str, Any] | None = None,
@@ -173,8 +197,7 @@ def get_calculator(
 ):
     """Return ``(ase_calculator, CalculatorInfo)`` for a calculator name (see module docstring)."""
     kwargs = dict(kwargs or {})
-    key = name.strip().lower()
-    key = _BY_CLASS_PATH.get(key, key)  # a known code by its class path gets the same checks
+    key = canonical_name(name)  # a known code by its class path gets the same checks
     if key == "chgnet":
         calc, info = _chgnet(kwargs, device, threads)
     elif key == "gpaw":
