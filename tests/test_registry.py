@@ -465,6 +465,25 @@ def test_an_unreachable_store_is_not_an_empty_registry(tmp_path, monkeypatch):
     assert "no registered versions" not in res.output
 
 
+def test_an_unreachable_database_tracking_store_is_one_line_without_mlflows_retries(tmp_path, caplog):
+    """MLflow retries a database it cannot reach for ~100 s, logging a warning a try; the CLI
+    probes it once first: one line, password masked, and no retry was logged."""
+    pytest.importorskip("psycopg")
+    import yaml
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"),
+                                   "tracking": {"tracking_uri": "postgresql://u:s3cret@127.0.0.1:1/mlf"}}))
+    res = CliRunner().invoke(app, ["models", "-c", str(cfg)])
+    assert res.exit_code == 1, res.output
+    assert res.output.startswith("error: tracking store postgresql://u:***@127.0.0.1:1/mlf: "), res.output
+    assert len(res.output.strip().splitlines()) == 1 and "s3cret" not in res.output
+    assert not [r for r in caplog.records if "will be retried" in r.getMessage()]
+
+
 def test_a_failed_champion_lookup_promotes_nothing_and_a_retry_decides(tmp_path, labelled, monkeypatch):
     """The champion lookup fails with a store error (injected: an outage between two calls cannot
     be timed otherwise): settle_version raises and writes no decision; once the store answers, a

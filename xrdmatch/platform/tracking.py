@@ -37,11 +37,35 @@ def tracking_uri(cfg: Config) -> str:
     return paths.mlflow_tracking_uri
 
 
+_PROBED: set[str] = set()
+
+
+def probe_database(uri: str) -> None:
+    """Connect once, with a short timeout, to a database tracking store not yet probed by this
+    process: MLflow's own engine retries an unreachable server for about 100 s, with a warning a
+    try, before the one line the CLI prints. Later calls (a campaign's rounds) keep its retries."""
+    if uri in _PROBED or "://" not in uri or uri.split(":", 1)[0].split("+")[0] in ("file", "sqlite", "http",
+                                                                                  "https", "databricks"):
+        return
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    args = {"connect_timeout": 10} if uri.startswith(("postgresql", "mysql")) else {}
+    eng = create_engine(uri, poolclass=NullPool, connect_args=args)
+    try:
+        with eng.connect():
+            pass
+    finally:
+        eng.dispose()
+    _PROBED.add(uri)
+
+
 def configure(cfg: Config) -> str:
     """Point MLflow at the config's store and make sure the experiment exists."""
     import mlflow
 
     uri = tracking_uri(cfg)
+    probe_database(uri)  # an unreachable server: one SQLAlchemyError now, not MLflow's 100 s of retries
     # MLflow 3 also writes these into os.environ, which would make the *next* config in this
     # process (another run directory) inherit this store: keep the user's environment as it was.
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
