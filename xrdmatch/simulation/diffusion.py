@@ -32,8 +32,8 @@ class TemperatureAnalysis:
     framework_msd: float  # A^2, same for every non-Li atom (melting / decomposition indicator)
     n_frames: int
     smoothed: str  # DiffusionAnalyzer smoothing used ("max", or "none" for runs too short for it)
-    #: A^2: the Li MSD's vibrational offset, the intercept of its fitted line (>= 0). A caged Li
-    #: rattles up to this within ~0.1 ps and stays: that MSD is no hop.
+    #: A^2: the Li MSD's vibrational offset, the intercept of its fitted line where significant
+    #: (``vibrational_plateau``), else 0. A caged Li rattles up to this within ~0.1 ps and stays.
     li_msd_plateau: float = 0.0
 
     @property
