@@ -221,7 +221,7 @@ def test_an_unreadable_tracking_store_is_one_line_in_predict_and_ui(tmp_path, mo
     from xrdmatch.cli import app
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr("os.execv", lambda *a: pytest.fail("ui started a server on an unreadable store"))
+    monkeypatch.setattr("os.execve", lambda *a: pytest.fail("ui started a server on an unreadable store"))
     db = tmp_path / "run" / "mlflow" / "mlflow.db"
     db.parent.mkdir(parents=True)
     db.write_bytes(b"x" * 4096)

@@ -164,7 +164,6 @@ def ui(
     Runs ``mlflow server`` with the run's backend store and artifact root in place of this
     process (Ctrl-C stops it).
     """
-    import shutil
     import sys
 
     from xrdmatch.platform.paths import RunPaths
@@ -180,19 +179,29 @@ def ui(
     _check_listen(host, port)
     paths = RunPaths.of(cfg.run_dir)
     paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
-    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
-    cmd = [exe or sys.executable, *([] if exe else ["-m", "mlflow"]), "server",
-           "--backend-store-uri", uri, "--default-artifact-root", paths.mlflow_artifacts.as_uri(),
-           "--host", host, "--port", str(port), "--workers", "1"]
-    # the server's background job runner (GenAI scorers: a pool of huey workers) is not needed here
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    cmd, env = _server_command(uri, paths.mlflow_artifacts.as_uri(), host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: --host {host} serves the MLflow UI to other machines, without authentication: "
                    "anyone who can reach this port can read and change runs and models", err=True)
     typer.echo(f"MLflow UI: http://{host}:{port}  (store {redact(uri)})", err=False)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, env)
+
+
+def _server_command(uri: str, artifact_root: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of ``mlflow server``: the store URI goes in the environment
+    (MLFLOW_BACKEND_STORE_URI, which mlflow reads), as argv shows its password to every local user."""
+    import shutil
+    import sys
+
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    cmd = [exe or sys.executable, *([] if exe else ["-m", "mlflow"]), "server",
+           "--default-artifact-root", artifact_root, "--host", host, "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
+    # the server's background job runner (GenAI scorers: a pool of huey workers) is not needed here
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return cmd, env
 
 
 def _check_listen(host: str, port: int) -> None:
