@@ -107,7 +107,7 @@ def predict(
     try:
         mdl = load_model(uri, cfg)
     except Exception as e:
-        typer.echo(f"error: cannot load model {uri}: {type(e).__name__}: {e}", err=True)
+        typer.echo(redact(f"error: cannot load model {uri}: {type(e).__name__}: {e}"), err=True)
         raise typer.Exit(2) from None
     items = collect_items(inputs, lam, cfg.tracking.measured, skip=out)
     rows = predict_items(mdl, items)
@@ -127,7 +127,7 @@ def predict(
     for _, r in rows[failed].iterrows():
         typer.echo(f"error: {r['source']} [{r['id']}]: {r['error']}", err=True)
     where = f" -> {out}" if out is not None else ""
-    typer.echo(f"predicted {int((~failed).sum())} of {len(rows)} inputs with {uri}{where}"
+    typer.echo(f"predicted {int((~failed).sum())} of {len(rows)} inputs with {redact(uri)}{where}"
                + (f"; {int(failed.sum())} failed (see the error column)" if failed.any() else ""), err=True)
     if len(rows) == 0 or failed.all() or write_failed:
         raise typer.Exit(1)
@@ -174,7 +174,7 @@ def ui(
     with store_errors(tracking_uri(cfg), tracking=True):
         uri = configure(cfg)  # creates the store and experiment if the run dir is new
     if uri.startswith(("http://", "https://", "databricks")):
-        typer.echo(f"tracking server already at {uri}: open it in a browser")
+        typer.echo(f"tracking server already at {redact(uri)}: open it in a browser")
         return
     _check_listen(host, port)
     paths = RunPaths.of(cfg.run_dir)
