@@ -148,6 +148,21 @@ def test_models_cli_lists_versions(mlflow_registry, monkeypatch):
     assert "grouped_cv_macro_f1 > champion + 0" in out
 
 
+def test_models_cli_prints_a_store_path_as_it_is_not_as_rich_markup(mlflow_registry, tmp_path, monkeypatch):
+    """The table's title shows the store URL: a run directory path holding '[/]' crashed it (MarkupError)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "[red]x[" / "]run"  # the path reads .../[red]x[/]run
+    shutil.copytree(mlflow_registry.run_dir / "mlflow", run_dir / "mlflow", ignore=shutil.ignore_patterns("artifacts"))
+    res = CliRunner().invoke(app, ["models", "--dir", str(run_dir)], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and f"sqlite:///{run_dir}" in res.output and "challenger, champion" in res.output, res.output
+
+
 def test_screen_cli_scores_the_database_with_the_champion(mlflow_registry, tmp_path, monkeypatch):
     """`xrdmatch screen`: the champion (v3 = ensemble B) scores every pattern of the configured
     database on Ray actors; the scores equal the ensemble's own; the run is on record."""

@@ -29,6 +29,7 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     from datetime import datetime
 
     from rich.console import Console
+    from rich.markup import escape  # names, aliases and tags come from the store, not markup
     from rich.table import Table
 
     from xrdmatch.platform.registry import list_versions
@@ -49,7 +50,7 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     metric_names = sorted({m for v in versions for m in v.metrics})
     pm = cfg.tracking.promotion_metric
     metric_names = ([pm] if pm in metric_names else []) + [m for m in metric_names if m != pm][:3]
-    table = Table(title=f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})")
+    table = Table(title=escape(f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})"))
     for col in ["version", "aliases", "created", *metric_names, "labelled (sources)", "unlabelled", "run"]:
         table.add_column(col, justify="right" if col in metric_names else "left")
     for v in versions:
@@ -57,9 +58,9 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
         srcs = v.lineage.get("lineage.label_sources", "")
         created = datetime.fromtimestamp(v.created_ms / 1000).strftime("%Y-%m-%d %H:%M") if v.created_ms else ""
         table.add_row(
-            v.version, ", ".join(v.aliases), created,
+            escape(v.version), escape(", ".join(v.aliases)), created,
             *[f"{v.metrics[m]:.3f}" if m in v.metrics else "-" for m in metric_names],
-            f"{lab} ({srcs})", v.lineage.get("lineage.unlabelled_count", "?"), (v.run_id or "")[:8],
+            escape(f"{lab} ({srcs})"), escape(v.lineage.get("lineage.unlabelled_count", "?")), escape((v.run_id or "")[:8]),
         )
     console.print(table)
     console.print(f"promotion rule: {versions[0].tags.get('promotion.rule', '-')}", markup=False)
