@@ -77,8 +77,9 @@ case "$mode" in
     ;;
   mlflow)
     : "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI (postgresql://...)}"
+    # mlflow server reads it from the environment; in argv its password would show in ps
+    export MLFLOW_BACKEND_STORE_URI
     exec mlflow server \
-      --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
       --artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION:-/mlflow/artifacts}" \
       --serve-artifacts \
       --host "${MLFLOW_HOST:-127.0.0.1}" --port "${MLFLOW_PORT:-5000}" \

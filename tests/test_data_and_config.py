@@ -249,6 +249,34 @@ def test_a_password_in_a_url_is_masked_wherever_the_config_is_logged(tmp_path, m
         monkeypatch.setenv("XRDMATCH_STORE_URL", url)
         shown = config_to_flat_params(load_config("configs/cluster.yaml"))["store.url"]
         assert "s3cret" not in shown and "***" in shown, shown
+    # a space in the password, a query key that holds "pass"/"secret", a user name with an '@'
+    for url, masked in (("postgresql://u:pa ss s3cret@db:5432/x", "postgresql://u:***@db:5432/x"),
+                        ("postgresql://u@db/x?sslpassword=s3cret&sslmode=on", "postgresql://u@db/x?sslpassword=***&sslmode=on"),
+                        ("postgresql://u@srv:s3cret@db/x?client_secret=s3cret", "postgresql://u@srv:***@db/x?client_secret=***")):
+        monkeypatch.setenv("XRDMATCH_STORE_URL", url)
+        cfg = load_config("configs/cluster.yaml")
+        assert cfg.store.url == url and config_to_flat_params(cfg)["store.url"] == masked
+
+
+def test_redact_masks_a_password_up_to_the_last_at_before_the_host():
+    from xrdmatch.config import redact
+
+    assert redact("error: tracking store postgresql://u:p@s3cret@db/x: failed") == \
+        "error: tracking store postgresql://u:***@db/x: failed"
+    assert redact("sftp://u:p@ss/w0rd@host:22/m and postgresql://v:x y@db/y") == \
+        "sftp://u:***@host:22/m and postgresql://v:***@db/y"
+    for plain in ("sqlite:////tmp/a@b/store.db", "http://127.0.0.1:5000", "postgresql://u@db:5432/x"):
+        assert redact(plain) == plain
+
+
+def test_a_raw_at_in_the_store_password_is_refused_without_showing_the_password(monkeypatch):
+    for url in ("postgresql://u:p@s3cret@db:5432/x", "postgresql://u:p@s3:cret@db:5432/x"):
+        monkeypatch.setenv("XRDMATCH_STORE_URL", url)
+        with pytest.raises(ConfigError, match="store.url") as e:
+            load_config("configs/cluster.yaml")
+        assert "%40" in str(e.value) and "s3" not in str(e.value) and "cret" not in str(e.value), str(e.value)
+    monkeypatch.setenv("XRDMATCH_STORE_URL", "postgresql://u:p%40s3cret@db:5432/x")  # encoded: accepted
+    assert load_config("configs/cluster.yaml").store.url.endswith("p%40s3cret@db:5432/x")
 
 
 def test_yaml_booleans_for_use_gpu_are_read_as_the_strings_the_readme_shows(tmp_path):

@@ -216,3 +216,19 @@ def test_main_sh_reads_relative_paths_from_where_it_was_typed(tmp_path):
     out = subprocess.run(["bash", str(repo / "scripts" / "main.sh"), "--help"], cwd=here,
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == [f"{repo}|campaign run --config configs/default.yaml --help"]  # no report after --help
+
+
+def test_entrypoint_mlflow_passes_the_store_url_in_the_environment_not_argv(tmp_path):
+    """argv is readable by every local user (ps): the PostgreSQL password must not be in it; a
+    stand-in `mlflow` prints its argv and the MLFLOW_BACKEND_STORE_URI it was given."""
+    mlflow = tmp_path / "mlflow"
+    mlflow.write_text('#!/bin/bash\necho "argv: $*"\necho "env: $MLFLOW_BACKEND_STORE_URI"\n')
+    mlflow.chmod(0o755)
+    url = "postgresql://xrdmatch:s3cret@postgres:5432/mlflow"
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "MLFLOW_BACKEND_STORE_URI": url}
+    r = subprocess.run(["bash", str(DOCKER / "entrypoint.sh"), "mlflow"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    argv, given = r.stdout.splitlines()
+    assert argv.startswith("argv: server ") and "s3cret" not in argv and "--backend-store-uri" not in argv, argv
+    assert given == f"env: {url}"

@@ -622,6 +622,25 @@ def test_from_json_renders_the_issues_minimal_shape_and_names_a_bad_file(tmp_pat
         assert res.exit_code == 2 and str(f) in res.output and why in res.output, res.output
 
 
+def test_from_json_prints_method_names_and_paths_as_they_are_not_as_rich_markup(tmp_path):
+    """A method name or path holding '[/]' crashed the output (MarkupError), '[red]x' lost its tag."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    folder = tmp_path / "[red]res[" / "]x"  # the path reads .../[red]res[/]x/
+    folder.mkdir(parents=True)
+    f = folder / "cv.json"
+    f.write_text(json.dumps({"protocol": "grouped-cv", "results": [{"method": "[bold]m[/]", "macro_f1": 0.6}]}))
+    res = CliRunner().invoke(app, ["evaluate", "--from-json", str(f)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "[bold]m[/]" in res.output, res.output
+    res = CliRunner().invoke(app, ["evaluate", "--from-json", str(f), "--markdown", str(f / "t.md")])
+    assert res.exit_code == 2 and f"--markdown {f / 't.md'}: cannot be written there" in res.output, res.output
+    f.write_text("[]")
+    res = CliRunner().invoke(app, ["evaluate", "--from-json", str(f)])
+    assert res.exit_code == 2 and f"--from-json {f}: not an evaluation result" in res.output, res.output
+
+
 def test_from_json_refuses_an_unwritable_markdown_naming_it(tmp_path):
     """--from-json with --markdown to a folder, or under a file: one line naming it, exit 2."""
     from typer.testing import CliRunner

@@ -99,6 +99,21 @@ def test_a_file_that_is_not_utf8_is_refused_naming_it_and_a_bom_is_read(url, tmp
     assert import_labels(url, f) == (1, 0, 0) and _labels(url) == {"mp-1": 1}
 
 
+def test_a_field_the_csv_module_cannot_read_is_refused_naming_the_file_and_line(url, tmp_path):
+    """A field over the csv module's 131072-character limit was a _csv.Error traceback."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    f = tmp_path / "big.csv"
+    f.write_text(f'structure_id,formula,label\nmp-1,Li3PS4,1\nmp-2,Li2O,"{"x" * 200_000}"\n')
+    with pytest.raises(LabelInputError, match=r"big\.csv: line 3: field larger than field limit \(131072\)"):
+        import_labels(url, f)
+    assert list_labels(url) == []
+    res = CliRunner().invoke(app, ["labels", "import", str(f), "--dir", str(tmp_path / "run")])
+    assert res.exit_code == 2 and res.output.startswith(f"error: {f}: line 3: field larger") and "Traceback" not in res.output, res.output
+
+
 def test_a_replaced_label_is_the_newest(tmp_path):
     """A corrected measurement imported with replace=True is newer than a label stored in between,
     so it is the one training uses."""

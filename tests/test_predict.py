@@ -213,6 +213,23 @@ def test_predict_cli_fails_only_when_everything_fails(mlflow_registry, tmp_path,
     assert res.exit_code == 2 and "cannot load model models:/xrdmatch-superionic@champion" in res.output
 
 
+def test_a_model_uri_with_a_password_is_masked_in_what_predict_prints(mlflow_registry, tmp_path, monkeypatch):
+    """MLflow reads user:password@ in sftp:// or http(s):// model URIs: the lines naming the model
+    show user:***@host, also when the model cannot be loaded (the error may repeat the URI)."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cif = tmp_path / "Li2O.cif"
+    _li2o().to(filename=str(cif))
+    runner = CliRunner()
+    for uri, code, shown in ((f"file://u:s3cret@localhost{mlflow_registry.ens_b}", 0, f"with file://u:***@localhost{mlflow_registry.ens_b}"),
+                             ("sftp://u:s3cret@127.0.0.1:1/models/m", 2, "error: cannot load model sftp://u:***@127.0.0.1:1/models/m: ")):
+        res = runner.invoke(app, ["predict", "--dir", str(mlflow_registry.run_dir), str(cif), "--model", uri])
+        assert res.exit_code == code and shown in res.output and "s3cret" not in res.output, res.output
+
+
 def test_an_unreadable_tracking_store_is_one_line_in_predict_and_ui(tmp_path, monkeypatch):
     """A run directory whose mlflow.db is not a database: predict and ui say so in one line naming
     the store, exit 1, as `xrdmatch models` does, not with a traceback (ui never starts a server)."""
@@ -221,7 +238,7 @@ def test_an_unreadable_tracking_store_is_one_line_in_predict_and_ui(tmp_path, mo
     from xrdmatch.cli import app
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr("os.execv", lambda *a: pytest.fail("ui started a server on an unreadable store"))
+    monkeypatch.setattr("os.execve", lambda *a: pytest.fail("ui started a server on an unreadable store"))
     db = tmp_path / "run" / "mlflow" / "mlflow.db"
     db.parent.mkdir(parents=True)
     db.write_bytes(b"x" * 4096)

@@ -407,6 +407,23 @@ def test_validate_status_refuses_filter_typos_and_says_an_unreadable_store_in_on
         assert res.output.strip() == f"error: store sqlite:///{garbage}: (sqlite3.DatabaseError) file is not a database"
 
 
+def test_validate_status_shows_ids_as_they_are_not_as_rich_markup(tmp_path):
+    """An id 'mp-1[/]' crashed the table (MarkupError) and a file named '[red on white]Li2O.cif'
+    was listed as 'Li2O': ids are user text, printed literally."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    run_dir = tmp_path / "[bold]run"  # the store URL in the title is a path too
+    run_dir.mkdir()
+    url = f"sqlite:///{run_dir / 'store.db'}"
+    for sid in ("mp-1[/]", "[red on white]Li2O"):
+        queue.submit(url, sid, LI3N, _proto())
+    res = CliRunner().invoke(app, ["validate", "status", "--dir", str(run_dir)])
+    assert res.exit_code == 0, res.output
+    assert "mp-1[/]" in res.output and "[red on white]Li2O" in res.output and "[bold]run" in res.output, res.output
+
+
 # --- bad input is refused at submission, naming the structure (not at a worker, hours later) ---
 
 

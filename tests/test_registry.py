@@ -148,6 +148,21 @@ def test_models_cli_lists_versions(mlflow_registry, monkeypatch):
     assert "grouped_cv_macro_f1 > champion + 0" in out
 
 
+def test_models_cli_prints_a_store_path_as_it_is_not_as_rich_markup(mlflow_registry, tmp_path, monkeypatch):
+    """The table's title shows the store URL: a run directory path holding '[/]' crashed it (MarkupError)."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "[red]x[" / "]run"  # the path reads .../[red]x[/]run
+    shutil.copytree(mlflow_registry.run_dir / "mlflow", run_dir / "mlflow", ignore=shutil.ignore_patterns("artifacts"))
+    res = CliRunner().invoke(app, ["models", "--dir", str(run_dir)], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and f"sqlite:///{run_dir}" in res.output and "challenger, champion" in res.output, res.output
+
+
 def test_screen_cli_scores_the_database_with_the_champion(mlflow_registry, tmp_path, monkeypatch):
     """`xrdmatch screen`: the champion (v3 = ensemble B) scores every pattern of the configured
     database on Ray actors; the scores equal the ensemble's own; the run is on record."""
@@ -215,6 +230,37 @@ def test_screen_refuses_an_unusable_out_before_scoring(tmp_path, monkeypatch):
         assert "Traceback" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "scores"]  # no run directory made either
     assert list(folder.iterdir()) == []
+
+
+def test_screen_masks_a_password_in_the_model_uri_it_prints_and_tags(mlflow_registry, tmp_path, monkeypatch):
+    """A model URI with user:password@ (sftp://, http(s)://): the printed lines and the run's
+    model.uri tag show user:***@host, also when the model cannot be loaded."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg_path = tmp_path / "screen.yaml"
+    cfg_path.write_text(yaml.safe_dump({"run_dir": str(mlflow_registry.run_dir), "ray": {"num_cpus": 1},
+                                        "database": {"limit": 20}, "xrd": {"batch_size": 20, "workers": 1}}))
+    res = CliRunner().invoke(app, ["screen", "--config", str(cfg_path), "--no-progress",
+                                   "--model", "sftp://u:s3cret@127.0.0.1:1/models/m"])
+    assert res.exit_code == 2 and "s3cret" not in res.output, res.output
+    assert "error: cannot load model sftp://u:***@127.0.0.1:1/models/m: " in res.output
+    uri = f"file://u:s3cret@localhost{mlflow_registry.ens_b}"  # MLflow reads it as the local folder
+    res = CliRunner().invoke(app, ["screen", "--config", str(cfg_path), "--no-progress", "--top", "1",
+                                   "--out", str(tmp_path / "s.parquet"), "--model", uri])
+    assert res.exit_code == 0 and "s3cret" not in res.output, res.output
+    assert f"with file://u:***@localhost{mlflow_registry.ens_b} (vlocal)" in res.output
+    cfg = load_config(cfg_path)
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    run = next(r for r in client.search_runs([exp.experiment_id]) if r.info.run_name == "screen-vlocal")
+    assert run.data.tags["model.uri"] == f"file://u:***@localhost{mlflow_registry.ens_b}"
 
 
 def test_pip_requirements_drop_local_versions(monkeypatch):

@@ -114,7 +114,7 @@ def test_ui_on_a_busy_port_or_unknown_host_fails_naming_it(tmp_path, monkeypatch
     from xrdmatch.cli import app
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(os, "execv", lambda *a: pytest.fail(f"the server was started: {a}"))
+    monkeypatch.setattr(os, "execve", lambda *a: pytest.fail(f"the server was started: {a}"))
     port = _free_port()
     with socket.create_server(("127.0.0.1", port)):  # listening: the port is taken
         res = CliRunner().invoke(app, ["ui", "--dir", str(tmp_path / "run"), "--port", str(port)])
@@ -124,3 +124,26 @@ def test_ui_on_a_busy_port_or_unknown_host_fails_naming_it(tmp_path, monkeypatch
                                    "--port", str(port)])
     assert res.exit_code == 2, res.output
     assert f"error: cannot listen on no-such-host.invalid:{port}: " in res.output and "MLflow UI:" not in res.output
+
+
+def test_ui_gives_the_server_its_store_in_the_environment_not_argv(tmp_path, monkeypatch):
+    """argv of a process is readable by every local user (ps): the store URI, with any password,
+    reaches `mlflow server` as MLFLOW_BACKEND_STORE_URI."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    started = []
+    for name in ("execv", "execve"):  # captured, never run
+        monkeypatch.setattr(os, name, lambda *a: started.append(a))
+    res = CliRunner().invoke(app, ["ui", "--dir", str(tmp_path / "run"), "--port", str(_free_port())])
+    assert res.exit_code == 0 and len(started) == 1, res.output
+    exe, argv, env = started[0] if len(started[0]) == 3 else (*started[0], dict(os.environ))
+    uri = f"sqlite:///{tmp_path / 'run' / 'mlflow' / 'mlflow.db'}"
+    assert "server" in argv and not any(uri in a for a in argv) and "--backend-store-uri" not in argv, argv
+    assert env["MLFLOW_BACKEND_STORE_URI"] == uri
+    from xrdmatch.platform.cli_models import _server_command
+
+    cmd, env = _server_command("postgresql://u:s3cret@db:5432/mlflow", "file:///tmp/a", "127.0.0.1", 5000)
+    assert "s3cret" not in " ".join(cmd) and env["MLFLOW_BACKEND_STORE_URI"] == "postgresql://u:s3cret@db:5432/mlflow"

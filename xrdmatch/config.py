@@ -250,6 +250,8 @@ class StoreConfig(StrictModel):
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError
 
+        if _RAW_AT_IN_PASSWORD.match(v):  # parsed as part of the host; the error would show the password's tail
+            raise ValueError(f"{redact(v)!r}: the password holds a raw '@'; percent-encode it as %40")
         try:
             url = make_url(v)
         except ArgumentError:
@@ -523,13 +525,17 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
         raise ConfigError(_format_errors(source, err)) from None
 
 
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*):[^@\s]*@")  # user may be empty: postgresql://:pw@host
-_QUERY_PASSWORD = re.compile(r"([?&](?:password|passwd|pwd)=)[^&\s]*", re.IGNORECASE)
+# user may be empty (postgresql://:pw@host) or hold an '@' (user@server); the password runs to the
+# LAST '@' on the line (a raw '@' or space in it must not leave its tail shown), never into another URL
+_URL_PASSWORD = re.compile(r"(://[^:/\s]*):(?:(?!://)[^\r\n])*@")
+_QUERY_PASSWORD = re.compile(r"([?&][\w.-]*(?:pass|pwd|secret)[\w.-]*=)[^&\s]*", re.IGNORECASE)
+# scheme://user:pass@word@host...: SQLAlchemy ends the password at the first '@'
+_RAW_AT_IN_PASSWORD = re.compile(r"[\w+]+://[^:/]*:[^@]*@[^/?]*@")
 
 
 def redact(text: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://user:***@host``, ``?password=x`` ->
-    ``?password=***`` (URLs from ${ENV} in logs and params)."""
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``, ``?sslpassword=x`` ->
+    ``?sslpassword=***`` (any key holding pass/pwd/secret; URLs from ${ENV} in logs and params)."""
     return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", text))
 
 

@@ -19,6 +19,7 @@ def run(config: str = ConfigOpt, run_dir: str | None = DirOpt,
         progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars")) -> None:
     """Run the campaign, or resume it at the first unfinished stage."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from xrdmatch.platform.campaign import CampaignError, run_campaign
@@ -39,7 +40,7 @@ def run(config: str = ConfigOpt, run_dir: str | None = DirOpt,
     except input_errors() as e:  # the failed stage has recorded it too (campaign status shows it)
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    table = Table(title=f"stage timings ({cfg.run_dir})")
+    table = Table(title=f"stage timings ({escape(str(cfg.run_dir))})")  # a path is not markup
     table.add_column("stage")
     table.add_column("seconds (all rounds)", justify="right")
     for stage, s in timings["per_stage"].items():

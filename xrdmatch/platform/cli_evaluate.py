@@ -43,6 +43,7 @@ def evaluate(
     again; a rerun of a finished evaluation writes the JSON again and logs no second run.
     """
     from rich.console import Console
+    from rich.markup import escape  # paths and messages are not markup
 
     from xrdmatch.training.evaluation import results_markdown
 
@@ -53,7 +54,8 @@ def evaluate(
             result = json.loads(Path(from_json).read_text())
             _check_result_shape(result)
         except (OSError, ValueError, KeyError, TypeError) as e:
-            err.print(f"[red]--from-json {from_json}: not an evaluation result ({e})", highlight=False, soft_wrap=True)
+            err.print(f"[red]{escape(f'--from-json {from_json}: not an evaluation result ({e})')}", highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(2) from None
         _check_writable(markdown, "--markdown", err)
     else:
@@ -70,12 +72,12 @@ def evaluate(
         _check_writable(markdown, "--markdown", err)
         result = _run(protocol, config, overrides, err, out)
         out = Path(result["out"])
-        err.print(f"wrote {out}; MLflow run {result['mlflow_run_id']}")
+        err.print(f"wrote {out}; MLflow run {result['mlflow_run_id']}", markup=False)
     _print_table(console, result)
     if markdown is not None:
         markdown.parent.mkdir(parents=True, exist_ok=True)
         markdown.write_text(results_markdown(result))
-        err.print(f"wrote {markdown}")
+        err.print(f"wrote {markdown}", markup=False)
 
 
 def _check_result_shape(result) -> None:
@@ -98,6 +100,8 @@ def _check_writable(path: Path | None, option: str, err) -> None:
     is a file, no permission)."""
     import tempfile
 
+    from rich.markup import escape
+
     if path is None:
         return
     try:
@@ -111,13 +115,15 @@ def _check_writable(path: Path | None, option: str, err) -> None:
             pass
     except OSError as e:
         why = e.args[0] if len(e.args) == 1 else (e.strerror or e)
-        err.print(f"[red]{option} {path}: cannot be written there ({why})", highlight=False, soft_wrap=True)
+        err.print(f"[red]{escape(f'{option} {path}: cannot be written there ({why})')}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
 def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Path | None) -> dict:
     """Run the protocol inside an MLflow run: the config as params, every method's metrics,
     the JSON and its confusion-matrix / PR / calibration PNGs as artifacts."""
+    from rich.markup import escape
+
     from xrdmatch.config import ConfigError, load_config
     from xrdmatch.platform.tracking import log_evaluation, mlflow_run
     from xrdmatch.training.evaluation import evaluate_grouped_cv, evaluate_paper, write_json
@@ -125,7 +131,7 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:
-        err.print(f"[red]{e}")
+        err.print(f"[red]{escape(str(e))}")
         raise typer.Exit(2) from None
     check_run_dir(cfg.run_dir)
     check_data_paths(cfg)
@@ -133,7 +139,7 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
     try:
         key = evaluation_key(cfg, protocol.value)
     except (ValueError, *input_errors()) as e:  # a labels file or database that cannot be read: named
-        err.print(f"[red]evaluate --protocol {protocol.value}: {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]evaluate --protocol {protocol.value}: {escape(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     earlier = _evaluate_runs(cfg, key)
     finished = next((r for r in earlier if r.info.status == "FINISHED"), None)
@@ -171,15 +177,17 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
 
 
 def _evaluate(fn, cfg, protocol: Protocol, err) -> dict:
+    from rich.markup import escape
+
     from xrdmatch.training.evaluation import MemberTrainingError
 
     try:
-        return fn(cfg, log_fn=lambda s: err.print(s, highlight=False))
+        return fn(cfg, log_fn=lambda s: err.print(s, highlight=False, markup=False))
     except MemberTrainingError as e:  # the run failed, not its input (a RayTaskError can be a ValueError too)
-        err.print(f"[red]evaluate --protocol {protocol.value}: {e}", highlight=False)
+        err.print(f"[red]evaluate --protocol {protocol.value}: {escape(str(e))}", highlight=False)
         raise typer.Exit(1) from None
     except (ValueError, *input_errors()) as e:  # impossible split / unknown method / unusable data: named
-        err.print(f"[red]evaluate --protocol {protocol.value}: {e}")
+        err.print(f"[red]evaluate --protocol {protocol.value}: {escape(str(e))}")
         raise typer.Exit(2) from None
 
 
@@ -221,6 +229,7 @@ def _default_out(result: dict, protocol: Protocol) -> Path:
 
 
 def _print_table(console, result: dict) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from xrdmatch.training.evaluation import table_rows
@@ -231,5 +240,5 @@ def _print_table(console, result: dict) -> None:
     for h in head:
         t.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*map(escape, r))  # method names of a --from-json file are user text
     console.print(t)

@@ -29,6 +29,7 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     from datetime import datetime
 
     from rich.console import Console
+    from rich.markup import escape  # names, aliases and tags come from the store, not markup
     from rich.table import Table
 
     from xrdmatch.platform.registry import list_versions
@@ -49,7 +50,7 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     metric_names = sorted({m for v in versions for m in v.metrics})
     pm = cfg.tracking.promotion_metric
     metric_names = ([pm] if pm in metric_names else []) + [m for m in metric_names if m != pm][:3]
-    table = Table(title=f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})")
+    table = Table(title=escape(f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})"))
     for col in ["version", "aliases", "created", *metric_names, "labelled (sources)", "unlabelled", "run"]:
         table.add_column(col, justify="right" if col in metric_names else "left")
     for v in versions:
@@ -57,9 +58,9 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
         srcs = v.lineage.get("lineage.label_sources", "")
         created = datetime.fromtimestamp(v.created_ms / 1000).strftime("%Y-%m-%d %H:%M") if v.created_ms else ""
         table.add_row(
-            v.version, ", ".join(v.aliases), created,
+            escape(v.version), escape(", ".join(v.aliases)), created,
             *[f"{v.metrics[m]:.3f}" if m in v.metrics else "-" for m in metric_names],
-            f"{lab} ({srcs})", v.lineage.get("lineage.unlabelled_count", "?"), (v.run_id or "")[:8],
+            escape(f"{lab} ({srcs})"), escape(v.lineage.get("lineage.unlabelled_count", "?")), escape((v.run_id or "")[:8]),
         )
     console.print(table)
     console.print(f"promotion rule: {versions[0].tags.get('promotion.rule', '-')}", markup=False)
@@ -107,7 +108,7 @@ def predict(
     try:
         mdl = load_model(uri, cfg)
     except Exception as e:
-        typer.echo(f"error: cannot load model {uri}: {type(e).__name__}: {e}", err=True)
+        typer.echo(redact(f"error: cannot load model {uri}: {type(e).__name__}: {e}"), err=True)
         raise typer.Exit(2) from None
     items = collect_items(inputs, lam, cfg.tracking.measured, skip=out)
     rows = predict_items(mdl, items)
@@ -127,7 +128,7 @@ def predict(
     for _, r in rows[failed].iterrows():
         typer.echo(f"error: {r['source']} [{r['id']}]: {r['error']}", err=True)
     where = f" -> {out}" if out is not None else ""
-    typer.echo(f"predicted {int((~failed).sum())} of {len(rows)} inputs with {uri}{where}"
+    typer.echo(f"predicted {int((~failed).sum())} of {len(rows)} inputs with {redact(uri)}{where}"
                + (f"; {int(failed.sum())} failed (see the error column)" if failed.any() else ""), err=True)
     if len(rows) == 0 or failed.all() or write_failed:
         raise typer.Exit(1)
@@ -164,7 +165,6 @@ def ui(
     Runs ``mlflow server`` with the run's backend store and artifact root in place of this
     process (Ctrl-C stops it).
     """
-    import shutil
     import sys
 
     from xrdmatch.platform.paths import RunPaths
@@ -175,24 +175,34 @@ def ui(
     with store_errors(tracking_uri(cfg), tracking=True):
         uri = configure(cfg)  # creates the store and experiment if the run dir is new
     if uri.startswith(("http://", "https://", "databricks")):
-        typer.echo(f"tracking server already at {uri}: open it in a browser")
+        typer.echo(f"tracking server already at {redact(uri)}: open it in a browser")
         return
     _check_listen(host, port)
     paths = RunPaths.of(cfg.run_dir)
     paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
-    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
-    cmd = [exe or sys.executable, *([] if exe else ["-m", "mlflow"]), "server",
-           "--backend-store-uri", uri, "--default-artifact-root", paths.mlflow_artifacts.as_uri(),
-           "--host", host, "--port", str(port), "--workers", "1"]
-    # the server's background job runner (GenAI scorers: a pool of huey workers) is not needed here
-    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    cmd, env = _server_command(uri, paths.mlflow_artifacts.as_uri(), host, port)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: --host {host} serves the MLflow UI to other machines, without authentication: "
                    "anyone who can reach this port can read and change runs and models", err=True)
     typer.echo(f"MLflow UI: http://{host}:{port}  (store {redact(uri)})", err=False)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, env)
+
+
+def _server_command(uri: str, artifact_root: str, host: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """argv and environment of ``mlflow server``: the store URI goes in the environment
+    (MLFLOW_BACKEND_STORE_URI, which mlflow reads), as argv shows its password to every local user."""
+    import shutil
+    import sys
+
+    exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    cmd = [exe or sys.executable, *([] if exe else ["-m", "mlflow"]), "server",
+           "--default-artifact-root", artifact_root, "--host", host, "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
+    # the server's background job runner (GenAI scorers: a pool of huey workers) is not needed here
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return cmd, env
 
 
 def _check_listen(host: str, port: int) -> None:

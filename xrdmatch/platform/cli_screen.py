@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from xrdmatch.config import redact
 from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_data_paths, check_out_file, input_errors, load_cfg
 
 
@@ -60,7 +61,7 @@ def screen(
         ens = Ensemble.load(ens_dir)
         thr, vote_fraction, rule_from = decision_rule(ens_dir, cfg)
     except Exception as e:
-        typer.echo(f"error: cannot load model {uri}: {type(e).__name__}: {e}", err=True)
+        typer.echo(redact(f"error: cannot load model {uri}: {type(e).__name__}: {e}"), err=True)
         raise typer.Exit(2) from None
     try:
         pt = ensure_patterns(cfg, progress=progress)
@@ -78,7 +79,7 @@ def screen(
     killed = _unfinished_screen_run(cfg, key)  # a killed screen of this model and these patterns: reopen its run
     if killed:
         typer.echo(f"resuming MLflow run {killed} of an interrupted screen", err=True)
-    with mlflow_run(cfg, f"screen-v{version}", tags={"xrdmatch.kind": "screen", "model.uri": uri,
+    with mlflow_run(cfg, f"screen-v{version}", tags={"xrdmatch.kind": "screen", "model.uri": redact(uri),
                                                       "model.version": version, "xrdmatch.screen_key": key},
                     resume_run_id=killed) as run:
         with progress_bar(total=n, desc="screen", unit="pattern", disable=not progress) as bar:
@@ -102,7 +103,7 @@ def screen(
             (Path(tmp) / "top.csv").write_text("id,formula,p_superionic,p_std\n"
                                                + "".join(f"{a},{b},{p:.4f},{s:.4f}\n" for a, b, p, s in rows))
             mlflow.log_artifacts(tmp, "screen")
-    typer.echo(f"screened {n} structures with {uri} (v{version}): {int(positive.sum())} called superionic "
+    typer.echo(f"screened {n} structures with {redact(uri)} (v{version}): {int(positive.sum())} called superionic "
                f"(>= {need} of {len(ens.members)} members with p > {thr:g}) -> {path}; MLflow run {run.info.run_id}")
     for sid, formula, p, s in rows:
         typer.echo(f"  {sid:>14s}  {formula:<24s} p = {p:.3f} +- {s:.3f}")

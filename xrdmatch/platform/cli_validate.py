@@ -111,6 +111,7 @@ def status(
 ) -> None:
     """Table of validation jobs: state, progress, ETA, verdict, sigma(300 K), error."""
     from rich.console import Console
+    from rich.markup import escape  # ids, formulas and errors are user text, not markup
     from rich.table import Table
 
     from xrdmatch.platform import queue
@@ -124,7 +125,7 @@ def status(
         jobs = queue.list_jobs(url, states=state or None, limit=limit)
         now = queue.store_now(url)
         counts = queue.counts_by_state(url)
-    table = Table(title=f"validation jobs ({redact(url)})")
+    table = Table(title=f"validation jobs ({escape(redact(url))})")
     for col in ("id", "structure", "formula", "state", "T done", "progress", "ETA", "verdict", "sigma_300 S/cm", "attempts", "error"):
         table.add_column(col, overflow="fold")
     colour = {"done": "green", "failed": "red", "running": "cyan", "inconclusive": "yellow"}
@@ -138,13 +139,13 @@ def status(
             if j.lease_expires is not None and j.lease_expires < now:
                 prog += " (lease expired)"
         table.add_row(
-            str(j.id), j.structure_id, j.formula, f"[{colour.get(j.state, 'white')}]{j.state}[/]",
-            f"{done} ({len(p.get('temperatures_done', []))}/{n_t})", prog, _eta(j, now), j.verdict or "-",
-            f"{j.sigma_300:.2e}" if j.sigma_300 is not None else "-", str(j.attempts), (j.error or "")[:200],
+            str(j.id), escape(j.structure_id), escape(j.formula), f"[{colour.get(j.state, 'white')}]{escape(j.state)}[/]",
+            f"{done} ({len(p.get('temperatures_done', []))}/{n_t})", prog, _eta(j, now), escape(j.verdict or "-"),
+            f"{j.sigma_300:.2e}" if j.sigma_300 is not None else "-", str(j.attempts), escape((j.error or "")[:200]),
         )
     console = Console(width=200) if not Console().is_terminal else Console()
     console.print(table)
-    console.print("  ".join(f"{s}: {n}" for s, n in counts.items()))
+    console.print("  ".join(f"{s}: {n}" for s, n in counts.items()), markup=False)
 
 
 @app.command()

@@ -314,65 +314,69 @@ def _read_label_rows(p: Path, path, method: str, sigma_threshold: float):
     label_row: dict[str, tuple[int, int, str]] = {}  # structure id -> (row, label, method) of its first row
     with open(p, newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a byte-order mark
         reader = csv.DictReader(fh)
-        cols = set(reader.fieldnames or [])
-        if not ({"structure_id", "id"} & cols) or "formula" not in cols or not ({"label", "sigma_300"} & cols):
-            raise LabelInputError(f"{path}: needs columns structure_id (or id), formula, and label or sigma_300; got {sorted(cols)}")
-        for n, row in enumerate(reader, start=2):
-            if None in row or None in row.values():
-                raise LabelInputError(f"{path}: row {n}: {'more' if None in row else 'fewer'} fields than the "
-                                      f"header's {len(reader.fieldnames)}")
-            sid = (row.get("structure_id") or row.get("id") or "").strip()
-            if not sid:
-                raise LabelInputError(f"{path}: row {n}: empty structure id")
-            formula = (row.get("formula") or "").strip()
-            if not formula:  # candidate selection skips labelled compositions by this formula
-                raise LabelInputError(f"{path}: row {n} ({sid}): empty formula")
-            try:
-                reduced_formula(formula)
-                unknown = [str(e) for e in Composition(clean_formula(formula)).elements if not isinstance(e, Element)]
-            except Exception:
-                raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula") from None
-            if unknown:  # pymatgen reads any capitalised symbol ('Zz') as a placeholder species
-                raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula "
-                                      f"({', '.join(unknown)}: not an element)")
-            m = (row.get("method") or method).strip()
-            raw_sigma = (row.get("sigma_300") or "").strip()
-            sigma = _finite(raw_sigma) if raw_sigma else None
-            if raw_sigma and (sigma is None or sigma < 0):
-                raise LabelInputError(f"{path}: row {n} ({sid}): sigma_300 {raw_sigma!r} is not a finite non-negative number")
-            raw = (row.get("label") or "").strip()
-            if raw:
-                if raw not in ("0", "1"):
-                    raise LabelInputError(f"{path}: row {n} ({sid}): label {raw!r} not in {{0, 1}}")
-                lab = int(raw)
-                if sigma is not None and lab != int(sigma >= sigma_threshold):
-                    raise LabelInputError(
-                        f"{path}: row {n} ({sid}): label {lab} contradicts sigma_300 {sigma:g} S/cm (threshold "
-                        f"{sigma_threshold:g}; 1 = superionic = sigma_300 >= threshold; the paper's files use 0 = superionic)")
-            elif sigma is not None:
-                lab = int(sigma >= sigma_threshold)
-            else:
-                raise LabelInputError(f"{path}: row {n} ({sid}): neither label nor a finite sigma_300")
-            if m not in METHODS:
-                raise LabelInputError(f"{path}: row {n} ({sid}): unknown method {m!r} (one of {METHODS})")
-            rec = LabelRecord(structure_id=sid, formula=formula, method=m, label=lab,
-                              protocol_hash=f"import:{m}", sigma_300=sigma,
-                              verdict="superionic" if lab else "not_superionic",
-                              source=f"{p.name}:{n}")
-            prev = first_row.get((sid, m))
-            if prev is not None:
-                diff = _same_label(prev[1], rec)
-                if diff:
-                    raise LabelInputError(f"{path}: rows {prev[0]} and {n}: structure {sid} ({m}) twice with "
-                                          f"different values ({'; '.join(diff)})")
-                continue  # the same row again: one label
-            other = label_row.setdefault(sid, (n, lab, m))
-            if other[1] != lab:
-                raise LabelInputError(f"{path}: rows {other[0]} and {n}: structure {sid} labelled {other[1]} ({other[2]}) "
-                                      f"and {lab} ({m}) in one file; import them separately (the newest stored "
-                                      "label is the one training uses)")
-            first_row[(sid, m)] = (n, rec)
-            recs.append(rec)
+        try:
+            cols = set(reader.fieldnames or [])
+            if not ({"structure_id", "id"} & cols) or "formula" not in cols or not ({"label", "sigma_300"} & cols):
+                raise LabelInputError(f"{path}: needs columns structure_id (or id), formula, and label or sigma_300; got {sorted(cols)}")
+            for n, row in enumerate(reader, start=2):
+                if None in row or None in row.values():
+                    raise LabelInputError(f"{path}: row {n}: {'more' if None in row else 'fewer'} fields than the "
+                                          f"header's {len(reader.fieldnames)}")
+                sid = (row.get("structure_id") or row.get("id") or "").strip()
+                if not sid:
+                    raise LabelInputError(f"{path}: row {n}: empty structure id")
+                formula = (row.get("formula") or "").strip()
+                if not formula:  # candidate selection skips labelled compositions by this formula
+                    raise LabelInputError(f"{path}: row {n} ({sid}): empty formula")
+                try:
+                    reduced_formula(formula)
+                    unknown = [str(e) for e in Composition(clean_formula(formula)).elements if not isinstance(e, Element)]
+                except Exception:
+                    raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula") from None
+                if unknown:  # pymatgen reads any capitalised symbol ('Zz') as a placeholder species
+                    raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula "
+                                          f"({', '.join(unknown)}: not an element)")
+                m = (row.get("method") or method).strip()
+                raw_sigma = (row.get("sigma_300") or "").strip()
+                sigma = _finite(raw_sigma) if raw_sigma else None
+                if raw_sigma and (sigma is None or sigma < 0):
+                    raise LabelInputError(f"{path}: row {n} ({sid}): sigma_300 {raw_sigma!r} is not a finite non-negative number")
+                raw = (row.get("label") or "").strip()
+                if raw:
+                    if raw not in ("0", "1"):
+                        raise LabelInputError(f"{path}: row {n} ({sid}): label {raw!r} not in {{0, 1}}")
+                    lab = int(raw)
+                    if sigma is not None and lab != int(sigma >= sigma_threshold):
+                        raise LabelInputError(
+                            f"{path}: row {n} ({sid}): label {lab} contradicts sigma_300 {sigma:g} S/cm (threshold "
+                            f"{sigma_threshold:g}; 1 = superionic = sigma_300 >= threshold; the paper's files use 0 = superionic)")
+                elif sigma is not None:
+                    lab = int(sigma >= sigma_threshold)
+                else:
+                    raise LabelInputError(f"{path}: row {n} ({sid}): neither label nor a finite sigma_300")
+                if m not in METHODS:
+                    raise LabelInputError(f"{path}: row {n} ({sid}): unknown method {m!r} (one of {METHODS})")
+                rec = LabelRecord(structure_id=sid, formula=formula, method=m, label=lab,
+                                  protocol_hash=f"import:{m}", sigma_300=sigma,
+                                  verdict="superionic" if lab else "not_superionic",
+                                  source=f"{p.name}:{n}")
+                prev = first_row.get((sid, m))
+                if prev is not None:
+                    diff = _same_label(prev[1], rec)
+                    if diff:
+                        raise LabelInputError(f"{path}: rows {prev[0]} and {n}: structure {sid} ({m}) twice with "
+                                              f"different values ({'; '.join(diff)})")
+                    continue  # the same row again: one label
+                other = label_row.setdefault(sid, (n, lab, m))
+                if other[1] != lab:
+                    raise LabelInputError(f"{path}: rows {other[0]} and {n}: structure {sid} labelled {other[1]} ({other[2]}) "
+                                          f"and {lab} ({m}) in one file; import them separately (the newest stored "
+                                          "label is the one training uses)")
+                first_row[(sid, m)] = (n, rec)
+                recs.append(rec)
+        except csv.Error as e:  # e.g. a field over the csv module's 131072-character limit: not a traceback
+            # the inner reader's line: DictReader's own line_num lags by the row that failed
+            raise LabelInputError(f"{path}: line {reader.reader.line_num}: {e}") from None
     return recs, first_row
 
 
