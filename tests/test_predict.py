@@ -428,6 +428,28 @@ def test_predict_refuses_a_cif_too_large_to_parse_and_predicts_the_rest(tmp_path
         assert items[sid].error is None and items[sid].pattern is not None, items[sid].error
 
 
+def test_predict_refuses_a_lattice_the_engine_refuses_before_the_overlap_check(tmp_path):
+    """A 330-byte CIF with a = 2000 A: the overlap check (pymatgen's neighbour list) tried to allocate
+    27 GB (a = 1000 A used 4.6 GB) before the engine's lattice check could refuse it; a zero-volume
+    cell gave "ZeroDivisionError: float division". Both now get the XRD engine's own message."""
+    from xrdmatch.platform.predict import collect_items
+
+    good = _li2o().to(fmt="cif")
+    (tmp_path / "good.cif").write_text(good)
+    huge = _li2o()
+    huge.scale_lattice(2000.0 ** 3)
+    huge.to(filename=str(tmp_path / "huge.cif"))
+    flat = _li2o().as_dict()
+    flat["lattice"] = {"matrix": [[0, 0, 0], [0, 4, 0], [0, 0, 4]]}
+    (tmp_path / "flat.json").write_text(json.dumps(flat))
+    (tmp_path / "POSCAR_zero").write_text("Li O\n1.0\n0 0 0\n0 0 0\n0 0 0\nLi O\n1 1\ndirect\n0 0 0\n0.5 0.5 0.5\n")
+    items = {it.id: it for it in collect_items([tmp_path])}
+    assert items["good"].pattern is not None, items["good"].error
+    assert items["huge"].error == "lattice too large or too skewed (axis lengths [2000.0, 2000.0, 2000.0] A)"
+    for sid in ("flat", "POSCAR_zero"):
+        assert items[sid].error == "degenerate lattice (cell volume 0 A^3)", items[sid].error
+
+
 @pytest.mark.timeout(120)
 def test_a_cif_padded_with_blank_lines_is_read_without_stalling(tmp_path):
     """pymatgen splits a CIF into blocks with ``^\\s*data_``, which rescans a run of blank lines from

@@ -616,3 +616,18 @@ def test_a_long_blocking_call_keeps_its_lease_and_learns_when_it_is_lost(store_u
     assert queue.claim(store_url, "w2", lease_s=60.0).id == jid
     with pytest.raises(LeaseLost, match="no longer leased to w1"), beating(tracker.heartbeat, every_s=0.1):
         time.sleep(1.0)
+
+
+# --- input robustness: lattices MD could never use ---
+
+
+def test_submit_refuses_a_lattice_the_xrd_engine_refuses_before_the_distance_check(store_url):
+    """A 2000 A cell: the distance check (pymatgen's neighbour list) tried to allocate 27 GB (a
+    1000 A cell peaked at 4.3 GB and was queued). The XRD engine's cheap lattice check refuses it
+    first, naming the structure, whether it comes as a record or as a Structure."""
+    huge = dict(LI3N, lattice=[[2000.0, 0, 0], [0, 2000.0, 0], [0, 0, 2000.0]])
+    for sid, s in (("huge-rec", huge), ("huge-structure", _structure(huge))):
+        with pytest.raises(queue.QueueError, match=rf"structure '{sid}': lattice too large or too skewed \(axis "
+                                                    r"lengths \[2000.0, 2000.0, 2000.0\] A\)"):
+            queue.submit(store_url, sid, s, _proto())
+    assert queue.list_jobs(store_url) == []

@@ -73,11 +73,15 @@ def overlap_error(structure, min_distance: float = MIN_DISTANCE) -> str | None:
 
 
 def _pattern(structure, source: str, sid: str) -> Item:
-    from xrdmatch.simulation.xrd import xrd_pattern
+    from xrdmatch.simulation.xrd import XRDError, check_lattice, xrd_pattern
 
     try:
         if len(structure) == 0:
             return Item(source, sid, error="structure has no sites")
+        try:  # the engine's own refusal, before the overlap check's memory grows with the cell
+            check_lattice(structure.lattice.matrix)
+        except XRDError as e:
+            return Item(source, sid, error=str(e))
         if why := overlap_error(structure):
             return Item(source, sid, error=f"{source} [{sid}]: {why}")
         x = np.asarray(xrd_pattern(structure), dtype=np.float32)
