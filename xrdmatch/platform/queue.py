@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, and_, case, delete, or_, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from xrdmatch.platform.db import Base, connect, engine_for
+from xrdmatch.platform.db import Base, connect, engine_for, too_long
 from xrdmatch.platform.labels import LabelRecord, LabelRow, insert_ignore, insert_label, now_sql
 
 STATES = ("queued", "running", "done", "inconclusive", "failed")
@@ -215,13 +215,16 @@ def submit(url: str, structure_id: str, structure: Any, protocol: Any, priority:
 
     Refuses (``QueueError`` naming the structure and the problem) what a worker could only
     fail: unreadable arrays, unknown elements, bad occupancies, a lattice the XRD engine refuses
-    (degenerate, too large), no Li, atoms closer than the protocol's ``min_distance``.
+    (degenerate, too large), no Li, atoms closer than the protocol's ``min_distance``, an id or
+    formula longer than its column.
     """
     proto, phash = _protocol(protocol)
     rec = _as_record(str(structure_id), structure)
     s = _checked_structure(str(structure_id), rec, float(proto["min_distance"]))
     if not rec.get("formula"):
         rec["formula"] = s.composition.reduced_formula
+    if why := too_long(JobRow.__table__, {"structure_id": str(structure_id), "formula": str(rec["formula"])}):
+        raise QueueError(f"structure {structure_id!r}: {why}")
     eng = _engine(url)
     with eng.begin() as conn:
         insert_ignore(
