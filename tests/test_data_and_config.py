@@ -403,3 +403,58 @@ def test_xrd_out_that_is_a_file_or_under_one_fails_with_one_line(tmp_path):
         assert res.exit_code == 2, res.output
         assert f"error: --out {out} " in res.output and why in res.output and "Traceback" not in res.output
     assert afile.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("command", [["screen"], ["evaluate"], ["evaluate", "--markdown"], ["campaign", "report"],
+                                     ["predict", "x.cif"]])
+def test_an_out_that_is_one_of_the_runs_inputs_is_refused_before_any_work(tmp_path, monkeypatch, command):
+    """`screen --out` naming the configured database replaced it with the scores Parquet. A result
+    file that resolves (a relative path, a symlink) to the config, the database, the labels file or
+    a SQLite file of the store or the MLflow store is refused with exit 2 before any work, naming
+    it; every input is left as it was."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    db, labels, run = tmp_path / "db.jsonl", tmp_path / "labels.csv", tmp_path / "run"
+    db.write_text('{"id": "x"}\n')
+    labels.write_text("not a labels file\n")  # the old evaluate stopped here, not in hours of training
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(run), "database": {"path": str(db)},
+                                   "labels": {"path": str(labels)}}))
+    (tmp_path / "link.parquet").symlink_to(db)
+    before = {p: p.read_bytes() for p in (db, labels, cfg)}
+    option = "--markdown" if "--markdown" in command else "--out"
+    cases = [("db.jsonl", f"is database.path ({db})"), ("link.parquet", f"is database.path ({db})"),
+             (str(labels), f"is labels.path ({labels})"), ("c.yaml", f"is the config file ({cfg})"),
+             (str(run / "store.db"), "is a file of the store"),
+             ("run/mlflow/mlflow.db", "is a file of the MLflow store")]
+    if command == ["campaign", "report"]:
+        cases.append((str(run / "campaign.json"), "is the campaign's id file"))
+    for out, what in cases:
+        args = [c for c in command if c != "--markdown"]
+        res = CliRunner().invoke(app, [*args, "--config", str(cfg), option, out])
+        assert res.exit_code == 2, (out, res.output)
+        assert f"error: {option} {out} {what}" in res.output and "give another file name" in res.output, res.output
+        assert "Traceback" not in res.output
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_evaluate_markdown_over_its_from_json_is_refused(tmp_path, monkeypatch):
+    """`evaluate --from-json r.json --markdown r.json` replaced the result with its table."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = tmp_path / "r.json"
+    result.write_text(json.dumps({"protocol": "paper", "results": [{"method": "xrd", "f1": 0.5}]}))
+    before = result.read_bytes()
+    res = CliRunner().invoke(app, ["evaluate", "--from-json", str(result), "--markdown", "./r.json"])
+    assert res.exit_code == 2, res.output
+    assert "--markdown r.json is the --from-json file" in res.output
+    assert result.read_bytes() == before

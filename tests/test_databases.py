@@ -383,3 +383,33 @@ def test_a_structure_file_that_names_code_is_refused_without_running_it(tmp_path
         assert isinstance(by[name], Record) and by[name].formula == s.composition.reduced_formula
     y = read_structure(tmp_path / "plain-y.yaml")
     assert y.composition == s.composition and list(y.site_properties["magmom"]) == [0.0] * len(s)
+
+
+def test_a_structure_file_too_large_to_parse_is_an_error_entry_not_a_stall(tmp_path, first_records):
+    """A folder database (the XRD stage, `validate submit` by id) refuses before parsing, naming the
+    file, the count and the limit: a CIF block over 5,000 atom-site rows (pymatgen's parser takes
+    time quadratic in them), a file over 20,000,000 bytes (not even read into the driver), and a
+    small .cif.gz that holds more than that. The other files are read."""
+    import random
+
+    rng = random.Random(0)
+    rows = "".join(f"S{k} Li {rng.random():.5f} {rng.random():.5f} {rng.random():.5f} 1\n" for k in range(5_001))
+    (tmp_path / "big.cif").write_text(
+        "data_big\n_cell_length_a 40\n_cell_length_b 40\n_cell_length_c 40\n_cell_angle_alpha 90\n"
+        "_cell_angle_beta 90\n_cell_angle_gamma 90\n_symmetry_space_group_name_H-M 'P 1'\nloop_\n_atom_site_label\n"
+        "_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_occupancy\n"
+        + rows)
+    with open(tmp_path / "huge.vasp", "wb") as fh:
+        fh.truncate(20_000_001)
+    good = _structure(first_records[0]).to(fmt="cif")
+    with gzip.open(tmp_path / "bomb.cif.gz", "wt") as fh:
+        fh.write(good + ("#" * 99 + "\n") * 200_000)
+    (tmp_path / "good.cif").write_text(good)
+    by = {e.id: e for e in iter_entries(tmp_path)}
+    assert by["big"].reason == "big.cif: refused before parsing: CIF data block data_big has 5,001 atom-site rows, " \
+                               "over the limit of 5,000"
+    assert by["huge"].reason == "huge.vasp: refused before parsing: 20,000,001 bytes, over the limit of 20,000,000 " \
+                                "bytes for a structure file"
+    assert by["bomb.cif"].reason == "bomb.cif.gz: refused before parsing: over 20,000,000 characters once " \
+                                    "decompressed, the limit for a structure file"
+    assert isinstance(by["good"], Record) and by["good"].formula == first_records[0]["formula"]

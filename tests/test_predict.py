@@ -402,3 +402,81 @@ def test_predict_refuses_overlapping_atoms(tmp_path):
     assert items["dup"].pattern is None and "CIF refused by pymatgen" in items["dup"].error
     for sid in ("split", "frames#0"):
         assert items[sid].error is None and items[sid].pattern is not None, items[sid].error
+
+
+# --- input robustness: oversized files, lattices the engine refuses ---
+
+
+def _p1_cif(n: int, name: str, group: str = "P 1") -> str:
+    """A CIF of ``n`` Li/O atom-site rows at distinct general positions in space group ``group``."""
+    import random
+
+    rng = random.Random(n)
+    rows = "".join(f"S{k} {'Li' if k % 2 else 'O'} {rng.random():.5f} {rng.random():.5f} {rng.random():.5f} 1\n"
+                   for k in range(n))
+    side = 2.2 * n ** (1 / 3) + 4
+    return (f"data_{name}\n_cell_length_a {side:.2f}\n_cell_length_b {side:.2f}\n_cell_length_c {side:.2f}\n"
+            "_cell_angle_alpha 90\n_cell_angle_beta 90\n_cell_angle_gamma 90\n"
+            f"_symmetry_space_group_name_H-M '{group}'\nloop_\n_atom_site_label\n_atom_site_type_symbol\n"
+            "_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_occupancy\n" + rows)
+
+
+def test_predict_refuses_a_cif_too_large_to_parse_and_predicts_the_rest(tmp_path):
+    """pymatgen's CIF parser takes time quadratic in a block's sites (a 60,000-site CIF never
+    finished, and the good files of its batch were never predicted): a block over 5,000 atom-site
+    rows, or 20,000 rows x symmetry operations, is an error row naming the count and the limit,
+    before it is parsed; the other blocks and files are predicted."""
+    from xrdmatch.platform.predict import collect_items
+
+    good = _li2o().to(fmt="cif")
+    (tmp_path / "big.cif").write_text(_p1_cif(5_001, "big"))
+    (tmp_path / "cubic.cif").write_text(_p1_cif(105, "cubic", "F m -3 m"))  # 105 x 192 positions
+    (tmp_path / "two.cif").write_text(good + "\n" + _p1_cif(5_001, "second"))
+    (tmp_path / "good.cif").write_text(good)
+    items = {it.id: it for it in collect_items([tmp_path])}
+    assert set(items) == {"big", "cubic", "two#0", "two#1", "good"}
+    assert items["big"].error == ("refused before parsing: CIF data block data_big has 5,001 atom-site rows, over "
+                                  "the limit of 5,000")
+    assert items["cubic"].error == ("refused before parsing: CIF data block data_cubic has 105 atom-site rows x 192 "
+                                    "symmetry operations = 20,160 positions, over the limit of 20,000")
+    assert items["two#1"].error == "CIF data block #1: CIF data block data_second has 5,001 atom-site rows, over " \
+                                   "the limit of 5,000"
+    for sid in ("two#0", "good"):
+        assert items[sid].error is None and items[sid].pattern is not None, items[sid].error
+
+
+def test_predict_refuses_a_lattice_the_engine_refuses_before_the_overlap_check(tmp_path):
+    """A 330-byte CIF with a = 2000 A: the overlap check (pymatgen's neighbour list) tried to allocate
+    27 GB (a = 1000 A used 4.6 GB) before the engine's lattice check could refuse it; a zero-volume
+    cell gave "ZeroDivisionError: float division". Both now get the XRD engine's own message."""
+    from xrdmatch.platform.predict import collect_items
+
+    good = _li2o().to(fmt="cif")
+    (tmp_path / "good.cif").write_text(good)
+    huge = _li2o()
+    huge.scale_lattice(2000.0 ** 3)
+    huge.to(filename=str(tmp_path / "huge.cif"))
+    flat = _li2o().as_dict()
+    flat["lattice"] = {"matrix": [[0, 0, 0], [0, 4, 0], [0, 0, 4]]}
+    (tmp_path / "flat.json").write_text(json.dumps(flat))
+    (tmp_path / "POSCAR_zero").write_text("Li O\n1.0\n0 0 0\n0 0 0\n0 0 0\nLi O\n1 1\ndirect\n0 0 0\n0.5 0.5 0.5\n")
+    items = {it.id: it for it in collect_items([tmp_path])}
+    assert items["good"].pattern is not None, items["good"].error
+    assert items["huge"].error == "lattice too large or too skewed (axis lengths [2000.0, 2000.0, 2000.0] A)"
+    for sid in ("flat", "POSCAR_zero"):
+        assert items[sid].error == "degenerate lattice (cell volume 0 A^3)", items[sid].error
+
+
+@pytest.mark.timeout(120)
+def test_a_cif_padded_with_blank_lines_is_read_without_stalling(tmp_path):
+    """pymatgen splits a CIF into blocks with ``^\\s*data_``, which rescans a run of blank lines from
+    each of its lines (200,000 took 50 s; this file's million, hours): the readers drop blank lines
+    first, which pymatgen does itself before parsing a block, so the structure is the same."""
+    from xrdmatch.platform.predict import collect_items
+
+    good = _li2o().to(fmt="cif")
+    (tmp_path / "padded.cif").write_text(good + "\n" * 1_000_000)
+    (tmp_path / "good.cif").write_text(good)
+    items = {it.id: it for it in collect_items([tmp_path])}
+    assert items["padded"].error is None, items["padded"].error
+    np.testing.assert_array_equal(items["padded"].pattern, items["good"].pattern)

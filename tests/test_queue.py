@@ -633,3 +633,85 @@ def test_a_long_blocking_call_keeps_its_lease_and_learns_when_it_is_lost(store_u
     assert queue.claim(store_url, "w2", lease_s=60.0).id == jid
     with pytest.raises(LeaseLost, match="no longer leased to w1"), beating(tracker.heartbeat, every_s=0.1):
         time.sleep(1.0)
+
+
+# --- input robustness: lattices MD could never use, ids and formulas longer than the store holds ---
+
+
+def test_submit_refuses_a_lattice_the_xrd_engine_refuses_before_the_distance_check(store_url):
+    """A 2000 A cell: the distance check (pymatgen's neighbour list) tried to allocate 27 GB (a
+    1000 A cell peaked at 4.3 GB and was queued). The XRD engine's cheap lattice check refuses it
+    first, naming the structure, whether it comes as a record or as a Structure."""
+    huge = dict(LI3N, lattice=[[2000.0, 0, 0], [0, 2000.0, 0], [0, 0, 2000.0]])
+    for sid, s in (("huge-rec", huge), ("huge-structure", _structure(huge))):
+        with pytest.raises(queue.QueueError, match=rf"structure '{sid}': lattice too large or too skewed \(axis "
+                                                    r"lengths \[2000.0, 2000.0, 2000.0\] A\)"):
+            queue.submit(store_url, sid, s, _proto())
+    assert queue.list_jobs(store_url) == []
+
+
+def test_an_id_or_formula_longer_than_the_store_holds_is_refused_naming_it(store_url):
+    """PostgreSQL refused a 201-character id for the whole batch (StringDataRightTruncation, no
+    structure named) where SQLite stored it: both refuse it now, naming the id, before the insert."""
+    long_id = "L" * 201
+    with pytest.raises(queue.QueueError, match=rf"structure '{long_id}': structure_id is 201 characters long, over "
+                                                "the store's limit of 200"):
+        queue.submit(store_url, long_id, LI3N, _proto())
+    with pytest.raises(queue.QueueError, match="structure .li3n.: formula is 204 characters long, over the store's "
+                                               "limit of 200"):
+        queue.submit(store_url, "li3n", dict(LI3N, formula="Li3N" * 51), _proto())
+    assert queue.submit(store_url, "L" * 200, LI3N, _proto())
+    assert [j.structure_id for j in queue.list_jobs(store_url)] == ["L" * 200]
+
+
+def test_validate_submit_names_each_file_it_refuses_and_queues_the_rest(store_url, tmp_path):
+    """One batch: a file whose name (the id) is 210 characters, a 2000 A cell, a CIF of 5,001
+    sites and a good file. Each bad one is an error naming the file and what is wrong; the good
+    one is queued, on SQLite and PostgreSQL alike (PostgreSQL used to drop the whole batch)."""
+    import random
+
+    from pymatgen.core import Lattice, Structure
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+
+    li2o = Structure.from_spacegroup("Fm-3m", Lattice.cubic(4.61), ["Li", "O"], [[0.25, 0.25, 0.25], [0, 0, 0]])
+    long_name = tmp_path / ("L" * 210 + ".cif")
+    li2o.to(filename=str(long_name))
+    huge = li2o.copy()
+    huge.scale_lattice(2000.0 ** 3)
+    huge.to(filename=str(tmp_path / "huge.cif"))
+    rng = random.Random(0)
+    (tmp_path / "big.cif").write_text(
+        "data_big\n_cell_length_a 40\n_cell_length_b 40\n_cell_length_c 40\n_cell_angle_alpha 90\n"
+        "_cell_angle_beta 90\n_cell_angle_gamma 90\nloop_\n_atom_site_label\n_atom_site_type_symbol\n"
+        "_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n"
+        + "".join(f"S{k} Li {rng.random():.5f} {rng.random():.5f} {rng.random():.5f}\n" for k in range(5_001)))
+    li2o.to(filename=str(tmp_path / "ok.cif"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\nstore:\n  url: '{store_url}'\n")
+    files = [long_name, tmp_path / "huge.cif", tmp_path / "big.cif", tmp_path / "ok.cif"]
+    res = CliRunner().invoke(app, ["validate", "submit", *map(str, files), "--config", str(cfg)])
+    assert res.exit_code == 1, res.output
+    assert isinstance(res.exception, SystemExit)  # a clean exit, not a traceback
+    assert (f"error: {long_name}: structure '{'L' * 210}': structure_id is 210 characters long, over the store's "
+            "limit of 200") in res.output
+    assert (f"error: {tmp_path / 'huge.cif'}: structure 'huge': lattice too large or too skewed (axis lengths "
+            "[2000.0, 2000.0, 2000.0] A)") in res.output
+    assert (f"error: {tmp_path / 'big.cif'}: refused before parsing: CIF data block data_big has 5,001 atom-site "
+            "rows, over the limit of 5,000") in res.output
+    assert "ok: job " in res.output
+    assert [j.structure_id for j in queue.list_jobs(store_url)] == ["ok"]
+
+
+def test_label_import_refuses_an_id_longer_than_the_store_holds_naming_the_row(store_url, tmp_path):
+    """A 300-character id was stored by SQLite and failed the import on PostgreSQL with an unnamed
+    StringDataRightTruncation. Both refuse the file now, naming the row and the id (an import is
+    all rows or none), and the store is left unchanged."""
+    long_id = "m" * 300
+    f = tmp_path / "long.csv"
+    f.write_text(f"structure_id,formula,label\nmp-1,Li2O,1\n{long_id},Li2O,0\n")
+    with pytest.raises(LabelInputError, match=rf"row 3 \({long_id}\): structure_id is 300 characters long, over the "
+                                              "store's limit of 200"):
+        import_labels(store_url, f)
+    assert list_labels(store_url) == []

@@ -5,12 +5,14 @@ Heavy libraries are imported inside the commands so that ``--help`` stays fast.
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(help="Active-learning campaign: screen, select, validate, relabel, retrain.", no_args_is_help=True)
 
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_data_paths, check_out_file, check_store, input_errors
+from xrdmatch.platform.cli_common import (ConfigOpt, DirOpt, check_data_paths, check_out_file, check_out_not_input,
+                                          check_store, input_errors)
 from xrdmatch.platform.cli_common import load_cfg as _load
 
 
@@ -76,6 +78,7 @@ def report(config: str = ConfigOpt, run_dir: str | None = DirOpt,
     from xrdmatch.platform.report import write_report
 
     cfg = _load(config, run_dir)
+    check_out_not_input(out, cfg, config, also={"the campaign's id file": Path(cfg.run_dir) / "campaign.json"})
     check_out_file(out, "--out", example="report.html")  # before the report is built
     try:
         path = write_report(cfg, out)

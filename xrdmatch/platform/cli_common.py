@@ -67,6 +67,59 @@ def check_out_file(out: str | Path | None, option: str = "--out", example: str =
         raise typer.Exit(2)
 
 
+def _sqlite_files(url: str | None) -> list[Path]:
+    """The files of a SQLite store URL (the database, its journal and WAL); none for a server."""
+    if not url or not url.startswith("sqlite"):
+        return []
+    from sqlalchemy.engine import make_url
+
+    db = make_url(url).database
+    return [Path(db + ext) for ext in ("", "-wal", "-shm", "-journal")] if db and db != ":memory:" else []
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """``a`` and ``b`` name one file: the same path once resolved (symlinks, relative paths,
+    ``~``), or, both existing, the same inode (hard links, bind mounts)."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.resolve() == pb.resolve():
+        return True
+    try:
+        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)
+    except OSError:
+        return False
+
+
+def check_out_not_input(out: str | Path | None, cfg, config: str | Path | None, option: str = "--out",
+                        also: dict[str, str | Path] | None = None) -> None:
+    """Exit 2 with one line, before any work, when the result file ``out`` is one of the run's
+    inputs: the config file, the configured database (or a file in a database folder), the labels
+    file, the SQLite files of the store and of the MLflow store, or one of ``also`` ({what: path}).
+    Writing the result there would replace the input (``screen --out`` once overwrote the database)."""
+    from xrdmatch.config import resolve_path
+    from xrdmatch.platform.paths import RunPaths
+
+    if out is None:
+        return
+    run = RunPaths(Path(cfg.run_dir).expanduser().resolve())  # not .of(): that creates the folder
+    mlflow = cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or run.mlflow_tracking_uri
+    inputs: list[tuple[str, str | Path]] = [("the config file", resolve_path(config))] if config else []
+    inputs += [("database.path", resolve_path(cfg.database.path)), ("labels.path", resolve_path(cfg.labels.path))]
+    inputs += [("a file of the store", f) for f in _sqlite_files(cfg.store.url or run.store_url)]
+    inputs += [("a file of the MLflow store", f) for f in _sqlite_files(mlflow)]
+    inputs += list((also or {}).items())
+    target = Path(out).expanduser().resolve()
+    for what, path in inputs:
+        p = Path(path).expanduser()
+        if same_file(target, p):
+            why = f"is {what} ({p}): the result would replace it"
+        elif p.is_dir() and p.resolve() in target.parents:
+            why = f"is in the folder {what} ({p}): the result would become one of its entries"
+        else:
+            continue
+        typer.echo(f"error: {option} {out} {why}; give another file name", err=True)
+        raise typer.Exit(2)
+
+
 def check_data_paths(cfg, labels: bool = True) -> None:
     """Exit 2 with one line naming the key when the database or (``labels``) the labels file is
     missing, before any work (a mistyped path would otherwise surface deep inside the pattern or

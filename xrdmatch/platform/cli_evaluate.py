@@ -8,7 +8,8 @@ from pathlib import Path
 
 import typer
 
-from xrdmatch.platform.cli_common import ConfigOpt, check_data_paths, check_run_dir, input_errors
+from xrdmatch.platform.cli_common import (ConfigOpt, check_data_paths, check_out_not_input, check_run_dir, input_errors,
+                                          same_file)
 
 
 class Protocol(str, Enum):
@@ -57,6 +58,10 @@ def evaluate(
             err.print(f"[red]{escape(f'--from-json {from_json}: not an evaluation result ({e})')}", highlight=False,
                       soft_wrap=True)
             raise typer.Exit(2) from None
+        if markdown is not None and same_file(markdown, from_json):
+            err.print(f"[red]--markdown {markdown} is the --from-json file: give another file name", highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(2)
         _check_writable(markdown, "--markdown", err)
     else:
         overrides: dict = {"evaluation": {}}
@@ -70,7 +75,7 @@ def evaluate(
             overrides["evaluation"]["threshold_selection"] = threshold_selection.value
         _check_writable(out, "--out", err)  # now, not after hours of training
         _check_writable(markdown, "--markdown", err)
-        result = _run(protocol, config, overrides, err, out)
+        result = _run(protocol, config, overrides, err, out, markdown)
         out = Path(result["out"])
         err.print(f"wrote {out}; MLflow run {result['mlflow_run_id']}", markup=False)
     _print_table(console, result)
@@ -119,7 +124,8 @@ def _check_writable(path: Path | None, option: str, err) -> None:
         raise typer.Exit(2) from None
 
 
-def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Path | None) -> dict:
+def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Path | None,
+         markdown: Path | None = None) -> dict:
     """Run the protocol inside an MLflow run: the config as params, every method's metrics,
     the JSON and its confusion-matrix / PR / calibration PNGs as artifacts."""
     from rich.markup import escape
@@ -134,6 +140,8 @@ def _run(protocol: Protocol, config: Path | None, overrides: dict, err, out: Pat
         err.print(f"[red]{escape(str(e))}")
         raise typer.Exit(2) from None
     check_run_dir(cfg.run_dir)
+    check_out_not_input(out, cfg, config)  # e.g. the labels file: the result would replace it
+    check_out_not_input(markdown, cfg, config, "--markdown")
     check_data_paths(cfg)
     fn = evaluate_paper if protocol == Protocol.paper else evaluate_grouped_cv
     try:

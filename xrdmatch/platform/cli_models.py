@@ -12,8 +12,8 @@ from typing import Optional
 import typer
 
 from xrdmatch.config import redact
-from xrdmatch.platform.cli_common import (ConfigOpt, DirOpt, check_out_file, first_line, require_run_dir,
-                                          store_errors)
+from xrdmatch.platform.cli_common import (ConfigOpt, DirOpt, check_out_file, check_out_not_input, first_line,
+                                          require_run_dir, store_errors)
 from xrdmatch.platform.cli_common import load_cfg as _load
 
 
@@ -82,7 +82,8 @@ def predict(
     CSV columns: source, id, p_superionic, p_std, superionic (1 = superionic), error. A bad input
     gets a row with ``error`` and no probability; exit status 1 only if every input failed (or the
     CSV could not be written to ``--out``: it then goes to stdout); 2 for an unusable ``--out`` (one
-    of the inputs included), ``--wavelength`` or model, found before any input is read.
+    of the inputs, the config, database, labels file or store included), ``--wavelength`` or model,
+    found before any input is read.
     """
     import sys
 
@@ -101,6 +102,7 @@ def predict(
     if out is not None and _is_an_input(out, inputs):
         typer.echo(f"error: --out {out} is one of the inputs: give another file name", err=True)
         raise typer.Exit(2)  # it would be overwritten by its own predictions
+    check_out_not_input(out, cfg, config)
     check_out_file(out, "--out", example="predictions.csv")
     with store_errors(tracking_uri(cfg), tracking=True):
         configure(cfg)

@@ -15,7 +15,8 @@ from typing import Optional
 import typer
 
 from xrdmatch.config import redact
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_data_paths, check_out_file, input_errors, load_cfg
+from xrdmatch.platform.cli_common import (ConfigOpt, DirOpt, check_data_paths, check_out_file, check_out_not_input,
+                                          input_errors, load_cfg)
 
 
 def screen(
@@ -46,6 +47,7 @@ def screen(
 
     _quiet_mlflow()
     cfg = load_cfg(config, run_dir)
+    check_out_not_input(out, cfg, config)  # e.g. the database: it would be replaced by the scores
     check_out_file(out, "--out", example="scores.parquet")  # now, not after scoring everything
     check_data_paths(cfg, labels=False)  # a model screens a database without the labels file
     configure(cfg)

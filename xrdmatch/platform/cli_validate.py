@@ -31,13 +31,15 @@ def submit(
         seen = {j.id for j in queue.list_jobs(url)}
     files = [i for i in items if Path(i).is_file()]
     ids = [i for i in items if i not in files]
-    structures: list[tuple[str, object]] = []
+    structures: list[tuple[str, object, str | None]] = []  # (id, structure, the file it came from)
     errors: list[str] = []
     for f in files:
-        try:
-            from xrdmatch.platform.structure_files import read_structure
+        from xrdmatch.platform.structure_files import StructureTooLarge, read_structure
 
-            structures.append((Path(f).stem, read_structure(f)))
+        try:
+            structures.append((Path(f).stem, read_structure(f), f))
+        except StructureTooLarge as err:
+            errors.append(f"{f}: refused before parsing: {err}")
         except Exception as err:
             errors.append(f"{f}: not a structure file pymatgen can read ({type(err).__name__}: {err})")
     if ids:
@@ -46,17 +48,17 @@ def submit(
         found, problems = find_records(cfg.database.path, ids)
         for sid in ids:
             if sid in found:
-                structures.append((sid, found[sid]))
+                structures.append((sid, found[sid], None))
             elif sid in problems:
                 errors.append(f"{sid}: not read from the database {cfg.database.path}: {problems[sid]}")
             else:
                 errors.append(f"{sid}: neither a file nor an id of the database {cfg.database.path}")
     with store_errors(url):
-        for sid, s in structures:
+        for sid, s, f in structures:
             try:
                 jid = queue.submit(url, sid, s, cfg.validation, priority=priority, campaign_round=campaign_round)
             except queue.QueueError as err:
-                errors.append(str(err))
+                errors.append(f"{f}: {err}" if f else str(err))  # a file's error names the file
                 continue
             typer.echo(f"{sid}: job {jid}" + (" (already queued)" if jid in seen else ""))
             seen.add(jid)

@@ -234,9 +234,14 @@ def _materialise(unit: Any, kind: Kind) -> RawItem:
     if kind == "jsonl":
         return unit
     if kind == "folder":
+        from xrdmatch.platform.structure_files import StructureTooLarge, check_file_size
+
         name = printable_name(unit.name)
         try:
+            check_file_size(unit)  # the driver reads the bytes: not a file of any size
             return ("file", name, unit.read_bytes())
+        except StructureTooLarge as e:
+            return ("entry", BadEntry(Path(name).stem, f"{name}: refused before parsing: {e}"))
         except OSError as e:
             return ("entry", BadEntry(Path(name).stem, f"cannot read file {name}: {e.strerror or e}"))
     return ("entry", _ase_entry(unit))
@@ -425,7 +430,7 @@ def _parse_file(name: str, data: bytes) -> Entry:
         if blocks > 1:  # pymatgen would read the first and drop the rest without a word
             return BadEntry(sid, f"{name}: holds {blocks} structures (CIF data blocks with atom sites); a "
                                  "database folder takes one structure per file: split it")
-    from xrdmatch.platform.structure_files import read_structure
+    from xrdmatch.platform.structure_files import StructureTooLarge, read_structure
 
     # from_file picks the format from the name (CIF, POSCAR/CONTCAR, .vasp, pymatgen JSON, ...)
     with tempfile.TemporaryDirectory(prefix="xrdmatch-") as tmp:
@@ -435,6 +440,8 @@ def _parse_file(name: str, data: bytes) -> Entry:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 s = read_structure(f)
+        except StructureTooLarge as e:
+            return BadEntry(sid, f"{name}: refused before parsing: {e}")
         except Exception as e:  # noqa: BLE001 - any reader failure is a bad entry
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if "at least 1 site" in msg:

@@ -129,6 +129,17 @@ def _create_schema(engine: Engine, url: str) -> None:
             )
 
 
+def too_long(table, values: dict) -> str | None:
+    """Which of ``values`` would not fit its ``String(n)`` column, with its length and the limit, or
+    None. Checked before an insert: PostgreSQL refuses the whole transaction, unnamed
+    (StringDataRightTruncation), where SQLite stores the value whole."""
+    for key, value in values.items():
+        limit = getattr(table.c[key].type, "length", None)
+        if limit is not None and isinstance(value, str) and len(value) > limit:
+            return f"{key} is {len(value)} characters long, over the store's limit of {limit}"
+    return None
+
+
 def store_url(cfg) -> str:
     """The campaign store URL of a config: ``store.url`` or SQLite in the run directory."""
     from xrdmatch.platform.paths import RunPaths

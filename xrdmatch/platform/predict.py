@@ -73,11 +73,15 @@ def overlap_error(structure, min_distance: float = MIN_DISTANCE) -> str | None:
 
 
 def _pattern(structure, source: str, sid: str) -> Item:
-    from xrdmatch.simulation.xrd import xrd_pattern
+    from xrdmatch.simulation.xrd import XRDError, check_lattice, xrd_pattern
 
     try:
         if len(structure) == 0:
             return Item(source, sid, error="structure has no sites")
+        try:  # the engine's own refusal, before the overlap check's memory grows with the cell
+            check_lattice(structure.lattice.matrix)
+        except XRDError as e:
+            return Item(source, sid, error=str(e))
         if why := overlap_error(structure):
             return Item(source, sid, error=f"{source} [{sid}]: {why}")
         x = np.asarray(xrd_pattern(structure), dtype=np.float32)
@@ -96,12 +100,10 @@ def is_cif(path: Path) -> bool:
 
 def cif_blocks(path: Path) -> list[tuple[str, str]]:
     """(block name, text) of each data block of a CIF that describes atom sites (``cif.structure_blocks``)."""
-    from monty.io import zopen
-
     from xrdmatch.platform.cif import structure_blocks
+    from xrdmatch.platform.structure_files import read_text
 
-    with zopen(path, mode="rt", encoding="utf-8", errors="replace") as f:
-        return structure_blocks(f.read())
+    return structure_blocks(read_text(path))  # StructureTooLarge past the size limit
 
 
 def cif_items(path: Path) -> list[Item] | None:
@@ -111,7 +113,7 @@ def cif_items(path: Path) -> list[Item] | None:
     Each block is parsed on its own, so a block pymatgen refuses becomes an error row naming the
     block and pymatgen's reason, and the other blocks are still predicted.
     """
-    from xrdmatch.platform.structure_files import parse_cif
+    from xrdmatch.platform.structure_files import StructureTooLarge, parse_cif
 
     blocks = cif_blocks(path)
     if len(blocks) < 2:
@@ -121,6 +123,9 @@ def cif_items(path: Path) -> list[Item] | None:
         sid = f"{path.stem}#{i}"
         try:
             structure = parse_cif(text, text=True)
+        except StructureTooLarge as e:
+            items.append(Item(str(path), sid, error=f"CIF data block #{i}: {e}"))
+            continue
         except Exception as e:
             items.append(Item(str(path), sid, error=f"CIF data block #{i} (data_{header}) refused by pymatgen: "
                                                      f"{_short(e, 200)}"))
@@ -138,12 +143,14 @@ def read_structures(path: Path) -> list[tuple[str, object]]:
     Only a CIF's first structure is read here: :func:`items_for_file` gives a CIF with several
     data blocks to :func:`cif_items` first.
     """
-    from xrdmatch.platform.structure_files import UnsafeStructureFile, read_structure
+    from xrdmatch.platform.structure_files import StructureTooLarge, UnsafeStructureFile, read_structure
 
     try:
         return [(path.stem or path.name, read_structure(path))]
     except UnsafeStructureFile as e:
         raise ValueError(str(e)) from None
+    except StructureTooLarge as e:  # not for ASE either: refused before anything parses it
+        raise ValueError(f"refused before parsing: {e}") from None
     except Exception as e_pmg:
         pmg_err = _short(e_pmg, 150)
     if path.suffix.lower() in (".cif", ".mcif"):
@@ -186,6 +193,8 @@ def _jsonl_items(path: Path) -> list[Item]:
 
 
 def items_for_file(path: Path, wavelength: str | float | None, measured_cfg: MeasuredConfig) -> list[Item]:
+    from xrdmatch.platform.structure_files import StructureTooLarge
+
     name = path.name.lower()
     src = str(path)
     try:
@@ -205,6 +214,8 @@ def items_for_file(path: Path, wavelength: str | float | None, measured_cfg: Mea
     if is_cif(path):
         try:
             items = cif_items(path)
+        except StructureTooLarge as e:
+            return [Item(src, path.stem, error=f"refused before parsing: {e}")]
         except Exception as e:
             return [Item(src, path.stem, error=f"cannot read CIF: {_short(e)}")]
         if items is not None:

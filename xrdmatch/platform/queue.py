@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, and_, case, delete, or_, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from xrdmatch.platform.db import Base, connect, engine_for
+from xrdmatch.platform.db import Base, connect, engine_for, too_long
 from xrdmatch.platform.labels import LabelRecord, LabelRow, insert_ignore, insert_label, now_sql
 
 STATES = ("queued", "running", "done", "inconclusive", "failed")
@@ -151,6 +151,7 @@ def _checked_structure(structure_id: str, rec: dict[str, Any], min_distance: flo
     from xrdmatch.platform.data import structure_from_record
     from xrdmatch.platform.databases import _check_arrays
     from xrdmatch.simulation.md import ValidationInputError, check_composition, check_distances, check_structure
+    from xrdmatch.simulation.xrd import XRDError, check_lattice
 
     def bad(why: str) -> QueueError:
         return QueueError(f"structure {structure_id!r}: {why}")
@@ -158,6 +159,10 @@ def _checked_structure(structure_id: str, rec: dict[str, Any], min_distance: flo
     why = _check_arrays(structure_id, rec["lattice"], rec["species"], rec["frac_coords"])
     if why:
         raise bad(why)
+    try:  # the XRD engine's cheap lattice checks, before the distance check's memory grows with the cell
+        check_lattice(rec["lattice"])
+    except XRDError as err:
+        raise bad(str(err)) from None
     for i, sp in enumerate(rec["species"]):
         if isinstance(sp, dict):
             try:
@@ -209,14 +214,17 @@ def submit(url: str, structure_id: str, structure: Any, protocol: Any, priority:
     never merged into the old job. Returns the job id.
 
     Refuses (``QueueError`` naming the structure and the problem) what a worker could only
-    fail: unreadable arrays, unknown elements, bad occupancies, no Li, atoms closer than the
-    protocol's ``min_distance``.
+    fail: unreadable arrays, unknown elements, bad occupancies, a lattice the XRD engine refuses
+    (degenerate, too large), no Li, atoms closer than the protocol's ``min_distance``, an id or
+    formula longer than its column.
     """
     proto, phash = _protocol(protocol)
     rec = _as_record(str(structure_id), structure)
     s = _checked_structure(str(structure_id), rec, float(proto["min_distance"]))
     if not rec.get("formula"):
         rec["formula"] = s.composition.reduced_formula
+    if why := too_long(JobRow.__table__, {"structure_id": str(structure_id), "formula": str(rec["formula"])}):
+        raise QueueError(f"structure {structure_id!r}: {why}")
     eng = _engine(url)
     with eng.begin() as conn:
         insert_ignore(

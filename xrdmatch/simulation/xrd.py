@@ -194,6 +194,18 @@ def xrd_pattern_arrays(lattice, species, frac_coords) -> np.ndarray:
 
 def _parse_lattice(lattice) -> tuple[np.ndarray, tuple[int, int, int]]:
     """(crystallographic reciprocal matrix, index bounds (H, K, L) of the reflection box)."""
+    mat, hmax = check_lattice(lattice)
+    # exactly pymatgen's Lattice.reciprocal_lattice_crystallographic
+    return (_inv3(mat).T * 2 * np.pi) / (2 * np.pi), hmax
+
+
+def check_lattice(lattice) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """(3x3 matrix, index bounds (H, K, L) of the reflection box) of a lattice the engine can use;
+    XRDError for non-finite entries, a degenerate cell or one over ``MAX_BOX_POINTS``.
+
+    Cheap (3x3 arithmetic, nothing allocated by the cell's size): ``predict`` and queue
+    submission run it before a neighbour search, whose memory grows with the cell volume
+    (4.6 GB for a 1000 A cube)."""
     try:
         mat = np.array(lattice, dtype=np.float64).reshape((3, 3))
     except (TypeError, ValueError):
@@ -210,8 +222,7 @@ def _parse_lattice(lattice) -> tuple[np.ndarray, tuple[int, int, int]]:
     hmax = tuple(int(MAX_G * n * (1 + 1e-9)) for n in lengths)
     if (hmax[0] + 1) * (2 * hmax[1] + 1) * (2 * hmax[2] + 1) > MAX_BOX_POINTS:
         raise XRDError(f"lattice too large or too skewed (axis lengths {[round(n, 3) for n in lengths]} A)")
-    # exactly pymatgen's Lattice.reciprocal_lattice_crystallographic
-    return (_inv3(mat).T * 2 * np.pi) / (2 * np.pi), hmax
+    return mat, hmax
 
 
 def _inv3(mat: np.ndarray) -> np.ndarray:
