@@ -746,6 +746,30 @@ def test_a_composition_picked_in_an_earlier_round_is_not_picked_again(tmp_path):
     assert result["picks"] == ["new-1", "new-2"]
 
 
+def test_an_id_longer_than_the_store_holds_is_not_picked(tmp_path):
+    """A database folder's file name can make an id the candidate table cannot hold (PostgreSQL
+    refuses it, failing the stage): it is skipped, counted, and the next best is picked."""
+    import numpy as np
+    import pandas as pd
+
+    from xrdmatch.actors.screening import ScreeningResult, write_scores
+    from xrdmatch.platform.campaign import MAX_CANDIDATE_ID, stage_select, summary_line
+    from xrdmatch.platform.patterns import PatternTable
+
+    cfg, store, ctx = _round_one_store(tmp_path, {"campaign": {"rounds": 3, "candidates_per_round": 1}}, [])
+    ids = ["x" * (MAX_CANDIDATE_ID + 1), "x" * MAX_CANDIDATE_ID]
+    groups = ["Li7Pt", "Li9Ir"]
+    ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
+    ctx._meta = pd.DataFrame({"group": groups, "elements": ["Li Pt", "Ir Li"],
+                              "n_sites": 4, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
+    write_scores(ctx.scores_path(2), ids, groups, ScreeningResult(p_mean=np.asarray([0.99, 0.9]),
+                                                                  p_std=np.zeros(2), votes=np.ones(2)))
+    store.ensure_round(2)
+    result, _ = stage_select(ctx, 2)
+    assert result["picks"] == [ids[1]] and result["n_id_too_long"] == 1
+    assert f"1 ids longer than the store's {MAX_CANDIDATE_ID} characters skipped" in summary_line(2, "select", result, 0.1)
+
+
 def test_a_structure_validated_outside_the_campaign_is_not_picked(tmp_path, database_path):
     """A job finished under this protocol by `validate submit` (or another campaign on the store)
     would be returned as it is: picking it spends a slot, and a label budget, on no new MD. It is

@@ -353,6 +353,16 @@ def stage_screen(ctx: Context, rnd: int):
     return result, {"scores": {"path": str(path), "n": n, "sha256": sha, "model_version": reg.get("version")}}
 
 
+def _max_candidate_id() -> int:
+    from xrdmatch.platform.campaign_store import CandidateRow
+    from xrdmatch.platform.queue import JobRow
+
+    return min(CandidateRow.__table__.c.structure_id.type.length, JobRow.__table__.c.structure_id.type.length)
+
+
+MAX_CANDIDATE_ID = _max_candidate_id()
+
+
 def stage_select(ctx: Context, rnd: int):
     from xrdmatch.actors.screening import read_scores
     from xrdmatch.platform import queue
@@ -383,6 +393,10 @@ def stage_select(ctx: Context, rnd: int):
     tried_groups = {composition_key(f) for _, f, state in finished if state != "failed"}
     skip = earlier + done_elsewhere
     exclude = np.isin(np.asarray(pt.ids, dtype=object), skip) if skip else None
+    # an id the candidate or job table cannot hold would fail this stage on PostgreSQL (SQLite stores it)
+    too_long = np.fromiter((len(str(i)) > MAX_CANDIDATE_ID for i in pt.ids), bool, len(pt.ids))
+    if too_long.any():
+        exclude = too_long if exclude is None else exclude | too_long
     sel = select_candidates(
         scores["p_mean"].to_numpy(), scores["p_std"].to_numpy(), pt.X, presence, vocab,
         ctx.md_atoms(), keys, n, strategy=c.acquisition, k=c.ucb_k,
@@ -404,7 +418,8 @@ def stage_select(ctx: Context, rnd: int):
                         p_mean=scores["p_mean"].to_numpy()[keep])
     result = {"strategy": c.acquisition, "n_requested": n, "n_eligible": sel.n_eligible,
               "picks": [x["structure_id"] for x in cands], "formulas": [x["formula"] for x in cands],
-              "n_labelled_groups": len(lab_groups), "n_validated_elsewhere": len(set(done_elsewhere) - set(earlier))}
+              "n_labelled_groups": len(lab_groups), "n_validated_elsewhere": len(set(done_elsewhere) - set(earlier)),
+              **({"n_id_too_long": int(too_long.sum())} if too_long.any() else {})}
     return result, {"candidates": cands}
 
 
@@ -553,7 +568,9 @@ def summary_line(rnd: int, stage: str, result: dict[str, Any], seconds: float) -
                           + (f" (>= {r['votes_needed']} of {r['members']} members with p > {r['threshold']:g})"
                              if "votes_needed" in r else " (mean p > 0.5)"),
         "select": lambda: f"{len(r.get('picks', []))} picks ({r.get('strategy')}, {r.get('n_eligible')} eligible): "
-                          + ", ".join(r.get("formulas", [])),
+                          + ", ".join(r.get("formulas", []))
+                          + (f"; {r['n_id_too_long']} ids longer than the store's {MAX_CANDIDATE_ID} characters "
+                             "skipped" if r.get("n_id_too_long") else ""),
         "validate": lambda: ", ".join(f"{k}: {v}" for k, v in (r.get("verdicts") or {}).items()) or "nothing to validate",
         "label": lambda: f"{r.get('new_labels')} new labels ({r.get('new_superionic')} superionic), "
                          f"{r.get('validated_total')} validated in total",
