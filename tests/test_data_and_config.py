@@ -265,8 +265,13 @@ def test_redact_masks_a_password_up_to_the_last_at_before_the_host():
         "error: tracking store postgresql://u:***@db/x: failed"
     assert redact("sftp://u:p@ss/w0rd@host:22/m and postgresql://v:x y@db/y") == \
         "sftp://u:***@host:22/m and postgresql://v:***@db/y"
-    for plain in ("sqlite:////tmp/a@b/store.db", "http://127.0.0.1:5000", "postgresql://u@db:5432/x"):
+    for plain in ("sqlite:////tmp/a@b/store.db", "http://127.0.0.1:5000", "postgresql://u@db:5432/x",
+                  # a port is no password, whatever '@' follows on the line
+                  "error: tracking store http://mlflow.internal:5000: failed; contact ops@example.com",
+                  "cannot load http://127.0.0.1:5000/api for models:/xrdmatch-superionic@champion",
+                  "x?passthrough=1&compass=2"):
         assert redact(plain) == plain
+    assert redact("x?sslpassword=abc&pass=z&client_secret=q") == "x?sslpassword=***&pass=***&client_secret=***"
 
 
 def test_a_raw_at_in_the_store_password_is_refused_without_showing_the_password(monkeypatch):
@@ -275,6 +280,11 @@ def test_a_raw_at_in_the_store_password_is_refused_without_showing_the_password(
         with pytest.raises(ConfigError, match="store.url") as e:
             load_config("configs/cluster.yaml")
         assert "%40" in str(e.value) and "s3" not in str(e.value) and "cret" not in str(e.value), str(e.value)
+    # a password redact would read as a port ('1234/...') is refused too, without showing it
+    monkeypatch.setenv("XRDMATCH_STORE_URL", "postgresql://u:1234/s3cret@db:5432/x")
+    with pytest.raises(ConfigError, match="percent-encode") as e:
+        load_config("configs/cluster.yaml")
+    assert "s3cret" not in str(e.value) and "1234" not in str(e.value), str(e.value)
     monkeypatch.setenv("XRDMATCH_STORE_URL", "postgresql://u:p%40s3cret@db:5432/x")  # encoded: accepted
     assert load_config("configs/cluster.yaml").store.url.endswith("p%40s3cret@db:5432/x")
 

@@ -404,8 +404,12 @@ def test_a_structure_file_too_large_to_parse_is_an_error_entry_not_a_stall(tmp_p
     good = _structure(first_records[0]).to(fmt="cif")
     with gzip.open(tmp_path / "bomb.cif.gz", "wt") as fh:
         fh.write(good + ("#" * 99 + "\n") * 200_000)
+    with gzip.open(tmp_path / "POSCAR_bomb.gz", "wt") as fh:  # not a CIF: pymatgen would decompress it whole
+        fh.write(_structure(first_records[0]).to(fmt="poscar") + ("0.0 0.0 0.0\n" * 2_000_000))
     (tmp_path / "good.cif").write_text(good)
     by = {e.id: e for e in iter_entries(tmp_path)}
+    assert by["POSCAR_bomb"].reason == "POSCAR_bomb.gz: refused before parsing: over 20,000,000 characters once " \
+                                       "decompressed, the limit for a structure file"
     assert by["big"].reason == "big.cif: refused before parsing: CIF data block data_big has 5,001 atom-site rows, " \
                                "over the limit of 5,000"
     assert by["huge"].reason == "huge.vasp: refused before parsing: 20,000,001 bytes, over the limit of 20,000,000 " \

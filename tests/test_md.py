@@ -123,6 +123,9 @@ def test_a_worker_builds_only_calculators_it_trusts():
         with pytest.raises(CalculatorUnavailable, match=why):
             check_trusted(job, worker)
     check_trusted(ok[2], ValidationConfig(trusted_calculators=["chgnet", "gpaw"]))  # trusted: any arguments
+    # the job's protocol came through JSON: a tuple in the worker's own arguments is the same list
+    tupled = ValidationConfig(calculator="gpaw", calculator_kwargs={"kpts": (2, 2, 2)})
+    check_trusted(ValidationConfig.model_validate_json(tupled.model_dump_json()), tupled)
 
 
 def test_unavailable_calculators_say_how_to_install(tmp_path, monkeypatch):

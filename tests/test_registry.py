@@ -528,6 +528,24 @@ def test_an_unreachable_database_tracking_store_is_one_line_without_mlflows_retr
     assert res.output.startswith("error: tracking store postgresql://u:***@127.0.0.1:1/mlf: "), res.output
     assert len(res.output.strip().splitlines()) == 1 and "s3cret" not in res.output
     assert not [r for r in caplog.records if "will be retried" in r.getMessage()]
+    # a database tracking store whose driver is not installed (MySQL's default, MySQLdb): one line too
+    import importlib.util
+
+    if importlib.util.find_spec("MySQLdb") is None:
+        cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"),
+                                       "tracking": {"tracking_uri": "mysql://u:s3cret@127.0.0.1:1/mlf"}}))
+        cif = tmp_path / "LiF.cif"
+        cif.write_text("data_LiF\n_cell_length_a 4.0\n_cell_length_b 4.0\n_cell_length_c 4.0\n"
+                       "_cell_angle_alpha 90\n_cell_angle_beta 90\n_cell_angle_gamma 90\n"
+                       "_symmetry_space_group_name_H-M 'P 1'\nloop_\n_atom_site_label\n_atom_site_type_symbol\n"
+                       "_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n"
+                       "Li1 Li 0 0 0\nF1 F 0.5 0.5 0.5\n")
+        for args in (["models"], ["screen", "--out", str(tmp_path / "s.parquet")], ["predict", str(cif)]):
+            res = CliRunner().invoke(app, [*args, "-c", str(cfg)])
+            assert res.exit_code == 1, (args, res.output)
+            assert res.output.startswith("error: tracking store mysql://u:***@127.0.0.1:1/mlf: the database driver "
+                                         "of 'mysql' is not installed"), (args, res.output)
+            assert len(res.output.strip().splitlines()) == 1, res.output
 
 
 def test_a_failed_champion_lookup_promotes_nothing_and_a_retry_decides(tmp_path, labelled, monkeypatch):

@@ -252,6 +252,9 @@ class StoreConfig(StrictModel):
 
         if _RAW_AT_IN_PASSWORD.match(v):  # parsed as part of the host; the error would show the password's tail
             raise ValueError(f"{redact(v)!r}: the password holds a raw '@'; percent-encode it as %40")
+        if _PORT_LIKE_PASSWORD.match(v):
+            raise ValueError("store.url: the password starts with digits and a raw '/', '?' or '#'; percent-encode "
+                             "them (%2F, %3F, %23)")
         try:
             url = make_url(v)
         except ArgumentError:
@@ -526,11 +529,14 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: dict[str,
 
 
 # user may be empty (postgresql://:pw@host) or hold an '@' (user@server); the password runs to the
-# LAST '@' on the line (a raw '@' or space in it must not leave its tail shown), never into another URL
-_URL_PASSWORD = re.compile(r"(://[^:/\s]*):(?:(?!://)[^\r\n])*@")
-_QUERY_PASSWORD = re.compile(r"([?&][\w.-]*(?:pass|pwd|secret)[\w.-]*=)[^&\s]*", re.IGNORECASE)
+# LAST '@' on the line (a raw '@' or space in it must not leave its tail shown), never into another
+# URL; ':5000/' is a port, not a password (a password like that is refused in store.url)
+_URL_PASSWORD = re.compile(r"(://[^:/\s]*):(?!\d{1,5}(?:[/?#:\s]|$))(?:(?!://)[^\r\n])*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:[\w.-]*(?:password|passwd|pwd|secret)[\w.-]*|pass)=)[^&\s]*", re.IGNORECASE)
 # scheme://user:pass@word@host...: SQLAlchemy ends the password at the first '@'
 _RAW_AT_IN_PASSWORD = re.compile(r"[\w+]+://[^:/]*:[^@]*@[^/?]*@")
+# scheme://user:1234/x@host: read as a port by the eye, and by redact (which would then show it)
+_PORT_LIKE_PASSWORD = re.compile(r"[\w+]+://[^:/@]*:\d{1,5}[/?#][^@]*@")
 
 
 def redact(text: str) -> str:

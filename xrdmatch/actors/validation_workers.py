@@ -323,9 +323,8 @@ def process_job(cfg: Config, url: str, job: queue.Job, worker_id: str) -> JobOut
     out = JobOutcome(job.id, job.structure_id, "failed", worker_id=worker_id)
     try:
         from xrdmatch.platform.data import structure_from_record
-        from xrdmatch.simulation.validate import ValidationInputError, run_validation
-
         from xrdmatch.simulation.calculators import check_trusted
+        from xrdmatch.simulation.validate import ValidationInputError, run_validation
 
         proto = ValidationConfig.model_validate(job.protocol)
         tracker = _Progress(url, job, worker_id, cfg.validation, proto)

@@ -59,8 +59,8 @@ def evaluate(
                       soft_wrap=True)
             raise typer.Exit(2) from None
         if markdown is not None and same_file(markdown, from_json):
-            err.print(f"[red]--markdown {markdown} is the --from-json file: give another file name", highlight=False,
-                      soft_wrap=True)
+            err.print(f"[red]{escape(f'--markdown {markdown} is the --from-json file: give another file name')}",
+                      highlight=False, soft_wrap=True)
             raise typer.Exit(2)
         _check_writable(markdown, "--markdown", err)
     else:

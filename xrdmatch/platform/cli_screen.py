@@ -16,7 +16,7 @@ import typer
 
 from xrdmatch.config import redact
 from xrdmatch.platform.cli_common import (ConfigOpt, DirOpt, check_data_paths, check_out_file, check_out_not_input,
-                                          input_errors, load_cfg)
+                                          input_errors, load_cfg, store_errors)
 
 
 def screen(
@@ -41,7 +41,7 @@ def screen(
     from xrdmatch.platform.progress import progress_bar
     from xrdmatch.platform.ray_utils import init_ray
     from xrdmatch.platform.registry import decision_rule, default_model_uri, ensemble_dir_of
-    from xrdmatch.platform.tracking import array_hash, configure, mlflow_run
+    from xrdmatch.platform.tracking import array_hash, configure, mlflow_run, tracking_uri
     from xrdmatch.training.ensemble import Ensemble
     from xrdmatch.training.metrics import vote_threshold
 
@@ -50,7 +50,8 @@ def screen(
     check_out_not_input(out, cfg, config)  # e.g. the database: it would be replaced by the scores
     check_out_file(out, "--out", example="scores.parquet")  # now, not after scoring everything
     check_data_paths(cfg, labels=False)  # a model screens a database without the labels file
-    configure(cfg)
+    with store_errors(tracking_uri(cfg), tracking=True):
+        configure(cfg)
     uri = model or default_model_uri(cfg)
     version = "local"
     try:

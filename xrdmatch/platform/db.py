@@ -129,6 +129,11 @@ def _create_schema(engine: Engine, url: str) -> None:
             )
 
 
+def shorten(text: str, n: int = 60) -> str:
+    """A value as an error line shows it: an id too long for the store would be the whole line."""
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
+
+
 def too_long(table, values: dict) -> str | None:
     """Which of ``values`` would not fit its ``String(n)`` column, with its length and the limit, or
     None. Checked before an insert: PostgreSQL refuses the whole transaction, unnamed

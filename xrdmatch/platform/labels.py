@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from xrdmatch.config import LABEL_SOURCES
-from xrdmatch.platform.db import Base, connect, engine_for, too_long
+from xrdmatch.platform.db import Base, connect, engine_for, shorten, too_long
 
 METHODS = LABEL_SOURCES
 VERDICT_LABEL = {"superionic": 1, "not_superionic": 0}
@@ -325,9 +325,13 @@ def _read_label_rows(p: Path, path, method: str, sigma_threshold: float):
                 sid = (row.get("structure_id") or row.get("id") or "").strip()
                 if not sid:
                     raise LabelInputError(f"{path}: row {n}: empty structure id")
+                if why := too_long(LabelRow.__table__, {"structure_id": sid}):  # before a message names it
+                    raise LabelInputError(f"{path}: row {n} ({shorten(sid)}): {why}")
                 formula = (row.get("formula") or "").strip()
                 if not formula:  # candidate selection skips labelled compositions by this formula
                     raise LabelInputError(f"{path}: row {n} ({sid}): empty formula")
+                if why := too_long(LabelRow.__table__, {"formula": formula}):  # before pymatgen parses it
+                    raise LabelInputError(f"{path}: row {n} ({sid}): {why}")
                 try:
                     reduced_formula(formula)
                     unknown = [str(e) for e in Composition(clean_formula(formula)).elements if not isinstance(e, Element)]
@@ -336,8 +340,6 @@ def _read_label_rows(p: Path, path, method: str, sigma_threshold: float):
                 if unknown:  # pymatgen reads any capitalised symbol ('Zz') as a placeholder species
                     raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula "
                                           f"({', '.join(unknown)}: not an element)")
-                if why := too_long(LabelRow.__table__, {"structure_id": sid, "formula": formula}):
-                    raise LabelInputError(f"{path}: row {n} ({sid}): {why}")
                 m = (row.get("method") or method).strip()
                 raw_sigma = (row.get("sigma_300") or "").strip()
                 sigma = _finite(raw_sigma) if raw_sigma else None

@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Float, Integer, String, Text, UniqueConstraint, and_, case, delete, or_, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from xrdmatch.platform.db import Base, connect, engine_for, too_long
+from xrdmatch.platform.db import Base, connect, engine_for, shorten, too_long
 from xrdmatch.platform.labels import LabelRecord, LabelRow, insert_ignore, insert_label, now_sql
 
 STATES = ("queued", "running", "done", "inconclusive", "failed")
@@ -218,12 +218,14 @@ def submit(url: str, structure_id: str, structure: Any, protocol: Any, priority:
     (degenerate, too large), no Li, atoms closer than the protocol's ``min_distance``, an id or
     formula longer than its column.
     """
+    if why := too_long(JobRow.__table__, {"structure_id": str(structure_id)}):  # before any message names it
+        raise QueueError(f"structure {shorten(str(structure_id))!r}: {why}")
     proto, phash = _protocol(protocol)
     rec = _as_record(str(structure_id), structure)
     s = _checked_structure(str(structure_id), rec, float(proto["min_distance"]))
     if not rec.get("formula"):
         rec["formula"] = s.composition.reduced_formula
-    if why := too_long(JobRow.__table__, {"structure_id": str(structure_id), "formula": str(rec["formula"])}):
+    if why := too_long(JobRow.__table__, {"formula": str(rec["formula"])}):
         raise QueueError(f"structure {structure_id!r}: {why}")
     eng = _engine(url)
     with eng.begin() as conn:

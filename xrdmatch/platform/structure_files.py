@@ -136,6 +136,10 @@ def parse_cif(source: str | os.PathLike[str], text: bool = False):
             raise ValueError("; ".join(dict.fromkeys(why)) or str(err)) from None
 
 
+#: Names monty's ``zopen`` (and so pymatgen) decompresses on the fly.
+COMPRESSED = ("*.gz", "*.bz2", "*.xz", "*.lzma", "*.z")
+
+
 def read_structure(path: str | os.PathLike[str]):
     """A pymatgen Structure from any file pymatgen reads; serialised ones checked first, and
     every file for its size (:class:`StructureTooLarge`) before it is parsed."""
@@ -147,6 +151,8 @@ def read_structure(path: str | os.PathLike[str]):
     if fnmatch.fnmatch(name, "*.cif") or fnmatch.fnmatch(name, "*.mcif") or fnmatch.fnmatch(name, "*.cif.*"):
         return parse_cif(p)
     if not any(fnmatch.fnmatch(name, pat) for pat in SERIALISED):
+        if any(fnmatch.fnmatch(name, pat) for pat in COMPRESSED):
+            read_text(p)  # its decompressed size, before pymatgen decompresses it whole
         return Structure.from_file(str(p))
     text = read_text(p, errors="strict")
     if fnmatch.fnmatch(name, "*.json*") or fnmatch.fnmatch(name, "*.mson*"):

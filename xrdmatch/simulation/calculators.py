@@ -178,7 +178,9 @@ def check_trusted(job, worker) -> None:
     name = canonical_name(job.calculator)
     if name in {canonical_name(t) for t in worker.trusted_calculators}:
         return
-    if name == canonical_name(worker.calculator) and job.calculator_kwargs == worker.calculator_kwargs:
+    # compared as stored: a job's protocol went through JSON (tuples came back as lists)
+    if (name == canonical_name(worker.calculator)
+            and job.model_dump(mode="json")["calculator_kwargs"] == worker.model_dump(mode="json")["calculator_kwargs"]):
         return
     raise CalculatorUnavailable(
         f"calculator {job.calculator!r} of the job's protocol is not trusted by this worker: it is not in "
