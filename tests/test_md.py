@@ -188,7 +188,7 @@ GPAW_RUNNER = textwrap.dedent(
 @pytest.mark.skipif(not HAVE_GPAW, reason="GPAW not installed (optional extra: pip install 'xrdmatch[gpaw]')")
 def test_gpaw_tiny_aimd(tmp_path):
     # DFT-MD of primitive Li2O (3 atoms, PW 200 eV, Gamma): a few SCF cycles, not physics
-    cfg = tiny_cfg(calculator="gpaw", temperatures=[1000.0], equilibration_steps=0, production_steps=2,
+    cfg = tiny_cfg(calculator="gpaw", temperatures=[1000.0], equilibration_steps=0, production_steps=3,
                    traj_interval=1, min_length=0.0, calculator_kwargs={"mode": 200, "kpts": [1, 1, 1]})
     out = subprocess.run([sys.executable, "-c", GPAW_RUNNER, str(tmp_path), cfg.model_dump_json()],
                          capture_output=True, text=True, timeout=600)
@@ -196,7 +196,7 @@ def test_gpaw_tiny_aimd(tmp_path):
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["method"] == "aimd" and r["calculator"] == "gpaw" and r["n_atoms"] == 3
     assert r["temperatures_done"] == [1000.0]
-    assert r["frames"] == 3  # steps 0, 1, 2, each with its DFT energy and forces stored
+    assert r["frames"] == 4  # steps 0-3 (three MSD lags to analyse), each with its DFT energy and forces stored
     assert np.isfinite(r["energy"]) and r["fmax"] > 0
 
 
@@ -478,7 +478,7 @@ def test_a_folder_holding_another_structures_trajectory_starts_over(tmp_path):
     from ase.build import bulk
     from ase.calculators.emt import EMT
 
-    cfg = tiny_cfg(temperatures=[300.0], equilibration_steps=0, production_steps=4)
+    cfg = tiny_cfg(temperatures=[300.0], equilibration_steps=0, production_steps=4, traj_interval=1)
     first = run_temperature(bulk("Cu", cubic=True), EMT(), 300.0, cfg, tmp_path / "300K", "p")
     assert first.done and set(read_frames(first.traj_path)[0].get_chemical_symbols()) == {"Cu"}
     other = run_temperature(bulk("Ag", cubic=True), EMT(), 300.0, cfg, tmp_path / "300K", "p")

@@ -340,9 +340,11 @@ class ValidationConfig(StrictModel):
     @model_validator(mode="after")
     def _fit_window(self):  # else every analysis fails after all the MD
         frame_fs = self.traj_interval * self.timestep_fs
-        if self.production_steps * self.timestep_fs < self.msd_fit_start_fs + 2 * frame_fs:  # >= 3 lags to fit
+        first_lag = max(self.msd_fit_start_fs, frame_fs)  # the fit's first lag is one frame at least
+        if self.production_steps * self.timestep_fs < first_lag + 2 * frame_fs:  # >= 3 lags to fit
             raise ValueError(f"production ({self.production_steps} steps x {self.timestep_fs:g} fs) must last at least "
-                             f"msd_fit_start_fs ({self.msd_fit_start_fs:g} fs) + 2 frame intervals ({2 * frame_fs:g} fs)")
+                             f"{first_lag:g} fs (msd_fit_start_fs, or one frame) + 2 frame intervals "
+                             f"({2 * frame_fs:g} fs): three MSD lags to fit")
         return self
 
     @model_validator(mode="after")
