@@ -753,11 +753,13 @@ def test_an_id_longer_than_the_store_holds_is_not_picked(tmp_path):
     import pandas as pd
 
     from xrdmatch.actors.screening import ScreeningResult, write_scores
-    from xrdmatch.platform.campaign import MAX_CANDIDATE_ID, stage_select, summary_line
+    from xrdmatch.platform.campaign import max_candidate_id, stage_select, summary_line
     from xrdmatch.platform.patterns import PatternTable
 
     cfg, store, ctx = _round_one_store(tmp_path, {"campaign": {"rounds": 3, "candidates_per_round": 1}}, [])
-    ids = ["x" * (MAX_CANDIDATE_ID + 1), "x" * MAX_CANDIDATE_ID]
+    limit = max_candidate_id()
+    assert limit == 128  # the candidate table's column (the job table's is 200)
+    ids = ["x" * (limit + 1), "x" * limit]
     groups = ["Li7Pt", "Li9Ir"]
     ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
     ctx._meta = pd.DataFrame({"group": groups, "elements": ["Li Pt", "Ir Li"],
@@ -767,7 +769,7 @@ def test_an_id_longer_than_the_store_holds_is_not_picked(tmp_path):
     store.ensure_round(2)
     result, _ = stage_select(ctx, 2)
     assert result["picks"] == [ids[1]] and result["n_id_too_long"] == 1
-    assert f"1 ids longer than the store's {MAX_CANDIDATE_ID} characters skipped" in summary_line(2, "select", result, 0.1)
+    assert "1 ids longer than the store's 128 characters skipped" in summary_line(2, "select", result, 0.1)
 
 
 def test_a_structure_validated_outside_the_campaign_is_not_picked(tmp_path, database_path):

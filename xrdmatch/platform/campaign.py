@@ -353,14 +353,12 @@ def stage_screen(ctx: Context, rnd: int):
     return result, {"scores": {"path": str(path), "n": n, "sha256": sha, "model_version": reg.get("version")}}
 
 
-def _max_candidate_id() -> int:
+def max_candidate_id() -> int:
+    """Characters of the longest id the candidate and job tables hold."""
     from xrdmatch.platform.campaign_store import CandidateRow
     from xrdmatch.platform.queue import JobRow
 
     return min(CandidateRow.__table__.c.structure_id.type.length, JobRow.__table__.c.structure_id.type.length)
-
-
-MAX_CANDIDATE_ID = _max_candidate_id()
 
 
 def stage_select(ctx: Context, rnd: int):
@@ -394,7 +392,8 @@ def stage_select(ctx: Context, rnd: int):
     skip = earlier + done_elsewhere
     exclude = np.isin(np.asarray(pt.ids, dtype=object), skip) if skip else None
     # an id the candidate or job table cannot hold would fail this stage on PostgreSQL (SQLite stores it)
-    too_long = np.fromiter((len(str(i)) > MAX_CANDIDATE_ID for i in pt.ids), bool, len(pt.ids))
+    id_limit = max_candidate_id()
+    too_long = np.fromiter((len(str(i)) > id_limit for i in pt.ids), bool, len(pt.ids))
     if too_long.any():
         exclude = too_long if exclude is None else exclude | too_long
     sel = select_candidates(
@@ -419,7 +418,7 @@ def stage_select(ctx: Context, rnd: int):
     result = {"strategy": c.acquisition, "n_requested": n, "n_eligible": sel.n_eligible,
               "picks": [x["structure_id"] for x in cands], "formulas": [x["formula"] for x in cands],
               "n_labelled_groups": len(lab_groups), "n_validated_elsewhere": len(set(done_elsewhere) - set(earlier)),
-              **({"n_id_too_long": int(too_long.sum())} if too_long.any() else {})}
+              **({"n_id_too_long": int(too_long.sum()), "id_limit": id_limit} if too_long.any() else {})}
     return result, {"candidates": cands}
 
 
@@ -569,7 +568,7 @@ def summary_line(rnd: int, stage: str, result: dict[str, Any], seconds: float) -
                              if "votes_needed" in r else " (mean p > 0.5)"),
         "select": lambda: f"{len(r.get('picks', []))} picks ({r.get('strategy')}, {r.get('n_eligible')} eligible): "
                           + ", ".join(r.get("formulas", []))
-                          + (f"; {r['n_id_too_long']} ids longer than the store's {MAX_CANDIDATE_ID} characters "
+                          + (f"; {r['n_id_too_long']} ids longer than the store's {r.get('id_limit')} characters "
                              "skipped" if r.get("n_id_too_long") else ""),
         "validate": lambda: ", ".join(f"{k}: {v}" for k, v in (r.get("verdicts") or {}).items()) or "nothing to validate",
         "label": lambda: f"{r.get('new_labels')} new labels ({r.get('new_superionic')} superionic), "

@@ -60,6 +60,16 @@ def _journal_mode_wal(cur) -> None:
             delay = min(2 * delay, 0.5)
 
 
+def server_engine(url: str, **kwargs) -> Engine:
+    """``create_engine`` for a database server; a driver that is not installed is a SQLAlchemyError
+    naming it (the CLI's ``store_errors`` prints it in one line), not an ImportError traceback."""
+    try:
+        return create_engine(url, **kwargs)
+    except ImportError as e:
+        raise NoSuchModuleError(f"the database driver of {make_url(url).drivername!r} is not installed "
+                                f"({e}); install it into this environment") from None
+
+
 @lru_cache(maxsize=16)
 def engine_for(url: str) -> Engine:
     """One engine per URL per process. SQLite gets WAL + a busy timeout so several
@@ -68,11 +78,7 @@ def engine_for(url: str) -> Engine:
         eng = create_engine(url, connect_args={"timeout": _BUSY_S}, future=True)
         event.listen(eng, "connect", _sqlite_pragmas)
     else:
-        try:
-            eng = create_engine(url, pool_pre_ping=True, future=True)
-        except ImportError as e:  # a SQLAlchemyError, so the CLI's store_errors reports it in one line
-            raise NoSuchModuleError(f"the database driver of {make_url(url).drivername!r} is not installed "
-                                    f"({e}); install it into this environment") from None
+        eng = server_engine(url, pool_pre_ping=True, future=True)
     return eng
 
 

@@ -303,12 +303,56 @@ def _not_utf8(p: Path, path) -> str:
         return f"{path}: line {line} is not UTF-8 text (byte {raw[err.start:err.start + 1]!r}); save it as UTF-8 CSV"
 
 
-def _read_label_rows(p: Path, path, method: str, sigma_threshold: float):
-    """Parse and check every row of a label file; (records, {(id, method): (row, record)})."""
+def _label_row(p: Path, path, n: int, row: dict, method: str, sigma_threshold: float) -> LabelRecord:
+    """One CSV row as a checked LabelRecord (LabelInputError naming the row)."""
     from pymatgen.core import Composition, Element
 
     from xrdmatch.platform.data import clean_formula, reduced_formula
 
+    sid = (row.get("structure_id") or row.get("id") or "").strip()
+    if not sid:
+        raise LabelInputError(f"{path}: row {n}: empty structure id")
+    if why := too_long(LabelRow.__table__, {"structure_id": sid}):  # before a message names it
+        raise LabelInputError(f"{path}: row {n} ({shorten(sid)}): {why}")
+    formula = (row.get("formula") or "").strip()
+    if not formula:  # candidate selection skips labelled compositions by this formula
+        raise LabelInputError(f"{path}: row {n} ({sid}): empty formula")
+    if why := too_long(LabelRow.__table__, {"formula": formula}):  # before pymatgen parses it
+        raise LabelInputError(f"{path}: row {n} ({sid}): {why}")
+    try:
+        reduced_formula(formula)
+        unknown = [str(e) for e in Composition(clean_formula(formula)).elements if not isinstance(e, Element)]
+    except Exception:
+        raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula") from None
+    if unknown:  # pymatgen reads any capitalised symbol ('Zz') as a placeholder species
+        raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula "
+                              f"({', '.join(unknown)}: not an element)")
+    m = (row.get("method") or method).strip()
+    raw_sigma = (row.get("sigma_300") or "").strip()
+    sigma = _finite(raw_sigma) if raw_sigma else None
+    if raw_sigma and (sigma is None or sigma < 0):
+        raise LabelInputError(f"{path}: row {n} ({sid}): sigma_300 {raw_sigma!r} is not a finite non-negative number")
+    raw = (row.get("label") or "").strip()
+    if raw:
+        if raw not in ("0", "1"):
+            raise LabelInputError(f"{path}: row {n} ({sid}): label {raw!r} not in {{0, 1}}")
+        lab = int(raw)
+        if sigma is not None and lab != int(sigma >= sigma_threshold):
+            raise LabelInputError(
+                f"{path}: row {n} ({sid}): label {lab} contradicts sigma_300 {sigma:g} S/cm (threshold "
+                f"{sigma_threshold:g}; 1 = superionic = sigma_300 >= threshold; the paper's files use 0 = superionic)")
+    elif sigma is not None:
+        lab = int(sigma >= sigma_threshold)
+    else:
+        raise LabelInputError(f"{path}: row {n} ({sid}): neither label nor a finite sigma_300")
+    if m not in METHODS:
+        raise LabelInputError(f"{path}: row {n} ({sid}): unknown method {m!r} (one of {METHODS})")
+    return LabelRecord(structure_id=sid, formula=formula, method=m, label=lab, protocol_hash=f"import:{m}",
+                       sigma_300=sigma, verdict="superionic" if lab else "not_superionic", source=f"{p.name}:{n}")
+
+
+def _read_label_rows(p: Path, path, method: str, sigma_threshold: float):
+    """Parse and check every row of a label file; (records, {(id, method): (row, record)})."""
     recs: list[LabelRecord] = []
     first_row: dict[tuple[str, str], tuple[int, LabelRecord]] = {}
     label_row: dict[str, tuple[int, int, str]] = {}  # structure id -> (row, label, method) of its first row
@@ -317,53 +361,14 @@ def _read_label_rows(p: Path, path, method: str, sigma_threshold: float):
         try:
             cols = set(reader.fieldnames or [])
             if not ({"structure_id", "id"} & cols) or "formula" not in cols or not ({"label", "sigma_300"} & cols):
-                raise LabelInputError(f"{path}: needs columns structure_id (or id), formula, and label or sigma_300; got {sorted(cols)}")
+                raise LabelInputError(f"{path}: needs columns structure_id (or id), formula, and label or sigma_300; "
+                                      f"got {sorted(cols)}")
             for n, row in enumerate(reader, start=2):
                 if None in row or None in row.values():
                     raise LabelInputError(f"{path}: row {n}: {'more' if None in row else 'fewer'} fields than the "
                                           f"header's {len(reader.fieldnames)}")
-                sid = (row.get("structure_id") or row.get("id") or "").strip()
-                if not sid:
-                    raise LabelInputError(f"{path}: row {n}: empty structure id")
-                if why := too_long(LabelRow.__table__, {"structure_id": sid}):  # before a message names it
-                    raise LabelInputError(f"{path}: row {n} ({shorten(sid)}): {why}")
-                formula = (row.get("formula") or "").strip()
-                if not formula:  # candidate selection skips labelled compositions by this formula
-                    raise LabelInputError(f"{path}: row {n} ({sid}): empty formula")
-                if why := too_long(LabelRow.__table__, {"formula": formula}):  # before pymatgen parses it
-                    raise LabelInputError(f"{path}: row {n} ({sid}): {why}")
-                try:
-                    reduced_formula(formula)
-                    unknown = [str(e) for e in Composition(clean_formula(formula)).elements if not isinstance(e, Element)]
-                except Exception:
-                    raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula") from None
-                if unknown:  # pymatgen reads any capitalised symbol ('Zz') as a placeholder species
-                    raise LabelInputError(f"{path}: row {n} ({sid}): formula {formula!r} is not a chemical formula "
-                                          f"({', '.join(unknown)}: not an element)")
-                m = (row.get("method") or method).strip()
-                raw_sigma = (row.get("sigma_300") or "").strip()
-                sigma = _finite(raw_sigma) if raw_sigma else None
-                if raw_sigma and (sigma is None or sigma < 0):
-                    raise LabelInputError(f"{path}: row {n} ({sid}): sigma_300 {raw_sigma!r} is not a finite non-negative number")
-                raw = (row.get("label") or "").strip()
-                if raw:
-                    if raw not in ("0", "1"):
-                        raise LabelInputError(f"{path}: row {n} ({sid}): label {raw!r} not in {{0, 1}}")
-                    lab = int(raw)
-                    if sigma is not None and lab != int(sigma >= sigma_threshold):
-                        raise LabelInputError(
-                            f"{path}: row {n} ({sid}): label {lab} contradicts sigma_300 {sigma:g} S/cm (threshold "
-                            f"{sigma_threshold:g}; 1 = superionic = sigma_300 >= threshold; the paper's files use 0 = superionic)")
-                elif sigma is not None:
-                    lab = int(sigma >= sigma_threshold)
-                else:
-                    raise LabelInputError(f"{path}: row {n} ({sid}): neither label nor a finite sigma_300")
-                if m not in METHODS:
-                    raise LabelInputError(f"{path}: row {n} ({sid}): unknown method {m!r} (one of {METHODS})")
-                rec = LabelRecord(structure_id=sid, formula=formula, method=m, label=lab,
-                                  protocol_hash=f"import:{m}", sigma_300=sigma,
-                                  verdict="superionic" if lab else "not_superionic",
-                                  source=f"{p.name}:{n}")
+                rec = _label_row(p, path, n, row, method, sigma_threshold)
+                sid, m, lab = rec.structure_id, rec.method, rec.label
                 prev = first_row.get((sid, m))
                 if prev is not None:
                     diff = _same_label(prev[1], rec)

@@ -47,19 +47,14 @@ def probe_database(uri: str) -> None:
     if uri in _PROBED or "://" not in uri or uri.split(":", 1)[0].split("+")[0] in ("file", "sqlite", "http",
                                                                                   "https", "databricks"):
         return
-    from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import NoSuchModuleError
     from sqlalchemy.pool import NullPool
 
-    driver = make_url(uri).drivername
-    timeout = driver in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql", "mysql+mysqldb",
-                         "mysql+pymysql")  # drivers that take connect_timeout (pg8000 does not)
-    try:
-        eng = create_engine(uri, poolclass=NullPool, connect_args={"connect_timeout": 10} if timeout else {})
-    except ImportError as e:  # a SQLAlchemyError, so the CLI's store_errors reports it in one line
-        raise NoSuchModuleError(f"the database driver of {driver!r} is not installed ({e}); install it into "
-                                "this environment") from None
+    from xrdmatch.platform.db import server_engine
+
+    timeout = make_url(uri).drivername in ("postgresql", "postgresql+psycopg", "postgresql+psycopg2", "mysql",
+                                           "mysql+mysqldb", "mysql+pymysql")  # these take connect_timeout
+    eng = server_engine(uri, poolclass=NullPool, connect_args={"connect_timeout": 10} if timeout else {})
     try:
         with eng.connect():
             pass
