@@ -124,6 +124,27 @@ def load_state(directory: str, rank: int = 0) -> dict:
     return state
 
 
+def _wait_until_reports_are_taken(timeout_s: float = 60.0) -> None:
+    """Test-only fault injection: block until the controller has taken this worker's reports.
+
+    Ray Train's controller takes one report per worker per health-check poll (every 2 s), so a
+    fast loop can queue several checkpoints; a worker that dies then loses the queued ones and
+    the run resumes from an earlier checkpoint (correct, but not the one a test names). Real
+    crashes keep that behaviour; the injected one waits, so the test is deterministic."""
+    import time
+
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+
+        queue = get_train_context().get_result_queue()
+    except (ImportError, AttributeError):  # another Ray Train version: give the polls time
+        time.sleep(3 * 2.0)
+        return
+    deadline = time.monotonic() + timeout_s
+    while queue.unfinished_tasks and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker: resume if there is a checkpoint, train, report."""
     import ray
@@ -157,6 +178,7 @@ def train_loop_per_worker(config: dict) -> None:
             save_state(d, state, rank)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         if fault_at is not None and not resumed and step == fault_at:
+            _wait_until_reports_are_taken()
             raise RuntimeError(f"injected fault after the checkpoint at step {step} (test only)")
 
     train_member(
