@@ -18,6 +18,9 @@ for _v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 # of tiny networks, so at the default most of their training time was that wait (a 30-step
 # member reporting every 5 steps: 24 s, 14 s at 0.25 s). Real runs report every 50-250 steps.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+# Ray Train starts a preemption-watcher actor (one more worker process) with every run; nothing
+# here is preempted, and on 2 cores that start cost 1-3 s of each of the suite's many tiny runs.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 _MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
