@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -89,6 +90,19 @@ def labelled(labelled_csv):
 
 
 # ---- MLflow tracking / registry (owner: MLflow registry) --------------------------------------
+
+
+def registered_checkpoints(root: Path, runs: str) -> int:
+    """Checkpoints Ray Train has recorded in the runs under ``root`` matching ``runs``. Only these
+    are resumed after a kill -9: a checkpoint folder appears on disk before the controller takes
+    its report (one per health-check poll), so counting folders can kill a run with none."""
+    n = 0
+    for snapshot in root.glob(f"{runs}/checkpoint_manager_snapshot.json"):
+        try:
+            n += len(json.loads(snapshot.read_text()).get("checkpoint_results") or [])
+        except (OSError, ValueError):  # being written: not yet
+            pass
+    return n
 
 
 def _tiny_ensemble(labelled, seed: int, path: Path) -> Path:

@@ -275,9 +275,11 @@ def test_campaign_resumes_after_kill9_exactly_once_and_learns_from_its_verdict(t
     assert second.returncode == 3, second.stderr
     assert f"in use by pid {proc.pid}" in second.stderr
 
-    def checkpointed():  # two on disk: the first is committed (its folder appears before Ray Train records it)
+    from tests.conftest import registered_checkpoints
+
+    def checkpointed():  # one that Ray Train has recorded (a folder on disk may not be yet)
         st = _stage_running(run_dir, 1, "train")
-        return st if st and len(list((run_dir / "train" / "round-001").glob("ray_results/*/checkpoint_*"))) >= 2 else None
+        return st if st and registered_checkpoints(run_dir / "train" / "round-001", "ray_results/*") else None
 
     store = _wait_for(checkpointed, proc, log, "round 1 train checkpointed")
     before_a = _snapshot(store)

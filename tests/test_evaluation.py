@@ -496,9 +496,11 @@ def test_train_cli_resumes_after_kill_9_logs_the_run_and_registers_once(tmp_path
                                   "campaign": {"eval_folds": 2, "eval_iterations": 2}}, run_dir=run_dir)
     args = ["train", "--config", str(cfg)]
 
-    # two checkpoints on disk: the first is committed (a checkpoint folder appears before Ray
-    # Train records it, so a kill at the first one can leave nothing to resume from)
-    rc = _kill_cli_when(args, lambda: len(list((run_dir / "train").glob("train-*/ray_results/*/checkpoint_*"))) >= 2)
+    # killed once Ray Train has recorded a checkpoint (a checkpoint folder appears on disk before
+    # it is recorded, and a kill then leaves nothing to resume from)
+    from tests.conftest import registered_checkpoints
+
+    rc = _kill_cli_when(args, lambda: registered_checkpoints(run_dir / "train", "train-*/ray_results/*"))
     assert rc == -9, "the first run should have been killed mid-training"
     assert not list((run_dir / "models").glob("train-*/ensemble.json"))
     client = _client(cfg)
