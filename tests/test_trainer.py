@@ -287,8 +287,8 @@ def test_ray_train_two_workers_checkpoints_and_resumes_after_a_fault(ray_local, 
     ens = train_ensemble(X, y, Xu, cfg, run_dir=tmp_path, run_name="t", fault_after_step=4)
     hist = ens.members[0].history
     assert [h["step"] for h in hist] == [1, 2, 3, 4, 5, 6]
-    # resumed at the step-4 checkpoint; on a loaded machine Ray Train can end the attempt before
-    # it has registered that one (a rank's poll still out), and then it resumes at step 2
+    # resumed at the step-4 checkpoint, or at step 2 where Ray Train ended the attempt before it
+    # had recorded step 4 (its controller takes one report per worker per poll; CI saw it)
     resumed_at = hist[-1]["attempt_start"]
     assert resumed_at in (2, 4)
     assert [h["attempt_start"] for h in hist] == [0] * resumed_at + [resumed_at] * (6 - resumed_at)

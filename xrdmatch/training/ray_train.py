@@ -124,32 +124,6 @@ def load_state(directory: str, rank: int = 0) -> dict:
     return state
 
 
-def _wait_until_reports_are_taken(timeout_s: float = 60.0) -> None:
-    """Test-only fault injection: block until the controller has taken every rank's reports.
-
-    Ray Train registers a checkpoint once its controller has taken every rank's report of it, one
-    report per worker per health-check poll. A rank that raises straight after its own report can
-    end the attempt first, and the run resumes from the checkpoint before (correct, but not the one
-    the test names; CI saw it). Real crashes keep that behaviour; the injected one waits, which
-    narrows the window (a poll of another rank can still be out on a loaded machine)."""
-    import time
-
-    try:
-        from ray.train.v2._internal.execution.context import get_train_context
-
-        queue = get_train_context().get_result_queue()
-    except (ImportError, AttributeError):  # another Ray Train version: give the polls time
-        time.sleep(3 * 2.0)
-        return
-    deadline = time.monotonic() + timeout_s
-    while queue.unfinished_tasks and time.monotonic() < deadline:
-        time.sleep(0.1)
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():  # the checkpoint needs every rank's report
-        dist.barrier()
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker: resume if there is a checkpoint, train, report."""
     import ray
@@ -183,7 +157,6 @@ def train_loop_per_worker(config: dict) -> None:
             save_state(d, state, rank)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d))
         if fault_at is not None and not resumed and step == fault_at:
-            _wait_until_reports_are_taken()
             raise RuntimeError(f"injected fault after the checkpoint at step {step} (test only)")
 
     train_member(
