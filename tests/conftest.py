@@ -89,7 +89,7 @@ def labelled(labelled_csv):
     return load_labelled(labelled_csv)
 
 
-# ---- MLflow tracking / registry (owner: MLflow registry) --------------------------------------
+# ---- Ray Train ---------------------------------------------------------------------------------
 
 
 def registered_checkpoints(root: Path, runs: str) -> int:
@@ -103,6 +103,9 @@ def registered_checkpoints(root: Path, runs: str) -> int:
         except (OSError, ValueError):  # being written: not yet
             pass
     return n
+
+
+# ---- MLflow tracking / registry (owner: MLflow registry) --------------------------------------
 
 
 def _tiny_ensemble(labelled, seed: int, path: Path) -> Path:
