@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from xrdmatch.platform.registry import beats, list_versions
@@ -89,12 +90,17 @@ def test_pyfunc_is_the_ensemble(mlflow_registry, labelled):
     from xrdmatch.training.evaluation import combine
 
     np.testing.assert_array_equal(out["superionic"], combine(b["p_members"], reg.cfg.evaluation.vote_fraction)["pred"])
-    # signature: 4501 named double columns in, three columns out; a wrong frame is refused
+    # signature: one (-1, 4501) float64 tensor in, four columns out; an array is taken as the
+    # frame is, and input of another shape or dtype is refused
     sig = model.metadata.signature
-    assert sig.inputs.input_names() == COLUMNS and len(COLUMNS) == 4501
+    (spec,) = sig.inputs.inputs
+    assert (spec.type, spec.shape) == (np.dtype(np.float64), (-1, 4501)) and len(COLUMNS) == 4501
     assert sig.outputs.input_names() == ["p_superionic", "p_std", "superionic", "error"]
-    with pytest.raises(Exception):
+    pd.testing.assert_frame_equal(model.predict(np.asarray(X, np.float64)), out)
+    with pytest.raises(Exception, match="shape"):
         model.predict(patterns_frame(X).drop(columns=["v7"]))
+    with pytest.raises(Exception, match="dtype"):
+        model.predict(np.asarray(X, np.float32))
     # a bad row gets its reason and no prediction; the rest of the batch is scored as alone
     bad = np.array(X, dtype=np.float64)
     bad[2, 100] = np.nan
@@ -121,6 +127,12 @@ def test_pyfunc_is_the_ensemble(mlflow_registry, labelled):
     rows = json.loads(served.response, parse_constant=no_nan)["predictions"]
     assert rows[5]["p_superionic"] is None and rows[5]["p_std"] is None and "flat" in rows[5]["error"]
     assert rows[0]["p_superionic"] == pytest.approx(float(b["p_mean"][0]), rel=1e-6)
+    # the tensor form of the same request (what the stored serving example uses) answers the same
+    body = json.dumps({"inputs": np.where(np.isfinite(bad), bad, 0.0).tolist()})
+    tensor_rows = json.loads(scoring_server.invocations(body, "application/json", model,
+                                                        model.metadata.get_input_schema()).response)["predictions"]
+    assert [r["p_superionic"] for r in tensor_rows][:2] == [r["p_superionic"] for r in rows][:2]
+    assert "flat" in tensor_rows[5]["error"]
     # models from code: the model folder holds our source file and the safetensors, no pickle
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{reg.cfg.tracking.registry_name}/3"))
     files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
@@ -130,6 +142,8 @@ def test_pyfunc_is_the_ensemble(mlflow_registry, labelled):
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     assert mlmodel["flavors"]["python_function"]["model_code_path"].endswith("pyfunc_model.py")
     assert (local / "input_example.json").is_file()
+    served_example = json.loads((local / "serving_input_example.json").read_text())
+    assert np.asarray(served_example["inputs"]).shape == (1, 4501)
 
 
 def test_models_cli_lists_versions(mlflow_registry, monkeypatch):
@@ -313,7 +327,7 @@ import pandas as pd
 
 mlflow.set_tracking_uri(tracking_uri)
 model = mlflow.pyfunc.load_model(model_uri)
-X = np.load(x_path)
+X = np.load(x_path).astype(np.float64)  # the signature's dtype
 out = model.predict(pd.DataFrame(X, columns=[f"v{i}" for i in range(1, X.shape[1] + 1)]))
 import xrdmatch
 

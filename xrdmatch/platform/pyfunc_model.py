@@ -8,15 +8,18 @@ the model (``code_paths``: ``code/xrdmatch``, put on sys.path by MLflow at load)
 requirements list what ``load_context``/``predict`` import, so the model loads where xrdmatch
 is not installed; where it is already imported, that copy is used.
 
-Input: a pandas DataFrame, one pattern per row, columns ``v1`` .. ``v4501`` (the labelled
-CSV's names: Cu K-alpha, 2-theta 0-90 deg in 0.02 deg bins, maximum 1), float64.
+Input: float64 patterns, one per row, 4501 values each (Cu K-alpha, 2-theta 0-90 deg in
+0.02 deg bins, maximum 1): the signature is one tensor of shape (-1, 4501). A numpy array
+(served: ``{"inputs": [[...], ...]}``) or a DataFrame of 4501 columns (``patterns_frame``,
+whose names ``v1`` .. ``v4501`` are the labelled CSV's; served: ``dataframe_split``) are both
+taken; MLflow hands the frame over as an array, so its columns are read by position.
 Output: a DataFrame with ``p_superionic`` (ensemble mean), ``p_std`` (spread across members),
 ``superionic`` (1 when at least ceil(``vote_fraction`` x members) members give
 p > ``threshold``: the rule the evaluation scored; both in the model config, from
 ``evaluation.vote_fraction`` and ``tracking.decision_threshold``) and ``error``. A row that
 cannot be scored (NaN or infinite values, a flat pattern) gets its reason in ``error`` and
 empty predictions; the other rows of the batch are predicted (a served batch is not lost to
-one bad row). A frame without the 4501 columns is refused whole, by MLflow's schema check.
+one bad row). Input of another shape or dtype is refused whole, by MLflow's schema check.
 """
 
 from __future__ import annotations

@@ -86,13 +86,20 @@ def example_pattern() -> np.ndarray:
     return np.asarray(xrd_pattern(s), dtype=np.float64)[None, :]
 
 
-def _signature(example: np.ndarray):
+def _signature():
+    """One float64 tensor of shape (-1, 4501) in, four columns out.
+
+    A tensor, not 4501 named columns: that schema put ~250 KB of YAML in every MLmodel, and
+    MLflow's per-column parsing and checks cost seconds per registration and ~1 s per load
+    (``benchmarks/registry_signature.py``). MLflow still takes a DataFrame of 4501 columns
+    (``dataframe_split``, ``patterns_frame``), read by position; float32 input is refused.
+    """
     from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, Schema, TensorSpec
 
-    from xrdmatch.platform.pyfunc_model import COLUMNS
+    from xrdmatch.platform.pyfunc_model import N_BINS
 
-    inputs = Schema([ColSpec("double", c) for c in COLUMNS])
+    inputs = Schema([TensorSpec(np.dtype(np.float64), (-1, N_BINS))])
     outputs = Schema([ColSpec("double", "p_superionic", required=False), ColSpec("double", "p_std", required=False),
                       ColSpec("long", "superionic", required=False), ColSpec("string", "error")])
     return ModelSignature(inputs=inputs, outputs=outputs)
@@ -183,16 +190,14 @@ def log_version(cfg: Config, ensemble_dir: str | os.PathLike[str], lineage: dict
         raise FileNotFoundError(f"ensemble directory not found: {ens}")
     configure(cfg)
     example = example_pattern() if input_example is None else np.atleast_2d(np.asarray(input_example, np.float64))
-    from xrdmatch.platform.pyfunc_model import patterns_frame
-
     with _run_for(cfg, run_id, lineage) as run:
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME_IN_RUN,
             python_model=str(PYFUNC_FILE),
             artifacts={"ensemble": str(ens.resolve())},
             code_paths=[str(PACKAGE_DIR)],
-            signature=_signature(example),
-            input_example=patterns_frame(example),
+            signature=_signature(),
+            input_example=example,  # MLflow checks that it serves: {"inputs": [[...4501 values]]}
             pip_requirements=_pip_requirements(),
             model_config={"threshold": cfg.tracking.decision_threshold,
                           "vote_fraction": cfg.evaluation.vote_fraction},
