@@ -24,6 +24,14 @@ def _quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+def _metric_cell(name: str, x: float | None) -> str:
+    """A count (``*_n``, ``*_n_superionic``) as an integer, any other metric to three decimals."""
+    if x is None:
+        return "-"
+    count = name in ("n", "n_superionic") or name.endswith(("_n", "_n_superionic"))
+    return f"{x:.0f}" if count else f"{x:.3f}"
+
+
 def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     """List registered model versions with aliases, metrics and label counts."""
     from datetime import datetime
@@ -50,19 +58,34 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     metric_names = sorted({m for v in versions for m in v.metrics})
     pm = cfg.tracking.promotion_metric
     metric_names = ([pm] if pm in metric_names else []) + [m for m in metric_names if m != pm][:3]
-    table = Table(title=escape(f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})"))
-    for col in ["version", "aliases", "created", *metric_names, "labelled (sources)", "unlabelled", "run"]:
-        table.add_column(col, justify="right" if col in metric_names else "left")
+    # the metrics' shared prefix (grouped_cv_) goes to the caption: shorter headers, a table
+    # that fits more terminals
+    prefix = os.path.commonprefix(metric_names) if len(metric_names) > 1 else ""
+    prefix = prefix[: prefix.rfind("_") + 1]
+    table = Table(title=escape(f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})"),
+                  caption=escape(f"metrics: {prefix}*") if prefix else None)
+    columns = ["version", "aliases", "created", *metric_names, "labelled (sources)", "unlabelled", "run"]
+    for col in columns:
+        table.add_column(escape(col.removeprefix(prefix) if col in metric_names else col),
+                         justify="right" if col in metric_names else "left")
+    rows = []
     for v in versions:
         lab = v.lineage.get("lineage.labelled_count", "?")
         srcs = v.lineage.get("lineage.label_sources", "")
         created = datetime.fromtimestamp(v.created_ms / 1000).strftime("%Y-%m-%d %H:%M") if v.created_ms else ""
-        table.add_row(
-            escape(v.version), escape(", ".join(v.aliases)), created,
-            *[f"{v.metrics[m]:.3f}" if m in v.metrics else "-" for m in metric_names],
-            escape(f"{lab} ({srcs})"), escape(v.lineage.get("lineage.unlabelled_count", "?")), escape((v.run_id or "")[:8]),
-        )
-    console.print(table)
+        rows.append([v.version, ", ".join(v.aliases), created, *[_metric_cell(m, v.metrics.get(m)) for m in metric_names],
+                     f"{lab} ({srcs})", v.lineage.get("lineage.unlabelled_count", "?"), (v.run_id or "")[:8]])
+        table.add_row(*map(escape, rows[-1]))
+    with console.capture() as capture:
+        console.print(table)
+    if "…" not in capture.get():
+        console.print(table)
+    else:  # a table squeezed into a narrow terminal cuts its cells to "vers…": one block per version
+        console.print(f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})", markup=False)
+        for row in rows:
+            console.print(f"version {row[0]}  {row[1] or '-'}  {row[2]}  run {row[-1]}", markup=False)
+            for name, cell in zip(columns[3:-1], row[3:-1]):
+                console.print(f"    {name}: {cell}", markup=False)
     console.print(f"promotion rule: {versions[0].tags.get('promotion.rule', '-')}", markup=False)
 
 
