@@ -146,6 +146,13 @@ def test_pyfunc_is_the_ensemble(mlflow_registry, labelled):
     assert np.asarray(served_example["inputs"]).shape == (1, 4501)
 
 
+def test_metric_text_prints_counts_as_integers():
+    from xrdmatch.training.metrics import metric_text
+
+    assert [metric_text(k, v) for k, v in (("grouped_cv_n", 112.0), ("n_superionic", 23.0), ("grouped_cv_recall", 1.0),
+                                           ("macro_f1", 0.6321), ("pr_auc", None))] == ["112", "23", "1.000", "0.632", "-"]
+
+
 def test_models_cli_lists_versions(mlflow_registry, monkeypatch):
     from typer.testing import CliRunner
 
@@ -160,7 +167,7 @@ def test_models_cli_lists_versions(mlflow_registry, monkeypatch):
         assert f1 in out
     assert "112 (paper=112)" in out
     assert "grouped_cv_macro_f1 > champion + 0" in out
-    assert "metrics: grouped_cv_*" in out and "macro_f1" in out and "…" not in out
+    assert "metrics: grouped_cv_*" in out and "macro_f1" in out and "pr_auc" in out and "…" not in out
     # a terminal too narrow for the table gets one block per version, nothing cut to "vers…"
     res = CliRunner().invoke(app, ["models", "--dir", str(mlflow_registry.run_dir)], env={"COLUMNS": "80"})
     assert res.exit_code == 0, res.output

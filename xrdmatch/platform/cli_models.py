@@ -24,14 +24,6 @@ def _quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
-def _metric_cell(name: str, x: float | None) -> str:
-    """A count (``*_n``, ``*_n_superionic``) as an integer, any other metric to three decimals."""
-    if x is None:
-        return "-"
-    count = name in ("n", "n_superionic") or name.endswith(("_n", "_n_superionic"))
-    return f"{x:.0f}" if count else f"{x:.3f}"
-
-
 def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     """List registered model versions with aliases, metrics and label counts."""
     from datetime import datetime
@@ -42,6 +34,7 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
 
     from xrdmatch.platform.registry import list_versions
     from xrdmatch.platform.tracking import tracking_uri
+    from xrdmatch.training.metrics import metric_text
 
     _quiet_mlflow()
     cfg = _load(config, run_dir)
@@ -57,7 +50,11 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
         return
     metric_names = sorted({m for v in versions for m in v.metrics})
     pm = cfg.tracking.promotion_metric
-    metric_names = ([pm] if pm in metric_names else []) + [m for m in metric_names if m != pm][:3]
+    # the promotion metric, then the evaluation's headline metrics before counts and the rest
+    rank = {m: i for i, m in enumerate(("f1_superionic", "pr_auc", "precision", "recall", "macro_f1"))}
+    others = sorted((m for m in metric_names if m != pm),
+                    key=lambda m: min((r for k, r in rank.items() if m == k or m.endswith(f"_{k}")), default=len(rank)))
+    metric_names = ([pm] if pm in metric_names else []) + others[:3]
     # the metrics' shared prefix (grouped_cv_) goes to the caption: shorter headers, a table
     # that fits more terminals
     prefix = os.path.commonprefix(metric_names) if len(metric_names) > 1 else ""
@@ -73,7 +70,7 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
         lab = v.lineage.get("lineage.labelled_count", "?")
         srcs = v.lineage.get("lineage.label_sources", "")
         created = datetime.fromtimestamp(v.created_ms / 1000).strftime("%Y-%m-%d %H:%M") if v.created_ms else ""
-        rows.append([v.version, ", ".join(v.aliases), created, *[_metric_cell(m, v.metrics.get(m)) for m in metric_names],
+        rows.append([v.version, ", ".join(v.aliases), created, *[metric_text(m, v.metrics.get(m)) for m in metric_names],
                      f"{lab} ({srcs})", v.lineage.get("lineage.unlabelled_count", "?"), (v.run_id or "")[:8]])
         table.add_row(*map(escape, rows[-1]))
     with console.capture() as capture:

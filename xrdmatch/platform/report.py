@@ -19,6 +19,7 @@ import numpy as np
 
 from xrdmatch.config import Config, redact
 from xrdmatch.platform.campaign_store import DONE, CampaignStore, campaign_id_for
+from xrdmatch.training.metrics import metric_text
 
 STAGE_ORDER = ("patterns", "train", "register", "screen", "select", "validate", "label")
 
@@ -151,7 +152,8 @@ def campaign_status(cfg: Config) -> list[str]:
         lines.append(f"champion: unavailable ({e})")
     else:
         if champ:
-            ms = ", ".join(f"{k} {v:.3f}" for k, v in sorted(champ["metrics"].items()) if k.startswith("grouped_cv"))
+            ms = ", ".join(f"{k} {metric_text(k, v)}" for k, v in sorted(champ["metrics"].items())
+                           if k.startswith("grouped_cv"))
             lines.append(f"champion: {cfg.tracking.registry_name} v{champ['version']} ({ms or 'no metrics'})")
         else:
             lines.append("champion: none yet")

@@ -35,6 +35,19 @@ def binary_metrics(y_true, y_pred, score=None) -> dict[str, float]:
     return out
 
 
+#: the counts among ``binary_metrics``' keys (MLflow stores every metric as a float)
+COUNTS = ("n", "n_superionic")
+
+
+def metric_text(name: str, value: float | None) -> str:
+    """A metric for a table or a status line: a count (``n``, ``grouped_cv_n_superionic``) as an
+    integer, any other to three decimals, a missing one as ``-``."""
+    if value is None:
+        return "-"
+    count = name in COUNTS or name.endswith(tuple(f"_{c}" for c in COUNTS))
+    return f"{value:.0f}" if count else f"{value:.3f}"
+
+
 def calls(p, threshold: float = 0.5) -> np.ndarray:
     """1 (superionic) where p > threshold, else 0. At 0.5 this is the network's own argmax (a tie
     goes to class 0): every single-model call, member vote and threshold search uses this rule."""
