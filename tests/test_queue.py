@@ -715,3 +715,33 @@ def test_label_import_refuses_an_id_longer_than_the_store_holds_naming_the_row(s
                                               "store's limit of 200"):
         import_labels(store_url, f)
     assert list_labels(store_url) == []
+
+
+def test_status_tables_never_cut_a_word_and_fall_back_to_blocks_on_a_narrow_terminal():
+    """`validate status` and `models` print through print_table: a table only where each column can
+    hold its longest word, else one block per row; store text is never read as rich markup."""
+    import io
+
+    from rich.console import Console
+
+    from xrdmatch.platform.cli_common import print_table
+
+    columns = ["id", "formula", "state", "progress", "error"]
+    rows = [["1", "Li6PS5Cl", "failed", "-", "[red]calculator[/] 'gpaw' not installed"],
+            ["2", "Li10GeP2S12", "running", "1000 K 40/300", ""]]
+
+    def render(width: int) -> str:
+        out = io.StringIO()
+        print_table(Console(file=out, width=width, color_system=None), "jobs (sqlite:///x)", columns, rows,
+                    colours={"state": {"failed": "red"}})
+        return out.getvalue()
+
+    wide = render(120)
+    assert "┃ id ┃" in wide and "[red]calculator[/] 'gpaw' not installed" in wide and "…" not in wide
+    narrow = render(40)
+    assert "┃" not in narrow and "…" not in narrow
+    assert narrow.splitlines()[:2] == ["jobs (sqlite:///x)", "id 1"]
+    assert "    error: [red]calculator[/] 'gpaw' not" in narrow  # long lines wrap at a space
+    assert "    progress: 1000 K 40/300" in narrow and "progress: -" not in narrow  # an empty cell says nothing
+    words = " ".join(sum(rows, [])).split()
+    assert set(words) - {"-"} <= set(narrow.split()) and set(words) <= set(wide.replace("│", " ").split())

@@ -203,3 +203,43 @@ def check_store(cfg) -> None:
     url = store_url(cfg)
     with store_errors(url):
         queue.counts_by_state(url)
+
+
+def print_table(console, title: str, columns: list[str], rows: list[list[str]], *, caption: str | None = None,
+                headers: dict[str, str] | None = None, right: tuple[str, ...] = (),
+                colours: dict[str, dict[str, str]] | None = None) -> None:
+    """Rows of plain text as a table where every word fits its column; on a terminal too narrow
+    for that, one block per row (``column: value`` lines). A squeezed table cuts words to
+    "vers…" or one letter per line, and says nothing.
+
+    ``headers``: shorter table headers for some columns, ``caption`` the table's note on them
+    (the blocks keep the full names); ``colours``: per column, a style per value (a job's state).
+    """
+    from rich.markup import escape
+    from rich.table import Table
+
+    headers, colours = headers or {}, colours or {}
+    shown = [headers.get(c, c) for c in columns]
+
+    def longest_word(text: str) -> int:
+        return max((len(w) for w in text.split()), default=0)
+
+    need = sum(max([longest_word(h), *(longest_word(r[i]) for r in rows)]) + 3 for i, h in enumerate(shown)) + 1
+    if need > console.width:
+        console.print(title, markup=False)
+        for row in rows:
+            console.print(f"{columns[0]} {row[0]}", markup=False)
+            for name, cell in zip(columns[1:], row[1:]):
+                if cell not in ("", "-"):  # nothing to say
+                    console.print(f"    {name}: {cell}", markup=False)
+        return
+    table = Table(title=escape(title), caption=escape(caption) if caption else None)
+    for c, h in zip(columns, shown):
+        table.add_column(escape(h), justify="right" if c in right else "left", overflow="fold")
+    for row in rows:
+        cells = []
+        for c, cell in zip(columns, row):
+            style = colours.get(c, {}).get(cell)
+            cells.append(f"[{style}]{escape(cell)}[/]" if style else escape(cell))
+        table.add_row(*cells)
+    console.print(table)

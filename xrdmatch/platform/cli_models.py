@@ -13,7 +13,7 @@ import typer
 
 from xrdmatch.config import redact
 from xrdmatch.platform.cli_common import (ConfigOpt, DirOpt, check_out_file, check_out_not_input, first_line,
-                                          require_run_dir, store_errors)
+                                          print_table, require_run_dir, store_errors)
 from xrdmatch.platform.cli_common import load_cfg as _load
 
 
@@ -29,8 +29,6 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     from datetime import datetime
 
     from rich.console import Console
-    from rich.markup import escape  # names, aliases and tags come from the store, not markup
-    from rich.table import Table
 
     from xrdmatch.platform.registry import list_versions
     from xrdmatch.platform.tracking import tracking_uri
@@ -59,12 +57,7 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
     # that fits more terminals
     prefix = os.path.commonprefix(metric_names) if len(metric_names) > 1 else ""
     prefix = prefix[: prefix.rfind("_") + 1]
-    table = Table(title=escape(f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})"),
-                  caption=escape(f"metrics: {prefix}*") if prefix else None)
     columns = ["version", "aliases", "created", *metric_names, "labelled (sources)", "unlabelled", "run"]
-    for col in columns:
-        table.add_column(escape(col.removeprefix(prefix) if col in metric_names else col),
-                         justify="right" if col in metric_names else "left")
     rows = []
     for v in versions:
         lab = v.lineage.get("lineage.labelled_count", "?")
@@ -72,17 +65,9 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
         created = datetime.fromtimestamp(v.created_ms / 1000).strftime("%Y-%m-%d %H:%M") if v.created_ms else ""
         rows.append([v.version, ", ".join(v.aliases), created, *[metric_text(m, v.metrics.get(m)) for m in metric_names],
                      f"{lab} ({srcs})", v.lineage.get("lineage.unlabelled_count", "?"), (v.run_id or "")[:8]])
-        table.add_row(*map(escape, rows[-1]))
-    with console.capture() as capture:
-        console.print(table)
-    if "…" not in capture.get():
-        console.print(table)
-    else:  # a table squeezed into a narrow terminal cuts its cells to "vers…": one block per version
-        console.print(f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})", markup=False)
-        for row in rows:
-            console.print(f"version {row[0]}  {row[1] or '-'}  {row[2]}  run {row[-1]}", markup=False)
-            for name, cell in zip(columns[3:-1], row[3:-1]):
-                console.print(f"    {name}: {cell}", markup=False)
+    print_table(console, f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})", columns, rows,
+                caption=f"metrics: {prefix}*" if prefix else None, right=tuple(metric_names),
+                headers={m: m.removeprefix(prefix) for m in metric_names})
     console.print(f"promotion rule: {versions[0].tags.get('promotion.rule', '-')}", markup=False)
 
 

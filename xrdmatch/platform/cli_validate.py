@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from xrdmatch.config import redact
-from xrdmatch.platform.cli_common import ConfigOpt, DirOpt, check_choices, check_store, require_run_dir, store_errors
+from xrdmatch.platform.cli_common import (ConfigOpt, DirOpt, check_choices, check_store, print_table, require_run_dir,
+                                          store_errors)
 from xrdmatch.platform.cli_common import load_cfg as _config  # the same default config as every command
 
 app = typer.Typer(help="MD validation queue: submit candidates, run workers, show status.", no_args_is_help=True)
@@ -113,8 +114,6 @@ def status(
 ) -> None:
     """Table of validation jobs: state, progress, ETA, verdict, sigma(300 K), error."""
     from rich.console import Console
-    from rich.markup import escape  # ids, formulas and errors are user text, not markup
-    from rich.table import Table
 
     from xrdmatch.platform import queue
     from xrdmatch.platform.db import store_url
@@ -127,10 +126,9 @@ def status(
         jobs = queue.list_jobs(url, states=state or None, limit=limit)
         now = queue.store_now(url)
         counts = queue.counts_by_state(url)
-    table = Table(title=f"validation jobs ({escape(redact(url))})")
-    for col in ("id", "structure", "formula", "state", "T done", "progress", "ETA", "verdict", "sigma_300 S/cm", "attempts", "error"):
-        table.add_column(col, overflow="fold")
-    colour = {"done": "green", "failed": "red", "running": "cyan", "inconclusive": "yellow"}
+    columns = ["id", "structure", "formula", "state", "T done", "progress", "ETA", "verdict", "sigma_300 S/cm",
+               "attempts", "error"]
+    rows = []
     for j in jobs:
         p = j.progress or {}
         n_t = len(j.protocol.get("temperatures", []))
@@ -140,13 +138,12 @@ def status(
             prog = f"{p['temperature']:.0f} K {p.get('step', 0)}/{p.get('nsteps', 0)}"
             if j.lease_expires is not None and j.lease_expires < now:
                 prog += " (lease expired)"
-        table.add_row(
-            str(j.id), escape(j.structure_id), escape(j.formula), f"[{colour.get(j.state, 'white')}]{escape(j.state)}[/]",
-            f"{done} ({len(p.get('temperatures_done', []))}/{n_t})", prog, _eta(j, now), escape(j.verdict or "-"),
-            f"{j.sigma_300:.2e}" if j.sigma_300 is not None else "-", str(j.attempts), escape((j.error or "")[:200]),
-        )
+        rows.append([str(j.id), j.structure_id, j.formula, j.state, f"{done} ({len(p.get('temperatures_done', []))}/{n_t})",
+                     prog, _eta(j, now), j.verdict or "-", f"{j.sigma_300:.2e}" if j.sigma_300 is not None else "-",
+                     str(j.attempts), (j.error or "")[:200]])
     console = Console(width=200) if not Console().is_terminal else Console()
-    console.print(table)
+    colour = {"done": "green", "failed": "red", "running": "cyan", "inconclusive": "yellow"}
+    print_table(console, f"validation jobs ({redact(url)})", columns, rows, colours={"state": colour})
     console.print("  ".join(f"{s}: {n}" for s, n in counts.items()), markup=False)
 
 
