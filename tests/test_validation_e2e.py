@@ -266,7 +266,9 @@ def test_a_stopped_worker_hands_its_job_back_at_once(tmp_path, records, ray_loca
     leased for lease_s (here 10 minutes); the next worker takes it at once and resumes the MD."""
     from xrdmatch.actors.validation_workers import run_workers
 
-    w = _cli_worker_mid_md(tmp_path, records, lease_s=600.0)
+    # 80 steps a temperature: the stop takes a second or more to reach the MD actor, and 16 steps
+    # (~1 s at both temperatures) could all be run by then, leaving nothing to resume
+    w = _cli_worker_mid_md(tmp_path, records, lease_s=600.0, production_steps=80)
     cfg, url, sid, jid, proc, log = w.cfg, w.url, w.sid, w.jid, w.proc, w.log
     try:
         proc.send_signal(signal.SIGTERM)  # to the CLI alone, as a container runtime sends it
