@@ -229,7 +229,7 @@ def _ran_to_its_end(summary, url: str, jid: int, sid: str) -> queue.Job:
 def test_killed_worker_job_is_finished_by_another_after_the_lease(tmp_path, records, ray_local):
     from xrdmatch.actors.validation_workers import run_workers
 
-    w = _cli_worker_mid_md(tmp_path, records, production_steps=30)
+    w = _cli_worker_mid_md(tmp_path, records, production_steps=60)  # still mid-MD after 'validate status' below
     cfg, url, sid, jid, job, proc = w.cfg, w.url, w.sid, w.jid, w.job, w.proc
     try:
         from typer.testing import CliRunner
