@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +310,7 @@ import ast, importlib.abc, json, os, re, site, sys
 from importlib import metadata
 from importlib.machinery import PathFinder
 import json
+import os
 from pathlib import Path
 
 repo, tracking_uri, model_uri, x_path, out_path = sys.argv[1:6]
@@ -678,3 +680,153 @@ def test_screening_pool_fits_the_cluster():
     assert ray.cluster_resources().get("GPU", 0) == 0
     with pytest.raises(RuntimeError, match="campaign.screen_gpus_per_actor = 0.5 but the Ray cluster has 0 GPUs"):
         pool_size(21755, 1000, None, 0.5)
+
+
+def _settle_at_once(cfg, logged, f1s, lineage) -> list:
+    """settle_version of every logged version, all started together (one thread each)."""
+    import threading
+
+    from xrdmatch.platform.registry import settle_version
+
+    start = threading.Barrier(len(logged))
+    out: list = [None] * len(logged)
+
+    def settle(i, version, run_id):
+        start.wait()
+        try:
+            out[i] = settle_version(cfg, version, {"grouped_cv_macro_f1": f1s[i]}, lineage, run_id)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            out[i] = e
+
+    threads = [threading.Thread(target=settle, args=(i, v, r)) for i, (v, r) in enumerate(logged)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return out
+
+
+def test_registrations_settling_at_once_decide_one_after_another(tmp_path, labelled):
+    """Four versions settle at the same moment (a campaign round, an `xrdmatch train`, ...). Each
+    decision reads the champion, then moves the aliases: without the registry lock all four
+    read the same old champion, all four 'beat' it and the last writer kept `champion` (seen:
+    the worst of the four). With it the decisions form one sequence: the best version is
+    champion, the newest is challenger, and every decision is the one it would be in turn."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import _tiny_ensemble
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.registry import log_version, register_ensemble
+    from xrdmatch.platform.tracking import lineage_tags
+
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"),
+                             "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"}})
+    ens = _tiny_ensemble(labelled, 0, tmp_path / "ens")
+    lineage = lineage_tags(labelled, labelled.X[:7])
+    first = register_ensemble(cfg, ens, {"grouped_cv_macro_f1": 0.5}, lineage)
+    logged = [log_version(cfg, ens, lineage) for _ in range(4)]
+    f1s = [0.6, 0.75, 0.65, 0.7]  # the best is neither the first nor the last logged
+    settled = _settle_at_once(cfg, logged, f1s, lineage)
+    assert not [s for s in settled if isinstance(s, BaseException)], settled
+
+    client = MlflowClient(cfg.tracking.tracking_uri, cfg.tracking.tracking_uri)
+    name = cfg.tracking.registry_name
+    f1 = {first.version: 0.5} | {v: f for (v, _), f in zip(logged, f1s)}
+    tags = {v: client.get_model_version(name, v).tags for v, _ in logged}
+    assert str(client.get_model_version_by_alias(name, "champion").version) == logged[1][0]  # 0.75
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == logged[-1][0]
+    # serialisable: the promoted versions, in order of their metric, each replaced the one before
+    promoted = sorted((v for v in tags if tags[v]["promotion.promoted"] == "true"), key=f1.get)
+    assert [tags[v]["promotion.previous_champion"] for v in promoted] == [first.version, *promoted[:-1]]
+    for v in tags:  # and each one left out lost to the champion of its turn
+        if tags[v]["promotion.promoted"] == "false":
+            assert f1[v] <= f1[tags[v]["promotion.previous_champion"]], (v, tags[v])
+    assert {s.version: s.promoted for s in settled} == {v: tags[v]["promotion.promoted"] == "true" for v in tags}
+
+
+def test_a_registration_waits_for_the_registry_lock_and_a_killed_holder_frees_it(tmp_path, labelled):
+    """The lock is held by another process (a registration in the middle of its decision):
+    settle_version waits for it and, past tracking.registry_lock_timeout_s, fails naming the
+    setting without deciding anything; kill -9 of the holder frees the lock (the kernel drops
+    the flock), and the decision is then made."""
+    import signal
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import _tiny_ensemble
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.registry import log_version, register_ensemble, settle_version
+    from xrdmatch.platform.registry_lock import RegistryBusy, lock_target
+    from xrdmatch.platform.tracking import lineage_tags
+
+    cfg = load_config(None, {"run_dir": str(tmp_path / "run"),
+                             "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
+                                          "registry_lock_timeout_s": 1.0}})
+    assert lock_target(cfg) == cfg.tracking.tracking_uri
+    ens = _tiny_ensemble(labelled, 0, tmp_path / "ens")
+    lineage = lineage_tags(labelled, labelled.X[:7])
+    register_ensemble(cfg, ens, {"grouped_cv_macro_f1": 0.5}, lineage)
+    version, run_id = log_version(cfg, ens, lineage)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from xrdmatch.config import load_config\n"
+         "from xrdmatch.platform.registry_lock import registry_lock\n"
+         f"cfg = load_config(None, {{'run_dir': {str(tmp_path / 'run')!r}, "
+         f"'tracking': {{'tracking_uri': {cfg.tracking.tracking_uri!r}}}}})\n"
+         "with registry_lock(cfg):\n    print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RegistryBusy, match=r"registry 'xrdmatch-superionic': another registration held its "
+                                               r"promotion lock .*m\.db\.registry\.lock\) for more than 1 s "
+                                               r"\(tracking\.registry_lock_timeout_s\)"):
+            settle_version(cfg, version, {"grouped_cv_macro_f1": 0.9}, lineage, run_id)
+        client = MlflowClient(cfg.tracking.tracking_uri, cfg.tracking.tracking_uri)
+        assert "promotion.promoted" not in (client.get_model_version(cfg.tracking.registry_name, version).tags or {})
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    rv = settle_version(cfg, version, {"grouped_cv_macro_f1": 0.9}, lineage, run_id)
+    assert rv.promoted and rv.aliases == ["challenger", "champion"]
+
+
+@pytest.mark.skipif(not os.environ.get("XRDMATCH_TEST_PG_URL"),
+                    reason="XRDMATCH_TEST_PG_URL not set (scripts/postgres.sh starts a server; .ci/run does)")
+def test_a_registry_behind_a_server_locks_in_the_clusters_postgresql_store(tmp_path):
+    """Cluster mode (an MLflow server over HTTP, the platform's store on PostgreSQL): the lock is
+    a PostgreSQL advisory lock there, shared by every driver on the store, one per registered
+    model name; kill -9 of its holder ends the session and frees it."""
+    import signal
+    import subprocess
+    import sys
+
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.registry_lock import RegistryBusy, lock_target, registry_lock
+
+    pg = os.environ["XRDMATCH_TEST_PG_URL"]
+    over = {"run_dir": str(tmp_path / "run"), "store": {"url": pg},
+            "tracking": {"tracking_uri": "http://127.0.0.1:5000", "registry_name": f"lock-test-{os.getpid()}"}}
+    cfg = load_config(None, over)
+    assert lock_target(cfg) == pg
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import json, sys, time; from xrdmatch.config import load_config\n"
+         "from xrdmatch.platform.registry_lock import registry_lock\n"
+         "with registry_lock(load_config(None, json.loads(sys.argv[1]))):\n"
+         "    print('held', flush=True); time.sleep(120)", json.dumps(over)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RegistryBusy, match=rf"registry 'lock-test-{os.getpid()}': .*PostgreSQL advisory lock"):
+            with registry_lock(cfg, timeout_s=0.5):
+                pass
+        other = load_config(None, over | {"tracking": over["tracking"] | {"registry_name": "another-model"}})
+        with registry_lock(other, timeout_s=0.5):  # another model's decisions do not wait
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with registry_lock(cfg, timeout_s=10):
+        with pytest.raises(RegistryBusy):  # held by this session now: a second session waits
+            with registry_lock(cfg, timeout_s=0.3):
+                pass

@@ -231,6 +231,9 @@ class TrackingConfig(StrictModel):
         return v
     promotion_min_delta: float = 0.0
     promotion_greater_is_better: bool = True
+    #: Promotion decisions are made one at a time per registry (platform/registry_lock.py); a
+    #: registration waits this long for another one's decision (a few MLflow calls) to finish.
+    registry_lock_timeout_s: float = Field(default=300.0, gt=0, description="s")
     #: A member calls superionic at p > this; the ensemble when ceil(evaluation.vote_fraction x members)
     #: members do (stored in the registered model's config).
     decision_threshold: float = Field(default=0.5, gt=0, lt=1)

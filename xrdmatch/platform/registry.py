@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from xrdmatch.config import Config
+from xrdmatch.platform.registry_lock import registry_lock
 from xrdmatch.platform.tracking import configure, mlflow_run
 
 CHAMPION = "champion"
@@ -220,9 +221,10 @@ def settle_version(cfg: Config, version: str, metrics: dict[str, float], lineage
     ``log_model`` creates the version before any of this, so a crash in between leaves a bare
     version; a resumed campaign calls this on it. The decision is made once: its tag
     (``promotion.promoted``, written last of the tags) is reused on a rerun, never re-decided
-    against a champion that may by then be this very version. A rerun sets the aliases only
-    where no later registration has moved them: ``challenger`` never goes back to an older
-    version, and ``champion`` only from the champion this decision was made against.
+    against a champion that may by then be this very version. ``challenger`` never goes back to
+    an older version; a rerun moves ``champion`` only from the champion its decision was made
+    against. Decisions are made one at a time per registry (``registry_lock``), so registrations
+    settling at once cannot all win against the same old champion.
     """
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -230,40 +232,39 @@ def settle_version(cfg: Config, version: str, metrics: dict[str, float], lineage
     configure(cfg)
     client = MlflowClient()
     name = cfg.tracking.registry_name
-    existing = client.get_model_version(name, version).tags or {}
     clean_metrics = {k: f for k, v in metrics.items() if (f := _as_float(v)) is not None}
     rule = promotion_rule(cfg)
-    resumed = "promotion.promoted" in existing
-    if resumed:
-        promoted = existing["promotion.promoted"] == "true"
-    else:
-        tags = {**{k: str(v) for k, v in lineage.items()},
-                **{_metric_tag(k): repr(v) for k, v in clean_metrics.items()},
-                "promotion.rule": rule, "promotion.metric": cfg.tracking.promotion_metric}
-        try:
-            champ = client.get_model_version_by_alias(name, CHAMPION)
-        except MlflowException as e:
-            if not not_found(e):  # an unreachable store is not "no champion": never promote on it
-                raise
-            champ = None
-        old = _as_float(champ.tags.get(_metric_tag(cfg.tracking.promotion_metric))) if champ is not None else None
-        new = clean_metrics.get(cfg.tracking.promotion_metric)
-        promoted = champ is None or beats(new, old, cfg.tracking.promotion_min_delta,
-                                          cfg.tracking.promotion_greater_is_better)
-        tags["promotion.previous_champion"] = str(champ.version) if champ is not None else "none"
-        tags["promotion.promoted"] = str(promoted).lower()  # last: its presence means all are written
-        for k, v in tags.items():
-            client.set_model_version_tag(name, version, k, v)
-    if not resumed:
-        client.set_registered_model_alias(name, CHALLENGER, version)
-        if promoted:
-            client.set_registered_model_alias(name, CHAMPION, version)
-    else:  # the decision was made before: finish it, unless a later registration has moved on
+    with registry_lock(cfg):  # read the champion, decide, move the aliases: one step (registry_lock.py)
+        existing = client.get_model_version(name, version).tags or {}
+        resumed = "promotion.promoted" in existing
+        if resumed:
+            promoted = existing["promotion.promoted"] == "true"
+        else:
+            tags = {**{k: str(v) for k, v in lineage.items()},
+                    **{_metric_tag(k): repr(v) for k, v in clean_metrics.items()},
+                    "promotion.rule": rule, "promotion.metric": cfg.tracking.promotion_metric}
+            try:
+                champ = client.get_model_version_by_alias(name, CHAMPION)
+            except MlflowException as e:
+                if not not_found(e):  # an unreachable store is not "no champion": never promote on it
+                    raise
+                champ = None
+            old = _as_float(champ.tags.get(_metric_tag(cfg.tracking.promotion_metric))) if champ is not None else None
+            new = clean_metrics.get(cfg.tracking.promotion_metric)
+            promoted = champ is None or beats(new, old, cfg.tracking.promotion_min_delta,
+                                              cfg.tracking.promotion_greater_is_better)
+            tags["promotion.previous_champion"] = str(champ.version) if champ is not None else "none"
+            tags["promotion.promoted"] = str(promoted).lower()  # last: its presence means all are written
+            for k, v in tags.items():
+                client.set_model_version_tag(name, version, k, v)
+        # challenger: the newest settled version (versions logged together may settle out of order)
         challenger = _alias_version(client, name, CHALLENGER)
         if challenger is None or int(challenger) <= int(version):
             client.set_registered_model_alias(name, CHALLENGER, version)
+        # champion: decided just now against the champion of this moment, or, on a rerun, only
+        # where no later registration has moved it since the decision
         champion = _alias_version(client, name, CHAMPION)
-        if promoted and champion in (None, version, existing.get("promotion.previous_champion")):
+        if promoted and (not resumed or champion in (None, version, existing.get("promotion.previous_champion"))):
             client.set_registered_model_alias(name, CHAMPION, version)
     client.set_tag(run_id, "registry.model", name)
     client.set_tag(run_id, "registry.promotion_rule", rule)
@@ -302,7 +303,8 @@ def promote(cfg: Config, version: str | int, alias: str = CHAMPION) -> None:
     from mlflow.tracking import MlflowClient
 
     configure(cfg)
-    MlflowClient().set_registered_model_alias(cfg.tracking.registry_name, alias, str(version))
+    with registry_lock(cfg):  # not in the middle of a registration's decision
+        MlflowClient().set_registered_model_alias(cfg.tracking.registry_name, alias, str(version))
 
 
 def list_versions(cfg: Config, filter_tags: dict[str, str] | None = None) -> list[VersionInfo]:
