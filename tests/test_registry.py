@@ -744,51 +744,19 @@ def test_registrations_settling_at_once_decide_one_after_another(tmp_path, label
     assert {s.version: s.promoted for s in settled} == {v: tags[v]["promotion.promoted"] == "true" for v in tags}
 
 
-def test_a_registration_waits_for_the_registry_lock_and_a_killed_holder_frees_it(tmp_path, labelled):
-    """The lock is held by another process (a registration in the middle of its decision):
-    settle_version waits for it and, past tracking.registry_lock_timeout_s, fails naming the
-    setting without deciding anything; kill -9 of the holder frees the lock (the kernel drops
-    the flock), and the decision is then made."""
-    import signal
+def _hold_registry_lock(over: dict):
+    """Another process holding the registry lock of the config ``over`` (a registration deciding)."""
     import subprocess
     import sys
 
-    from mlflow.tracking import MlflowClient
-
-    from tests.conftest import _tiny_ensemble
-    from xrdmatch.config import load_config
-    from xrdmatch.platform.registry import log_version, register_ensemble, settle_version
-    from xrdmatch.platform.registry_lock import RegistryBusy, lock_target
-    from xrdmatch.platform.tracking import lineage_tags
-
-    cfg = load_config(None, {"run_dir": str(tmp_path / "run"),
-                             "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
-                                          "registry_lock_timeout_s": 1.0}})
-    assert lock_target(cfg) == cfg.tracking.tracking_uri
-    ens = _tiny_ensemble(labelled, 0, tmp_path / "ens")
-    lineage = lineage_tags(labelled, labelled.X[:7])
-    register_ensemble(cfg, ens, {"grouped_cv_macro_f1": 0.5}, lineage)
-    version, run_id = log_version(cfg, ens, lineage)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from xrdmatch.config import load_config\n"
+        [sys.executable, "-c", "import json, sys, time; from xrdmatch.config import load_config\n"
          "from xrdmatch.platform.registry_lock import registry_lock\n"
-         f"cfg = load_config(None, {{'run_dir': {str(tmp_path / 'run')!r}, "
-         f"'tracking': {{'tracking_uri': {cfg.tracking.tracking_uri!r}}}}})\n"
-         "with registry_lock(cfg):\n    print('held', flush=True); time.sleep(120)"],
+         "with registry_lock(load_config(None, json.loads(sys.argv[1]))):\n"
+         "    print('held', flush=True); time.sleep(120)", json.dumps(over)],
         stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(RegistryBusy, match=r"registry 'xrdmatch-superionic': another registration held its "
-                                               r"promotion lock .*m\.db\.registry\.lock\) for more than 1 s "
-                                               r"\(tracking\.registry_lock_timeout_s\)"):
-            settle_version(cfg, version, {"grouped_cv_macro_f1": 0.9}, lineage, run_id)
-        client = MlflowClient(cfg.tracking.tracking_uri, cfg.tracking.tracking_uri)
-        assert "promotion.promoted" not in (client.get_model_version(cfg.tracking.registry_name, version).tags or {})
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    rv = settle_version(cfg, version, {"grouped_cv_macro_f1": 0.9}, lineage, run_id)
-    assert rv.promoted and rv.aliases == ["challenger", "champion"]
+    assert holder.stdout.readline().strip() == "held"
+    return holder
 
 
 @pytest.mark.skipif(not os.environ.get("XRDMATCH_TEST_PG_URL"),
@@ -798,8 +766,6 @@ def test_a_registry_behind_a_server_locks_in_the_clusters_postgresql_store(tmp_p
     a PostgreSQL advisory lock there, shared by every driver on the store, one per registered
     model name; kill -9 of its holder ends the session and frees it."""
     import signal
-    import subprocess
-    import sys
 
     from xrdmatch.config import load_config
     from xrdmatch.platform.registry_lock import RegistryBusy, lock_target, registry_lock
@@ -809,14 +775,8 @@ def test_a_registry_behind_a_server_locks_in_the_clusters_postgresql_store(tmp_p
             "tracking": {"tracking_uri": "http://127.0.0.1:5000", "registry_name": f"lock-test-{os.getpid()}"}}
     cfg = load_config(None, over)
     assert lock_target(cfg) == pg
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import json, sys, time; from xrdmatch.config import load_config\n"
-         "from xrdmatch.platform.registry_lock import registry_lock\n"
-         "with registry_lock(load_config(None, json.loads(sys.argv[1]))):\n"
-         "    print('held', flush=True); time.sleep(120)", json.dumps(over)],
-        stdout=subprocess.PIPE, text=True)
+    holder = _hold_registry_lock(over)
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RegistryBusy, match=rf"registry 'lock-test-{os.getpid()}': .*PostgreSQL advisory lock"):
             with registry_lock(cfg, timeout_s=0.5):
                 pass
@@ -830,3 +790,49 @@ def test_a_registry_behind_a_server_locks_in_the_clusters_postgresql_store(tmp_p
         with pytest.raises(RegistryBusy):  # held by this session now: a second session waits
             with registry_lock(cfg, timeout_s=0.3):
                 pass
+
+
+def test_train_that_cannot_take_the_registry_lock_says_so_and_a_rerun_registers(tmp_path, monkeypatch):
+    """Another registration holds the lock (an flock beside the run's SQLite registry) and
+    `xrdmatch train` waits past tracking.registry_lock_timeout_s: one line naming the setting,
+    exit 1, no promotion decided, the ensemble kept. kill -9 of the holder frees the lock (the
+    kernel drops the flock), and the same command then registers that ensemble without training
+    it again."""
+    import signal
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import app
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.registry_lock import lock_target
+    from xrdmatch.platform.tracking import configure
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    over = {"run_dir": str(tmp_path / "run"), "ray": {"num_cpus": 2}, "database": {"limit": 24},
+            "xrd": {"batch_size": 12, "workers": 1},
+            "training": {"iterations": 2, "batch_labelled": 8, "batch_unlabelled": 8, "ensemble_size": 1,
+                         "unlabelled_limit": 16},
+            "campaign": {"eval_folds": 0}, "tracking": {"registry_lock_timeout_s": 0.5}}
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(over))
+    assert lock_target(load_config(cfg)) == f"sqlite:///{tmp_path / 'run' / 'mlflow' / 'mlflow.db'}"
+    holder = _hold_registry_lock(over)
+    try:
+        res = CliRunner().invoke(app, ["train", "--no-ray", "--config", str(cfg)])
+        assert res.exit_code == 1, res.output
+        assert ("error: registry 'xrdmatch-superionic': another registration held its promotion lock "
+                f"({tmp_path / 'run' / 'mlflow' / 'mlflow.db.registry.lock'}) for more than 0.5 s "
+                "(tracking.registry_lock_timeout_s); the ensemble is saved and logged") in res.output
+        assert "Traceback" not in res.output
+        client = MlflowClient(configure(load_config(cfg)))
+        (mv,) = client.search_model_versions("name='xrdmatch-superionic'")
+        assert "promotion.promoted" not in mv.tags and not mv.aliases  # logged, nothing decided
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    res = CliRunner().invoke(app, ["train", "--no-ray", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert "already trained with these labels" in res.output and "trained 1 members" not in res.output
+    assert "registered xrdmatch-superionic v1 (challenger, champion; promoted to champion)" in res.output

@@ -152,6 +152,7 @@ def train(
     """Train the XRDMatch ensemble (Ray Train), log it to MLflow and register it."""
     from xrdmatch.config import ConfigError, load_config
     from xrdmatch.platform.cli_common import check_data_paths, check_run_dir, input_errors
+    from xrdmatch.platform.registry_lock import RegistryBusy
 
     try:
         cfg = load_config(config, {"run_dir": str(run_dir)} if run_dir else None)
@@ -165,6 +166,10 @@ def train(
     except input_errors() as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    except RegistryBusy as e:
+        typer.echo(f"error: {e}; the ensemble is saved and logged: the same command again registers it "
+                   "without training", err=True)
+        raise typer.Exit(1) from None
     metric = cfg.tracking.promotion_metric
     typer.echo(f"saved ensemble ({cfg.training.ensemble_size} x {cfg.training.network}, "
                f"{res.get('algorithm', cfg.training.algorithm)}) to {res['model_dir']}; {metric} = "
