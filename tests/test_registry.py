@@ -836,3 +836,55 @@ def test_train_that_cannot_take_the_registry_lock_says_so_and_a_rerun_registers(
     assert res.exit_code == 0, res.output
     assert "already trained with these labels" in res.output and "trained 1 members" not in res.output
     assert "registered xrdmatch-superionic v1 (challenger, champion; promoted to champion)" in res.output
+
+
+def test_promote_rolls_the_champion_back_and_the_next_registration_is_compared_with_it(tmp_path, labelled,
+                                                                                        monkeypatch):
+    """`xrdmatch promote 1` after v2 became champion: v1 holds `champion` (what predict and screen
+    load), the move is a tag of v1 with its reason, and a later registration is compared with v1.
+    An unknown version or alias is one line and changes nothing."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from tests.conftest import _tiny_ensemble
+    from xrdmatch.cli import app
+    from xrdmatch.config import load_config
+    from xrdmatch.platform.registry import default_model_uri, register_ensemble
+    from xrdmatch.platform.tracking import configure, lineage_tags
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run")}))
+    cfg = load_config(cfg_file)
+    ens = _tiny_ensemble(labelled, 0, tmp_path / "ens")
+    lineage = lineage_tags(labelled, labelled.X[:7])
+    for f1 in (0.5, 0.7):
+        register_ensemble(cfg, ens, {"grouped_cv_macro_f1": f1}, lineage)
+    client = MlflowClient(configure(cfg))
+    name = cfg.tracking.registry_name
+
+    def holder(alias: str) -> str:
+        return str(client.get_model_version_by_alias(name, alias).version)
+
+    run = CliRunner().invoke
+    res = run(app, ["promote", "1", "--reason", "v2 called every sulfide superionic", "-c", str(cfg_file)])
+    assert res.exit_code == 0, res.output
+    assert "xrdmatch-superionic@champion: v2 -> v1" in res.output
+    assert holder("champion") == "1" and holder("challenger") == "2"
+    assert default_model_uri(cfg) == "models:/xrdmatch-superionic@champion"
+    tag = client.get_model_version(name, "1").tags["promotion.by_hand"]
+    assert tag.startswith("champion (was v2) at 20") and tag.endswith(": v2 called every sulfide superionic")
+    monkeypatch.setenv("COLUMNS", "80")  # `models` prints one block per version at this width
+    listing = run(app, ["models", "-c", str(cfg_file)]).output
+    assert "version 2\n    aliases: challenger\n" in listing and "version 1\n    aliases: champion\n" in listing, listing
+
+    for args, why in ((["promote", "9"], "error: xrdmatch-superionic has no version '9' (registered: 1, 2)"),
+                      (["promote", "2", "--alias", "prod"], "error: --alias 'prod': one of champion, challenger")):
+        res = run(app, [*args, "-c", str(cfg_file)])
+        assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
+    assert holder("champion") == "1"
+
+    v3 = register_ensemble(cfg, ens, {"grouped_cv_macro_f1": 0.6}, lineage)  # beats v1's 0.5, not v2's 0.7
+    assert v3.promoted and holder("champion") == v3.version
+    assert client.get_model_version(name, v3.version).tags["promotion.previous_champion"] == "1"

@@ -23,6 +23,7 @@ _COMMANDS = [
     ("xrdmatch.platform.cli_evaluate", "evaluate", "evaluate"),
     ("xrdmatch.platform.cli_screen", "screen", "screen"),
     ("xrdmatch.platform.cli_models", "models", "models"),
+    ("xrdmatch.platform.cli_models", "promote", "promote"),
     ("xrdmatch.platform.cli_models", "predict", "predict"),
     ("xrdmatch.platform.cli_models", "ui", "ui"),
     ("xrdmatch.platform.cli_validate", "app", "validate"),

@@ -1,4 +1,4 @@
-"""`xrdmatch models`, `predict`, `ui` (owner: MLflow registry).
+"""`xrdmatch models`, `promote`, `predict`, `ui` (owner: MLflow registry).
 
 Heavy libraries (mlflow, pandas, pymatgen) are imported inside the commands.
 """
@@ -69,6 +69,36 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
                 caption=f"metrics: {prefix}*" if prefix else None, right=tuple(metric_names),
                 headers={m: m.removeprefix(prefix) for m in metric_names})
     console.print(f"promotion rule: {versions[0].tags.get('promotion.rule', '-')}", markup=False)
+
+
+def promote(
+    version: str = typer.Argument(..., help="the registered version that gets the alias, e.g. 3"),
+    alias: str = typer.Option("champion", "--alias", "-a", help="champion or challenger"),
+    reason: str = typer.Option("", "--reason", "-r", help="why, kept in the version's promotion.by_hand tag"),
+    config: str = ConfigOpt,
+    run_dir: Optional[str] = DirOpt,
+) -> None:
+    """Give a registered version an alias by hand: roll the champion back to an earlier version."""
+    from xrdmatch.platform.registry import CHALLENGER, CHAMPION, UnknownVersion
+    from xrdmatch.platform.registry import promote as move_alias
+    from xrdmatch.platform.registry_lock import RegistryBusy
+    from xrdmatch.platform.tracking import tracking_uri
+
+    _quiet_mlflow()
+    if alias not in (CHAMPION, CHALLENGER):
+        typer.echo(f"error: --alias {alias!r}: one of {CHAMPION}, {CHALLENGER}", err=True)
+        raise typer.Exit(2)
+    cfg = _load(config, run_dir)
+    require_run_dir(cfg, tracking=True)
+    try:
+        with store_errors(tracking_uri(cfg), tracking=True):
+            before = move_alias(cfg, version, alias, reason)
+    except (UnknownVersion, RegistryBusy) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2 if isinstance(e, UnknownVersion) else 1) from None
+    was = f"v{before}" if before else "unset"
+    typer.echo(f"{cfg.tracking.registry_name}@{alias}: {was} -> v{version}"
+               + ("" if alias != CHAMPION else "; `xrdmatch predict` and `screen` use it from now on"))
 
 
 def predict(

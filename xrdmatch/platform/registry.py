@@ -298,13 +298,39 @@ def version_of_run(cfg: Config, run_id: str):
     return found[0] if found else None
 
 
-def promote(cfg: Config, version: str | int, alias: str = CHAMPION) -> None:
-    """Move an alias by hand (e.g. roll back the champion)."""
+class UnknownVersion(LookupError):
+    """The version asked for is not registered; the message lists those that are."""
+
+
+def promote(cfg: Config, version: str | int, alias: str = CHAMPION, reason: str = "") -> str | None:
+    """Move an alias by hand (roll back the champion); returns the version that held it.
+
+    The move is a tag of the version (``promotion.by_hand``: alias, previous holder, time,
+    reason), as the automatic decisions are. The next registration is compared with the
+    champion set here, as with any other."""
+    import time
+
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     configure(cfg)
+    client = MlflowClient()
+    name, version = cfg.tracking.registry_name, str(version)
     with registry_lock(cfg):  # not in the middle of a registration's decision
-        MlflowClient().set_registered_model_alias(cfg.tracking.registry_name, alias, str(version))
+        try:
+            client.get_model_version(name, version)
+        except MlflowException as e:
+            if not not_found(e):
+                raise
+            known = sorted((int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+            raise UnknownVersion(f"{name} has no version {version!r} (registered: "
+                                 f"{', '.join(map(str, known)) or 'none'})") from None
+        before = _alias_version(client, name, alias)
+        client.set_registered_model_alias(name, alias, version)
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        note = f"{alias} (was {'v' + before if before else 'unset'}) at {at}"
+        client.set_model_version_tag(name, version, "promotion.by_hand", note + (f": {reason}" if reason else ""))
+    return before
 
 
 def list_versions(cfg: Config, filter_tags: dict[str, str] | None = None) -> list[VersionInfo]:

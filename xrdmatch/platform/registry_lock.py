@@ -9,9 +9,10 @@ This lock makes the read-decide-write one step. It lives where the registry live
 - an SQLite registry (the default, in the run directory): an flock beside its file;
 - a PostgreSQL registry: a session advisory lock in that database;
 - anything else (an MLflow server over HTTP, a file store): the platform's own store
-  (``store.url``), with the same two rules (a store on another database: no lock, a warning); a cluster shares one PostgreSQL store, so every
-  driver on it takes the same lock. Run directories that share only an MLflow server but keep
-  separate SQLite stores are not serialised against each other.
+  (``store.url``), by the same two rules; a cluster shares one PostgreSQL store, so every driver
+  on it takes the same lock. Run directories that share only an MLflow server but keep separate
+  SQLite stores are not serialised against each other, nor is a store on another database
+  (a warning says so).
 
 A holder that dies (kill -9, a lost node) releases it: the kernel drops the flock, PostgreSQL
 ends the session's advisory locks with its connection.
@@ -23,7 +24,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from xrdmatch.config import Config, redact
@@ -68,12 +69,13 @@ def registry_lock(cfg: Config, timeout_s: float | None = None, poll_s: float = 0
         yield
         return
     lock_file = Path(db).with_name(Path(db).name + ".registry.lock")
-    try:
-        with exclusive_file(lock_file, timeout, poll_s):
-            yield
-    except DirectoryBusy:
-        raise RegistryBusy(f"registry {name!r}: another registration held its promotion lock ({lock_file}) "
-                           f"for more than {timeout:g} s (tracking.registry_lock_timeout_s)") from None
+    with ExitStack() as held:
+        try:
+            held.enter_context(exclusive_file(lock_file, timeout, poll_s))
+        except DirectoryBusy:  # waiting for the lock only, not anything the block raises
+            raise RegistryBusy(f"registry {name!r}: another registration held its promotion lock ({lock_file}) "
+                               f"for more than {timeout:g} s (tracking.registry_lock_timeout_s)") from None
+        yield
 
 
 def _scheme(url: str) -> str:
