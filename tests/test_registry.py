@@ -880,7 +880,8 @@ def test_promote_rolls_the_champion_back_and_the_next_registration_is_compared_w
     assert "version 2\n    aliases: challenger\n" in listing and "version 1\n    aliases: champion\n" in listing, listing
 
     for args, why in ((["promote", "9"], "error: xrdmatch-superionic has no version '9' (registered: 1, 2)"),
-                      (["promote", "2", "--alias", "prod"], "error: --alias 'prod': one of champion, challenger")):
+                      (["promote", "2", "--alias", "prod"], "error: --alias 'prod': one of champion, challenger"),
+                      (["promote", "v2"], "Invalid value for 'version'")):
         res = run(app, [*args, "-c", str(cfg_file)])
         assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
     assert holder("champion") == "1"

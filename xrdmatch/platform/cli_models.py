@@ -72,7 +72,7 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
 
 
 def promote(
-    version: str = typer.Argument(..., help="the registered version that gets the alias, e.g. 3"),
+    version: int = typer.Argument(..., min=1, help="the registered version that gets the alias, e.g. 3"),
     alias: str = typer.Option("champion", "--alias", "-a", help="champion or challenger"),
     reason: str = typer.Option("", "--reason", "-r", help="why, kept in the version's promotion.by_hand tag"),
     config: str = ConfigOpt,
