@@ -95,7 +95,7 @@ def _advisory_lock(url: str, name: str, timeout_s: float, poll_s: float) -> Iter
     from xrdmatch.platform.db import server_engine
 
     key = _key(name)
-    eng = server_engine(url, poolclass=NullPool)
+    eng = server_engine(url, poolclass=NullPool, connect_args={"connect_timeout": 10})  # libpq waits forever
     try:
         with eng.connect() as conn:
             conn = conn.execution_options(isolation_level="AUTOCOMMIT")  # a session lock, no open transaction
