@@ -877,7 +877,7 @@ def test_promote_rolls_the_champion_back_and_the_next_registration_is_compared_w
     assert tag.startswith("champion (was v2) at 20") and tag.endswith(": v2 called every sulfide superionic")
     monkeypatch.setenv("COLUMNS", "80")  # `models` prints one block per version at this width
     listing = run(app, ["models", "-c", str(cfg_file)]).output
-    assert "version 2\n    aliases: challenger\n" in listing and "version 1\n    aliases: champion\n" in listing, listing
+    assert "version 2\n    aliases: challenger\n" in listing and "version 1\n    aliases: champion (by hand)\n" in listing, listing
 
     for args, why in ((["promote", "9"], "error: xrdmatch-superionic has no version '9' (registered: 1, 2)"),
                       (["promote", "2", "--alias", "prod"], "error: --alias 'prod': one of champion, challenger"),

@@ -63,7 +63,9 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
         lab = v.lineage.get("lineage.labelled_count", "?")
         srcs = v.lineage.get("lineage.label_sources", "")
         created = datetime.fromtimestamp(v.created_ms / 1000).strftime("%Y-%m-%d %H:%M") if v.created_ms else ""
-        rows.append([v.version, ", ".join(v.aliases), created, *[metric_text(m, v.metrics.get(m)) for m in metric_names],
+        by_hand = v.tags.get("promotion.by_hand", "")  # `xrdmatch promote`: "<alias> (was ...) at ..."
+        aliases = ", ".join(f"{a} (by hand)" if by_hand.startswith(f"{a} ") else a for a in v.aliases)
+        rows.append([v.version, aliases, created, *[metric_text(m, v.metrics.get(m)) for m in metric_names],
                      f"{lab} ({srcs})", v.lineage.get("lineage.unlabelled_count", "?"), (v.run_id or "")[:8]])
     print_table(console, f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})", columns, rows,
                 caption=f"metrics: {prefix}*" if prefix else None, right=tuple(metric_names),
