@@ -872,6 +872,9 @@ def test_promote_rolls_the_champion_back_and_the_next_registration_is_compared_w
     assert res.exit_code == 0, res.output
     assert "xrdmatch-superionic@champion: v2 -> v1" in res.output
     assert holder("champion") == "1" and holder("challenger") == "2"
+    res = run(app, ["promote", "2", "--alias", "challenger", "-c", str(cfg_file)])
+    assert res.exit_code == 0 and "xrdmatch-superionic@challenger is v2 already; nothing changed" in res.output
+    assert "promotion.by_hand" not in client.get_model_version(name, "2").tags
     assert default_model_uri(cfg) == "models:/xrdmatch-superionic@champion"
     tag = client.get_model_version(name, "1").tags["promotion.by_hand"]
     assert tag.startswith("champion (was v2) at 20") and tag.endswith(": v2 called every sulfide superionic")

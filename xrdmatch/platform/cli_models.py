@@ -98,6 +98,9 @@ def promote(
     except (UnknownVersion, RegistryBusy) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2 if isinstance(e, UnknownVersion) else 1) from None
+    if before == str(version):
+        typer.echo(f"{cfg.tracking.registry_name}@{alias} is v{version} already; nothing changed")
+        return
     was = f"v{before}" if before else "unset"
     typer.echo(f"{cfg.tracking.registry_name}@{alias}: {was} -> v{version}"
                + ("" if alias != CHAMPION else "; `xrdmatch predict` and `screen` use it from now on"))

@@ -303,7 +303,8 @@ class UnknownVersion(LookupError):
 
 
 def promote(cfg: Config, version: str | int, alias: str = CHAMPION, reason: str = "") -> str | None:
-    """Move an alias by hand (roll back the champion); returns the version that held it.
+    """Move an alias by hand (roll back the champion); returns the version that held it
+    (``version`` itself: it held the alias already, and nothing was changed).
 
     The move is a tag of the version (``promotion.by_hand``: alias, previous holder, time,
     reason), as the automatic decisions are. The next registration is compared with the
@@ -326,6 +327,8 @@ def promote(cfg: Config, version: str | int, alias: str = CHAMPION, reason: str 
             raise UnknownVersion(f"{name} has no version {version!r} (registered: "
                                  f"{', '.join(map(str, known)) or 'none'})") from None
         before = _alias_version(client, name, alias)
+        if before == version:  # nothing moves, nothing to record
+            return before
         client.set_registered_model_alias(name, alias, version)
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         note = f"{alias} (was {'v' + before if before else 'unset'}) at {at}"
