@@ -63,8 +63,8 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
         lab = v.lineage.get("lineage.labelled_count", "?")
         srcs = v.lineage.get("lineage.label_sources", "")
         created = datetime.fromtimestamp(v.created_ms / 1000).strftime("%Y-%m-%d %H:%M") if v.created_ms else ""
-        by_hand = v.tags.get("promotion.by_hand", "")  # `xrdmatch promote`: "<alias> (was ...) at ..."
-        aliases = ", ".join(f"{a} (by hand)" if by_hand.startswith(f"{a} ") else a for a in v.aliases)
+        aliases = ", ".join(f"{a} (by hand)" if f"promotion.by_hand.{a}" in v.tags else a  # `xrdmatch promote`
+                            for a in v.aliases)
         rows.append([v.version, aliases, created, *[metric_text(m, v.metrics.get(m)) for m in metric_names],
                      f"{lab} ({srcs})", v.lineage.get("lineage.unlabelled_count", "?"), (v.run_id or "")[:8]])
     print_table(console, f"{cfg.tracking.registry_name} ({redact(tracking_uri(cfg))})", columns, rows,
@@ -76,7 +76,7 @@ def models(config: str = ConfigOpt, run_dir: Optional[str] = DirOpt) -> None:
 def promote(
     version: int = typer.Argument(..., min=1, help="the registered version that gets the alias, e.g. 3"),
     alias: str = typer.Option("champion", "--alias", "-a", help="champion or challenger"),
-    reason: str = typer.Option("", "--reason", "-r", help="why, kept in the version's promotion.by_hand tag"),
+    reason: str = typer.Option("", "--reason", "-r", help="why, kept in the version's promotion.by_hand.<alias> tag"),
     config: str = ConfigOpt,
     run_dir: Optional[str] = DirOpt,
 ) -> None:

@@ -306,7 +306,7 @@ def promote(cfg: Config, version: str | int, alias: str = CHAMPION, reason: str 
     """Move an alias by hand (roll back the champion); returns the version that held it
     (``version`` itself: it held the alias already, and nothing was changed).
 
-    The move is a tag of the version (``promotion.by_hand``: alias, previous holder, time,
+    The move is a tag of the version (``promotion.by_hand.<alias>``: previous holder, time,
     reason), as the automatic decisions are. The next registration is compared with the
     champion set here, as with any other."""
     import time
@@ -331,8 +331,8 @@ def promote(cfg: Config, version: str | int, alias: str = CHAMPION, reason: str 
             return before
         client.set_registered_model_alias(name, alias, version)
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        note = f"{alias} (was {'v' + before if before else 'unset'}) at {at}"
-        client.set_model_version_tag(name, version, "promotion.by_hand", note + (f": {reason}" if reason else ""))
+        note = f"was {'v' + before if before else 'unset'}, at {at}" + (f": {reason}" if reason else "")
+        client.set_model_version_tag(name, version, f"promotion.by_hand.{alias}", note)
     return before
 
 
