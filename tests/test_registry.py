@@ -878,6 +878,14 @@ def test_promote_rolls_the_champion_back_and_the_next_registration_is_compared_w
     assert default_model_uri(cfg) == "models:/xrdmatch-superionic@champion"
     tag = client.get_model_version(name, "1").tags["promotion.by_hand.champion"]
     assert tag.startswith("was v2, at 20") and tag.endswith(": v2 called every sulfide superionic")
+    from xrdmatch.platform.campaign_store import CampaignStore, campaign_id_for
+    from xrdmatch.platform.report import campaign_status
+
+    run_dir = tmp_path / "run"
+    CampaignStore(f"sqlite:///{run_dir / 'store.db'}", campaign_id_for(run_dir)).ensure_campaign(str(run_dir), {})
+    (line,) = [ln for ln in campaign_status(cfg) if ln.startswith("champion:")]
+    assert line.startswith("champion: xrdmatch-superionic v1 (grouped_cv_macro_f1 0.500); set by hand (was v2, at 20")
+    assert line.endswith(": v2 called every sulfide superionic)")
     monkeypatch.setenv("COLUMNS", "80")  # `models` prints one block per version at this width
     listing = run(app, ["models", "-c", str(cfg_file)]).output
     assert "version 2\n    aliases: challenger\n" in listing and "version 1\n    aliases: champion (by hand)\n" in listing, listing

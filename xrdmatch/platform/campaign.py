@@ -310,7 +310,8 @@ def _champion(cfg: Config) -> dict[str, Any] | None:
                 metrics[k.removeprefix("metric.")] = float(v)
             except ValueError:
                 pass
-    return {"version": str(mv.version), "run_id": mv.run_id, "metrics": metrics}
+    return {"version": str(mv.version), "run_id": mv.run_id, "metrics": metrics,
+            "by_hand": (mv.tags or {}).get("promotion.by_hand.champion")}  # set by `xrdmatch promote`
 
 
 def stage_screen(ctx: Context, rnd: int):

@@ -154,7 +154,8 @@ def campaign_status(cfg: Config) -> list[str]:
         if champ:
             ms = ", ".join(f"{k} {metric_text(k, v)}" for k, v in sorted(champ["metrics"].items())
                            if k.startswith("grouped_cv"))
-            lines.append(f"champion: {cfg.tracking.registry_name} v{champ['version']} ({ms or 'no metrics'})")
+            hand = f"; set by hand ({champ['by_hand']})" if champ.get("by_hand") else ""
+            lines.append(f"champion: {cfg.tracking.registry_name} v{champ['version']} ({ms or 'no metrics'}){hand}")
         else:
             lines.append("champion: none yet")
     return lines
