@@ -310,7 +310,6 @@ import ast, importlib.abc, json, os, re, site, sys
 from importlib import metadata
 from importlib.machinery import PathFinder
 import json
-import os
 from pathlib import Path
 
 repo, tracking_uri, model_uri, x_path, out_path = sys.argv[1:6]

@@ -323,16 +323,18 @@ def promote(cfg: Config, version: str | int, alias: str = CHAMPION, reason: str 
         except MlflowException as e:
             if not not_found(e):
                 raise
-            known = sorted((int(v.version) for v in client.search_model_versions(f"name='{name}'")))
+            known = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
             raise UnknownVersion(f"{name} has no version {version!r} (registered: "
                                  f"{', '.join(map(str, known)) or 'none'})") from None
         before = _alias_version(client, name, alias)
         if before == version:  # nothing moves, nothing to record
             return before
-        client.set_registered_model_alias(name, alias, version)
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         note = f"was {'v' + before if before else 'unset'}, at {at}" + (f": {reason}" if reason else "")
+        # the record first: a crash in between leaves a record whose alias is elsewhere (shown
+        # nowhere), never a moved alias without its record
         client.set_model_version_tag(name, version, f"promotion.by_hand.{alias}", note)
+        client.set_registered_model_alias(name, alias, version)
     return before
 
 
