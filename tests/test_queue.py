@@ -78,15 +78,17 @@ def test_submit_rejects_a_malformed_record_naming_it(store_url):
 def test_claim_order_lease_expiry_and_lost_worker(store_url):
     low = queue.submit(store_url, "low", LI3N, _proto(), priority=0)
     high = queue.submit(store_url, "high", LI3N, _proto(), priority=9)
-    j1 = queue.claim(store_url, "w1", lease_s=0.5)
+    # leases long enough that a stalled machine cannot expire them between these lines
+    j1 = queue.claim(store_url, "w1", lease_s=60)
     assert j1.id == high and j1.state == "running" and j1.attempts == 1 and j1.worker_id == "w1"
     j2 = queue.claim(store_url, "w2", lease_s=60)
     assert j2.id == low
     assert queue.claim(store_url, "w3", lease_s=60) is None  # both leased
-    assert queue.heartbeat(store_url, high, "w1", lease_s=0.5, progress={"temperature": 600.0, "step": 3})
     assert not queue.heartbeat(store_url, high, "w2", lease_s=60)  # not w2's job
+    # w1's last heartbeat asks for a short lease, then w1 "dies": the lease runs out
+    assert queue.heartbeat(store_url, high, "w1", lease_s=0.2, progress={"temperature": 600.0, "step": 3})
     assert queue.get_job(store_url, high).progress["step"] == 3
-    time.sleep(1.0)  # w1 "dies": its lease runs out
+    time.sleep(0.5)
     j3 = queue.claim(store_url, "w3", lease_s=60)
     assert j3.id == high and j3.worker_id == "w3" and j3.attempts == 2
     assert j3.progress["step"] == 3  # progress survives for the resume / ETA
