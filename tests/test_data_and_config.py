@@ -468,3 +468,18 @@ def test_evaluate_markdown_over_its_from_json_is_refused(tmp_path, monkeypatch):
     assert res.exit_code == 2, res.output
     assert "--markdown r.json is the --from-json file" in res.output
     assert result.read_bytes() == before
+
+
+def test_help_texts_are_reflowed_to_the_terminal_not_to_the_source_lines():
+    """typer's rich help keeps every line break of a docstring, so an 80-column terminal wrapped
+    each 96-character source line again: "... superionic),\\nerror. A bad input\\ngets a row".
+    Paragraphs are joined; an indented or bulleted one keeps its lines."""
+    from typer.testing import CliRunner
+
+    from xrdmatch.cli import _reflow, app
+
+    out = CliRunner().invoke(app, ["predict", "--help"], env={"COLUMNS": "80"}).stdout
+    text = " ".join(line.strip() for line in out.splitlines() if line.strip() and not line.lstrip().startswith(("│", "╭", "╰")))
+    assert "error. A bad input gets a row with `error` and no probability" in text, out
+    assert all("A bad input" not in line or "gets a row" in line for line in out.splitlines()), out
+    assert _reflow("Head.\n\nOne\nparagraph.\n\n- a\n- b") == "Head.\n\nOne paragraph.\n\n- a\n- b"

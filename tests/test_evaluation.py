@@ -616,6 +616,19 @@ def test_from_json_renders_the_issues_minimal_shape_and_names_a_bad_file(tmp_pat
         assert res.exit_code == 0, res.output
         assert want in md.read_text() and "flexmatch-ensemble" in md.read_text()
     assert "| flexmatch-ensemble | 0.610 ± 0.020 | 0.400 ± 0.050 | 0.500 | 0.330 | 0.360 |" in (tmp_path / "cv.md").read_text()
+    # an 80-column terminal: every number whole (the paper table's eight columns once showed "0.…")
+    paper["results"][0].update(members=10, votes_needed=5, macro_f1_std=0.041, f1_superionic=0.444,
+                               f1_superionic_std=0.123, member_macro_f1_unseen=0.777,
+                               member_macro_f1_unseen_std=0.055, pr_auc=0.321, n_unseen=19, n_superionic_unseen=4)
+    for result, numbers in ((cv, ["0.610", "± 0.020", "0.400", "± 0.050", "0.330", "0.360"]),
+                            (paper, ["0.700", "0.550", "± 0.041", "0.444", "± 0.123", "0.777", "± 0.055", "0.321",
+                                     "19 (4)", "0.918"])):
+        f = tmp_path / "narrow.json"
+        f.write_text(json.dumps(result))
+        res = CliRunner().invoke(app, ["evaluate", "--from-json", str(f)], env={"COLUMNS": "80"})
+        assert res.exit_code == 0 and "…" not in res.stdout, res.stdout
+        assert all(n in res.stdout for n in numbers), res.stdout
+        assert max(len(line) for line in res.stdout.splitlines()) <= 80, res.stdout
     for bad, why in (([1, 2], "not an object"), ({"protocol": "cv", "results": []}, "'protocol' is 'cv'"),
                      ({"protocol": "paper", "results": [{"macro_f1": 1}]}, "results[0] has no 'method'")):
         f = tmp_path / "bad.json"

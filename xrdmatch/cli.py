@@ -5,6 +5,7 @@ that ``xrdmatch --help`` stays fast."""
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import typer
 
@@ -32,6 +33,24 @@ _COMMANDS = [
 ]
 
 
+def _reflow(doc: str | None) -> str | None:
+    """A docstring's paragraphs as single lines: typer's rich help keeps each source line break,
+    and a terminal narrower than the source wraps every line again (a ragged help text).
+    Paragraphs with indented or bulleted lines keep their lines."""
+    if not doc:
+        return doc
+    paras = inspect.cleandoc(doc).replace("``", "`").split("\n\n")  # reST literals read as markdown ones
+    keep = [any(ln[:1].isspace() or ln.lstrip().startswith(("- ", "* ", "\b")) for ln in p.splitlines()) for p in paras]
+    return "\n\n".join(p if k else " ".join(ln.strip() for ln in p.splitlines()) for p, k in zip(paras, keep))
+
+
+def _reflow_help(t: typer.Typer) -> None:
+    for info in t.registered_commands:
+        info.help = _reflow(info.help or (info.callback.__doc__ if info.callback else None))
+    for group in t.registered_groups:
+        _reflow_help(group.typer_instance)
+
+
 def _register() -> None:
     for module, attr, name in _COMMANDS:
         obj = getattr(importlib.import_module(module), attr)
@@ -39,6 +58,7 @@ def _register() -> None:
             app.add_typer(obj, name=name)
         else:
             app.command(name)(obj)
+    _reflow_help(app)
 
 
 _register()

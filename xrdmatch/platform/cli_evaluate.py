@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from enum import Enum
 from pathlib import Path
 
@@ -48,7 +50,8 @@ def evaluate(
 
     from xrdmatch.training.evaluation import results_markdown
 
-    console = Console()
+    # a table written to a file or a pipe keeps one line per method (a terminal gets its own width)
+    console = Console() if sys.stdout.isatty() or "COLUMNS" in os.environ else Console(width=160)
     err = Console(stderr=True)
     if from_json is not None:
         try:
@@ -237,16 +240,30 @@ def _default_out(result: dict, protocol: Protocol) -> Path:
 
 
 def _print_table(console, result: dict) -> None:
+    """The results table at the console's width without cutting a number: one line per method
+    where it fits, else each std under its mean, else methods as columns (the paper protocol's
+    eight columns at 80)."""
     from rich.markup import escape
+    from rich.measure import Measurement
     from rich.table import Table
 
     from xrdmatch.training.evaluation import table_rows
 
     head, rows = table_rows(result)
-    t = Table(title=f"xrdmatch evaluate --protocol {result['protocol']}  "
-                    f"({result.get('wall_time_s', 0) / 60:.1f} min)")
-    for h in head:
-        t.add_column(h, justify="left" if h == "method" else "right", no_wrap=h == "method")
-    for r in rows:
-        t.add_row(*map(escape, r))  # method names of a --from-json file are user text
-    console.print(t)
+    title = f"xrdmatch evaluate --protocol {result['protocol']}  ({result.get('wall_time_s', 0) / 60:.1f} min)"
+    rows = [[escape(c) for c in r] for r in rows]  # method names of a --from-json file are user text
+
+    def table(head: list[str], rows: list[list[str]], sep: str) -> Table:
+        t = Table(title=title)
+        for i, h in enumerate(head):
+            t.add_column(h, justify="left" if i == 0 else "right")
+        for r in rows:
+            t.add_row(*(c.replace(" ± ", sep) for c in r))
+        return t
+
+    def width(t: Table) -> int:
+        return Measurement.get(console, console.options.update_width(10_000), t).maximum
+
+    transposed = ([""] + [r[0] for r in rows], [[h] + [r[i] for r in rows] for i, h in enumerate(head) if i])
+    tables = [table(head, rows, " ± "), table(head, rows, "\n± "), table(*transposed, "\n± ")]
+    console.print(next((t for t in tables if width(t) <= console.width), min(tables, key=width)))
