@@ -261,7 +261,7 @@ def test_campaign_resumes_after_kill9_exactly_once_and_learns_from_its_verdict(t
     cfg = tiny_config(tmp_path, rounds=2, training={"iterations": 30, "checkpoint_every": 5},
                       # criteria opened and temperatures far apart, so that 20 MD steps decide
                       # (over 40 fs the MSD grows with T: Ea > 0, not 'non-Arrhenius')
-                      validation={"min_li_msd": 0.0, "min_r2": 0.0, "max_framework_msd": 1000.0,
+                      validation={"min_li_msd": 0.0, "min_r2": 0.0, "verdict_z": 0.0, "max_framework_msd": 1000.0,
                                   "temperatures": [600.0, 2000.0]})
     run_dir = tmp_path / "run"
     log = tmp_path / "campaign.log"
@@ -686,7 +686,7 @@ def test_label_budget_counts_only_candidates_sent_to_md(tmp_path):
     groups = ["Li3N", "Li2S", "Li5Au", "Li7Pt", "Li9Ir"]
     ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
     ctx._meta = pd.DataFrame({"group": groups, "elements": ["Li N", "Li S", "Au Li", "Li Pt", "Ir Li"],
-                              "n_sites": 4, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
+                              "n_sites": 4, "n_li": 2.0, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
     p = np.asarray([0.99, 0.98, 0.9, 0.8, 0.7])
     write_scores(ctx.scores_path(2), ids, groups, ScreeningResult(p_mean=p, p_std=np.zeros(5), votes=np.ones(5)))
     store.ensure_round(2)
@@ -740,7 +740,7 @@ def test_a_composition_picked_in_an_earlier_round_is_not_picked_again(tmp_path):
     groups = ["Li5Au", "Li5Au", "Li7Pt", "Li9Ir"]
     ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
     ctx._meta = pd.DataFrame({"group": groups, "elements": ["Au Li", "Au Li", "Li Pt", "Ir Li"],
-                              "n_sites": 4, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
+                              "n_sites": 4, "n_li": 2.0, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
     write_scores(ctx.scores_path(2), ids, groups, ScreeningResult(p_mean=np.asarray([0.99, 0.98, 0.9, 0.8]),
                                                                   p_std=np.zeros(4), votes=np.ones(4)))
     store.ensure_round(2)
@@ -765,7 +765,7 @@ def test_an_id_longer_than_the_store_holds_is_not_picked(tmp_path):
     groups = ["Li7Pt", "Li9Ir"]
     ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
     ctx._meta = pd.DataFrame({"group": groups, "elements": ["Li Pt", "Ir Li"],
-                              "n_sites": 4, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
+                              "n_sites": 4, "n_li": 2.0, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
     write_scores(ctx.scores_path(2), ids, groups, ScreeningResult(p_mean=np.asarray([0.99, 0.9]),
                                                                   p_std=np.zeros(2), votes=np.ones(2)))
     store.ensure_round(2)
@@ -805,7 +805,7 @@ def test_a_structure_validated_outside_the_campaign_is_not_picked(tmp_path, data
     ids = [recs[0]["id"], "polymorph-0", recs[1]["id"], "polymorph-1", "new-1"]
     groups = [g0, g0, g1, g1, "Li9Ir"]
     ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
-    ctx._meta = pd.DataFrame({"group": groups, "elements": "Li", "n_sites": 4, "a": 10.0, "b": 10.0, "c": 10.0},
+    ctx._meta = pd.DataFrame({"group": groups, "elements": "Li", "n_sites": 4, "n_li": 2.0, "a": 10.0, "b": 10.0, "c": 10.0},
                              index=ids)
     write_scores(ctx.scores_path(2), ids, groups, ScreeningResult(p_mean=np.linspace(0.99, 0.9, 5),
                                                                   p_std=np.zeros(5), votes=np.ones(5)))
@@ -839,7 +839,8 @@ def test_the_label_stage_counts_this_rounds_verdicts_not_every_label_of_a_candid
 
 def test_only_structures_the_md_can_take_are_eligible(tmp_path):
     """md_cell_atoms: the MD supercell's atom count, or 'never' for a unit cell above
-    max_sites_md, a broken lattice, or a cell whose smallest fitting supercell exceeds max_atoms."""
+    max_sites_md, a broken lattice, a cell whose smallest fitting supercell exceeds max_atoms, or
+    one whose supercell holds a single Li while verdicts need an error band (no label possible)."""
     import pandas as pd
 
     from xrdmatch.config import load_config
@@ -848,16 +849,22 @@ def test_only_structures_the_md_can_take_are_eligible(tmp_path):
 
     cfg = load_config(None, {"run_dir": str(tmp_path / "run"), "campaign": {"max_sites_md": 10},
                              "validation": {"min_atoms": 8, "min_length": 9.0, "max_atoms": 60}})
-    meta = pd.DataFrame({"n_sites": [2, 12, 2, 2, 4],
-                         "a": [4.5, 5.0, float("nan"), 2.0, 9.5],
-                         "b": [4.5, 5.0, 4.0, 2.0, 9.5],
-                         "c": [4.5, 5.0, 4.0, 2.0, 9.5]})
+    meta = pd.DataFrame({"n_sites": [2, 12, 2, 2, 4, 8, 2],
+                         "n_li": [1.0, 4.0, 1.0, 1.0, 2.0, 1.0, 1.0],
+                         "a": [4.5, 5.0, float("nan"), 2.0, 9.5, 9.5, 9.5],
+                         "b": [4.5, 5.0, 4.0, 2.0, 9.5, 9.5, 9.5],
+                         "c": [4.5, 5.0, 4.0, 2.0, 9.5, 9.5, 9.5]})
     got = md_cell_atoms(cfg, meta)
     m = choose_supercell((4.5, 4.5, 4.5), 2, 8, 9.0, 60)
-    assert got[0] == 2 * m[0] * m[1] * m[2] == 16  # 2 x 2 x 2 copies reach 9 A
+    assert got[0] == 2 * m[0] * m[1] * m[2] == 16  # 2 x 2 x 2 copies reach 9 A (8 Li)
     assert got[4] == 8  # 9.5 A already: two copies of 4 sites reach min_atoms
+    assert got[6] == 8  # 4 copies of a 1-Li cell for min_atoms: 4 Li
     never = got.max()
     assert never >= 10**9 and list(got[[1, 2, 3]]) == [never] * 3  # too many sites; NaN; 5^3 x 2 = 250 > 60
+    assert cfg.validation.verdict_z > 0 and got[5] == never  # one Li in its 8-atom cell: no error, no label
+    point = load_config(None, {"run_dir": str(tmp_path / "run"), "campaign": {"max_sites_md": 10},
+                               "validation": {"min_atoms": 8, "min_length": 9.0, "max_atoms": 60, "verdict_z": 0}})
+    assert md_cell_atoms(point, meta)[5] == 8  # decided on the point estimate, one Li can be labelled
 
 
 def test_element_filters_read_elements_not_species_strings(tmp_path):
@@ -882,6 +889,7 @@ def test_element_filters_read_elements_not_species_strings(tmp_path):
     cfg = load_config(None, {"run_dir": str(tmp_path / "run"), "database": {"path": str(db)}})
     meta = structure_meta(cfg, tmp_path / "meta.parquet", [i for i, _ in recs])
     assert list(meta["elements"]) == ["Li O", "Li O", "Cl Li Na", "Li O U"]
+    assert list(meta["n_li"]) == [2.0, 2.0, 0.5, 0.5]  # Li per unit cell, occupancies summed
     assert meta["group"].iat[0] == meta["group"].iat[1] == "Li2O"  # one composition, one group
     presence, vocab = element_matrix([e.split() for e in meta["elements"]])
     ok = eligibility_mask(presence, vocab, np.ones(4, int), list(meta["group"]), required=["Li"],

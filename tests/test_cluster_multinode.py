@@ -190,7 +190,7 @@ def test_validation_queue_survives_losing_a_node(cluster, tmp_path, database_pat
     recs = {r["id"]: r for r in iter_records(database_path) if r["id"] in ids}
     validation = {"temperatures": [600.0, 1500.0], "thermostat": "langevin", "equilibration_steps": 2,
                   "production_steps": 60, "traj_interval": 2, "min_atoms": 8, "min_length": 0.0, "msd_fit_start_fs": 0.0,
-                  "min_li_msd": 0.0, "min_r2": 0.0, "max_framework_msd": 1000.0, "lease_s": 8.0,
+                  "min_li_msd": 0.0, "min_r2": 0.0, "verdict_z": 0.0, "max_framework_msd": 1000.0, "lease_s": 8.0,
                   "heartbeat_s": 0.5, "poll_s": 0.5, "workers": 2, "cpus_per_job": 1.0}
     cfg = load_config(None, {"run_dir": str(tmp_path / "run"), "validation": validation})
     url = store_url(cfg)

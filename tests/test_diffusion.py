@@ -12,36 +12,19 @@ import math
 import numpy as np
 import pytest
 from ase import Atoms
-from pymatgen.core import Lattice, Structure
 
 from xrdmatch.config import ValidationConfig
 from xrdmatch.simulation.diffusion import analyze_temperature, arrhenius_png, decide
+from xrdmatch.simulation.synthetic import KB_EV, arrhenius_d, caged_walk, host, random_walk
 
-KB = 8.617333262e-5  # eV/K
+KB = KB_EV
 DT_FS, SKIP = 2.0, 10  # 20 fs between frames
 N_FRAMES = 500  # 10 ps
 
 
-def host() -> Structure:
-    """32 Li + 32 framework atoms on a 10 A cubic cell."""
-    g = (np.stack(np.meshgrid(*[np.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3) + 0.25) / 4
-    return Structure(Lattice.cubic(10.0), ["Li"] * 32 + ["S"] * 32, np.vstack([g[::2], g[1::2]]))
-
-
 def walk(d_cm2s: float, temperature: float, seed: int, framework_d: float = 0.0) -> list[Atoms]:
     """Frames of a random walk with the given Li (and framework) diffusivity in cm^2/s."""
-    s = host()
-    rng = np.random.default_rng(seed)
-    n = len(s)
-    dt = DT_FS * SKIP
-    sd = np.array([math.sqrt(2 * 10 * (d_cm2s if sp.symbol == "Li" else framework_d) * dt) for sp in s.species])
-    steps = rng.normal(size=(N_FRAMES - 1, n, 3)) * sd[None, :, None]
-    pos = s.cart_coords[None] + np.concatenate([np.zeros((1, n, 3)), np.cumsum(steps, axis=0)])
-    return [Atoms(symbols=[sp.symbol for sp in s.species], positions=p, cell=s.lattice.matrix, pbc=True) for p in pos]
-
-
-def arrhenius_d(ea: float, d0: float, t: float) -> float:
-    return d0 * math.exp(-ea / (KB * t))
+    return random_walk(host(), d_cm2s, N_FRAMES, DT_FS * SKIP, seed, framework_d)
 
 
 TEMPS = [600.0, 800.0, 1000.0, 1200.0]
@@ -165,7 +148,8 @@ def test_fit_excludes_temperatures_with_too_few_hops_and_says_so(slow_at_600):
     assert f.temperatures == [800.0, 1000.0, 1200.0]  # 600 K is not in the fit ...
     assert "from 3 temperatures (fit excludes 600 K: too few hops)" in reason  # ... and the verdict says so
     used = slow_at_600[1:]
-    assert f == arrhenius_fit([a.temperature for a in used], [a.diffusivity for a in used], host())
+    assert f == arrhenius_fit([a.temperature for a in used], [a.diffusivity for a in used], host(),
+                              [a.diffusivity_err for a in used])
     assert f.ea_ev == pytest.approx(0.3, abs=0.05)
     # min_li_msd decides which temperatures count: at 5 A^2 the 800 K run is left out as well
     verdict, reason, f = decide(slow_at_600, host(), ValidationConfig(min_li_msd=5.0))
@@ -233,7 +217,8 @@ def test_a_caged_li_whose_msd_does_not_grow_is_no_point_of_the_fit():
 
 def test_sigma_exactly_at_the_threshold_is_superionic():
     """The threshold is inclusive (superionic means sigma_300 >= sigma_threshold): a fit whose
-    sigma(300 K) equals the threshold bit for bit is superionic; one ulp above the threshold is not."""
+    sigma(300 K) equals the threshold bit for bit is superionic; one ulp above the threshold is not.
+    (verdict_z = 0: the point estimate alone decides; the error band is the next test's.)"""
     from xrdmatch.simulation.diffusion import TemperatureAnalysis
     from xrdmatch.simulation.diffusion import fit as arrhenius_fit
 
@@ -241,13 +226,95 @@ def test_sigma_exactly_at_the_threshold_is_superionic():
     res = [TemperatureAnalysis(t, d, 0.1 * d, 10.0, 0.0, N_FRAMES, "max") for t, d in zip(TEMPS, diffs)]
     sigma = arrhenius_fit(TEMPS, diffs, host()).sigma_300
     assert 1e-6 < sigma < ValidationConfig().max_plausible_sigma
-    verdict, reason, f = decide(res, host(), ValidationConfig(sigma_threshold=sigma))
+    verdict, reason, f = decide(res, host(), ValidationConfig(sigma_threshold=sigma, verdict_z=0))
     assert f.sigma_300 == sigma  # the decision really is at the boundary
     assert verdict == "superionic" and " >= " in reason, reason
-    verdict, reason, f = decide(res, host(), ValidationConfig(sigma_threshold=float(np.nextafter(sigma, np.inf))))
+    verdict, reason, f = decide(res, host(), ValidationConfig(
+        sigma_threshold=float(np.nextafter(sigma, np.inf)), verdict_z=0))
     assert verdict == "not_superionic" and " < " in reason, reason
-    verdict, _, _ = decide(res, host(), ValidationConfig(sigma_threshold=float(np.nextafter(sigma, 0.0))))
+    verdict, _, _ = decide(res, host(), ValidationConfig(sigma_threshold=float(np.nextafter(sigma, 0.0)), verdict_z=0))
     assert verdict == "superionic"
+
+
+def test_a_label_needs_the_threshold_outside_the_error_band_of_sigma():
+    """D known to 10 % at each of 600-1200 K: extrapolated to 300 K that is a standard error of
+    ln sigma of ~0.3 (the lever arm of 1/T), found by propagating each D's error through the fit.
+    A threshold inside sigma x exp(+-verdict_z x se) gives no label; outside, the verdict stands."""
+    from xrdmatch.simulation.diffusion import TemperatureAnalysis, propagated_se
+
+    diffs = [arrhenius_d(0.3, 1e-3, t) for t in TEMPS]
+    res = [TemperatureAnalysis(t, d, 0.1 * d, 10.0, 0.0, N_FRAMES, "max") for t, d in zip(TEMPS, diffs)]
+    se = propagated_se(TEMPS, diffs, [0.1 * d for d in diffs])
+    x = 1 / np.array(TEMPS)  # the same number by Monte Carlo: ln D(300 K) of 20000 noisy D(T) sets
+    noisy = np.log(np.array(diffs)) + 0.1 * np.random.default_rng(0).normal(size=(20000, 4))
+    mc = np.std([np.polyval(np.polyfit(x, row, 1), 1 / 300) for row in noisy])
+    assert se == pytest.approx(mc, rel=0.05) and 0.2 < se < 0.5, (se, mc)
+    sigma = decide(res, host(), ValidationConfig(verdict_z=0))[2].sigma_300
+    for thr, z, expect in [(sigma * 1.2, 1.0, "inconclusive"), (sigma / 1.2, 1.0, "inconclusive"),
+                           (sigma * math.exp(1.1 * se), 1.0, "not_superionic"),
+                           (sigma * math.exp(-1.1 * se), 1.0, "superionic"),
+                           (sigma * math.exp(1.1 * se), 2.0, "inconclusive"),
+                           (sigma * 1.2, 0.0, "not_superionic")]:
+        verdict, reason, f = decide(res, host(), ValidationConfig(sigma_threshold=thr, verdict_z=z))
+        assert verdict == expect, (thr / sigma, z, reason)
+        assert f.ln_sigma_se == pytest.approx(se)
+    assert "spans the threshold" in decide(res, host(), ValidationConfig(sigma_threshold=sigma * 1.2))[1]
+
+
+def test_one_li_ion_gives_no_error_estimate_and_no_label():
+    """A cell with one Li: D has no scatter over ions, so no error; with two temperatures the
+    Arrhenius line has no residual either. However fast the ion, there is no label."""
+    one = host(n_li=1)
+    res = [analyze_temperature(random_walk(one, d, N_FRAMES, DT_FS * SKIP, seed), t, DT_FS, SKIP)
+           for seed, (t, d) in enumerate([(1000.0, 1e-4), (1200.0, 2e-4)])]
+    assert all(math.isnan(a.diffusivity_err) and a.diffusivity > 0 for a in res)
+    verdict, reason, f = decide(res, one, ValidationConfig())
+    assert verdict == "inconclusive" and "no error estimate (1 Li ion in the cell" in reason, reason
+    assert f is not None and f.ln_sigma_se is None
+    # decided on the point estimate, one ion's walk was a label
+    assert decide(res, one, ValidationConfig(verdict_z=0))[0] in ("superionic", "not_superionic")
+
+
+def test_short_runs_on_cells_with_few_li_give_few_wrong_labels():
+    """4 Li on the "short" profile (0.6 ps at 800-1200 K). A fast conductor (D(1200 K) = 3e-4
+    cm^2/s, Ea 0.2 eV, sigma(300 K) ~ 7e-3 S/cm) and a slow one (1e-4, Ea 0.6 eV, ~2e-7 S/cm), 30
+    seeds each. Decided on the point estimate, 7 of its 19 labels were wrong; with the error
+    band (verdict_z = 1) none of its 6 are: fewer labels, but right ones."""
+    cfg = short_cfg()
+    cell = host(n_li=4)
+    frame_fs = DT_FS * SHORT_SKIP
+
+    def runs(d1200: float, ea: float) -> list[list]:
+        d0 = d1200 / math.exp(-ea / (KB * 1200))
+        return [[analyze_temperature(caged_walk(cell, t, SHORT_FRAMES, frame_fs, 10 * seed + i, d0 * math.exp(-ea / (KB * t)),
+                                                1.0), t, DT_FS, SHORT_SKIP, cfg.msd_fit_start_fs)
+                 for i, t in enumerate(cfg.temperatures)] for seed in range(30)]
+
+    fast, slow = runs(3e-4, 0.2), runs(1e-4, 0.6)
+
+    def tally(z: float) -> tuple[int, int]:
+        c = cfg.model_copy(update={"verdict_z": z})
+        vf = [decide(r, cell, c)[0] for r in fast]
+        vs = [decide(r, cell, c)[0] for r in slow]
+        return vf.count("superionic") + vs.count("not_superionic"), vf.count("not_superionic") + vs.count("superionic")
+
+    right0, wrong0 = tally(0.0)
+    assert wrong0 >= 0.15 * (right0 + wrong0), (right0, wrong0)  # the premise: the point estimate misleads
+    right, wrong = tally(cfg.verdict_z)
+    assert wrong == 0 and right >= 3, (right, wrong)
+
+
+def test_the_error_of_few_ions_is_widened_by_students_t():
+    """The error of D comes from the scatter of the cell's Li ions, itself a guess with 2-4 ions:
+    the band widens by Student's t with n_Li - 1 degrees of freedom, and is normal for many ions."""
+    from scipy.stats import norm, t
+
+    from xrdmatch.simulation.diffusion import band_multiplier
+
+    assert band_multiplier(1.0, 2) == pytest.approx(1.8373, abs=1e-3)  # t(0.8413, 1 dof)
+    assert band_multiplier(1.0, 4) == pytest.approx(t.ppf(norm.cdf(1.0), 3)) and band_multiplier(1.0, 4) > 1.15
+    assert 1.0 < band_multiplier(1.0, 64) < 1.01 and band_multiplier(2.0, 64) == pytest.approx(2.0, abs=0.05)
+    assert band_multiplier(0.0, 3) == 0.0 and band_multiplier(1.0, 1) == math.inf
 
 
 # --- short runs: the vibrational plateau is no hop ---
@@ -256,22 +323,9 @@ SHORT_SKIP, SHORT_FRAMES = 5, 61  # the "short" profile: a frame every 10 fs, 0.
 
 
 def vibrating(temperature: float, seed: int, d_cm2s: float = 0.0, plateau_1200: float = 1.8) -> list[Atoms]:
-    """Li rattling in a harmonic cage (an Ornstein-Uhlenbeck process, 40 fs correlation time, MSD
-    plateau ~T) plus a random walk of diffusivity d_cm2s: what MLIP-MD shows of Li on 0.6 ps."""
-    s = host()
-    rng = np.random.default_rng(seed)
-    li = np.array([sp.symbol == "Li" for sp in s.species])
-    frame_fs = DT_FS * SHORT_SKIP
-    sd = math.sqrt(plateau_1200 * temperature / 1200 / 6)  # per dimension; plateau = 6 sd^2
-    a = math.exp(-frame_fs / 40.0)
-    x = np.zeros((SHORT_FRAMES, len(s), 3))
-    x[0] = rng.normal(size=(len(s), 3)) * sd
-    for k in range(1, SHORT_FRAMES):
-        x[k] = a * x[k - 1] + math.sqrt(1 - a * a) * sd * rng.normal(size=(len(s), 3))
-    step = math.sqrt(2 * 10 * d_cm2s * frame_fs)
-    x[1:] += np.cumsum(rng.normal(size=(SHORT_FRAMES - 1, len(s), 3)) * step, axis=0)
-    pos = s.cart_coords[None] + x * li[None, :, None]
-    return [Atoms(symbols=[sp.symbol for sp in s.species], positions=p, cell=s.lattice.matrix, pbc=True) for p in pos]
+    """Li rattling in a harmonic cage (40 fs correlation time, MSD plateau ~T) plus a random walk
+    of diffusivity d_cm2s: what MLIP-MD shows of Li on 0.6 ps."""
+    return caged_walk(host(), temperature, SHORT_FRAMES, DT_FS * SHORT_SKIP, seed, d_cm2s, plateau_1200)
 
 
 def short_cfg() -> ValidationConfig:

@@ -186,7 +186,7 @@ def test_a_labelled_composition_is_not_a_candidate_again(tmp_path):
     assert "Li0.5La0.5Ti1O3" in paper and "LiLaTi2O6" not in paper
     ctx._patterns = PatternTable(ids=ids, formulas=groups, X=np.eye(len(ids), 4501, dtype=np.float32))
     ctx._meta = pd.DataFrame({"group": groups, "elements": ["Li Pt", "Li Pt", "La Li O Ti", "Ir Li", "Au Li"],
-                              "n_sites": 4, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
+                              "n_sites": 4, "n_li": 2.0, "a": 10.0, "b": 10.0, "c": 10.0}, index=ids)
     write_scores(ctx.scores_path(1), ids, groups, ScreeningResult(p_mean=np.asarray([0.99, 0.98, 0.95, 0.9, 0.8]),
                                                                   p_std=np.zeros(5), votes=np.ones(5)))
     before, _ = stage_select(ctx, 1)

@@ -35,6 +35,7 @@ TINY = {
     "min_length": 0.0,
     "min_li_msd": 0.0,
     "min_r2": 0.0,
+    "verdict_z": 0.0,  # 32 fs extrapolated to 300 K: no error band would ever clear the threshold
     "max_framework_msd": 1000.0,
     "lease_s": 6.0,
     "heartbeat_s": 0.5,

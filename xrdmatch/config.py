@@ -334,6 +334,11 @@ class ValidationConfig(StrictModel):
     #: fitted from here on: a Li rattling in its cage reaches its plateau within ~0.1 ps.
     msd_fit_start_fs: float = Field(default=200.0, ge=0, description="fs: first MSD lag of the plain D fit")
     max_framework_msd: float = Field(default=4.0, gt=0, description="A^2: framework MSD above this = melted")
+    #: A label needs the threshold outside sigma(300 K) x exp(+-verdict_z x its standard error):
+    #: a cell with 1-4 Li on a short run gives a D that scatters by tens of percent, and its
+    #: 500 K extrapolation can land on either side of the threshold by chance.
+    verdict_z: float = Field(default=1.0, ge=0, description="standard errors between sigma(300 K) and "
+                             "sigma_threshold for a label; 0 = the point estimate decides")
     min_fit_temperatures: int = Field(default=2, ge=2)
     min_r2: float = Field(default=0.9, ge=0, le=1, description="minimum R^2 of the Arrhenius fit (3+ points)")
     #: No known Li solid electrolyte exceeds ~3e-2 S/cm at room temperature; a fit above this keeps

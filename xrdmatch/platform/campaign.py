@@ -89,7 +89,7 @@ class Context:
         """``md_cell_atoms`` of every structure, computed once per process (seconds on the whole
         database; every round's patterns and select stages need it)."""
         v = self.cfg.validation
-        key = (v.min_atoms, v.min_length, v.max_atoms, self.cfg.campaign.max_sites_md)
+        key = (v.min_atoms, v.min_length, v.max_atoms, v.verdict_z > 0, self.cfg.campaign.max_sites_md)
         if self._md_atoms is None or self._md_atoms[0] != key:
             self._md_atoms = (key, md_cell_atoms(self.cfg, self.meta()))
         return self._md_atoms[1]
@@ -119,7 +119,7 @@ def structure_meta(cfg: Config, cache: Path, ids: list[str]):
     from xrdmatch.platform.databases import BadEntry, iter_entries, record_composition
 
     df = pd.read_parquet(cache) if cache.exists() else None
-    if df is None or not {"a", "b", "c"} <= set(df.columns):  # (caches of older versions lack a, b, c)
+    if df is None or not {"a", "b", "c", "n_li"} <= set(df.columns):  # (older caches lack a, b, c or n_li)
         rows = []
         # every format the XRD stage reads, entry by entry as it did (a bad entry has no pattern)
         for entry in iter_entries(cfg.database.path, cfg.database.limit):
@@ -129,15 +129,15 @@ def structure_meta(cfg: Config, cache: Path, ids: list[str]):
             species = rec.get("species") or []
             try:  # elements, not species strings: 'Li+' is Li, a {'Li': 0.5, 'U': 0.5} site is Li and U
                 comp = record_composition(species)
-                els, group = sorted(comp), Composition(comp).reduced_formula
+                els, group, n_li = sorted(comp), Composition(comp).reduced_formula, float(comp.get("Li", 0.0))
             except Exception:  # a broken record: never selectable (no elements)
-                group, els = str(rec.get("formula", "")), []
+                group, els, n_li = str(rec.get("formula", "")), [], 0.0
             try:
                 a, b, c = (float(x) for x in np.linalg.norm(np.asarray(rec.get("lattice"), float), axis=1))
             except Exception:  # a broken lattice: never selectable (infinite cell)
                 a = b = c = float("inf")
             rows.append({"id": str(rec.get("id")), "formula": str(rec.get("formula") or group), "group": group,
-                         "elements": " ".join(els), "n_sites": len(species), "a": a, "b": b, "c": c})
+                         "elements": " ".join(els), "n_sites": len(species), "n_li": n_li, "a": a, "b": b, "c": c})
         df = pd.DataFrame(rows).drop_duplicates("id")
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
@@ -147,6 +147,7 @@ def structure_meta(cfg: Config, cache: Path, ids: list[str]):
     df["group"] = df["group"].fillna("")
     df["elements"] = df["elements"].fillna("")
     df["n_sites"] = df["n_sites"].fillna(10**9).astype(np.int64)
+    df["n_li"] = df["n_li"].fillna(0.0)
     for k in "abc":
         df[k] = df[k].fillna(np.inf)
     return df
@@ -154,13 +155,16 @@ def structure_meta(cfg: Config, cache: Path, ids: list[str]):
 
 def md_cell_atoms(cfg: Config, meta) -> np.ndarray:
     """Atoms of the MD supercell each structure would get (``validation`` section), or a huge
-    number where the unit cell is above ``campaign.max_sites_md`` or no supercell fits in
-    ``validation.max_atoms``: the campaign only picks what its MD can take."""
+    number where the unit cell is above ``campaign.max_sites_md``, no supercell fits in
+    ``validation.max_atoms``, or the cell would hold one Li while verdicts need an error band
+    (``verdict_z`` > 0: one ion has no scatter, so its MD is inconclusive whatever it shows):
+    the campaign only picks what its MD can take and label."""
     from xrdmatch.simulation.md import ValidationInputError, choose_supercell
 
     v = cfg.validation
     out = np.full(len(meta), 10**9, dtype=np.int64)
     n_sites = meta["n_sites"].to_numpy()
+    n_li = meta["n_li"].to_numpy(float)
     abc = meta[["a", "b", "c"]].to_numpy(float)
     for i in np.flatnonzero(n_sites <= cfg.campaign.max_sites_md):
         if not np.isfinite(abc[i]).all() or (abc[i] <= 0).any():
@@ -168,6 +172,8 @@ def md_cell_atoms(cfg: Config, meta) -> np.ndarray:
         try:
             m = choose_supercell(tuple(abc[i]), int(n_sites[i]), v.min_atoms, v.min_length, v.max_atoms)
         except ValidationInputError:
+            continue
+        if v.verdict_z > 0 and n_li[i] * m[0] * m[1] * m[2] < 1.5:
             continue
         out[i] = int(n_sites[i]) * m[0] * m[1] * m[2]
     return out

@@ -51,6 +51,9 @@ class ArrheniusFit:
     r2: float | None  # of ln D vs 1/T, None with 2 points
     sigma_300: float  # S/cm
     sigma_300_range: tuple[float, float] | None  # +-1 standard error of the extrapolated ln D
+    #: standard error of ln sigma(300 K): the per-temperature errors of D propagated through the
+    #: fit, or the fit's residual scatter (3+ points) where larger; None where D has no error
+    ln_sigma_se: float | None = None
 
 
 def frames_to_structures(frames) -> list:
@@ -185,8 +188,39 @@ def analyze_temperature(
     )
 
 
-def fit(temps: list[float], diffs: list[float], structure) -> ArrheniusFit:
-    """Arrhenius fit of D(T) and Nernst-Einstein conductivity extrapolated to 300 K."""
+def propagated_se(temps, diffs, d_errs, at: float = 300.0) -> float | None:
+    """Standard error of ln D(``at``) from the standard errors of each D, carried through the
+    unweighted ln D vs 1/T line that pymatgen fits (ln D(at) = sum c_i ln D_i, Var = sum c_i^2
+    (err_i / D_i)^2). None if a D has no error: one Li ion gives no scatter to measure it by."""
+    x = 1.0 / np.asarray(temps, dtype=float)
+    rel = np.asarray(d_errs, dtype=float) / np.asarray(diffs, dtype=float)
+    if len(x) < 2 or not np.all(np.isfinite(rel)):
+        return None
+    sxx = float(np.sum((x - x.mean()) ** 2))
+    c = 1.0 / len(x) + (1.0 / at - x.mean()) * (x - x.mean()) / sxx
+    return float(math.sqrt(np.sum(c**2 * rel**2)))
+
+
+def band_multiplier(z: float, n_li: int) -> float:
+    """Standard errors that cover what ``z`` normal ones cover, when the error itself is estimated
+    from the scatter of ``n_li`` ions: Student's t with n_li - 1 degrees of freedom (x1.84 for 2 Li
+    at z = 1, x1.08 for 8). The error of 2 ions is a guess: taken at face value, it let through
+    most of the wrong labels that benchmarks/verdict_reliability.py counts with the band."""
+    from scipy.stats import norm, t
+
+    return float(t.ppf(norm.cdf(z), n_li - 1)) if n_li > 1 else math.inf
+
+
+def error_band(sigma: float, ln_width: float) -> tuple[float, float]:
+    """sigma x exp(-+ln_width), finite: a D known to no better than 1000 % gives a width past what exp
+    can hold."""
+    w = min(ln_width, 700.0)
+    return sigma * math.exp(-w), sigma * math.exp(w)
+
+
+def fit(temps: list[float], diffs: list[float], structure, d_errs: list[float] | None = None) -> ArrheniusFit:
+    """Arrhenius fit of D(T) and Nernst-Einstein conductivity extrapolated to 300 K, with the
+    standard error of ln sigma(300 K) where the errors of D (``d_errs``) or 3+ points give one."""
     from pymatgen.analysis.diffusion.analyzer import fit_arrhenius, get_extrapolated_conductivity
 
     t = np.asarray(temps, dtype=float)
@@ -197,13 +231,17 @@ def fit(temps: list[float], diffs: list[float], structure) -> ArrheniusFit:
     slope, icept = np.polyfit(x, y, 1)
     resid = y - (slope * x + icept)
     n = len(t)
-    r2 = rng = None
+    r2 = se_fit = None
     if n > 2:
         ss_tot = float(np.sum((y - y.mean()) ** 2))
         r2 = 1.0 - float(np.sum(resid**2)) / ss_tot if ss_tot > 0 else 1.0
         s2 = float(np.sum(resid**2)) / (n - 2)
-        se = math.sqrt(s2 * (1.0 / n + (1.0 / 300.0 - x.mean()) ** 2 / float(np.sum((x - x.mean()) ** 2))))
-        rng = (sigma * math.exp(-se), sigma * math.exp(se))
+        se_fit = math.sqrt(s2 * (1.0 / n + (1.0 / 300.0 - x.mean()) ** 2 / float(np.sum((x - x.mean()) ** 2))))
+    se_d = propagated_se(t, d, d_errs) if d_errs is not None else None
+    # the residuals of 3-4 points alone are too few to trust as the error: they only widen it
+    se = max(se_d, se_fit or 0.0) if se_d is not None else None
+    band = se if se is not None else se_fit
+    rng = error_band(sigma, band) if band is not None else None
     return ArrheniusFit(
         temperatures=[float(v) for v in t],
         ea_ev=float(ea),
@@ -212,6 +250,7 @@ def fit(temps: list[float], diffs: list[float], structure) -> ArrheniusFit:
         r2=r2,
         sigma_300=sigma,
         sigma_300_range=rng,
+        ln_sigma_se=se,
     )
 
 
@@ -245,7 +284,8 @@ def decide(
             f"Li diffusion seen at {len(usable)} temperature(s) < min_fit_temperatures={cfg.min_fit_temperatures}",
             None,
         )
-    f = fit([a.temperature for a in usable], [a.diffusivity for a in usable], structure)
+    f = fit([a.temperature for a in usable], [a.diffusivity for a in usable], structure,
+            [a.diffusivity_err for a in usable])
     if f.ea_ev <= 0:
         return "inconclusive", f"non-Arrhenius: Ea = {f.ea_ev:.3f} eV <= 0", f
     if f.r2 is not None and f.r2 < cfg.min_r2:
@@ -254,6 +294,21 @@ def decide(
     note = (f" (fit excludes {', '.join(f'{t:g} K: {why[t]}' for t in sorted(skipped))})" if skipped else "")
     label = "superionic" if f.sigma_300 >= cfg.sigma_threshold else "not_superionic"
     cmp = ">=" if label == "superionic" else "<"
+    if cfg.verdict_z > 0:  # a label only where the threshold lies outside sigma's error band
+        n_li = sum(1 for site in structure if site.specie.symbol == SPECIE)  # of the MD cell
+        if f.ln_sigma_se is None:
+            return ("inconclusive",
+                    f"sigma(300 K) = {f.sigma_300:.2e} S/cm {cmp} {cfg.sigma_threshold:.3g} has no error estimate "
+                    f"({n_li} Li ion{'s' if n_li != 1 else ''} in the cell: no scatter over ions to measure the "
+                    "error of D by); a supercell with more Li (min_atoms)", f)
+        k = band_multiplier(cfg.verdict_z, n_li)
+        lo, hi = error_band(f.sigma_300, k * f.ln_sigma_se)
+        if lo < cfg.sigma_threshold <= hi:
+            return ("inconclusive",
+                    f"sigma(300 K) = {f.sigma_300:.2e} S/cm, but its range of {k:.2f} standard errors "
+                    f"[{lo:.1e}, {hi:.1e}] (verdict_z={cfg.verdict_z:g}, Student's t over {n_li} Li ions) spans "
+                    f"the threshold {cfg.sigma_threshold:.3g}: too uncertain to label (more Li in the cell, or "
+                    "longer runs)", f)
     if f.sigma_300 > cfg.max_plausible_sigma:  # the verdict stands; the number does not
         note += (f"; CAUTION: above max_plausible_sigma={cfg.max_plausible_sigma:g} S/cm, more than any known "
                  f"Li solid: the magnitude is an extrapolation from {min(f.temperatures):g} K, only the verdict is used")
