@@ -107,6 +107,12 @@ def main() -> None:
     rz, wz = totals[cfg.verdict_z]
     print(f"point estimate -> verdict_z {cfg.verdict_z:g}: wrong labels {w0} -> {wz}, right labels {r0} -> {rz} "
           f"({rz / max(r0, 1):.2f}x)")
+    from xrdmatch.simulation.diffusion import propagated_se
+
+    lever = ", ".join(f"{lo:g}-{hi:g} K: {propagated_se(ts, [1.0] * len(ts), [0.1] * len(ts)):.2f}"
+                      for ts in ([600.0, 800.0, 1000.0, 1200.0], [800.0, 1000.0, 1200.0], [1000.0, 1200.0])
+                      for lo, hi in [(ts[0], ts[-1])])
+    print(f"standard error of ln sigma(300 K) for 10 % errors of D at every temperature ({lever})")
     print(f"({time.perf_counter() - t0:.0f} s)")
 
 
